@@ -1,0 +1,13 @@
+"""cohort: NIfTI I/O, the data manifest, validation, import/export and the embedded phantom cohort.
+
+The only package that reads or writes NIfTI files.
+"""
+from .errors import CohortError
+from .fsutil import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
+from .labels import BACKGROUND, BRAIN, ED, ET, MODALITIES, NCR, REGIONS, region_mask
+from .profiles import PROFILES, Profile, get_profile
+from .volume import Volume
+
+__all__ = ["CohortError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file",
+           "BACKGROUND", "BRAIN", "ED", "ET", "MODALITIES", "NCR", "REGIONS", "region_mask",
+           "PROFILES", "Profile", "get_profile", "Volume"]

@@ -1,0 +1,257 @@
+"""data_manifest.csv: one row per case, paths relative to the manifest's folder (the data root).
+
+Schema: docs/manifest.md. Loading, validation, atomic append and merge are done with pandas.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .errors import CohortError
+from .fsutil import atomic_path, sha256_file
+from .labels import MODALITIES
+
+FILE_COLUMNS = (*MODALITIES, "label")
+HASH_COLUMNS = tuple(f"sha256_{c}" for c in FILE_COLUMNS)
+SYNTHETIC_COLUMNS = ("parent_case_id", "mask_edit", "generator_checkpoint", "sampler", "steps", "seed")
+COLUMNS = ("case_id", "cohort", "source", "split", *FILE_COLUMNS, "shape", "spacing", *HASH_COLUMNS,
+           *SYNTHETIC_COLUMNS)
+SOURCES = ("real", "synthetic", "mask")  # "mask": a conditioning mask without image (e.g. an edited mask)
+SPLITS = ("train", "val", "test")
+
+
+def format_shape(shape) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def format_spacing(spacing) -> str:
+    return "x".join(f"{float(s):.4g}" for s in spacing)
+
+
+def parse_triplet(text: str, cast=float) -> tuple:
+    return tuple(cast(v) for v in str(text).split("x"))
+
+
+def empty_manifest() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="string") for c in COLUMNS})
+
+
+def _normalise(df: pd.DataFrame) -> pd.DataFrame:
+    for c in COLUMNS:
+        if c not in df.columns:
+            df[c] = pd.NA
+    extra = [c for c in df.columns if c not in COLUMNS]
+    df = df[list(COLUMNS) + extra].astype("string")
+    return df
+
+
+def load_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest (all columns as strings; missing optional columns added empty)."""
+    path = Path(path)
+    if not path.exists():
+        raise CohortError(path, "manifest does not exist", kind="missing-file")
+    try:
+        df = pd.read_csv(path, dtype="string", keep_default_na=False, na_values=[""])
+    except Exception as e:
+        raise CohortError(path, f"not a readable CSV ({e})", kind="unreadable") from e
+    missing = [c for c in ("case_id", "cohort", "source", "split", "label") if c not in df.columns]
+    if missing:
+        raise CohortError(path, f"missing required columns {missing}", kind="bad-manifest")
+    return _normalise(df)
+
+
+def resolve(manifest_path: str | Path, rel: str) -> Path:
+    """Resolve a manifest path, refusing anything that escapes the data root (the manifest's folder)."""
+    root = Path(manifest_path).resolve().parent
+    if rel is None or pd.isna(rel) or str(rel) == "":
+        raise CohortError(manifest_path, "empty path in manifest", kind="missing-file")
+    p = Path(str(rel))
+    if p.is_absolute():
+        raise CohortError(manifest_path, f"path {rel!r} is absolute; manifest paths must be relative to the data root",
+                          kind="path-escape")
+    full = (root / p).resolve()
+    if full != root and root not in full.parents:
+        raise CohortError(manifest_path, f"path {rel!r} escapes the data root {root}", kind="path-escape")
+    return full
+
+
+def relative_to_root(manifest_path: str | Path, file_path: str | Path) -> str:
+    root = Path(manifest_path).resolve().parent
+    full = Path(file_path).resolve()
+    if root not in full.parents:
+        raise CohortError(file_path, f"file lies outside the data root {root}", kind="path-escape")
+    return full.relative_to(root).as_posix()
+
+
+def row_files(row: pd.Series) -> dict[str, str]:
+    """The file columns of a row that are filled in: modality names and 'label'."""
+    return {c: row[c] for c in FILE_COLUMNS if c in row and not pd.isna(row[c]) and str(row[c]) != ""}
+
+
+def row_modalities(row: pd.Series) -> list[str]:
+    return [m for m in MODALITIES if m in row and not pd.isna(row[m]) and str(row[m]) != ""]
+
+
+def check_rows(df: pd.DataFrame, where: str | Path) -> None:
+    """Schema-level checks that need no file access."""
+    dup = df["case_id"][df["case_id"].duplicated()].unique().tolist()
+    if dup:
+        raise CohortError(where, f"duplicate case ids {dup}", kind="duplicate-case")
+    for i, row in df.iterrows():
+        cid = row["case_id"]
+        if pd.isna(cid) or str(cid) == "":
+            raise CohortError(where, f"row {i} has no case_id", kind="bad-manifest")
+        if row["source"] not in SOURCES:
+            raise CohortError(where, f"case {cid}: source {row['source']!r} not in {SOURCES}", kind="bad-manifest")
+        if row["split"] not in SPLITS:
+            raise CohortError(where, f"case {cid}: split {row['split']!r} not in {SPLITS}", kind="bad-manifest")
+        if pd.isna(row["label"]):
+            raise CohortError(where, f"case {cid}: no label path", kind="missing-file")
+        if row["source"] in ("real", "synthetic") and not row_modalities(row):
+            raise CohortError(where, f"case {cid}: no modality path (need at least one of {MODALITIES})",
+                              kind="missing-modality")
+        if row["source"] == "synthetic":
+            for c in ("parent_case_id", "generator_checkpoint", "sampler", "steps", "seed"):
+                if pd.isna(row[c]) or str(row[c]) == "":
+                    raise CohortError(where, f"synthetic case {cid}: column {c} is empty", kind="bad-manifest")
+
+
+def validate_manifest(path: str | Path, *, check_files: bool = True, check_hashes: bool = True,
+                      require_tumour: bool = False) -> pd.DataFrame:
+    """Validate a manifest and (optionally) every file it names; raise CohortError on the first problem.
+
+    File checks: readable 3-D NIfTI, finite, modalities share shape/affine/spacing, label on the same grid
+    with values in the convention, hashes as recorded.
+    """
+    from .nifti import check_same_geometry, read_array, read_label
+
+    path = Path(path)
+    df = load_manifest(path)
+    check_rows(df, path)
+    if not check_files:
+        return df
+    for _, row in df.iterrows():
+        files = row_files(row)
+        resolved = {k: resolve(path, v) for k, v in files.items()}
+        if check_hashes:
+            for k, p in resolved.items():
+                want = row.get(f"sha256_{k}")
+                if want is not None and not pd.isna(want) and str(want) != "":
+                    if not p.exists():
+                        raise CohortError(p, f"file named in {path.name} (case {row['case_id']}) does not exist",
+                                          kind="missing-file")
+                    got = sha256_file(p)
+                    if got != want:
+                        raise CohortError(p, f"sha256 {got[:12]}… no longer matches the manifest ({want[:12]}…)",
+                                          kind="hash-mismatch")
+        lab, lab_aff = read_label(resolved["label"], require_tumour=require_tumour)
+        for m in row_modalities(row):
+            arr, aff = read_array(resolved[m])
+            if arr.shape != lab.shape:
+                raise CohortError(resolved[m], f"image shape {arr.shape} differs from label shape {lab.shape}",
+                                  kind="shape-mismatch")
+            check_same_geometry(resolved[m], aff, resolved["label"], lab_aff)
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
+    """Atomically (re)write a whole manifest."""
+    df = _normalise(df.copy())
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def append_rows(path: str | Path, rows: Iterable[dict] | pd.DataFrame) -> pd.DataFrame:
+    """Append rows to a manifest atomically; refuse duplicate case ids (nothing is written then).
+
+    Creates the manifest if it does not exist. Returns the new manifest.
+    """
+    path = Path(path)
+    new = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    new = _normalise(new)
+    old = load_manifest(path) if path.exists() else _normalise(empty_manifest())
+    check_rows(new, path)
+    clash = sorted(set(old["case_id"]) & set(new["case_id"]))
+    if clash:
+        raise CohortError(path, f"duplicate case ids {clash} already in the manifest; nothing appended",
+                          kind="duplicate-case")
+    merged = pd.concat([old, new], ignore_index=True) if len(old) else new
+    write_manifest(merged, path)
+    return merged
+
+
+def merge_manifests(paths: list[str | Path], out: str | Path) -> pd.DataFrame:
+    """Merge manifests into ``out``, rebasing each file path onto out's folder. Duplicate ids are refused."""
+    out = Path(out)
+    frames = []
+    for p in paths:
+        df = load_manifest(p)
+        for c in FILE_COLUMNS:
+            df[c] = [pd.NA if pd.isna(v) else os.path.relpath(resolve(p, v), out.resolve().parent) for v in df[c]]
+        frames.append(df)
+    merged = pd.concat(frames, ignore_index=True)
+    for c in FILE_COLUMNS:  # after rebasing, every path must still be inside out's data root
+        for v in merged[c].dropna():
+            resolve(out, v)
+    check_rows(merged, out)
+    write_manifest(merged, out)
+    return merged
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """Resolved absolute file paths of one manifest row."""
+
+    case_id: str
+    images: dict[str, Path]
+    label: Path
+
+
+def case_files(manifest_path: str | Path, row: pd.Series) -> CaseFiles:
+    files = {k: resolve(manifest_path, v) for k, v in row_files(row).items()}
+    label = files.pop("label")
+    return CaseFiles(str(row["case_id"]), files, label)
+
+
+def make_row(manifest_path: str | Path, *, case_id: str, cohort: str, source: str, split: str,
+             images: dict[str, str | Path], label: str | Path, shape, spacing, **extra) -> dict:
+    """Build a manifest row from absolute file paths: relative paths, shape, spacing and hashes filled in."""
+    row: dict = {"case_id": case_id, "cohort": cohort, "source": source, "split": split,
+                 "shape": format_shape(shape), "spacing": format_spacing(spacing)}
+    for name, p in {**images, "label": label}.items():
+        row[name] = relative_to_root(manifest_path, p)
+        row[f"sha256_{name}"] = sha256_file(p)
+    for k, v in extra.items():
+        row[k] = None if v is None else str(v)
+    return row
+
+
+def load_case(manifest_path: str | Path, row: pd.Series):
+    """Read one case: (image Volume with its modalities, label array uint8)."""
+    from .nifti import read_label, read_volume, check_same_geometry
+
+    cf = case_files(manifest_path, row)
+    vol = read_volume(cf.images)
+    lab, lab_aff = read_label(cf.label)
+    if lab.shape != vol.shape:
+        raise CohortError(cf.label, f"label shape {lab.shape} differs from image shape {vol.shape}",
+                          kind="shape-mismatch")
+    check_same_geometry(cf.label, lab_aff, next(iter(cf.images.values())), vol.affine)
+    return vol, lab
+
+
+def select(df: pd.DataFrame, *, source: str | None = None, split: str | None = None,
+           cohort: str | None = None) -> pd.DataFrame:
+    m = np.ones(len(df), dtype=bool)
+    if source is not None:
+        m &= (df["source"] == source).to_numpy(dtype=bool, na_value=False)
+    if split is not None:
+        m &= (df["split"] == split).to_numpy(dtype=bool, na_value=False)
+    if cohort is not None:
+        m &= (df["cohort"] == cohort).to_numpy(dtype=bool, na_value=False)
+    return df[m]

@@ -1,0 +1,1 @@
+"""Segmentation metrics, synthesis quality, memorisation and the study report."""

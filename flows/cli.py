@@ -1,0 +1,5 @@
+"""CLI verbs of this package (registered by medddpm.cli)."""
+
+
+def register(subparsers) -> None:
+    pass

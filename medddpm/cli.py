@@ -1,0 +1,37 @@
+"""`medddpm` console script. Each package registers its own verbs; this module only assembles them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module exposes register(subparsers). Order = order in --help.
+VERB_MODULES = ("cohort.cli", "synth.cli", "segment.cli", "eval.cli", "flows.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medddpm",
+        description="Med-DDPM data augmentation for 3-D brain-tumour segmentation.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for name in VERB_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cohort.errors import CohortError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except CohortError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

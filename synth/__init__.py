@@ -1,0 +1,1 @@
+"""Med-DDPM: network config, diffusion, training, samplers and cohort synthesis."""
