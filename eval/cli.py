@@ -1,5 +1,46 @@
-"""CLI verbs of this package (registered by medddpm.cli)."""
+"""CLI verbs of this package (registered by medddpm.cli): report, synthesis-quality."""
+from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser(
+        "report", help="(re)build STUDY_DIR/report/ from the study's results",
+        description="Rebuild the study report (results.csv, report.md, self-contained report.html, PNG plots) "
+                    "from STUDY_DIR/results/per_case.csv, optional results/synthesis.csv and "
+                    "results/memorisation.csv, study.json and the study's manifests. See docs/eval.md.")
+    p.add_argument("study_dir", metavar="STUDY_DIR", help="the study folder (holds results/per_case.csv)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.set_defaults(func=_report)
+
+    q = subparsers.add_parser(
+        "synthesis-quality", help="compute diversity, MMD and memorisation tables of a study's synthetic cohorts",
+        description="For every STUDY_DIR/synthetic/<id>/ cohort: MS-SSIM diversity (within and across masks, and "
+                    "on real images), MMD, and nearest-neighbour memorisation against the real training images "
+                    "with a copy threshold calibrated on real test images. Writes results/synthesis.csv and "
+                    "results/memorisation.csv (semantic consistency and the Fréchet distance need a trained "
+                    "segmenter: use eval.report.evaluate_synthesis from Python).")
+    q.add_argument("study_dir", metavar="STUDY_DIR", help="the study folder")
+    q.add_argument("--max-pairs", type=int, default=100, help="MS-SSIM pairs per statistic (seeded sample)")
+    q.add_argument("--rule", choices=("max", "p99"), default="max", help="copy-threshold rule (default max)")
+    q.add_argument("--seed", type=int, default=0, help="seed of pair sampling and bootstrap")
+    q.add_argument("--no-report", action="store_true", help="do not rebuild the report afterwards")
+    q.set_defaults(func=_synthesis_quality)
+
+
+def _report(args) -> int:
+    from .report import build_report
+
+    out = build_report(args.study_dir, seed=args.seed)
+    print(f"report: {out / 'report.html'}")
+    return 0
+
+
+def _synthesis_quality(args) -> int:
+    from .report import build_report, evaluate_synthesis
+
+    written = evaluate_synthesis(args.study_dir, max_pairs=args.max_pairs, seed=args.seed, rule=args.rule)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    if not args.no_report:
+        print(f"report: {build_report(args.study_dir, seed=args.seed) / 'report.html'}")
+    return 0

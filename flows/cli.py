@@ -1,5 +1,106 @@
-"""CLI verbs of this package (registered by medddpm.cli)."""
+"""CLI verbs of flows/: `medddpm study` (the augment study, embedded: no separately started Prefect server) and
+`medddpm regenerate-cohort`. Prefect is imported only when a verb runs, after its environment is set."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def prefect_env(study_dir: str | Path) -> None:
+    """Embedded runs: keep Prefect's home (SQLite DB of the temporary API) inside the study folder unless the
+    user chose one, and no telemetry. Must run before `import prefect`."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary API's first start migrates a fresh SQLite DB: 10 s here when idle, far more on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    if not os.environ.get("PREFECT_HOME") and not os.environ.get("PREFECT_API_URL"):
+        home = Path(study_dir).resolve() / ".prefect" / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM -> SystemExit, so Prefect marks the run and stops its temporary API server on the way out instead
+    of leaving it running (Python's default SIGTERM action skips all cleanup)."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _csv(text: str | None, cast=str):
+    return None if text is None else [cast(t.strip()) for t in text.split(",") if t.strip()]
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser(
+        "study", help="run the augment study (Prefect flow augment-study) and build its report",
+        description="Build (or reuse) the cohort, train Med-DDPM, synthesise what the mixes need, train one "
+                    "segmenter per (mix, back end, seed), evaluate on the real test split and write STUDY/report/. "
+                    "Runs the Prefect flow directly (no server needed); rerunning a finished study does no work, "
+                    "a crashed one resumes. Options not given take the flow's defaults (docs/flows.md).")
+    p.add_argument("--out", default="runs/default-study", help="study folder (default runs/default-study)")
+    p.add_argument("--cohort", dest="cohort_manifest", help="real cohort data_manifest.csv "
+                                                            "(default: build the embedded phantom cohort)")
+    p.add_argument("--profile", help="cohort/model profile: tiny, demo (default), paper-brats, paper-wholehead")
+    p.add_argument("--cases", dest="n_cases", type=int, help="phantom cohort size (default 48)")
+    p.add_argument("--mixes", help="comma list of R:S[@real|@edited], default 1:0,0:1,1:1,1:2@edited")
+    p.add_argument("--n-real", type=int, help="real training cases per mix (data-scarce regime; default 8)")
+    p.add_argument("--backends", help="comma list of segmenter back ends: monai, nnunet (default monai)")
+    p.add_argument("--seeds", help="comma list of segmenter seeds (default 0,1)")
+    p.add_argument("--external-test", dest="external_test_manifest",
+                   help="another real cohort (same profile) evaluated too, reported as its own test set")
+    p.add_argument("--checkpoint", dest="medddpm_checkpoint", help="reuse this Med-DDPM checkpoint (no training)")
+    p.add_argument("--sampler", help="synthesis sampler (default ddim)")
+    p.add_argument("--steps", dest="sampling_steps", type=int, help="sampling steps (default 50)")
+    p.add_argument("--parallel", type=int, help="segmenter trainings at once in threads (default 1)")
+    p.add_argument("--dask-address", help="run segmenter trainings on this Dask scheduler (tcp://host:8786)")
+    p.add_argument("--dask-workers", type=int, help="run them on a local Dask cluster of N worker processes")
+    p.add_argument("--params", help="JSON file of flow parameters (options given on the command line win)")
+    p.set_defaults(func=_study)
+
+    r = subparsers.add_parser(
+        "regenerate-cohort", help="synthesise a new versioned synthetic cohort from a study's checkpoint",
+        description="Prefect flow regenerate-cohort: new seeds, synth's quality gate, registered as regen-vNNN in "
+                    "STUDY/synthetic/registry.json; --keep prunes the oldest regenerated cohorts no study used.")
+    r.add_argument("--study", dest="study_dir", default="runs/default-study", help="study folder")
+    r.add_argument("--count", type=int, help="cases (default one per conditioning mask)")
+    r.add_argument("--checkpoint", help="Med-DDPM checkpoint (default: the one the study used)")
+    r.add_argument("--masks", help="manifest of conditioning masks (default: the study's edited masks)")
+    r.add_argument("--sampler", help="sampler (default ddim)")
+    r.add_argument("--steps", type=int, help="sampling steps (default 50)")
+    r.add_argument("--seed", type=int, help="sampling seed (default derived from the new version number)")
+    r.add_argument("--keep", type=int, help="retention: newest regenerated cohorts kept (default all)")
+    r.add_argument("--max-gate-failures", type=int, help="cases still failing the quality gate that are tolerated "
+                                                         "(default 0: such a cohort is not registered)")
+    r.set_defaults(func=_regenerate)
+
+
+def _study(args) -> int:
+    params = json.loads(Path(args.params).read_text()) if args.params else {}
+    given = {k: getattr(args, k) for k in ("cohort_manifest", "profile", "n_cases", "n_real", "external_test_manifest",
+                                           "medddpm_checkpoint", "sampler", "sampling_steps", "parallel",
+                                           "dask_address", "dask_workers")}
+    given.update(mixes=_csv(args.mixes), backends=_csv(args.backends), seeds=_csv(args.seeds, int))
+    params.update({k: v for k, v in given.items() if v is not None})
+    params["out"] = args.out
+    prefect_env(args.out)
+    _exit_cleanly_on_sigterm()
+    from .study import augment_study
+
+    result = augment_study(**params)
+    print(f"report: {result['report']}\nper-case results: {result['per_case']}")
+    return 0
+
+
+def _regenerate(args) -> int:
+    params = {k: getattr(args, k) for k in ("study_dir", "count", "checkpoint", "masks", "sampler", "steps", "seed",
+                                            "keep", "max_gate_failures") if getattr(args, k) is not None}
+    prefect_env(args.study_dir)
+    _exit_cleanly_on_sigterm()
+    from .regenerate import regenerate_cohort
+
+    result = regenerate_cohort(**params)
+    print(f"registered {result['cohort_id']}: {result['manifest']}" +
+          (f"; pruned {', '.join(result['pruned'])}" if result["pruned"] else ""))
+    return 0

@@ -1,5 +1,76 @@
-"""CLI verbs of this package (registered by medddpm.cli)."""
+"""CLI verbs of this package (registered by medddpm.cli): train, synthesize."""
+from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    pass
+    from .config import PROFILES
+    from .schedulers import SAMPLERS
+
+    p = subparsers.add_parser(
+        "train", help="train (or resume) the Med-DDPM mask-conditioned diffusion model",
+        description="Train Med-DDPM on the real training rows of a manifest. Checkpoints are written atomically "
+                    "every --checkpoint-every steps; rerunning the same command resumes from the last one.")
+    p.add_argument("--manifest", required=True, help="data_manifest.csv of the training cohort")
+    p.add_argument("--profile", required=True, choices=sorted(PROFILES), help="synth profile (network, grid, recipe)")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, loss log, generator)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (default: the profile's)")
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine", "warmup"), help="learning-rate schedule")
+    p.add_argument("--batch-size", type=int, help="volumes per micro-batch")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--loss", choices=("l1", "l2"), help="denoising loss (paper: l1)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--ema-decay", type=float, help="EMA decay")
+    p.add_argument("--ema-every", type=int, help="steps between EMA updates")
+    p.add_argument("--ema-start", type=int, help="step before which the EMA is a copy of the model")
+    p.add_argument("--sources", help="comma-separated manifest sources to train on (default: real)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--threads", type=int, help="torch threads during training")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (see docs/bench-synth.md)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    s = subparsers.add_parser(
+        "synthesize", help="generate a paired image-mask cohort from conditioning masks",
+        description="Sample one synthetic image per mask (round-robin over the masks manifest's real and edited "
+                    "masks), write image and mask NIfTI pairs plus data_manifest.csv. Resumable; a per-label "
+                    "intensity quality gate redraws failures with new seeds.")
+    s.add_argument("--checkpoint", required=True, help="generator.safetensors (or the training folder)")
+    s.add_argument("--masks", required=True, help="manifest with the conditioning masks (real or source=mask rows)")
+    s.add_argument("--count", type=int, required=True, help="number of synthetic cases")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddpm (paper, 250 steps), ddim or dpmpp2m")
+    s.add_argument("--steps", type=int, default=25, help="sampling steps (250 for ddpm as in the paper; 25 is ~10x faster)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--seed", type=int, default=0, help="base seed")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--batch-size", type=int, default=4, help="volumes per network call")
+    s.add_argument("--splits", default="train", help="comma-separated splits of mask rows to use ('all' = any)")
+    s.add_argument("--max-retries", type=int, default=3, help="quality-gate redraws per case")
+    s.add_argument("--threads", type=int, help="torch threads")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_synthesize)
+
+
+def _train(args) -> int:
+    from .train import train_medddpm
+
+    overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
+                 "grad_accum": args.grad_accum, "loss": args.loss, "checkpoint_every": args.checkpoint_every,
+                 "ema_decay": args.ema_decay, "ema_every": args.ema_every, "ema_start": args.ema_start,
+                 "seed": args.seed, "num_threads": args.threads, "autocast_bf16": args.bf16,
+                 "sources": tuple(args.sources.split(",")) if args.sources else None,
+                 "progress": False if args.no_progress else None}
+    path = train_medddpm(args.manifest, args.profile, args.out, {k: v for k, v in overrides.items() if v is not None})
+    print(f"generator: {path}")
+    return 0
+
+
+def _synthesize(args) -> int:
+    from .synthesize import synthesize_cohort
+
+    splits = None if args.splits == "all" else tuple(args.splits.split(","))
+    path = synthesize_cohort(args.checkpoint, args.masks, args.out, args.count, args.sampler, args.steps, args.seed,
+                             eta=args.eta, batch_size=args.batch_size, splits=splits, max_retries=args.max_retries,
+                             num_threads=args.threads, progress=not args.no_progress)
+    print(f"manifest: {path}")
+    return 0

@@ -1,0 +1,81 @@
+"""Wall time and peak RSS of `medddpm study` (what `make study` runs), cohort build included.
+
+    .venv/bin/python bench/bench_study.py --out runs/bench-study [--fresh] [--rerun] [-- extra study options]
+
+Peak RSS is of the whole process tree (the flow process, Prefect's temporary API server, any worker processes),
+sampled every 0.2 s with psutil and summed over the tree. Prints the targets as ratios (<= 1.0 meets them),
+each stage's share of the first run from study.json, and with --rerun the cached rerun's time as a ratio of the
+first run. Writes the numbers to OUT/bench_study.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+TARGET_SECONDS = 20 * 60
+TARGET_RSS = 6 * 2 ** 30
+
+
+def run_tree(cmd: list[str], poll: float = 0.2) -> tuple[float, int, int]:
+    """(wall seconds, peak summed RSS bytes of the process tree, return code)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        peak = max(peak, total)
+        time.sleep(poll)
+    return time.perf_counter() - t0, peak, proc.returncode
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench-study", help="study folder")
+    ap.add_argument("--fresh", action="store_true", help="delete the study folder first (cohort build included)")
+    ap.add_argument("--rerun", action="store_true", help="run a second time (all cached) and report the ratio")
+    ap.add_argument("extra", nargs="*", help="extra `medddpm study` options after --")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    medddpm = str(Path(sys.executable).parent / "medddpm")
+    cmd = [medddpm, "study", "--out", str(out), *args.extra]
+    print("command:", " ".join(cmd), flush=True)
+    wall, peak, rc = run_tree(cmd)
+    if rc != 0:
+        print(f"study failed with exit code {rc}", file=sys.stderr)
+        return rc
+    result = {"command": " ".join(cmd), "wall_seconds": round(wall, 1), "peak_rss_gib": round(peak / 2 ** 30, 3),
+              "wall_vs_20min_target": round(wall / TARGET_SECONDS, 3),
+              "peak_rss_vs_6gib_target": round(peak / TARGET_RSS, 3), "cpu_count": psutil.cpu_count()}
+    stages = json.loads((out / "study.json").read_text()).get("wall_seconds", {})
+    result["stage_share_of_wall"] = {k: round(v / wall, 3) for k, v in stages.items()}
+    result["orchestration_and_startup_share"] = round(1 - sum(stages.values()) / wall, 3)
+    if args.rerun:
+        wall2, peak2, rc2 = run_tree(cmd)
+        result.update(rerun_wall_seconds=round(wall2, 1), rerun_vs_first=round(wall2 / wall, 3),
+                      rerun_peak_rss_gib=round(peak2 / 2 ** 30, 3), rerun_rc=rc2)
+    (out / "bench_study.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

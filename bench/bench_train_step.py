@@ -1,0 +1,169 @@
+"""Med-DDPM training-step speed and memory: speed-ups vs a plain eager fp32 MONAI baseline, in one run.
+
+Each variant runs in its own subprocess (peak RSS is per process) on the same config, batch and data:
+the synth profile's network at its cohort-profile grid, a fixed toy batch (tests/conftest.make_toy_case).
+Prints a table of median step time, peak RSS, ratios to the baseline, first/last loss (does it still fall?)
+and achieved GFLOP/s against this machine's measured fp32 matmul peak.
+
+    .venv/bin/python bench/bench_train_step.py --profile demo --steps 12
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    # name: (threads, channels_last, bf16, compile, flash_attention)
+    "baseline: eager fp32, 2 threads": (2, False, False, False, False),
+    "1 thread": (1, False, False, False, False),
+    "channels_last_3d": (2, True, False, False, False),
+    "bf16 autocast": (2, False, True, False, False),
+    "bf16 + channels_last_3d": (2, True, True, False, False),
+    "SDPA attention": (2, False, False, False, True),
+    "torch.compile": (2, False, False, True, False),
+    "1 thread + channels_last_3d": (1, True, False, False, False),
+    "1 thread + bf16": (1, False, True, False, False),
+    "1 thread + bf16 + channels_last_3d": (1, True, True, False, False),
+}
+
+
+def _batch(cfg, shape, batch_size):
+    import numpy as np
+    import torch
+
+    from synth.network import condition_from_label
+    from tests.conftest import make_toy_case
+
+    rng = np.random.default_rng(0)
+    imgs, conds = [], []
+    for _ in range(batch_size):
+        images, label = make_toy_case(rng, shape=shape)
+        imgs.append(torch.from_numpy(np.stack([images[m] for m in cfg.modalities])))
+        conds.append(condition_from_label(label, cfg.condition))
+    return torch.stack(imgs), torch.stack(conds)
+
+
+def run_variant(profile: str, name: str, steps: int, warmup: int) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cohort.profiles import get_profile
+    from synth.config import get_config
+    from synth.network import build_unet
+    from synth.schedulers import make_training_scheduler
+    from synth.train import diffusion_loss
+
+    threads, cl, bf16, comp, flash = VARIANTS[name]
+    torch.set_num_threads(threads)
+    cfg = get_config(profile).replace(channels_last=cl, autocast_bf16=bf16, use_flash_attention=flash)
+    shape = get_profile(cfg.profile).shape
+    torch.manual_seed(0)
+    model = build_unet(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    fwd = torch.compile(model) if comp else model
+    sched = make_training_scheduler(cfg.timesteps)
+    x0, cond = _batch(cfg, shape, cfg.batch_size)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        t = torch.randint(0, cfg.timesteps, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss = diffusion_loss(fwd, x0, cond, t, noise, sched, cfg.loss, cl, bf16)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    t_compile = time.perf_counter()
+    losses = [step() for _ in range(warmup)]
+    t_compile = time.perf_counter() - t_compile
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    flops = 0
+    if name.startswith("baseline"):
+        with FlopCounterMode(display=False) as fc:
+            step()
+        flops = fc.get_total_flops()
+    times.sort()
+    k = len(losses) // 3
+    return {"name": name, "median_s": times[len(times) // 2], "warmup_s": t_compile,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
+            "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "flops": flops}
+
+
+def matmul_peak_gflops(threads: int = 2, n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per variant (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", default="all", help="semicolon-separated subset of: " + "; ".join(VARIANTS))
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per variant (torch.compile is slow)")
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        print(json.dumps(run_variant(args.profile, args._child, args.steps, args.warmup)))
+        return
+    names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(";")]
+    if not names[0].startswith("baseline"):
+        names.insert(0, next(iter(VARIANTS)))
+    results = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--profile", args.profile, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--_child", name]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        except subprocess.TimeoutExpired:
+            print(f"{name}: timed out after {args.timeout} s", file=sys.stderr)
+            continue
+        if p.returncode != 0:
+            print(f"{name}: FAILED\n{p.stderr[-1500:]}", file=sys.stderr)
+            continue
+        results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        print(f"  done: {name}", file=sys.stderr)
+    peak = matmul_peak_gflops()
+    base = results[0]
+    print(f"profile {args.profile}, {args.steps} timed steps per variant; fp32 matmul peak (2 threads, 2048^2): "
+          f"{peak:.1f} GFLOP/s; training-step FLOPs (fwd+bwd): {base['flops'] / 1e9:.2f} GFLOP")
+    print(f"| variant | step s (median) | x baseline time | peak RSS GB | x baseline RSS | loss first->last third "
+          f"| warm-up s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['median_s']:.3f} | {r['median_s'] / base['median_s']:.2f} | "
+              f"{r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] / base['peak_rss_gb']:.2f} | "
+              f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {r['warmup_s']:.1f} |")
+    achieved = base["flops"] / base["median_s"] / 1e9
+    best = min(results, key=lambda r: r["median_s"])
+    print(f"achieved: baseline {achieved:.1f} GFLOP/s = {achieved / peak:.1%} of matmul peak; "
+          f"best ({best['name']}) {base['flops'] / best['median_s'] / 1e9:.1f} GFLOP/s = "
+          f"{base['flops'] / best['median_s'] / 1e9 / peak:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Bring one case (image Volume + optional label) onto a named profile's grid with MONAI dict transforms.
+
+Steps (all MONAI): Orientation RAS -> Spacing to the profile spacing (bilinear images, nearest labels) ->
+crop to the brain's bounding box -> per-volume, per-channel percentile scaling to [-1, 1] -> symmetric
+pad/crop to the profile shape. Each transform updates the MetaTensor's affine, and the output affine is taken
+from it, so a written file lands in the same world (scanner mm) position as its source.
+
+The brain label (4) is derived from the image where the source label has none: voxels that are foreground
+in any channel (filled, largest component) and are not tumour become 4. Voxels outside the brain are set to
+-1 in every channel (BraTS is skull-stripped; the paper's conditioning treats outside-brain as background).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (Compose, CropForegroundd, FillHoles, KeepLargestConnectedComponent, Orientationd,
+                              ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd)
+
+from .errors import CohortError
+from .labels import BRAIN, TUMOUR_LABELS
+from .nifti import check_same_geometry
+from .profiles import Profile, get_profile
+from .volume import Volume
+
+LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.5
+# a voxel is brain if, in some channel, it is this fraction of the channel's robust range above its floor
+FOREGROUND_FRACTION = 0.05
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel's axis code convention (affines are RAS+)
+
+
+def brain_foreground(image: np.ndarray, label: np.ndarray | None = None) -> np.ndarray:
+    """Boolean brain mask from a (C, X, Y, Z) image: union over channels of above-floor voxels, holes filled,
+    largest connected component kept; tumour voxels of ``label`` are always inside."""
+    fg = np.zeros(image.shape[1:], bool)
+    for ch in image:
+        lo, hi = np.percentile(ch, [LOWER_PERCENTILE, UPPER_PERCENTILE])
+        if hi > lo:
+            fg |= ch > lo + FOREGROUND_FRACTION * (hi - lo)
+    if label is not None:
+        fg |= np.isin(label, TUMOUR_LABELS)
+    if not fg.any():
+        return fg
+    m = torch.from_numpy(fg[None].astype(np.uint8))
+    m = KeepLargestConnectedComponent(applied_labels=[1])(FillHoles(applied_labels=[1])(m))
+    return np.asarray(m[0]).astype(bool)
+
+
+def _select_channels(volume: Volume, profile: Profile, name: str | None) -> Volume:
+    missing = [m for m in profile.modalities if m not in volume.channels]
+    if missing:
+        raise CohortError(name, f"missing modality {missing} required by profile {profile.name!r} "
+                                f"(have {list(volume.channels)})", kind="missing-modality")
+    data = np.stack([volume.channel(m) for m in profile.modalities]).astype(np.float32)
+    return Volume(data, volume.affine, profile.modalities)
+
+
+def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Profile,
+                    name: str | None = None) -> tuple[Volume, np.ndarray]:
+    """Return (image Volume on the profile grid, values in [-1, 1]; label uint8 0..4 on the same grid).
+
+    volume: the case's modalities on one grid (any orientation / spacing).
+    label: our convention (0..4) on the same grid, or None (then the label is brain/background only).
+    name: used in error messages (e.g. the case folder).
+    """
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    volume = _select_channels(volume, profile, name)
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != volume.shape:
+            raise CohortError(name, f"label shape {label.shape} differs from image shape {volume.shape}",
+                              kind="shape-mismatch")
+    if not np.isfinite(volume.data).all():
+        raise CohortError(name, "image contains NaN or Inf voxels", kind="non-finite")
+
+    lab = np.zeros(volume.shape, np.uint8) if label is None else label.astype(np.uint8)
+    if not (lab == BRAIN).any():  # derive the brain label on the source grid, then move it with the label
+        brain = brain_foreground(volume.data, lab)
+        if not brain.any():
+            raise CohortError(name, "no brain foreground found in the image (all channels constant?)",
+                              kind="empty-image")
+        lab[brain & (lab == 0)] = BRAIN
+
+    affine = torch.as_tensor(volume.affine, dtype=torch.float64)
+    data = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.data)), affine=affine.clone()),
+            "label": MetaTensor(torch.from_numpy(lab[None].astype(np.float32)), affine=affine.clone())}
+    to_profile = Compose([
+        Orientationd(keys=("image", "label"), axcodes="RAS", labels=RAS_LABELS),
+        Spacingd(keys=("image", "label"), pixdim=profile.spacing, mode=("bilinear", "nearest"),
+                 padding_mode=("zeros", "zeros")),
+        CropForegroundd(keys=("image", "label"), source_key="label", select_fn=lambda x: x > 0,
+                        allow_smaller=True),
+        ScaleIntensityRangePercentilesd(keys="image", lower=LOWER_PERCENTILE, upper=UPPER_PERCENTILE,
+                                        b_min=-1.0, b_max=1.0, clip=True, channel_wise=True),
+        ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=profile.shape),
+    ])
+    data = to_profile(data)
+
+    out_affine = np.asarray(data["image"].affine.detach().cpu(), dtype=np.float64)
+    check_same_geometry(name, np.asarray(data["label"].affine, dtype=np.float64), name, out_affine)
+    img = np.asarray(data["image"].detach().cpu(), dtype=np.float32)
+    lab = np.rint(np.asarray(data["label"].detach().cpu())[0]).astype(np.uint8)
+    img[:, lab == 0] = -1.0  # outside the brain (incl. padding) is background
+    return Volume(img, out_affine, profile.modalities), lab

@@ -1,0 +1,143 @@
+"""Aggregation of per-case scores: mean ± sd over cases and seeds, seeded bootstrap 95 % CIs, and the paired
+comparison of every training mix with real-only data (paired by test case).
+
+Statistical unit: the test case. Seeds of one mix are first averaged per case, so the bootstrap resamples
+cases (a seed is not an independent test image); ``sd`` is still over every (case, seed) value and
+``sd_seeds`` is the spread of the per-seed means (training noise).
+Bootstrap: scipy.stats.bootstrap, percentile method, seeded (BCa is undefined for the constant samples that
+perfect Dice produces).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+# columns that identify one training configuration in results/per_case.csv
+RUN_KEYS = ("mix", "n_real", "n_synth", "backend", "test_set")
+METRICS = ("dice", "hd95")
+
+
+def bootstrap_ci(values, *, statistic: Callable = np.mean, confidence: float = 0.95, n_resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic`` over 1-D ``values`` (NaNs dropped). Same seed -> same CI.
+
+    Fewer than 2 values: (nan, nan). Constant values: (v, v).
+    """
+    from scipy.stats import bootstrap
+
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return float("nan"), float("nan")
+    if np.all(x == x[0]):
+        v = float(statistic(x))
+        return v, v
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = bootstrap((x,), statistic, confidence_level=confidence, n_resamples=n_resamples,
+                        method="percentile", vectorized=statistic in (np.mean, np.median),
+                        rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def mix_kind(n_real: int, n_synth: int) -> str:
+    """'real only', 'synthetic only' or 'real + synthetic'."""
+    if int(n_synth) == 0:
+        return "real only"
+    if int(n_real) == 0:
+        return "synthetic only"
+    return "real + synthetic"
+
+
+def mix_order(df: pd.DataFrame) -> pd.DataFrame:
+    """Sort rows like the paper's table: real only, synthetic only, then real + synthetic by synthetic:real ratio."""
+    kind_rank = {"real only": 0, "synthetic only": 1, "real + synthetic": 2}
+    key = pd.DataFrame({
+        "rank": [kind_rank[mix_kind(r, s)] for r, s in zip(df["n_real"], df["n_synth"])],
+        "ratio": [float(s) / float(r) if float(r) > 0 else np.inf for r, s in zip(df["n_real"], df["n_synth"])],
+        "n_real": df["n_real"].astype(float), "n_synth": df["n_synth"].astype(float)}, index=df.index)
+    return df.loc[key.sort_values(["rank", "ratio", "n_real", "n_synth"], kind="stable").index]
+
+
+def _case_means(g: pd.DataFrame, metric: str) -> pd.Series:
+    """Mean over seeds for each test case."""
+    return g.groupby("case_id")[metric].mean()
+
+
+def aggregate(per_case: pd.DataFrame, *, metrics=METRICS, seed: int = 0, n_resamples: int = 2000) -> pd.DataFrame:
+    """Mean ± sd over cases and seeds with a bootstrap CI over cases, per (mix, backend, test set, region).
+
+    per_case: rows of results/per_case.csv (needs RUN_KEYS, seed, case_id, region and the metric columns).
+    Returns columns RUN_KEYS + region, kind, n_cases, n_seeds, and for each metric m:
+    m_mean, m_sd, m_sd_seeds, m_ci_low, m_ci_high. Rows in the paper's mix order.
+    """
+    rows = []
+    for key, g in per_case.groupby([*RUN_KEYS, "region"], sort=False, dropna=False):
+        row = dict(zip([*RUN_KEYS, "region"], key))
+        row["kind"] = mix_kind(row["n_real"], row["n_synth"])
+        row["n_cases"] = int(g["case_id"].nunique())
+        row["n_seeds"] = int(g["seed"].nunique())
+        for m in metrics:
+            vals = g[m].astype(float)
+            row[f"{m}_mean"] = float(vals.mean())
+            row[f"{m}_sd"] = float(vals.std(ddof=1)) if vals.notna().sum() > 1 else float("nan")
+            seed_means = g.groupby("seed")[m].mean()
+            row[f"{m}_sd_seeds"] = float(seed_means.std(ddof=1)) if len(seed_means) > 1 else float("nan")
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = bootstrap_ci(_case_means(g, m).to_numpy(), seed=seed,
+                                                                   n_resamples=n_resamples)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return mix_order(out).reset_index(drop=True) if len(out) else out
+
+
+def reference_run(runs: pd.DataFrame, n_real: int) -> pd.Series | None:
+    """The real-only configuration a mix is compared with: same n_real if there is one, else the largest."""
+    real = runs[(runs["n_synth"].astype(int) == 0) & (runs["n_real"].astype(int) > 0)]
+    if real.empty:
+        return None
+    same = real[real["n_real"].astype(int) == int(n_real)]
+    pick = same if len(same) else real[real["n_real"].astype(int) == real["n_real"].astype(int).max()]
+    return pick.iloc[0]
+
+
+def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", seed: int = 0,
+                   n_resamples: int = 2000) -> pd.DataFrame:
+    """Paired difference (mix − real only) of ``metric`` per test case, with a bootstrap CI over cases.
+
+    Pairing: same backend, test set, region and test case; each side is first averaged over its seeds.
+    The reference is the real-only mix with the same n_real, else the real-only mix with most real cases.
+    Returns columns RUN_KEYS + region, reference_mix, n_pairs, delta_mean, delta_ci_low, delta_ci_high,
+    frac_improved (share of cases where the mix is better), p_wilcoxon (two-sided signed-rank; NaN if < 2 pairs
+    or all differences 0).
+    """
+    from scipy.stats import wilcoxon
+
+    runs = per_case[list(RUN_KEYS)].drop_duplicates()
+    rows = []
+    for _, run in mix_order(runs).iterrows():
+        same_ctx = runs[(runs["backend"] == run["backend"]) & (runs["test_set"] == run["test_set"])]
+        ref = reference_run(same_ctx, run["n_real"])
+        if ref is None or (ref[list(RUN_KEYS)] == run[list(RUN_KEYS)]).all():
+            continue
+        sel = lambda r: per_case[(per_case[list(RUN_KEYS)] == r[list(RUN_KEYS)].values).all(axis=1)]  # noqa: E731
+        mine, theirs = sel(run), sel(ref)
+        for region in mine["region"].unique():
+            a = _case_means(mine[mine["region"] == region], metric)
+            b = _case_means(theirs[theirs["region"] == region], metric)
+            common = a.index.intersection(b.index)
+            d = (a[common] - b[common]).to_numpy(dtype=float)
+            d = d[np.isfinite(d)]
+            lo, hi = bootstrap_ci(d, seed=seed, n_resamples=n_resamples)
+            better = d > 0 if metric == "dice" else d < 0  # lower HD95 is better
+            p = float("nan")
+            if len(d) >= 2 and np.any(d != 0):
+                p = float(wilcoxon(d).pvalue)
+            rows.append({**{k: run[k] for k in RUN_KEYS}, "region": region, "reference_mix": ref["mix"],
+                         "n_pairs": int(len(d)), "delta_mean": float(d.mean()) if len(d) else float("nan"),
+                         "delta_ci_low": lo, "delta_ci_high": hi,
+                         "frac_improved": float(better.mean()) if len(d) else float("nan"), "p_wilcoxon": p})
+    return pd.DataFrame(rows, columns=[*RUN_KEYS, "region", "reference_mix", "n_pairs", "delta_mean", "delta_ci_low",
+                                       "delta_ci_high", "frac_improved", "p_wilcoxon"])

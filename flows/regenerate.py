@@ -1,0 +1,117 @@
+"""regenerate-cohort: a fresh, versioned synthetic cohort from a study's current Med-DDPM checkpoint.
+
+Each run synthesises with new seeds (derived from the new version number, so a crashed run that is started
+again resumes the same version instead of starting another), passes synth's quality gate, registers the result
+as ``regen-vNNN`` in STUDY/synthetic/registry.json and STUDY/synthetic/data_manifest.csv, and keeps earlier
+cohorts. ``keep`` prunes the oldest regenerated cohorts beyond that number, never one that a study used.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from cohort.errors import CohortError
+
+from . import registry, tasks
+from .refs import ref
+from .study import fresh
+
+SEED_BASE = 10_000  # regenerated cohort vN samples with seed SEED_BASE + N (study pools use small seeds)
+
+
+def current_checkpoint(study: Path) -> Path:
+    """The checkpoint the study's last finished augment-study used (study.json)."""
+    sj = study / "study.json"
+    if not sj.exists():
+        raise CohortError(sj, "no study.json: run augment-study in this folder first, or pass checkpoint=",
+                          kind="missing-file")
+    ck = (json.loads(sj.read_text()).get("checkpoint") or {}).get("path")
+    if not ck:
+        raise CohortError(sj, "the study trained no Med-DDPM checkpoint (no synthetic mix); pass checkpoint=",
+                          kind="missing-file")
+    return Path(ck)
+
+
+def default_masks(study: Path) -> Path:
+    """Edited masks of the study if it made any (new conditions), else its real training cases' masks."""
+    edited = study / "masks" / "data_manifest.csv"
+    if edited.exists():
+        return edited
+    sj = study / "study.json"
+    if sj.exists():
+        sel = json.loads(sj.read_text()).get("cohort", {}).get("selected_manifest")
+        if sel:
+            return (study / sel) if not Path(sel).is_absolute() else Path(sel)
+    raise CohortError(sj, "no conditioning masks found in the study; pass masks=", kind="missing-file")
+
+
+@flow(name="regenerate-cohort", log_prints=True)
+def regenerate_cohort(
+    study_dir: str = "runs/default-study",
+    count: int | None = None,
+    checkpoint: str | None = None,
+    masks: str | None = None,
+    sampler: str = "ddim",
+    steps: int = 50,
+    seed: int | None = None,
+    keep: int | None = None,
+    max_gate_failures: int = 0,
+) -> dict[str, Any]:
+    """Synthesise, gate and register cohort regen-vNNN. count: cases (default: one per mask). keep: retention
+    (the newest ``keep`` regenerated cohorts stay, plus any a study used; None keeps all). max_gate_failures:
+    cases still failing synth's quality gate after its redraws that are tolerated (default 0)."""
+    logger = get_run_logger()
+    study = Path(study_dir).resolve()
+    ck = ref(checkpoint or current_checkpoint(study))
+    mask_ref = ref(masks or default_masks(study))
+    if count is None:
+        from cohort.manifest import load_manifest
+
+        count = len(load_manifest(mask_ref.p))
+    cohort_id = registry.next_version(study)
+    version = int(cohort_id.rsplit("-v", 1)[1])
+    seed = SEED_BASE + version if seed is None else int(seed)
+    out_dir = study / "synthetic" / cohort_id
+    synthetic = fresh(tasks.synthesize, study, ck, mask_ref, str(out_dir), int(count), sampler, int(steps), seed,
+                      cohort_id)
+    gate = quality_gate(synthetic.p, int(count), int(max_gate_failures))
+    registry.register(study, cohort_id, synthetic.p, synthetic.sha256, kind="regenerated",
+                      checkpoint_sha256=ck.sha256, masks_sha256=mask_ref.sha256, sampler=sampler, steps=int(steps),
+                      seed=seed, count=int(count), gate=gate)
+    pruned = registry.prune(study, keep)
+    merged = registry.rebuild_manifest(study)
+    logger.info(f"registered {cohort_id} ({count} cases, seed {seed}); pruned {pruned or 'nothing'}")
+    publish_registry(study)
+    return {"cohort_id": cohort_id, "manifest": synthetic.path, "seed": seed, "pruned": pruned,
+            "registry_manifest": str(merged) if merged else None}
+
+
+def quality_gate(manifest: Path, count: int, max_failures: int) -> dict:
+    """synth.synthesize gates every sample (per-label median intensity inside the training range, failures redrawn
+    with new seeds) and marks what still fails; here a cohort with more than ``max_failures`` such cases, or
+    fewer cases than asked, is refused (not registered)."""
+    from cohort.manifest import load_manifest, select
+
+    df = select(load_manifest(manifest), source="synthetic")
+    failed = int((df["quality_gate"] == "fail").sum()) if "quality_gate" in df.columns else 0
+    gate = {"cases": int(len(df)), "passed": int(len(df) - failed), "failed": failed,
+            "report": "quality_report.csv"}
+    if len(df) < count:
+        raise CohortError(manifest, f"only {len(df)} of {count} synthetic cases were written", kind="quality-gate")
+    if failed > max_failures:
+        raise CohortError(manifest, f"quality gate: {failed} of {len(df)} cases failed (allowed {max_failures}); "
+                                    f"see {manifest.parent / 'quality_report.csv'}; cohort not registered",
+                          kind="quality-gate")
+    return gate
+
+
+def publish_registry(study: Path) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    reg = registry.read_registry(study)
+    rows = [{"id": c["id"], "kind": c["kind"], "created": c["created"], "seed": c.get("seed"),
+             "used_by": ", ".join(c["used_by"]), "manifest": c["manifest"]} for c in reg["cohorts"]]
+    create_table_artifact(key="synthetic-cohorts", table=rows, description=f"synthetic cohorts of {study}")

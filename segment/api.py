@@ -1,0 +1,127 @@
+"""The one interface both segmenter back ends sit behind (called by flows/ and eval/).
+
+    train(manifest, case_ids, out_dir, config) -> model_dir
+    predict(model_dir, manifest, case_ids, out_dir) -> {case_id: label NIfTI path}
+
+Segmentation target: 0 background, 1 NCR, 2 ED, 3 ET. Brain (cohort label 4) is not predicted: it is background.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Sequence
+
+from cohort.errors import CohortError
+from cohort.fsutil import atomic_write_text
+
+from .config import SegmenterConfig, as_config
+from .data import common_modalities, resolve_case_ids, rows_for, training_data_hash, validation_ids
+
+MODEL_FILES = ("config.json", "training_data.json", "train_log.csv", "model.safetensors")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "monai", "nnunetv2"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def is_trained(model_dir: str | Path) -> bool:
+    return all((Path(model_dir) / f).exists() for f in MODEL_FILES) and (Path(model_dir) / "training_summary.json").exists()
+
+
+def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Path,
+          config: SegmenterConfig | dict | None = None) -> Path:
+    """Train a segmenter on the manifest's case_ids (real and/or synthetic rows, or a split name); returns out_dir.
+
+    Validation cases are always real (config.val_ids, or the manifest's real val-split rows not trained on).
+    Rerunning with the same config and data resumes an interrupted run, and returns at once if it finished.
+    A model_dir holding a different training (config or data hash) is refused.
+    """
+    manifest = Path(manifest)
+    cfg = as_config(config)
+    train_ids = resolve_case_ids(manifest, case_ids)
+    if not train_ids:
+        raise CohortError(manifest, f"no training cases selected by {case_ids!r}", kind="bad-selection")
+    rows_for(manifest, train_ids)  # refuses mask-only rows early
+    val_ids = validation_ids(manifest, train_ids, cfg.val_ids)
+    if cfg.modalities is None:
+        cfg.modalities = common_modalities(manifest, train_ids)
+    cfg.val_ids = list(val_ids)
+    data_hash, entries = training_data_hash(manifest, train_ids)
+
+    model_dir = Path(out_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    record = {"config": cfg.to_dict(), "train_ids": list(train_ids), "val_ids": list(val_ids),
+              "training_data_hash": data_hash, "manifest": str(manifest.resolve()), "versions": _versions(),
+              "target_labels": {"0": "background (incl. brain)", "1": "NCR", "2": "ED", "3": "ET"}}
+    cfg_path = model_dir / "config.json"
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old.get("config") != record["config"] or old.get("training_data_hash") != data_hash:
+            raise CohortError(cfg_path, "this model directory holds a different training (config or training data "
+                                        "differ); choose another out_dir or delete it", kind="model-mismatch")
+        if is_trained(model_dir):
+            return model_dir
+    else:
+        atomic_write_text(cfg_path, json.dumps(record, indent=2))
+    atomic_write_text(model_dir / "training_data.json",
+                      json.dumps({"training_data_hash": data_hash, "files": entries}, indent=1))
+
+    if cfg.backend == "monai":
+        from . import monai_backend
+
+        monai_backend.train(manifest, train_ids, val_ids, model_dir, cfg)
+    else:
+        from . import nnunet_backend
+
+        nnunet_backend.train(manifest, train_ids, val_ids, model_dir, cfg)
+    return model_dir
+
+
+def load_config(model_dir: str | Path) -> SegmenterConfig:
+    p = Path(model_dir) / "config.json"
+    if not p.exists():
+        raise CohortError(p, "missing: not a segmenter model directory", kind="missing-file")
+    return SegmenterConfig.from_dict(json.loads(p.read_text())["config"]).resolved()
+
+
+def predict(model_dir: str | Path, manifest: str | Path, case_ids: Sequence[str] | str,
+            out_dir: str | Path) -> dict[str, Path]:
+    """Label NIfTIs (0..3, input affine and shape) for case_ids (ids or a split name) as out_dir/<case_id>.nii.gz."""
+    model_dir, manifest, out_dir = Path(model_dir), Path(manifest), Path(out_dir)
+    if not is_trained(model_dir):
+        raise CohortError(model_dir, "not a finished segmenter model directory (training incomplete or missing files "
+                                     f"{[f for f in MODEL_FILES if not (model_dir / f).exists()]})", kind="missing-file")
+    cfg = load_config(model_dir)
+    ids = resolve_case_ids(manifest, case_ids)
+    rows_for(manifest, ids)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.backend == "monai":
+        from . import monai_backend
+
+        return monai_backend.predict(model_dir, manifest, ids, out_dir)
+    from . import nnunet_backend
+
+    return nnunet_backend.predict(model_dir, manifest, ids, out_dir)
+
+
+def load_model(model_dir: str | Path):
+    """(torch module in eval mode, SegmenterConfig) of a trained MONAI model; see monai_backend.encoder_features."""
+    from .monai_backend import load_model as _load
+
+    return _load(model_dir)
+
+
+def encoder_features(model_dir_or_model, volume, cfg: SegmenterConfig | None = None):
+    """Global-average-pooled bottleneck features of a trained MONAI model (numpy vector); for Fréchet distances."""
+    from .monai_backend import encoder_features as _enc
+
+    return _enc(model_dir_or_model, volume, cfg)

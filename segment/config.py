@@ -1,0 +1,108 @@
+"""SegmenterConfig: one dataclass for both back ends; unset fields take the profile's defaults."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cohort.errors import CohortError
+
+BACKENDS = ("monai", "nnunet")
+SEG_PROFILES = ("tiny", "demo", "paper")
+
+# Small volumes train with ONE torch thread: their convolutions gain little from a second thread, and when
+# several jobs share the 2 cores (parallel study runs, tests) OpenMP spin-waiting made a 2-thread step 12x slower
+# (0.18 s vs 2.1 s wall per tiny SegResNet step, measured under load). paper: torch's default (all cores).
+# Budget per (backend, profile). An "epoch" is a fixed number of optimiser steps (as in nnU-Net), not one pass
+# over the training cases: every mix of a ratio sweep then gets the same number of gradient steps, whatever its size.
+PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "monai": {
+        # seconds on 2 cores: unit tests only
+        "tiny": dict(epochs=20, iters_per_epoch=6, batch_size=2, lr=3e-3, patience=100, min_epochs=0, init_filters=8,
+                     blocks_down=(1, 1, 1), blocks_up=(1, 1), patch_size=None, num_threads=1),
+        # ~1 min on 2 cores at 32x40x32 (docs/bench-segment.md)
+        "demo": dict(epochs=20, iters_per_epoch=10, batch_size=2, lr=3e-3, patience=5, min_epochs=10, init_filters=8,
+                     blocks_down=(1, 1, 2, 2), blocks_up=(1, 1, 1), patch_size=None, num_threads=1),
+        # BraTS-size: SegResNet as in MONAI's BraTS tutorial, 128^3 patches; shape-checked, not trained here
+        "paper": dict(epochs=300, iters_per_epoch=250, batch_size=2, lr=1e-3, patience=50, min_epochs=100, init_filters=16,
+                      blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), patch_size=(128, 128, 128)),
+    },
+    "nnunet": {
+        # the trainer class (segment/nnunet_trainers/) carries the budget; epochs/iters here document it
+        "tiny": dict(trainer="nnUNetTrainer_segtiny", epochs=4, iters_per_epoch=12, num_threads=1),
+        "demo": dict(trainer="nnUNetTrainer_segdemo", epochs=10, iters_per_epoch=25, num_threads=1),
+        "paper": dict(trainer="nnUNetTrainer", epochs=1000, iters_per_epoch=250),  # nnU-Net's default budget
+    },
+}
+
+
+@dataclass
+class SegmenterConfig:
+    """What to train. Fields left as None are filled from PROFILE_DEFAULTS[backend][profile] by resolved().
+
+    val_ids: validation cases (must be source=real). None = the manifest's real rows with split=val that are not
+    training cases. Validation drives early stopping (MONAI) and nnU-Net's fold-0 validation split.
+    """
+
+    backend: str = "monai"
+    profile: str = "demo"
+    seed: int = 0
+    epochs: int | None = None
+    iters_per_epoch: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    patience: int | None = None          # epochs without a better validation Dice before stopping
+    min_epochs: int | None = None        # never stop before this epoch (early validation Dice is noisy)
+    val_every: int = 1
+    val_ids: list[str] | None = None
+    modalities: list[str] | None = None  # None = every modality all training cases have, in MODALITIES order
+    init_filters: int | None = None
+    blocks_down: tuple[int, ...] | None = None
+    blocks_up: tuple[int, ...] | None = None
+    patch_size: tuple[int, int, int] | None = None
+    trainer: str | None = None           # nnU-Net trainer class name
+    num_threads: int | None = None       # torch threads in train/predict (restored afterwards); profile default
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> "SegmenterConfig":
+        if self.backend not in BACKENDS:
+            raise CohortError(None, f"unknown segmenter backend {self.backend!r}; known: {BACKENDS}", kind="bad-config")
+        if self.profile not in SEG_PROFILES:
+            raise CohortError(None, f"unknown segmenter profile {self.profile!r}; known: {SEG_PROFILES}",
+                              kind="bad-config")
+        out = dataclasses.replace(self)
+        for k, v in PROFILE_DEFAULTS[self.backend][self.profile].items():
+            if getattr(out, k) is None:
+                setattr(out, k, v)
+        for k in ("blocks_down", "blocks_up", "patch_size"):
+            if getattr(out, k) is not None:
+                setattr(out, k, tuple(int(x) for x in getattr(out, k)))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("blocks_down", "blocks_up", "patch_size"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SegmenterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CohortError(None, f"unknown SegmenterConfig fields {unknown}", kind="bad-config")
+        return cls(**d)
+
+
+def as_config(config: "SegmenterConfig | dict | None") -> SegmenterConfig:
+    """Accept a SegmenterConfig, a plain dict (e.g. from Prefect parameters) or None (MONAI demo)."""
+    if config is None:
+        return SegmenterConfig().resolved()
+    if isinstance(config, dict):
+        return SegmenterConfig.from_dict(config).resolved()
+    return config.resolved()

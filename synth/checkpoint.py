@@ -1,0 +1,74 @@
+"""Checkpoints: the resumable training state (torch.save, loaded with weights_only=True) and the generator
+(EMA weights as safetensors + config in its metadata), both written atomically."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cohort.errors import CohortError
+from cohort.fsutil import atomic_path
+
+from .config import MedDDPMConfig
+from .network import build_unet
+
+GENERATOR_FILE = "generator.safetensors"
+STATE_FILE = "checkpoints/last.pt"
+RANGES_FILE = "intensity_ranges.json"
+CONFIG_FILE = "config.json"
+LOSS_LOG = "loss_log.csv"
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CohortError(path, f"unreadable training checkpoint ({type(e).__name__}: {e})", kind="unreadable") from e
+
+
+def save_generator(path: str | Path, model: torch.nn.Module, config: MedDDPMConfig, step: int) -> Path:
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {"config": config.to_json(), "config_hash": config.hash(), "step": str(step), "format": "medddpm-ema-v1"}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def resolve_generator(checkpoint: str | Path) -> Path:
+    """Accept the generator file itself or the training output folder holding it."""
+    p = Path(checkpoint)
+    if p.is_dir():
+        p = p / GENERATOR_FILE
+    if not p.exists():
+        raise CohortError(p, "Med-DDPM generator checkpoint does not exist", kind="missing-file")
+    return p
+
+
+def load_generator(checkpoint: str | Path) -> tuple[torch.nn.Module, MedDDPMConfig, dict]:
+    """(model with EMA weights in eval mode, its config, safetensors metadata)."""
+    p = resolve_generator(checkpoint)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        weights = load_file(str(p))
+    except Exception as e:
+        raise CohortError(p, f"not a readable safetensors generator ({type(e).__name__}: {e})",
+                          kind="unreadable") from e
+    if "config" not in meta:
+        raise CohortError(p, "safetensors file has no Med-DDPM config in its metadata", kind="bad-checkpoint")
+    config = MedDDPMConfig.from_dict(json.loads(meta["config"]))
+    model = build_unet(config)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CohortError(p, f"weights do not fit the stored config ({e})", kind="bad-checkpoint") from e
+    model.eval()
+    return model, config, meta

@@ -1,0 +1,157 @@
+"""Med-DDPM configuration: network, diffusion and training settings, with one named profile per use.
+
+Profiles: ``tiny`` (unit tests), ``demo`` (the CPU demo study), ``paper-wholehead`` and ``paper-brats`` (the
+paper's two models; shape-checked here, not trained). Deliberate differences from the paper: docs/medddpm.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from cohort.errors import CohortError
+from cohort.labels import BRAIN, ED, ET, NCR, TUMOUR_LABELS
+
+# Conditioning schemes: the one-hot channels built from a label map (values {0, 1}).
+# brats: [NCR, ED, ET, brain] as the paper's BraTS model; wholehead: [head, tumour] as the whole-head model
+# (head = non-tumour head/brain voxels, tumour = any tumour label; exclusive like the paper's one-hot).
+CONDITION_CHANNELS: dict[str, tuple[str, ...]] = {
+    "brats": ("NCR", "ED", "ET", "brain"),
+    "wholehead": ("head", "tumour"),
+}
+CONDITION_LABELS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "brats": ((NCR,), (ED,), (ET,), (BRAIN,)),
+    "wholehead": ((BRAIN,), TUMOUR_LABELS),
+}
+
+# Fields that do not change what is learned (run length, logging, threads): left out of the config hash
+# so that `--steps` can be raised and a run resumed.
+RUNTIME_FIELDS = ("steps", "checkpoint_every", "log_every", "num_threads", "progress")
+
+
+@dataclass(frozen=True)
+class MedDDPMConfig:
+    # data
+    profile: str = "demo"                          # cohort profile (voxel grid)
+    modalities: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+    condition: str = "brats"                       # key of CONDITION_CHANNELS
+    normalise: str = "minmax"                      # per-volume, per-channel rescale to [-1, 1] (paper) | "none"
+    # network (MONAI DiffusionModelUNet)
+    channels: tuple[int, ...] = (16, 32, 48, 64)
+    attention_levels: tuple[bool, ...] = (False, False, False, True)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    num_head_channels: tuple[int, ...] | None = None  # None: one head per level (head width = level width)
+    use_flash_attention: bool = False
+    # diffusion
+    timesteps: int = 250
+    schedule: str = "cosine"
+    loss: str = "l1"                               # l1 (paper) | l2
+    # optimisation
+    lr: float = 1e-5
+    lr_schedule: str = "constant"                  # constant | cosine (to lr_min over `steps`) | warmup
+    lr_min: float = 0.0
+    warmup_steps: int = 0
+    batch_size: int = 1
+    grad_accum: int = 2
+    ema_decay: float = 0.995
+    ema_every: int = 10
+    ema_start: int = 2000                          # before this step the EMA is a copy of the model
+    seed: int = 0
+    sources: tuple[str, ...] = ("real",)           # manifest rows used for training
+    splits: tuple[str, ...] = ("train",)
+    # speed (see docs/bench-synth.md)
+    channels_last: bool = False
+    autocast_bf16: bool = False
+    # runtime (not hashed)
+    steps: int = 100_000
+    checkpoint_every: int = 1000
+    log_every: int = 1
+    num_threads: int | None = None                 # torch threads inside train/sample calls (None: leave as is)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.condition not in CONDITION_CHANNELS:
+            raise CohortError(None, f"unknown condition scheme {self.condition!r}; known {sorted(CONDITION_CHANNELS)}",
+                              kind="bad-config")
+        if len(self.attention_levels) != len(self.channels):
+            raise CohortError(None, "attention_levels needs one entry per level of channels", kind="bad-config")
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise CohortError(None, f"every channel count {self.channels} must be divisible by "
+                                    f"norm_num_groups={self.norm_num_groups}", kind="bad-config")
+        if self.loss not in ("l1", "l2"):
+            raise CohortError(None, f"loss must be 'l1' or 'l2', not {self.loss!r}", kind="bad-config")
+        if self.lr_schedule not in ("constant", "cosine", "warmup"):
+            raise CohortError(None, f"unknown lr_schedule {self.lr_schedule!r}", kind="bad-config")
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.modalities) + len(CONDITION_CHANNELS[self.condition])
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MedDDPMConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise CohortError(None, f"unknown Med-DDPM config keys {unknown}", kind="bad-config")
+        kw = {}
+        for k, v in d.items():
+            kw[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+    def replace(self, **changes) -> "MedDDPMConfig":
+        return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+
+    def hash(self) -> str:
+        """sha256 of everything that changes what is learned (runtime fields excluded)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+PAPER = dict(channels=(64, 64, 128, 192, 256), attention_levels=(False, False, False, True, False),
+             norm_num_groups=32, lr=1e-5, batch_size=1, grad_accum=2, ema_decay=0.995, ema_every=10,
+             ema_start=2000, steps=100_000, checkpoint_every=1000, loss="l1")
+
+PROFILES: dict[str, MedDDPMConfig] = {
+    # unit tests: 16x20x16 allows two 2x downsamplings (20 = 4*5). Few channels, high lr and a short EMA so that
+    # ~300 steps (about 25 s on one quiet core) learn the label -> contrast mapping.
+    "tiny": MedDDPMConfig(profile="tiny", channels=(8, 16, 16), attention_levels=(False, False, True),
+                          norm_num_groups=8, lr=3e-3, batch_size=2, grad_accum=1, ema_decay=0.9, ema_every=1,
+                          ema_start=100, steps=300, checkpoint_every=50),
+    # CPU demo: 32x40x32, three downsamplings (attention at 1/8 like the paper). 8..64 channels keep a training
+    # step near 17 GFLOP (batch 2), so ~700 steps fit the demo's ~6 minutes on 2 quiet cores; high lr with cosine
+    # decay and a short EMA make those steps enough for the phantom's contrasts. bf16 autocast: see bench-synth.md.
+    "demo": MedDDPMConfig(profile="demo", channels=(8, 16, 32, 64), attention_levels=(False, False, False, True),
+                          norm_num_groups=8, lr=2e-3, lr_schedule="cosine", lr_min=2e-4, batch_size=2,
+                          grad_accum=1, ema_decay=0.99, ema_every=1, ema_start=200, steps=700,
+                          checkpoint_every=100),
+    "paper-wholehead": MedDDPMConfig(profile="paper-wholehead", modalities=("t1",), condition="wholehead",
+                                     num_res_blocks=1, **PAPER),
+    "paper-brats": MedDDPMConfig(profile="paper-brats", modalities=("t1", "t1ce", "t2", "flair"), condition="brats",
+                                 num_res_blocks=2, **PAPER),
+}
+
+
+def get_config(profile: str, **overrides) -> MedDDPMConfig:
+    """The named synth profile, with keyword overrides (e.g. steps=200, lr=1e-4)."""
+    try:
+        base = PROFILES[profile]
+    except KeyError:
+        raise CohortError(None, f"unknown Med-DDPM profile {profile!r}; known {sorted(PROFILES)}",
+                          kind="bad-profile") from None
+    return base.replace(**{k: v for k, v in overrides.items() if v is not None}) if overrides else base

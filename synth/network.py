@@ -1,0 +1,38 @@
+"""The denoiser (MONAI DiffusionModelUNet configured as Med-DDPM) and the mask -> condition encoding."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import CONDITION_LABELS, MedDDPMConfig
+
+
+def build_unet(config: MedDDPMConfig) -> torch.nn.Module:
+    """3-D U-Net: input = noisy modalities + one-hot condition channels (concatenated), output = predicted noise.
+
+    One attention head per level (head width = level width), as the paper's single-head attention.
+    """
+    from monai.networks.nets import DiffusionModelUNet
+
+    heads = config.num_head_channels if config.num_head_channels is not None else config.channels
+    net = DiffusionModelUNet(
+        spatial_dims=3, in_channels=config.in_channels, out_channels=config.out_channels,
+        channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
+        num_res_blocks=config.num_res_blocks, norm_num_groups=config.norm_num_groups,
+        num_head_channels=tuple(heads), resblock_updown=False, use_flash_attention=config.use_flash_attention)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    return net
+
+
+def condition_from_label(label: np.ndarray | torch.Tensor, scheme: str) -> torch.Tensor:
+    """One-hot condition (K, X, Y, Z) float32 in {0, 1} from a label map (X, Y, Z) or (1, X, Y, Z)."""
+    lab = torch.as_tensor(np.asarray(label)) if not isinstance(label, torch.Tensor) else label
+    if lab.ndim == 4:
+        lab = lab[0]
+    chans = [torch.isin(lab, torch.tensor(vals, dtype=lab.dtype)) for vals in CONDITION_LABELS[scheme]]
+    return torch.stack(chans).to(torch.float32)
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

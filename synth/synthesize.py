@@ -1,0 +1,162 @@
+"""Paired image–mask cohort synthesis from a trained generator, conditioned on masks from a manifest.
+
+Resumable: a case is done once its row is in the output manifest (appended atomically after its files are
+written atomically); a restarted run skips done cases, regenerates the rest with the same seeds and removes
+temporary files a killed run left behind.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cohort.errors import CohortError
+from cohort.fsutil import atomic_write_text, sha256_file
+from cohort.manifest import append_rows, case_files, load_manifest, make_row
+from cohort.nifti import read_label, write_array
+from cohort.profiles import get_profile
+
+from .checkpoint import RANGES_FILE, load_generator, resolve_generator
+from .network import condition_from_label
+from .quality import check_sample, load_ranges
+from .schedulers import SAMPLERS, make_sampler, sample
+from .train import torch_threads
+
+REPORT_FILE = "quality_report.csv"
+
+
+def case_seed(seed: int, index: int, attempt: int) -> int:
+    """Seed of synthetic case `index`, attempt `attempt`: distinct for every (seed, index, attempt)."""
+    return int(np.random.SeedSequence([int(seed), int(index), int(attempt)]).generate_state(1)[0])
+
+
+def _mask_rows(masks_manifest: Path, sources, splits, case_ids) -> pd.DataFrame:
+    df = load_manifest(masks_manifest)
+    keep = df["source"].isin(list(sources)).to_numpy(dtype=bool, na_value=False).copy()
+    if splits is not None:
+        keep &= df["split"].isin(list(splits)).to_numpy(dtype=bool, na_value=False)
+    if case_ids is not None:
+        keep &= df["case_id"].isin(list(case_ids)).to_numpy(dtype=bool, na_value=False)
+    rows = df[keep].sort_values("case_id")
+    if not len(rows):
+        raise CohortError(masks_manifest, f"no conditioning masks with source in {list(sources)}"
+                                          f"{'' if splits is None else f' and split in {list(splits)}'}",
+                          kind="empty-cohort")
+    return rows
+
+
+def _clean_partial(out: Path) -> None:
+    """Remove temporary files of an atomic write interrupted by SIGKILL (cohort.fsutil names them .*.tmp*)."""
+    for p in out.rglob(".*.tmp*"):
+        if p.is_file():
+            p.unlink()
+
+
+def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_dir: str | Path, count: int,
+                      sampler: str = "ddim", steps: int = 25, seed: int = 0, *, eta: float = 0.0,
+                      batch_size: int = 4, sources: tuple[str, ...] = ("real", "mask"),
+                      splits: tuple[str, ...] | None = ("train",), case_ids: list[str] | None = None,
+                      max_retries: int = 3, gate_margin: float = 0.05, cohort_name: str = "medddpm-synthetic",
+                      case_prefix: str = "syn", num_threads: int | None = None, progress: bool = True) -> Path:
+    """Generate `count` paired image–mask cases; return the path of out_dir/data_manifest.csv.
+
+    Masks: rows of `masks_manifest` with source in `sources` (real rows use their label; source=mask rows are
+    edited masks) and split in `splits`, sorted by case id and used round-robin. Each synthetic case gets seed
+    case_seed(seed, index, attempt); its mask is written unchanged on the same grid as the image. Rows record
+    parent_case_id (the mask's case id), mask_edit, mask_source, origin_case_id (the real case at the root),
+    generator_checkpoint (sha256), sampler, steps, seed, quality_gate (pass|fail) and attempts.
+    Quality gate: a sample failing the per-label median-intensity check is redrawn with a new seed up to
+    `max_retries` times; cases still failing are kept, marked quality_gate=fail and listed in quality_report.csv.
+    """
+    if sampler not in SAMPLERS:
+        raise CohortError(None, f"unknown sampler {sampler!r}; choose one of {SAMPLERS}", kind="bad-config")
+    if count < 1:
+        raise CohortError(None, "count must be at least 1", kind="bad-config")
+    gen_path = resolve_generator(checkpoint)
+    masks_manifest = Path(masks_manifest)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "data_manifest.csv"
+    _clean_partial(out)
+
+    model, cfg, _ = load_generator(gen_path)
+    gen_hash = sha256_file(gen_path)
+    ranges = load_ranges(gen_path.parent / RANGES_FILE)
+    grid = get_profile(cfg.profile)
+    rows = _mask_rows(masks_manifest, sources, splits, case_ids)
+    done = set(load_manifest(manifest)["case_id"]) if manifest.exists() else set()
+    report_rows = []
+    if (out / REPORT_FILE).exists():  # keep only records of finished cases (the rest are redone)
+        old = pd.read_csv(out / REPORT_FILE)
+        report_rows = old[old["case_id"].isin(done)].to_dict("records") if len(old) else []
+
+    jobs = []
+    for i in range(count):
+        row = rows.iloc[i % len(rows)]
+        cid = f"{case_prefix}{i:05d}_{row['case_id']}"
+        if cid not in done:
+            jobs.append((i, cid, row))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=count, initial=count - len(jobs), desc=f"synthesize ({sampler}, {steps} steps)",
+               disable=not progress, dynamic_ncols=True)
+    with torch_threads(num_threads):
+        for b in range(0, len(jobs), batch_size):
+            batch = jobs[b:b + batch_size]
+            labels, affines = [], []
+            for _, _, row in batch:
+                lab_path = case_files(masks_manifest, row).label
+                lab, aff = read_label(lab_path)
+                if lab.shape != grid.shape:
+                    raise CohortError(lab_path, f"mask shape {lab.shape} is not the generator's grid {grid.shape} "
+                                                f"(profile {cfg.profile})", kind="shape-mismatch")
+                labels.append(lab)
+                affines.append(aff)
+            cond = torch.stack([condition_from_label(lab, cfg.condition) for lab in labels])
+            attempts = [0] * len(batch)
+            images: list[np.ndarray | None] = [None] * len(batch)
+            failures: list[list[str]] = [[] for _ in batch]
+            todo = list(range(len(batch)))
+            while todo:  # first draw for all, then redraw only the failures with new seeds
+                seeds = [case_seed(seed, batch[k][0], attempts[k]) for k in todo]
+                x = sample(model, make_sampler(sampler, cfg.timesteps, cfg.schedule, eta=eta), cond[todo],
+                           cfg.out_channels, steps, seeds, channels_last=cfg.channels_last).numpy()
+                still = []
+                for j, k in enumerate(todo):
+                    images[k] = x[j]
+                    failures[k] = check_sample(x[j], labels[k], ranges, cfg.modalities, gate_margin)
+                    report_rows.append({"case_id": batch[k][1], "attempt": attempts[k], "seed": seeds[j],
+                                        "passed": not failures[k], "failures": "; ".join(failures[k])})
+                    if failures[k] and attempts[k] < max_retries:
+                        attempts[k] += 1
+                        still.append(k)
+                todo = still
+            new_rows = []
+            for k, (i, cid, row) in enumerate(batch):
+                folder = out / cid
+                img_paths = {m: write_array(folder / f"{cid}_{m}.nii.gz", images[k][ci], affines[k])
+                             for ci, m in enumerate(cfg.modalities)}
+                lab_path = write_array(folder / f"{cid}_seg.nii.gz", labels[k], affines[k])
+                is_edit = row["source"] == "mask"
+                parent_of_mask = row.get("parent_case_id")
+                origin = parent_of_mask if is_edit and not pd.isna(parent_of_mask) else row["case_id"]
+                mask_edit = row.get("mask_edit")
+                new_rows.append(make_row(
+                    manifest, case_id=cid, cohort=cohort_name, source="synthetic", split="train",
+                    images=img_paths, label=lab_path, shape=labels[k].shape,
+                    spacing=np.sqrt((affines[k][:3, :3] ** 2).sum(axis=0)),
+                    parent_case_id=row["case_id"], mask_edit=None if pd.isna(mask_edit) else mask_edit,
+                    mask_source=row["source"], origin_case_id=origin, generator_checkpoint=gen_hash,
+                    sampler=sampler if sampler != "ddim" or not eta else f"ddim(eta={eta:g})", steps=steps,
+                    seed=case_seed(seed, i, attempts[k]), quality_gate="fail" if failures[k] else "pass",
+                    attempts=attempts[k] + 1))
+            append_rows(manifest, new_rows)
+            atomic_write_text(out / REPORT_FILE, pd.DataFrame(report_rows).to_csv(index=False))
+            bar.update(len(batch))
+    bar.close()
+    if not (out / REPORT_FILE).exists():
+        atomic_write_text(out / REPORT_FILE, "case_id,attempt,seed,passed,failures\n")
+    return manifest

@@ -1,0 +1,87 @@
+"""Helpers shared by the segmenter tests (test_segment*.py): Dice, a mixed real+synthetic manifest, an odd case."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from cohort.manifest import append_rows, case_files, load_manifest, make_row
+from cohort.nifti import read_array, read_label, write_array
+
+
+def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels=(1, 2, 3)) -> dict[int, float]:
+    """Dice of each label present in truth or prediction (local helper: eval/ is written concurrently)."""
+    out = {}
+    for k in labels:
+        a, b = pred == k, truth == k
+        if a.sum() + b.sum() == 0:
+            continue
+        out[k] = 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+    return out
+
+
+def mean_dice(preds: dict[str, Path], manifest: Path) -> tuple[float, float]:
+    """(mean label Dice over 1..3, mean whole-tumour Dice) of predictions against the manifest labels (brain=0)."""
+    df = load_manifest(manifest).set_index("case_id", drop=False)
+    lab_d, wt_d = [], []
+    for cid, p in preds.items():
+        pred, _ = read_label(p)
+        truth, _ = read_label(case_files(manifest, df.loc[cid]).label)
+        truth = np.where(truth == 4, 0, truth)
+        d = dice_per_label(pred, truth)
+        lab_d.append(np.mean(list(d.values())) if d else 1.0)
+        wt_d.append(dice_per_label((pred > 0).astype(int), (truth > 0).astype(int), labels=(1,)).get(1, 1.0))
+    return float(np.mean(lab_d)), float(np.mean(wt_d))
+
+
+def mixed_manifest(toy_manifest: Path, n_synthetic: int = 3) -> Path:
+    """A manifest beside the toy cohort: its real rows, the odd-geometry case (odd_000) and synthetic rows
+    (copies of real train cases' files), syn_000 deliberately marked split=val: it must never validate."""
+    out = Path(toy_manifest).parent / f"mixed_{n_synthetic}_manifest.csv"
+    if out.exists():
+        return out
+    odd = odd_geometry_manifest(toy_manifest)
+    df = load_manifest(toy_manifest)
+    rows = [r.dropna().to_dict() for _, r in df.iterrows()]
+    for _, r in load_manifest(odd).iterrows():
+        cf = case_files(odd, r)
+        rows.append(make_row(out, case_id=r["case_id"], cohort="toy", source="real", split="test", images=cf.images,
+                             label=cf.label, shape=r["shape"].split("x"), spacing=r["spacing"].split("x")))
+    train = df[df["split"] == "train"]
+    for i, (_, r) in enumerate(train.head(n_synthetic).iterrows()):
+        cf = case_files(toy_manifest, r)
+        rows.append(make_row(out, case_id=f"syn_{i:03d}", cohort="toy-synth", source="synthetic",
+                             split="val" if i == 0 else "train", images=cf.images, label=cf.label,
+                             shape=r["shape"].split("x"), spacing=r["spacing"].split("x"), parent_case_id=r["case_id"],
+                             mask_edit="none", generator_checkpoint="test.safetensors", sampler="ddim", steps="10",
+                             seed=str(i)))
+    append_rows(out, rows)
+    return out
+
+
+def odd_geometry_manifest(toy_manifest: Path) -> Path:
+    """One case with a shape that is not a multiple of the network's stride and an oblique affine."""
+    out = Path(toy_manifest).parent / "odd" / "data_manifest.csv"
+    if out.exists():
+        return out
+    df = load_manifest(toy_manifest)
+    r = df[df["split"] == "test"].iloc[0]
+    cf = case_files(toy_manifest, r)
+    c, s = np.cos(0.3), np.sin(0.3)
+    affine = np.array([[9 * c, -9 * s, 0, -70.0], [9 * s, 9 * c, 0, -95.0], [0, 0, 9, -60.0], [0, 0, 0, 1]])
+    crop = (slice(0, 15), slice(1, 20), slice(0, 14))
+    images = {m: write_array(out.parent / f"odd_{m}.nii.gz", read_array(p)[0][crop], affine) for m, p in cf.images.items()}
+    label = write_array(out.parent / "odd_seg.nii.gz", read_label(cf.label)[0][crop], affine)
+    append_rows(out, [make_row(out, case_id="odd_000", cohort="toy", source="real", split="test", images=images,
+                               label=label, shape=(15, 19, 14), spacing=(9, 9, 9))])
+    return out
+
+
+def sha256_arrays(paths: dict[str, Path]) -> str:
+    """Hash of the predicted label voxels (not the gzip bytes), in case-id order."""
+    h = hashlib.sha256()
+    for cid in sorted(paths):
+        h.update(cid.encode())
+        h.update(read_label(paths[cid])[0].tobytes())
+    return h.hexdigest()

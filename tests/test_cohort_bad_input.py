@@ -1,0 +1,189 @@
+"""Every kind of bad input raises the one exception type CohortError whose message names the file, and no row
+already in a manifest is dropped or corrupted (the manifest's sha256 is unchanged)."""
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from cohort.brats import import_brats, import_brats_case
+from cohort.errors import CohortError
+from cohort.fsutil import sha256_file
+from cohort.manifest import append_rows, load_case, load_manifest, validate_manifest
+from cohort.nifti import write_array
+from cohort.nnunet import export_nnunet
+from tests.cohort_fakes import write_brats_case
+
+CASE = "BraTS2021_00777"
+
+
+@pytest.fixture(scope="module")
+def base_cohort(tmp_path_factory):
+    """An imported cohort with two good cases: the manifest that bad input must not damage."""
+    src = tmp_path_factory.mktemp("good_src")
+    rng = np.random.default_rng(11)
+    for case in ("BraTS2021_00001", "BraTS2021_00002"):
+        write_brats_case(src, case, rng)
+    out = tmp_path_factory.mktemp("base") / "cohort"
+    report = import_brats(src, out, profile="tiny", val_fraction=0, test_fraction=0)
+    assert len(report.imported) == 2 and not report.bad
+    return out
+
+
+@pytest.fixture
+def cohort_copy(base_cohort, tmp_path):
+    out = tmp_path / "cohort"
+    shutil.copytree(base_cohort, out)
+    manifest = out / "data_manifest.csv"
+    return manifest, sha256_file(manifest), load_manifest(manifest)
+
+
+def _img(path):
+    img = nib.load(path)
+    return np.asarray(img.dataobj), img.affine
+
+
+def _truncate(f):
+    p = f["t1ce"]
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return p, "unreadable"
+
+
+def _garbage(f):
+    f["t2"].write_bytes(b"\x1f\x8b this is not a NIfTI image")
+    return f["t2"], "unreadable"
+
+
+def _not_3d(f):
+    a, aff = _img(f["t2"])
+    nib.save(nib.Nifti1Image(np.stack([a, a], axis=-1), aff), f["t2"])
+    return f["t2"], "not-3d"
+
+
+def _shape_mismatch(f):
+    a, aff = _img(f["seg"])
+    write_array(f["seg"], a[:-2], aff)
+    return f["seg"], "shape-mismatch"
+
+
+def _affine_mismatch(f):
+    a, aff = _img(f["flair"])
+    aff = aff.copy()
+    aff[:3, 3] += [10.0, 0.0, 0.0]  # same voxels, shifted 10 mm
+    write_array(f["flair"], a, aff)
+    return f["flair"], "geometry-mismatch"
+
+
+def _spacing_mismatch(f):
+    a, aff = _img(f["flair"])
+    aff = aff.copy()
+    aff[:3, :3] *= 5.0 / 6.0  # 5 mm voxels instead of 6 mm
+    write_array(f["flair"], a, aff)
+    return f["flair"], "geometry-mismatch"
+
+
+def _non_finite(modality, value):
+    def breaker(f):
+        a, aff = _img(f[modality])
+        a = a.astype(np.float32)
+        a[3, 4, 5] = value
+        write_array(f[modality], a, aff)
+        return f[modality], "non-finite"
+    return breaker
+
+
+def _label_outside_convention(f):
+    a, aff = _img(f["seg"])
+    a = a.copy()
+    a[a == 2] = 3  # BraTS 2021 has no label 3
+    write_array(f["seg"], a, aff)
+    return f["seg"], "bad-labels"
+
+
+def _empty_tumour(f):
+    a, aff = _img(f["seg"])
+    write_array(f["seg"], np.zeros_like(a), aff)
+    return f["seg"], "empty-tumour"
+
+
+def _missing_modality(f):
+    f["t1ce"].unlink()
+    return f["t1ce"], "missing-modality"
+
+
+BREAKERS = {"truncated-gzip": _truncate, "garbage-file": _garbage, "non-3d": _not_3d,
+            "image-label-shape": _shape_mismatch, "affine-mismatch": _affine_mismatch,
+            "spacing-mismatch": _spacing_mismatch, "nan": _non_finite("t1", np.nan), "inf": _non_finite("t1ce", np.inf),
+            "label-outside-convention": _label_outside_convention, "empty-tumour": _empty_tumour,
+            "missing-modality": _missing_modality}
+
+
+@pytest.mark.parametrize("breaker", list(BREAKERS))
+def test_bad_case_file_is_named_and_manifest_kept(breaker, cohort_copy, tmp_path):
+    manifest, before, rows_before = cohort_copy
+    src = tmp_path / "src"
+    files = write_brats_case(src, CASE, np.random.default_rng(1))
+    bad_file, kind = BREAKERS[breaker](files)
+
+    with pytest.raises(CohortError) as e:
+        import_brats_case(src / CASE, tmp_path / "scratch", "tiny", cohort="x", split="train")
+    assert type(e.value) is CohortError
+    assert str(e.value).startswith(f"{bad_file}: "), str(e.value)
+    assert e.value.kind == kind
+
+    report = import_brats(src, manifest.parent, profile="tiny")  # into the existing cohort
+    assert report.imported == [] and [c for c, _ in report.bad] == [CASE]
+    assert str(bad_file) in str(report.bad[0][1])
+    assert sha256_file(manifest) == before
+    pd.testing.assert_frame_equal(load_manifest(manifest), rows_before)
+    assert not (manifest.parent / CASE).exists()  # nothing half-written for the bad case
+
+
+def test_duplicate_case_id_refused(cohort_copy):
+    manifest, before, rows = cohort_copy
+    with pytest.raises(CohortError) as e:
+        append_rows(manifest, rows.iloc[[1]])
+    assert type(e.value) is CohortError and e.value.kind == "duplicate-case"
+    assert str(e.value).startswith(f"{manifest}: duplicate case ids ['BraTS2021_00002']")
+    assert sha256_file(manifest) == before
+
+
+def test_manifest_path_escaping_the_data_root_refused(cohort_copy, tmp_path):
+    manifest, before, rows = cohort_copy
+    outside = write_array(tmp_path / "outside.nii.gz", np.zeros((16, 20, 16), np.uint8), np.eye(4))
+    new = rows.iloc[[0]].copy()
+    new["case_id"], new["label"] = "sneaky", "../outside.nii.gz"
+    with pytest.raises(CohortError) as e:
+        append_rows(manifest, new)
+    assert e.value.kind == "path-escape" and "'../outside.nii.gz' escapes the data root" in str(e.value)
+    assert str(e.value).startswith(str(manifest))
+    assert sha256_file(manifest) == before
+
+    # a manifest edited by hand to point outside: validate, load_case and the nnU-Net export all refuse
+    edited = manifest.parent / "edited.csv"
+    rows.assign(label=["../outside.nii.gz"] + rows["label"].tolist()[1:]).to_csv(edited, index=False)
+    edited_hash = sha256_file(edited)
+    for call in (lambda: validate_manifest(edited), lambda: load_case(edited, load_manifest(edited).iloc[0]),
+                 lambda: export_nnunet(edited, tmp_path / "raw", 3, "X", rows["case_id"].tolist(), n_folds=2)):
+        with pytest.raises(CohortError) as e:
+            call()
+        assert e.value.kind == "path-escape" and str(e.value).startswith(f"{edited}: path '../outside.nii.gz'")
+    assert sha256_file(edited) == edited_hash and outside.exists()
+
+
+def test_file_whose_hash_no_longer_matches_refused(cohort_copy, tmp_path):
+    manifest, before, rows = cohort_copy
+    t2 = manifest.parent / rows.iloc[1]["t2"]
+    a, aff = _img(t2)
+    write_array(t2, a * 0.5, aff)  # still a valid image, but not the one the manifest recorded
+    for call in (lambda: validate_manifest(manifest),
+                 lambda: export_nnunet(manifest, tmp_path / "raw", 4, "X", rows["case_id"].tolist(), n_folds=2)):
+        with pytest.raises(CohortError) as e:
+            call()
+        assert e.value.kind == "hash-mismatch" and str(e.value).startswith(f"{t2}: sha256")
+    assert sha256_file(manifest) == before
+    assert not (tmp_path / "raw" / "Dataset004_X").exists()
+    validate_manifest(manifest, check_hashes=False)  # the file itself is fine; only the hash tells

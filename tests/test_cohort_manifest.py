@@ -1,0 +1,107 @@
+"""data_manifest.csv: round trip, atomic append refusing duplicates, merge, path escapes."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cohort.errors import CohortError
+from cohort.fsutil import default_mode, sha256_file
+from cohort.manifest import (COLUMNS, append_rows, load_case, load_manifest, make_row, merge_manifests, resolve,
+                             validate_manifest)
+from cohort.nifti import write_array
+from tests.cohort_fakes import TINY_AFFINE, write_mixed_cohort
+from tests.conftest import make_toy_case
+
+
+def _files(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_round_trip_values_and_voxels(tmp_path):
+    manifest = tmp_path / "data_manifest.csv"
+    images, label = make_toy_case(np.random.default_rng(3))
+    paths = {m: write_array(tmp_path / "c1" / f"{m}.nii.gz", a, TINY_AFFINE) for m, a in images.items()}
+    lpath = write_array(tmp_path / "c1" / "seg.nii.gz", label, TINY_AFFINE)
+    row = make_row(manifest, case_id="c1", cohort="toy", source="synthetic", split="train", images=paths,
+                   label=lpath, shape=label.shape, spacing=(9, 9, 9), parent_case_id="p7", mask_edit="scale=0.8",
+                   generator_checkpoint="ab" * 32, sampler="ddim", steps=50, seed=3, my_note="kept")
+    append_rows(manifest, [row])
+    df = load_manifest(manifest)
+    assert list(df.columns[:len(COLUMNS)]) == list(COLUMNS) and "my_note" in df.columns
+    r = df.iloc[0]
+    assert r["t1"] == "c1/t1.nii.gz" and r["label"] == "c1/seg.nii.gz"  # relative to the manifest folder
+    assert r["shape"] == "16x20x16" and r["spacing"] == "9x9x9"
+    assert r["sha256_flair"] == sha256_file(paths["flair"])
+    assert (r["parent_case_id"], r["steps"], r["seed"], r["my_note"]) == ("p7", "50", "3", "kept")
+    vol, lab = load_case(manifest, r)
+    np.testing.assert_array_equal(lab, label)
+    np.testing.assert_allclose(vol.channel("t2"), images["t2"])
+    np.testing.assert_allclose(vol.affine, TINY_AFFINE)
+    validate_manifest(manifest, require_tumour=True)
+    # atomic writes go through private temporaries but must end up with normal permissions
+    for f in (manifest, paths["t1"], lpath):
+        assert f.stat().st_mode & 0o777 == default_mode()
+
+
+def test_append_refuses_duplicates_without_touching_the_file(toy_cohort, tmp_path):
+    manifest = tmp_path / "data_manifest.csv"
+    shutil.copy(toy_cohort, manifest)
+    rows = load_manifest(manifest)
+    before = sha256_file(manifest)
+    new = rows.iloc[[0]].copy()
+    new["case_id"] = "toy_new"
+    dup = rows.iloc[[3]].copy()
+    with pytest.raises(CohortError, match=r"data_manifest.csv: duplicate case ids \['toy_003'\]"):
+        append_rows(manifest, pd.concat([new, dup]))
+    with pytest.raises(CohortError, match="duplicate case ids"):
+        append_rows(manifest, pd.concat([new, new]))  # duplicates inside the new rows too
+    assert sha256_file(manifest) == before
+    assert _files(tmp_path) == ["data_manifest.csv"]
+
+
+def test_append_is_atomic_when_the_write_fails(toy_cohort, tmp_path, monkeypatch):
+    manifest = tmp_path / "data_manifest.csv"
+    shutil.copy(toy_cohort, manifest)
+    before = sha256_file(manifest)
+    new = load_manifest(manifest).iloc[[0]].copy()
+    new["case_id"] = "toy_new"
+
+    def half_write(self, path, *a, **k):  # write part of the file, then crash (disk full, killed ...)
+        open(path, "w").write("case_id,cohort\ntoy_0")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_write)
+    with pytest.raises(OSError):
+        append_rows(manifest, new)
+    monkeypatch.undo()
+    assert sha256_file(manifest) == before
+    assert _files(tmp_path) == ["data_manifest.csv"]  # no temporary left behind
+    assert len(append_rows(manifest, new)) == 11
+
+
+def test_merge_rebases_paths_and_refuses_duplicates(tmp_path):
+    a = write_mixed_cohort(tmp_path / "a", n_real=2, n_synth=1, n_test=0, seed=1)
+    b = write_mixed_cohort(tmp_path / "b", n_real=2, n_synth=0, n_test=0, seed=2, prefix="b")
+    out = tmp_path / "data_manifest.csv"
+    merged = merge_manifests([a, b], out)
+    assert merged["case_id"].tolist() == ["r000", "r001", "s000", "br000", "br001"]
+    assert merged.set_index("case_id").loc["br000", "t1"] == "b/br000/br000_t1.nii.gz"
+    assert merged.set_index("case_id").loc["s000", "sha256_t1"] == load_manifest(a).iloc[2]["sha256_t1"]
+    validate_manifest(out)
+    with pytest.raises(CohortError, match="duplicate case ids"):
+        merge_manifests([a, a], tmp_path / "dup.csv")
+    assert not (tmp_path / "dup.csv").exists()
+    with pytest.raises(CohortError, match="escapes the data root"):  # rebased paths must stay inside out's root
+        merge_manifests([a], tmp_path / "a" / "r000" / "data_manifest.csv")
+
+
+def test_resolve_refuses_escapes(tmp_path):
+    m = tmp_path / "cohort" / "data_manifest.csv"
+    assert resolve(m, "c1/t1.nii.gz") == (tmp_path / "cohort" / "c1" / "t1.nii.gz").resolve()
+    for bad in ("../outside.nii.gz", "c1/../../outside.nii.gz", str(tmp_path / "abs.nii.gz")):
+        with pytest.raises(CohortError, match="data_manifest.csv: path") as e:
+            resolve(m, bad)
+        assert e.value.kind == "path-escape"

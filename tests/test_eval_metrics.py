@@ -1,0 +1,162 @@
+"""eval: segmentation metrics, statistics, synthesis quality and memorisation on hand-made volumes."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eval.segmentation import dice_hd95, evaluate_predictions, image_diagonal_mm, region_scores
+from eval.stats import aggregate, bootstrap_ci, paired_vs_real
+
+
+def _box(shape, lo, hi):
+    m = np.zeros(shape, bool)
+    m[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return m
+
+
+# ---------------------------------------------------------------- Dice / HD95
+
+def test_perfect_overlap_and_disjoint():
+    a = _box((16, 20, 16), (2, 2, 2), (8, 8, 8))
+    b = _box((16, 20, 16), (10, 12, 10), (14, 18, 14))
+    dice, hd = dice_hd95(np.stack([a, a]), np.stack([a, b]), (1.0, 1.0, 1.0))
+    assert dice[0] == pytest.approx(1.0) and hd[0] == pytest.approx(0.0)
+    assert dice[1] == pytest.approx(0.0) and hd[1] > 5
+
+
+def test_known_partial_overlap_exact_dice():
+    # 4x4x4 cube vs the same cube shifted by one voxel: overlap 3*4*4 = 48, Dice = 2*48/(64+64) = 0.75
+    a = _box((16, 20, 16), (4, 4, 4), (8, 8, 8))
+    b = _box((16, 20, 16), (5, 4, 4), (9, 8, 8))
+    dice, _ = dice_hd95(a[None], b[None], (1.0, 1.0, 1.0))
+    assert dice[0] == pytest.approx(0.75)
+    # asymmetric sizes: 2x4x4 inside 4x4x4 -> 2*32/(32+64)
+    c = _box((16, 20, 16), (4, 4, 4), (6, 8, 8))
+    dice, _ = dice_hd95(c[None], a[None], (1.0, 1.0, 1.0))
+    assert dice[0] == pytest.approx(2 * 32 / 96)
+
+
+@pytest.mark.parametrize("axis,spacing", [(0, (2.0, 3.0, 5.0)), (1, (2.0, 3.0, 5.0)), (2, (2.0, 3.0, 5.0))])
+def test_hd95_of_known_shift_in_mm(axis, spacing):
+    shift = 2
+    a = _box((24, 24, 24), (6, 6, 6), (14, 14, 14))
+    b = np.roll(a, shift, axis=axis)
+    _, hd = dice_hd95(a[None], b[None], spacing)
+    assert hd[0] == pytest.approx(shift * spacing[axis])
+
+
+def test_empty_conventions():
+    shape, spacing = (16, 20, 16), (9.0, 9.0, 9.0)
+    empty = np.zeros(shape, bool)
+    full = _box(shape, (4, 4, 4), (8, 8, 8))
+    dice, hd = dice_hd95(np.stack([empty, full, empty]), np.stack([empty, empty, full]), spacing)
+    assert dice.tolist() == [1.0, 0.0, 0.0]
+    diag = image_diagonal_mm(shape, spacing)
+    assert diag == pytest.approx(np.sqrt((16 * 9) ** 2 + (20 * 9) ** 2 + (16 * 9) ** 2))
+    assert hd.tolist() == pytest.approx([0.0, diag, diag])
+    # BraTS' 373.13 mm is the diagonal of its 240x240x155 1-mm grid
+    assert image_diagonal_mm((240, 240, 155), (1, 1, 1)) == pytest.approx(373.13, abs=0.01)
+
+
+def test_region_scores_use_brats_regions():
+    lab = np.zeros((16, 20, 16), np.uint8)
+    lab[4:12, 4:12, 4:12] = 2          # ED
+    lab[6:10, 6:10, 6:10] = 3          # ET
+    lab[7:9, 7:9, 7:9] = 1             # NCR
+    pred = lab.copy()
+    pred[pred == 1] = 3                # NCR predicted as ET: WT and TC perfect, ET not
+    s = region_scores(pred, lab, (1, 1, 1)).set_index("region")
+    assert list(s.index) == ["WT", "TC", "ET"]
+    assert s.loc["WT", "dice"] == pytest.approx(1.0) and s.loc["TC", "dice"] == pytest.approx(1.0)
+    assert s.loc["ET", "dice"] == pytest.approx(2 * 56 / (64 + 56))
+
+
+def test_evaluate_predictions_reads_manifest(toy_cohort, tmp_path):
+    from cohort.manifest import case_files, load_manifest
+    from cohort.nifti import read_label, write_array
+
+    df = load_manifest(toy_cohort)
+    preds = {}
+    for _, row in df.iloc[:3].iterrows():
+        lab, aff = read_label(case_files(toy_cohort, row).label)
+        if row["case_id"] == "toy_001":
+            lab = np.where(lab == 4, 4, 0).astype(np.uint8)   # missed the whole tumour
+        if row["case_id"] == "toy_002":
+            lab = np.roll(lab, 1, axis=0)                    # off by one 9-mm voxel
+        preds[row["case_id"]] = write_array(tmp_path / f"{row['case_id']}.nii.gz", lab, aff)
+    out = evaluate_predictions(preds, toy_cohort, progress=False)
+    assert list(out.columns) == ["case_id", "region", "dice", "hd95"] and len(out) == 9
+    shifted = out[out["case_id"] == "toy_002"]
+    assert (shifted["dice"] < 1).all()
+    assert np.allclose(shifted["hd95"], 9.0)                  # in mm: the truth's 9-mm spacing, not voxels
+    ok = out[out["case_id"] == "toy_000"]
+    assert (ok["dice"] == 1.0).all() and (ok["hd95"] == 0.0).all()
+    miss = out[out["case_id"] == "toy_001"]
+    assert (miss["dice"] == 0.0).all()
+    assert miss["hd95"].tolist() == pytest.approx([image_diagonal_mm((16, 20, 16), (9, 9, 9))] * 3)
+
+
+def test_evaluate_predictions_errors_name_files(toy_cohort, tmp_path):
+    from cohort.errors import CohortError
+    from cohort.nifti import write_array
+
+    bad = write_array(tmp_path / "bad.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
+    with pytest.raises(CohortError, match="bad.nii.gz.*shape"):
+        evaluate_predictions({"toy_000": bad}, toy_cohort, progress=False)
+    with pytest.raises(CohortError, match="not in the manifest"):
+        evaluate_predictions({"nope": bad}, toy_cohort, progress=False)
+    with pytest.raises(CohortError, match="no prediction"):
+        evaluate_predictions({}, toy_cohort, case_ids=["toy_000"], progress=False)
+
+
+# ---------------------------------------------------------------- statistics
+
+def test_bootstrap_ci_centre_and_coverage():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.7, 0.1, 200)
+    lo, hi = bootstrap_ci(x, seed=0)
+    assert lo < x.mean() < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * 0.1 / np.sqrt(200), rel=0.25)
+    assert bootstrap_ci(x, seed=0) == bootstrap_ci(x, seed=0)          # seeded
+    # coverage of the true mean over repeated samples of 30 is near 95 %
+    hits = 0
+    for k in range(100):
+        s = rng.normal(0.5, 0.2, 30)
+        lo, hi = bootstrap_ci(s, seed=k, n_resamples=500)
+        hits += lo <= 0.5 <= hi
+    assert 85 <= hits <= 100
+    assert bootstrap_ci([0.9, 0.9, 0.9]) == (0.9, 0.9)
+    assert all(np.isnan(bootstrap_ci([0.5])))
+
+
+def _fake_per_case(rng, effects):
+    rows = []
+    base = rng.uniform(0.5, 0.8, 20)          # per-case difficulty shared by all mixes (pairing matters)
+    for mix, (n_real, n_synth, eff) in effects.items():
+        for seed in (0, 1):
+            for i, b in enumerate(base):
+                for region in ("WT", "TC", "ET"):
+                    rows.append({"run": f"{mix}-s{seed}", "mix": mix, "n_real": n_real, "n_synth": n_synth,
+                                 "backend": "monai", "seed": seed, "test_set": "default", "case_id": f"c{i:02d}",
+                                 "region": region, "dice": float(np.clip(b + eff + rng.normal(0, 0.01), 0, 1)),
+                                 "hd95": 10.0 - 10 * eff})
+    return pd.DataFrame(rows)
+
+
+def test_aggregate_and_paired_difference_sign():
+    rng = np.random.default_rng(0)
+    per_case = _fake_per_case(rng, {"1:1": (10, 10, +0.05), "real": (10, 0, 0.0), "synth": (0, 10, -0.1)})
+    agg = aggregate(per_case, n_resamples=500)
+    assert agg["mix"].drop_duplicates().tolist() == ["real", "synth", "1:1"]     # paper order
+    wt = agg[agg["region"] == "WT"].set_index("mix")
+    assert wt.loc["real", "n_cases"] == 20 and wt.loc["real", "n_seeds"] == 2
+    assert wt.loc["real", "dice_ci_low"] < wt.loc["real", "dice_mean"] < wt.loc["real", "dice_ci_high"]
+    pv = paired_vs_real(per_case, n_resamples=500)
+    pv = pv[pv["region"] == "WT"].set_index("mix")
+    assert set(pv.index) == {"1:1", "synth"}
+    assert pv.loc["1:1", "delta_mean"] == pytest.approx(0.05, abs=0.01) and pv.loc["1:1", "delta_ci_low"] > 0
+    assert pv.loc["synth", "delta_mean"] == pytest.approx(-0.1, abs=0.01) and pv.loc["synth", "delta_ci_high"] < 0
+    assert pv.loc["1:1", "frac_improved"] > 0.9 and pv.loc["1:1", "reference_mix"] == "real"
+    # pairing by case: the between-case spread (sd ~0.09) would swamp 0.05 unpaired, paired CI is tight
+    assert pv.loc["1:1", "delta_ci_high"] - pv.loc["1:1", "delta_ci_low"] < 0.02

@@ -1,0 +1,152 @@
+"""eval.report: a whole report from a small hand-made study folder."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import make_toy_case
+
+MODS = ("t1", "t1ce", "t2", "flair")
+
+
+def _write_cohort(man, cohort, source, items, **extra):
+    from cohort.manifest import append_rows, make_row
+    from cohort.nifti import write_array
+
+    affine = np.diag([9.0, 9.0, 9.0, 1.0])
+    affine[:3, 3] = [-72.0, -90.0, -72.0]
+    rows = []
+    for cid, split, images, label, parent in items:
+        paths = {m: write_array(man.parent / cid / f"{cid}_{m}.nii.gz", images[m], affine) for m in MODS}
+        lp = write_array(man.parent / cid / f"{cid}_seg.nii.gz", label, affine)
+        kw = dict(extra, parent_case_id=parent) if parent else extra
+        rows.append(make_row(man, case_id=cid, cohort=cohort, source=source, split=split, images=paths, label=lp,
+                             shape=label.shape, spacing=(9, 9, 9), **kw))
+    append_rows(man, rows)
+
+
+def _per_case(rng, test_set, case_ids):
+    rows = []
+    effects = {"1:0": (6, 0, 0.0), "0:1": (0, 6, -0.15), "1:1": (6, 6, 0.04), "1:2@edited": (6, 12, 0.06)}
+    base = rng.uniform(0.5, 0.8, len(case_ids))
+    for mix, (n_r, n_s, eff) in effects.items():
+        for seed in (0, 1):
+            for cid, b in zip(case_ids, base):
+                for region in ("WT", "TC", "ET"):
+                    d = float(np.clip(b + eff + rng.normal(0, 0.02), 0, 1))
+                    rows.append({"run": f"{mix}-monai-s{seed}", "mix": mix, "n_real": n_r, "n_synth": n_s,
+                                 "backend": "monai", "seed": seed, "test_set": test_set, "case_id": cid,
+                                 "region": region, "dice": d, "hd95": 40 * (1 - d)})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A study folder: phantom-v1-named real cohort (6 train, 3 test), one synthetic cohort (2 samples for each of
+    3 masks), per_case.csv with a default and an external test set, study.json."""
+    from eval.report import write_results
+
+    study = tmp_path_factory.mktemp("study")
+    rng = np.random.default_rng(0)
+    real = []
+    for i in range(9):
+        images, label = make_toy_case(rng)
+        real.append((f"ph_{i:03d}", "train" if i < 6 else "test", images, label, None))
+    _write_cohort(study / "cohort" / "data_manifest.csv", "phantom-v1", "real", real)
+    syn = []
+    for cid, _, images, label, _ in real[:3]:
+        for k in range(2):
+            noisy = {m: (a + rng.normal(0, 0.1, a.shape)).astype(np.float32) for m, a in images.items()}
+            syn.append((f"syn_{cid}_{k}", "train", noisy, label, cid))
+    _write_cohort(study / "synthetic" / "study-real-masks" / "data_manifest.csv", "study-real-masks", "synthetic",
+                  syn, generator_checkpoint="ckpt.safetensors", sampler="ddim", steps=10, seed=0)
+    per_case = pd.concat([_per_case(rng, "test", [f"ph_{i:03d}" for i in range(6, 9)] * 1),
+                          _per_case(rng, "brats-ext", [f"ext_{i}" for i in range(4)])], ignore_index=True)
+    write_results(study, per_case=per_case)
+    (study / "study.json").write_text(json.dumps({
+        "parameters": {"mixes": ["1:0", "0:1", "1:1", "1:2@edited"], "n_real": 6, "medddpm_on": "selected"},
+        "cohort": {"manifest": "cohort/data_manifest.csv", "train_case_ids": [r[0] for r in real[:6]]},
+        "hashes": {"cohort": "ab" * 32}, "versions": {"monai": "1.6.1", "torch": "2.14.1"},
+        "wall_seconds": {"cohort": 1.5, "medddpm": 12.0},
+        "test_sets": [{"name": "test", "manifest": "x", "n": 3}, {"name": "brats-ext", "manifest": "y", "n": 4}]}))
+    return study
+
+
+def test_write_results_validates_and_appends(tmp_path):
+    from cohort.errors import CohortError
+    from eval.report import write_results
+
+    rng = np.random.default_rng(0)
+    df = _per_case(rng, "test", ["a", "b"])
+    with pytest.raises(CohortError, match="per_case.csv.*lacks columns.*hd95"):
+        write_results(tmp_path, per_case=df.drop(columns=["hd95"]))
+    write_results(tmp_path, per_case=df)
+    again = df.copy()
+    again["dice"] = 0.5
+    write_results(tmp_path, per_case=again.iloc[:3])          # same keys: replaced, not duplicated
+    back = pd.read_csv(tmp_path / "results" / "per_case.csv")
+    assert len(back) == len(df) and (back["dice"] == 0.5).sum() == 3
+
+
+def test_build_report_from_fixture_study(study):
+    from eval.report import PHANTOM_NOTE, build_report, evaluate_synthesis, write_results
+    from eval.memorisation import ANATOMY_NOTE
+
+    written = evaluate_synthesis(study, max_pairs=20)
+    syn = pd.read_csv(written["synthesis"])
+    assert {"ms_ssim_within_mask", "ms_ssim_across_masks", "ms_ssim_real", "mmd"} <= set(syn["metric"])
+    write_results(study, synthesis=syn)                     # re-writing the same keys does not duplicate rows
+    assert len(pd.read_csv(written["synthesis"])) == len(syn)
+    mem = pd.read_csv(written["memorisation"])
+    assert (mem["kind"] == "calibration").sum() == 3 and (mem["kind"] == "synthetic").sum() == 6
+    # noisy copies of training images conditioned on their own masks: the owner is the nearest neighbour
+    s = mem[mem["kind"] == "synthetic"]
+    assert (s["nn_case_id"] == s["owner_case_id"]).all()
+
+    out = build_report(study)
+    for name in ("results.csv", "report.md", "report.html", "dice_by_ratio.png", "dice_boxplots.png",
+                 "dice_by_ratio_brats-ext.png", "montage_study-real-masks.png", "memorisation.png"):
+        assert (out / name).exists() and (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+    md = (out / "report.md").read_text()
+    for mix in ("1:0", "0:1", "1:1", "1:2@edited"):
+        assert f"| {mix} |" in md
+    assert "real only" in md and "synthetic only" in md and "real + synthetic" in md
+    assert PHANTOM_NOTE in md and ANATOMY_NOTE in md
+    assert "test set 'brats-ext' (external)" in md          # the external test set gets its own table
+    assert "monai" in md and "1.6.1" in md and "12.0" in md  # versions and wall times from study.json
+    # paper order within the table: real only, synthetic only, then real + synthetic by ratio
+    order = [md.index(f"| {k} |") for k in ("real only | 1:0", "synthetic only | 0:1", "real + synthetic | 1:1",
+                                             "real + synthetic | 1:2@edited")]
+    assert order == sorted(order)
+    html_text = (out / "report.html").read_text()
+    ET.fromstring(html_text.split("\n", 1)[1])                 # well-formed (XHTML-parsable) after the doctype
+    assert html_text.count("data:image/png;base64,") >= 5       # self-contained
+    res = pd.read_csv(out / "results.csv")
+    assert set(res["test_set"]) == {"test", "brats-ext"}
+    d = res[(res["mix"] == "1:1") & (res["region"] == "WT") & (res["test_set"] == "test")].iloc[0]
+    assert d["reference_mix"] == "1:0" and d["delta_mean"] > 0
+    # deterministic: rebuilding gives the same tables
+    first = (out / "results.csv").read_bytes()
+    build_report(study)
+    assert (out / "results.csv").read_bytes() == first
+
+
+def test_report_cli_and_missing_results(study, tmp_path):
+    from medddpm.cli import main
+
+    assert main(["report", str(study)]) == 0
+    assert main(["report", str(tmp_path)]) == 2            # CohortError naming results/per_case.csv
+    # a study with one mix and no synthetic data still gets a report (no paired column values)
+    from eval.report import build_report, write_results
+
+    only = _per_case(np.random.default_rng(1), "test", ["a", "b", "c"])
+    write_results(tmp_path, per_case=only[only["mix"] == "1:1"])
+    out = build_report(tmp_path)
+    md = (out / "report.md").read_text()
+    assert "| 1:1 |" in md and "No synthetic cohort" in md and "results/memorisation.csv absent" in md

@@ -1,0 +1,219 @@
+"""flows/: mix planning, content-hash cache keys, the synthetic-cohort registry, staging, and flows run in
+Prefect's test harness (one temporary server for this module): cache reuse and recovery from a deleted result,
+and the per-run fan-out on a Dask LocalCluster. The deployment path (real server, serve, kill and resume) is
+tests/test_flows_server.py."""
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from cohort.errors import CohortError
+from flows import registry
+from flows.mixes import Mix, SynthesisPlan, parse_mixes
+from flows.refs import FileRef, ref
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """Prefect's test harness (temporary SQLite API), once for this module's flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
+
+
+# --------------------------------------------------------------------------------------------- mixes
+
+def test_mix_counts_follow_the_ratio():
+    assert Mix.parse("1:0").counts(8) == (8, 0)
+    assert Mix.parse("0:1").counts(8) == (0, 8)
+    assert Mix.parse("1:2@edited").counts(8) == (8, 16)
+    assert Mix.parse("2:1").counts(8) == (8, 4)
+    assert Mix.parse(" 1 : 1 @ real ").label == "1:1"
+    assert Mix.parse("1:2@edited").slug == "r1-s2-edited"
+
+
+@pytest.mark.parametrize("bad", ["1/2", "0:0", "1:1@gan", "", "a:b"])
+def test_bad_mixes_are_refused_with_a_clear_error(bad):
+    with pytest.raises(CohortError, match="mix"):
+        parse_mixes([bad])
+
+
+def test_synthesis_plan_makes_exactly_what_the_largest_mix_needs():
+    plan = SynthesisPlan.for_mixes(parse_mixes(["1:0", "0:1", "1:1", "1:2@edited", "1:1@edited"]), n_real=8)
+    assert (plan.from_real_masks, plan.from_edited_masks, plan.edits_per_case) == (8, 16, 2)
+    assert SynthesisPlan.for_mixes(parse_mixes(["1:0"]), 8) == SynthesisPlan(0, 0, 0)
+    with pytest.raises(CohortError, match="twice"):
+        parse_mixes(["1:1", "1:1@real"])
+
+
+# ------------------------------------------------------------------------------------- cache keys
+
+def test_cache_key_follows_content_not_timing(tmp_path):
+    from prefect.utilities.hashing import hash_objects
+
+    f = tmp_path / "a.txt"
+    f.write_text("one")
+    r1 = ref(f, seconds=1.0)
+    r2 = FileRef(path=r1.path, sha256=r1.sha256, seconds=99.0)
+    assert hash_objects({"x": r1}) == hash_objects({"x": r2})  # wall time is not part of the key
+    assert r1.is_intact()
+    f.write_text("two")
+    assert not r1.is_intact()
+    assert hash_objects({"x": ref(f)}) != hash_objects({"x": r1})
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "w.bin").write_bytes(b"w")
+    rd = ref(d)
+    (d / ".w.tmp").write_bytes(b"partial")  # atomic-write leftovers do not change a folder's identity
+    assert rd.is_intact()
+    (d / "sub" / "w.bin").write_bytes(b"W")
+    assert not rd.is_intact()
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+def _fake_cohort(study, cid, toy_cohort):
+    """A registered cohort folder: a copy of one toy case with a manifest, ids prefixed by the cohort id."""
+    import shutil
+
+    from cohort.manifest import append_rows, load_manifest, make_row, resolve
+
+    row = load_manifest(toy_cohort).iloc[0]
+    folder = study / "synthetic" / cid
+    folder.mkdir(parents=True)
+    images = {}
+    for m in ("t1", "t1ce", "t2", "flair", "label"):
+        dst = folder / f"{m}.nii.gz"
+        shutil.copy(resolve(toy_cohort, row[m]), dst)
+        images[m] = dst
+    lab = images.pop("label")
+    man = folder / "data_manifest.csv"
+    append_rows(man, [make_row(man, case_id=f"{cid}_0", cohort=cid, source="real", split="train", images=images,
+                               label=lab, shape=(16, 20, 16), spacing=(9, 9, 9))])
+    return man
+
+
+def test_registry_retention_prunes_oldest_unused_only(tmp_path, toy_cohort):
+    study = tmp_path / "study"
+    ids = []
+    for _ in range(4):
+        cid = registry.next_version(study)
+        man = _fake_cohort(study, cid, toy_cohort)
+        registry.register(study, cid, man, ref(man).sha256, kind="regenerated", seed=1)
+        ids.append(cid)
+    assert ids == ["regen-v001", "regen-v002", "regen-v003", "regen-v004"]
+    registry.mark_used(study, ["regen-v001"], "augment-study:abc")
+    pruned = registry.prune(study, keep=2)
+    assert pruned == ["regen-v002"]  # v001 is older but a finished study used it; v003, v004 are the newest 2
+    left = [c["id"] for c in registry.read_registry(study)["cohorts"]]
+    assert left == ["regen-v001", "regen-v003", "regen-v004"]
+    assert not (study / "synthetic" / "regen-v002").exists() and (study / "synthetic" / "regen-v001").exists()
+    assert registry.next_version(study) == "regen-v005"  # numbers are never reused
+    merged = registry.rebuild_manifest(study)
+    assert sorted(pd.read_csv(merged)["cohort"]) == left
+    mtime = merged.stat().st_mtime_ns
+    registry.rebuild_manifest(study)
+    assert merged.stat().st_mtime_ns == mtime  # unchanged content is not rewritten
+    with pytest.raises(CohortError, match="at least 1"):
+        registry.prune(study, keep=0)
+
+
+# ----------------------------------------------------------------------------- staging / selection
+
+def test_stage_and_select_keep_files_and_hashes(tmp_path, toy_cohort):
+    from cohort.manifest import load_manifest, validate_manifest
+    from flows import tasks
+
+    staged = tasks.stage_cohort.fn(ref(toy_cohort), str(tmp_path / "cohort"))
+    validate_manifest(staged.p, check_hashes=True)  # every file present with its recorded sha256
+    sel = tasks.select_training_cases.fn(staged, 3, 0)
+    again = tasks.select_training_cases.fn(staged, 3, 0)
+    df = load_manifest(sel.p)
+    assert sel.sha256 == again.sha256 and len(df) == 3
+    assert set(df["split"]) == {"train"} and set(df["source"]) == {"real"}
+    validate_manifest(sel.p, check_hashes=True)  # same data root: relative paths still resolve
+    with pytest.raises(CohortError, match="only 6 real training"):
+        tasks.select_training_cases.fn(staged, 7, 0)
+
+
+# ------------------------------------------------------------------------------ flows in the harness
+
+def test_cached_task_is_reused_then_recomputed_when_its_output_is_deleted(harness, tmp_path, toy_cohort):
+    """The flows' cache helper: a second call is a cache hit (nothing rewritten); once the output is deleted the
+    cached result is stale and the task runs again."""
+    from prefect import flow
+
+    from flows import tasks
+    from flows.study import fresh
+
+    @flow(name="stage-cohort-test")
+    def stage(study: str):
+        return fresh(tasks.stage_cohort, tmp_path, ref(toy_cohort), study)
+
+    out = tmp_path / "cohort"
+    first = stage(str(out))
+    mtime = first.p.stat().st_mtime_ns
+    assert stage(str(out)) == first and first.p.stat().st_mtime_ns == mtime  # cache hit: the task did not run
+    first.p.unlink()
+    again = stage(str(out))
+    assert again.p.exists() and again.sha256 == first.sha256
+    assert (tmp_path / ".prefect" / "results").is_dir()  # results persist inside the study folder
+
+
+def test_segmenter_fan_out_on_a_dask_local_cluster(harness, tmp_path, toy_cohort):
+    """The per-run fan-out on prefect-dask's DaskTaskRunner (LocalCluster of 1 worker process)."""
+    from cohort.manifest import load_manifest, select
+    from flows.study import segmenter_task_runner, train_segmenters
+
+    df = load_manifest(toy_cohort)
+    train_ids = select(df, split="train")["case_id"].tolist()[:3]
+    test_ids = select(df, split="test")["case_id"].tolist()
+    man = ref(toy_cohort)
+    job = {"run": "r1-s0-monai-s0", "case_ids": train_ids, "model_dir": str(tmp_path / "segmenters" / "r1"),
+           "config": {"profile": "tiny", "backend": "monai", "seed": 0, "epochs": 1, "iters_per_epoch": 2},
+           "columns": {"run": "r1-s0-monai-s0", "mix": "1:0", "n_real": 3, "n_synth": 0, "backend": "monai",
+                       "seed": 0}}
+    runner = segmenter_task_runner(None, dask_workers=1, parallel=1)
+    assert type(runner).__name__ == "DaskTaskRunner"
+    out = train_segmenters.with_options(task_runner=runner)(str(tmp_path), man, [job],
+                                                            [{"name": "test", "manifest": man, "case_ids": test_ids}])
+    scores = pd.read_csv(out[0]["evals"][0].p)
+    assert sorted(scores["case_id"].unique()) == sorted(test_ids)
+    assert set(scores["region"]) == {"WT", "TC", "ET"} and scores["dice"].between(0, 1).all()
+    assert (scores["mix"] == "1:0").all() and (scores["test_set"] == "test").all()
+    assert json.loads((tmp_path / "segmenters" / "r1" / "config.json").read_text())["train_ids"] == train_ids
+
+
+def test_transient_failures_are_retried_bad_input_is_not(harness):
+    """An OSError (e.g. a file system hiccup) is retried; a CohortError (bad input) fails at once."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from flows.tasks import STUDY_TASK
+
+    calls = {"io": 0, "bad": 0}
+    opts = {**STUDY_TASK, "retry_delay_seconds": 0, "cache_policy": NO_CACHE, "persist_result": False}
+
+    @task(**opts)
+    def flaky(kind: str) -> int:
+        calls[kind] += 1
+        if kind == "io" and calls[kind] == 1:
+            raise OSError("stale NFS handle")
+        if kind == "bad":
+            raise CohortError("x.nii.gz", "not a readable NIfTI image")
+        return calls[kind]
+
+    @flow(name="retry-test")
+    def run(kind: str):
+        return flaky(kind)
+
+    assert run("io") == 2
+    with pytest.raises(CohortError, match="x.nii.gz"):
+        run("bad")
+    assert calls["bad"] == 1

@@ -1,0 +1,181 @@
+"""MONAI segmenter back end behind segment.api: it learns, keeps geometry, is deterministic and resumes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cohort.errors import CohortError
+from cohort.manifest import load_case, load_manifest
+from cohort.nifti import read_array
+from segment import api, monai_backend
+from segment.config import SegmenterConfig
+from segment.data import to_target, training_data_hash
+from tests.segment_helpers import mean_dice, mixed_manifest, odd_geometry_manifest, sha256_arrays
+
+TRAIN = ["toy_000", "toy_001", "toy_002", "toy_003", "toy_004", "toy_005"]
+
+
+@pytest.fixture(scope="module")
+def trained(toy_cohort, tmp_path_factory):
+    """One tiny MONAI training (seed 0) and its predictions on the training cases."""
+    root = tmp_path_factory.mktemp("seg_monai")
+    model_dir = api.train(toy_cohort, "train", root / "model_a", SegmenterConfig(profile="tiny", seed=0))
+    preds = api.predict(model_dir, toy_cohort, TRAIN, root / "pred_a")
+    return model_dir, preds, root
+
+
+def test_model_dir_holds_the_contract_files(trained, toy_cohort):
+    model_dir, _, _ = trained
+    for f in ("config.json", "training_data.json", "train_log.csv", "model.safetensors", "training_summary.json"):
+        assert (model_dir / f).exists(), f
+    assert not (model_dir / "resume.pt").exists()  # removed once training completed
+    rec = json.loads((model_dir / "config.json").read_text())
+    assert rec["train_ids"] == TRAIN and rec["val_ids"] == ["toy_006", "toy_007"]  # real val rows by default
+    assert rec["training_data_hash"] == training_data_hash(toy_cohort, TRAIN)[0]
+    assert rec["config"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    log = pd.read_csv(model_dir / "train_log.csv")
+    assert list(log["epoch"]) == list(range(len(log))) and len(log) >= 1
+    assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
+
+
+def test_training_data_hash_depends_on_cases_and_order_free(toy_cohort):
+    h1, entries = training_data_hash(toy_cohort, TRAIN)
+    assert h1 == training_data_hash(toy_cohort, list(reversed(TRAIN)))[0]
+    assert h1 != training_data_hash(toy_cohort, TRAIN[:-1])[0]
+    assert len(entries) == 6 * 5  # 4 modalities + label per case
+
+
+def test_trained_model_beats_untrained(trained, toy_cohort, tmp_path):
+    model_dir, preds, _ = trained
+    lab_dice, wt_dice = mean_dice(preds, toy_cohort)
+    # untrained baseline: the same network and seed, weights as initialised
+    model, cfg = api.load_model(model_dir)
+    torch.manual_seed(cfg.seed)
+    untrained = monai_backend.build_network(cfg, len(cfg.modalities)).eval()
+    from cohort.nifti import write_array
+    from segment.data import load_cases
+
+    base = {}
+    for c in load_cases(toy_cohort, TRAIN, cfg.modalities):
+        lab = monai_backend._predict_logits(untrained, cfg, c.image).argmax(0).numpy()
+        base[c.case_id] = write_array(tmp_path / f"{c.case_id}.nii.gz", lab, c.affine)
+    base_lab, base_wt = mean_dice(base, toy_cohort)
+    assert wt_dice > 0.6 and wt_dice > base_wt + 0.3, (wt_dice, base_wt)
+    assert lab_dice > base_lab + 0.2, (lab_dice, base_lab)
+
+
+def test_predictions_keep_geometry_and_label_range(trained, toy_cohort, tmp_path):
+    model_dir, preds, _ = trained
+    odd = odd_geometry_manifest(toy_cohort)  # 15x19x14 voxels (not divisible by 4), rotated affine
+    out = api.predict(model_dir, odd, ["odd_000"], tmp_path)
+    for manifest, p in [(odd, out), (toy_cohort, preds)]:
+        df = load_manifest(manifest).set_index("case_id", drop=False)
+        for cid, path in p.items():
+            assert path.name == f"{cid}.nii.gz"
+            vol, _ = load_case(manifest, df.loc[cid])
+            lab, aff = read_array(path)
+            assert lab.shape == vol.shape and np.allclose(aff, vol.affine, atol=1e-5)
+            assert set(np.unique(lab)) <= {0, 1, 2, 3}
+
+
+def test_same_seed_same_predictions_and_resume_after_kill(trained, toy_cohort, monkeypatch):
+    """Determinism: a second run with the same seed, killed after epoch 3 and rerun, predicts bit-identically."""
+    model_a, preds_a, root = trained
+    real_save = monai_backend._save_resume
+    calls = {"n": 0}
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(monai_backend, "_save_resume", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        api.train(toy_cohort, "train", root / "model_b", SegmenterConfig(profile="tiny", seed=0))
+    assert (root / "model_b" / "resume.pt").exists() and not (root / "model_b" / "model.safetensors").exists()
+    with pytest.raises(CohortError, match="not a finished"):
+        api.predict(root / "model_b", toy_cohort, TRAIN, root / "pred_b")
+    monkeypatch.setattr(monai_backend, "_save_resume", real_save)
+    api.train(toy_cohort, "train", root / "model_b", SegmenterConfig(profile="tiny", seed=0))  # resumes at epoch 3
+    preds_b = api.predict(root / "model_b", toy_cohort, TRAIN, root / "pred_b")
+    assert sha256_arrays(preds_b) == sha256_arrays(preds_a)
+    assert (root / "model_b" / "model.safetensors").read_bytes() == (model_a / "model.safetensors").read_bytes()
+    log_b = pd.read_csv(root / "model_b" / "train_log.csv")
+    assert list(log_b["epoch"]) == list(pd.read_csv(model_a / "train_log.csv")["epoch"])
+
+
+def test_cli_train_predict_other_seed_differs(trained, toy_cohort):
+    from medddpm.cli import main
+
+    model_a, preds_a, root = trained
+    rc = main(["segment-train", "--manifest", str(toy_cohort), "--split", "train", "--out", str(root / "model_c"),
+               "--backend", "monai", "--profile", "tiny", "--seed", "1", "--epochs", "4"])
+    assert rc == 0
+    rc = main(["segment-predict", "--model", str(root / "model_c"), "--manifest", str(toy_cohort),
+               "--cases", *TRAIN, "--out", str(root / "pred_c")])
+    assert rc == 0
+    preds_c = {c: root / "pred_c" / f"{c}.nii.gz" for c in TRAIN}
+    assert sha256_arrays(preds_c) != sha256_arrays(preds_a)
+
+
+def test_rerun_is_cached_and_different_config_refused(trained, toy_cohort):
+    model_dir, _, _ = trained
+    before = (model_dir / "model.safetensors").stat().st_mtime_ns
+    assert api.train(toy_cohort, "train", model_dir, SegmenterConfig(profile="tiny", seed=0)) == model_dir
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(CohortError) as e:
+        api.train(toy_cohort, "train", model_dir, SegmenterConfig(profile="tiny", seed=7))
+    assert e.value.kind == "model-mismatch" and "config.json" in str(e.value)
+
+
+def test_validation_is_real_only(toy_cohort, tmp_path):
+    mixed = mixed_manifest(toy_cohort)
+    rec_dir = tmp_path / "m"
+    with pytest.raises(CohortError, match="validation cases must be real"):
+        api.train(mixed, ["toy_000", "syn_001"], rec_dir, SegmenterConfig(profile="tiny", val_ids=["syn_000"]))
+    from segment.data import validation_ids
+
+    # default: real val-split rows only, although syn_000 is marked split=val
+    assert validation_ids(mixed, ["toy_000", "syn_001"], None) == ["toy_006", "toy_007"]
+    with pytest.raises(CohortError, match="not in the manifest"):
+        api.train(mixed, ["nope"], rec_dir, SegmenterConfig(profile="tiny"))
+
+
+def test_encoder_features(trained, toy_cohort):
+    model_dir, _, _ = trained
+    df = load_manifest(toy_cohort).set_index("case_id", drop=False)
+    vol0, _ = load_case(toy_cohort, df.loc["toy_000"])
+    vol8, _ = load_case(toy_cohort, df.loc["toy_008"])
+    loaded = api.load_model(model_dir)
+    f0 = api.encoder_features(model_dir, vol0)
+    assert f0.ndim == 1 and f0.shape[0] == loaded[1].init_filters * 2 ** (len(loaded[1].blocks_down) - 1)
+    assert np.isfinite(f0).all()
+    np.testing.assert_array_equal(f0, monai_backend.encoder_features(loaded, vol0))
+    arr = np.stack([vol0.channel(m) for m in loaded[1].modalities])
+    np.testing.assert_allclose(f0, monai_backend.encoder_features(loaded, arr), rtol=1e-6)
+    assert not np.allclose(f0, api.encoder_features(loaded, vol8))
+
+
+def test_brain_label_is_background():
+    lab = np.array([0, 1, 2, 3, 4], np.uint8)
+    assert to_target(lab).tolist() == [0, 1, 2, 3, 0]
+    with pytest.raises(CohortError, match="unknown segmenter backend"):
+        SegmenterConfig(backend="x").resolved()
+
+
+def test_paper_profile_shapes_without_training():
+    """Paper-size MONAI config is shape-checked on the meta device (no memory, no compute)."""
+    cfg = SegmenterConfig(profile="paper", modalities=["t1", "t1ce", "t2", "flair"]).resolved()
+    assert cfg.patch_size == (128, 128, 128) and cfg.epochs * cfg.iters_per_epoch == 300 * 250
+    with torch.device("meta"):
+        net = monai_backend.build_network(cfg, 4)
+        out = net(torch.empty(2, 4, *cfg.patch_size))
+    assert tuple(out.shape) == (2, 4, 128, 128, 128)
+    assert monai_backend._roi_size(cfg, (192, 192, 144)) == (128, 128, 128)
+    nn = SegmenterConfig(backend="nnunet", profile="paper").resolved()
+    assert nn.trainer == "nnUNetTrainer" and (nn.epochs, nn.iters_per_epoch) == (1000, 250)

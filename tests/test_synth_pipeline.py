@@ -1,0 +1,224 @@
+"""Med-DDPM training, sampling science and cohort synthesis on the toy cohort (tiny profile)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cohort.errors import CohortError
+from cohort.manifest import append_rows, case_files, load_manifest, make_row, validate_manifest
+from cohort.nifti import read_array, read_label, write_array
+from synth.checkpoint import STATE_FILE, load_generator, load_state
+from synth.config import get_config
+from synth.data import load_items, training_rows
+from synth.network import build_unet, condition_from_label
+from synth.schedulers import make_sampler, sample
+from synth.synthesize import synthesize_cohort
+from synth.train import denoising_loss, train_medddpm
+
+FAST = {"num_threads": 1, "progress": False}  # one thread: the machine is shared, two threads thrash
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained(toy_cohort, tmp_path_factory):
+    """The tiny profile trained for its default 300 steps on the 6 real training cases."""
+    out = tmp_path_factory.mktemp("medddpm_tiny")
+    return train_medddpm(toy_cohort, "tiny", out, {**FAST, "checkpoint_every": 50})
+
+
+@pytest.fixture(scope="module")
+def val_items(toy_cohort, trained):
+    _, cfg, _ = load_generator(trained)
+    return load_items(toy_cohort, cfg, training_rows(toy_cohort, cfg, splits=("val",)))
+
+
+def test_training_writes_resumable_state_and_a_loss_log(trained):
+    out = trained.parent
+    log = pd.read_csv(out / "loss_log.csv")
+    assert log["step"].tolist() == list(range(1, 301))
+    st = load_state(out / STATE_FILE)  # weights_only=True load
+    assert st["step"] == 300 and st["config_hash"] == get_config("tiny").hash()
+    assert {"model", "ema", "optimizer", "rng"} <= set(st)
+    assert (out / "loss_curve.png").stat().st_size > 0 and (out / "intensity_ranges.json").exists()
+    assert log["loss"].iloc[-30:].mean() < log["loss"].iloc[:10].mean()
+
+
+def test_held_out_denoising_loss_falls_with_training(trained, val_items):
+    model, cfg, _ = load_generator(trained)
+    torch.manual_seed(cfg.seed)
+    untrained = build_unet(cfg)
+    before, after = denoising_loss(untrained, val_items, cfg), denoising_loss(model, val_items, cfg)
+    assert after < 0.75 * before, (before, after)
+
+
+def _medians(x: np.ndarray, lab: np.ndarray, ch: int, v: int) -> float:
+    return float(np.median(x[:, ch][lab == v]))
+
+
+def test_samples_show_the_training_contrast_direction(trained, val_items):
+    """Toy data: ED bright on FLAIR, NCR dark on T1, each relative to normal brain. (ET, bright on T1CE, is a rim
+    about one 9 mm voxel thick at this grid; the tiny model does not resolve it, see docs/medddpm.md.)"""
+    model, cfg, _ = load_generator(trained)
+    cond = torch.stack([it["condition"] for it in val_items])
+    lab = np.stack([np.asarray(it["label"])[0] for it in val_items])
+    x = sample(model, make_sampler("ddim"), cond, cfg.out_channels, 20, [11, 12]).numpy()
+    t1, flair = (cfg.modalities.index(m) for m in ("t1", "flair"))
+    assert _medians(x, lab, flair, 2) > _medians(x, lab, flair, 4) + 0.05   # FLAIR: edema > brain
+    assert _medians(x, lab, t1, 1) < _medians(x, lab, t1, 4) - 0.05         # T1: necrosis < brain
+    assert _medians(x, lab, flair, 0) < _medians(x, lab, flair, 4)          # background darkest
+
+
+def test_samples_differ_where_masks_differ_and_agree_elsewhere(trained, val_items):
+    model, cfg, _ = load_generator(trained)
+    lab_a = np.asarray(val_items[0]["label"])[0]
+    lab_b = lab_a.copy()
+    lab_b[np.isin(lab_b, (1, 2, 3))] = 4  # same head, tumour removed
+    changed = lab_a != lab_b
+    from scipy.ndimage import binary_dilation
+
+    far = (lab_a == 4) & ~binary_dilation(changed, iterations=2)
+    cond = torch.stack([condition_from_label(lab_a, cfg.condition), condition_from_label(lab_b, cfg.condition)])
+    x = sample(model, make_sampler("ddim"), cond, cfg.out_channels, 20, [5, 5]).numpy()
+    diff = np.abs(x[0] - x[1]).mean(0)
+    assert diff[changed].mean() > 2 * diff[far].mean()
+    for c in range(cfg.out_channels):  # normal brain far from the tumour: same intensity distribution
+        assert abs(np.median(x[0, c][far]) - np.median(x[1, c][far])) < 0.1
+
+
+def _write_mask_rows(toy_cohort: Path, root: Path) -> Path:
+    """A masks manifest with one real row and one edited (source=mask) row, as cohort.maskedit writes them."""
+    df = load_manifest(toy_cohort)
+    src = df[df["case_id"] == "toy_000"].iloc[0]
+    lab, aff = read_label(case_files(toy_cohort, src).label)
+    edited = np.roll(lab, 1, axis=0)
+    manifest = root / "masks" / "data_manifest.csv"
+    p_real = write_array(root / "masks" / "toy_000_seg.nii.gz", lab, aff)
+    p_edit = write_array(root / "masks" / "toy_000_shift_seg.nii.gz", edited, aff)
+    t1, t1_aff = read_array(case_files(toy_cohort, src).images["t1"])
+    p_t1 = write_array(root / "masks" / "toy_000_t1.nii.gz", t1, t1_aff)
+    rows = [make_row(manifest, case_id="toy_000", cohort="toy", source="real", split="train", images={"t1": p_t1},
+                     label=p_real, shape=lab.shape, spacing=(9, 9, 9)),
+            make_row(manifest, case_id="toy_000_shift", cohort="toy", source="mask", split="train", images={},
+                     label=p_edit, shape=lab.shape, spacing=(9, 9, 9), parent_case_id="toy_000",
+                     mask_edit="shift x+1")]
+    append_rows(manifest, rows)
+    return manifest
+
+
+def test_synthetic_cohort_pairs_images_with_the_conditioning_masks_bit_for_bit(trained, toy_cohort, tmp_path,
+                                                                               monkeypatch):
+    masks = _write_mask_rows(toy_cohort, tmp_path)
+    out = tmp_path / "synthetic"
+    # interrupt after the first batch (as a kill between batches would), leaving a stray temp file
+    import synth.synthesize as S
+
+    real_append, calls = S.append_rows, []
+
+    def flaky_append(path, rows):
+        calls.append(1)
+        if len(calls) == 2:
+            (out / "syn00002_toy_000").mkdir(parents=True, exist_ok=True)
+            (out / "syn00002_toy_000" / ".syn00002_toy_000_t1.abc.tmp.nii.gz").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real_append(path, rows)
+
+    monkeypatch.setattr(S, "append_rows", flaky_append)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize_cohort(trained, masks, out, 3, "ddim", 5, seed=3, batch_size=2, progress=False, num_threads=1)
+    monkeypatch.setattr(S, "append_rows", real_append)
+    assert len(load_manifest(out / "data_manifest.csv")) == 2
+    manifest = synthesize_cohort(trained, masks, out, 3, "ddim", 5, seed=3, batch_size=2, progress=False,
+                                 num_threads=1)
+    df = validate_manifest(manifest)
+    assert df["case_id"].tolist() == ["syn00000_toy_000", "syn00001_toy_000_shift", "syn00002_toy_000"]
+    assert not list(out.rglob("*.tmp*"))
+    assert set(df["source"]) == {"synthetic"} and set(df["sampler"]) == {"ddim"} and set(df["steps"]) == {"5"}
+    assert df["parent_case_id"].tolist() == ["toy_000", "toy_000_shift", "toy_000"]
+    assert df["mask_edit"].fillna("").tolist() == ["", "shift x+1", ""]
+    assert df["origin_case_id"].tolist() == ["toy_000"] * 3
+    assert df["mask_source"].tolist() == ["real", "mask", "real"]
+    from cohort.fsutil import sha256_file
+
+    assert set(df["generator_checkpoint"]) == {sha256_file(trained)}
+    mdf = load_manifest(masks)
+    for _, row in df.iterrows():
+        cf = case_files(manifest, row)
+        parent = mdf[mdf["case_id"] == row["parent_case_id"]].iloc[0]
+        want, want_aff = read_label(case_files(masks, parent).label)
+        got, got_aff = read_label(cf.label)
+        assert got.dtype == want.dtype and np.array_equal(got, want)  # the mask, bit for bit
+        np.testing.assert_array_equal(got_aff, want_aff)
+        img, img_aff = read_array(cf.images["flair"])
+        np.testing.assert_array_equal(img_aff, want_aff)
+        assert img.shape == want.shape
+    # a case depends only on its seed and mask: a fresh run with batch size 1 draws the same image
+    # (equal up to float rounding; oneDNN kernels differ with batch size)
+    again = synthesize_cohort(trained, masks, tmp_path / "again", 1, "ddim", 5, seed=3, batch_size=1,
+                              progress=False, num_threads=1)
+    a = read_array(case_files(again, load_manifest(again).iloc[0]).images["t2"])[0]
+    b = read_array(case_files(manifest, df.iloc[0]).images["t2"])[0]
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    report = pd.read_csv(out / "quality_report.csv")
+    assert set(report["case_id"]) == set(df["case_id"])
+
+
+def test_quality_gate_redraws_failures_and_reports_them(trained, toy_cohort, tmp_path):
+    import json
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "generator.safetensors").write_bytes(trained.read_bytes())
+    ranges = json.loads((trained.parent / "intensity_ranges.json").read_text())
+    ranges["labels"]["4"]["flair"] = [5.0, 6.0]  # impossible: every sample fails on brain/flair
+    (gen / "intensity_ranges.json").write_text(json.dumps(ranges))
+    m = synthesize_cohort(gen / "generator.safetensors", toy_cohort, tmp_path / "out", 1, "ddim", 4,
+                          max_retries=2, progress=False, num_threads=1)
+    row = load_manifest(m).iloc[0]
+    assert row["quality_gate"] == "fail" and row["attempts"] == "3"
+    rep = pd.read_csv(tmp_path / "out" / "quality_report.csv")
+    assert len(rep) == 3 and not rep["passed"].any() and rep["seed"].nunique() == 3
+    assert rep["failures"].str.contains("brain/flair").all()
+
+
+def test_cli_train_resumes_after_sigkill_and_continues_the_loss_curve(toy_cohort, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "medddpm.cli", "train", "--manifest", str(toy_cohort), "--profile", "tiny",
+           "--out", str(out), "--steps", "16", "--checkpoint-every", "4", "--threads", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    state = out / STATE_FILE
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_state(state)["step"]
+    assert killed_at < 16
+    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = pd.read_csv(out / "loss_log.csv")
+    assert log["step"].tolist() == list(range(1, 17))  # no gap, no duplicate
+    # the resumed curve equals an uninterrupted run (RNG, optimizer and data order are restored)
+    ref = train_medddpm(toy_cohort, "tiny", tmp_path / "ref", {**FAST, "steps": 16, "checkpoint_every": 4})
+    ref_log = pd.read_csv(ref.parent / "loss_log.csv")
+    np.testing.assert_allclose(log["loss"], ref_log["loss"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(CohortError, match="different config"):
+        train_medddpm(toy_cohort, "tiny", out, {**FAST, "steps": 20, "lr": 1e-4})
