@@ -21,7 +21,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # seconds on 2 cores: unit tests only
         "tiny": dict(epochs=20, iters_per_epoch=6, batch_size=2, lr=3e-3, patience=100, min_epochs=0, init_filters=8,
                      blocks_down=(1, 1, 1), blocks_up=(1, 1), patch_size=None, num_threads=1),
-        # ~1 min on 2 cores at 32x40x32 (docs/bench-segment.md)
+        # ~1 min on 2 cores at 32x40x32 (docs/benchmarks.md)
         "demo": dict(epochs=20, iters_per_epoch=10, batch_size=2, lr=3e-3, patience=5, min_epochs=10, init_filters=8,
                      blocks_down=(1, 1, 2, 2), blocks_up=(1, 1, 1), patch_size=None, num_threads=1),
         # BraTS-size: SegResNet as in MONAI's BraTS tutorial, 128^3 patches; shape-checked, not trained here

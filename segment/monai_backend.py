@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import threading
 import time
@@ -20,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cohort.errors import CohortError
-from cohort.fsutil import atomic_path, atomic_write_text
+from cohort.fsutil import atomic_path, atomic_write_csv, atomic_write_text
 from cohort.labels import region_mask
 from cohort.nifti import write_array
 from cohort.volume import Volume
@@ -127,11 +126,7 @@ def _val_dice(model, cfg, cases: list[Case]) -> float:
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, LOG_COLUMNS)
 
 
 def _read_log(path: Path, up_to_epoch: int) -> list[dict]:

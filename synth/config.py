@@ -61,7 +61,7 @@ class MedDDPMConfig:
     seed: int = 0
     sources: tuple[str, ...] = ("real",)           # manifest rows used for training
     splits: tuple[str, ...] = ("train",)
-    # speed (see docs/bench-synth.md)
+    # speed (see docs/benchmarks.md)
     channels_last: bool = False
     autocast_bf16: bool = False
     # runtime (not hashed)
@@ -135,7 +135,7 @@ PROFILES: dict[str, MedDDPMConfig] = {
                           ema_start=100, steps=300, checkpoint_every=50),
     # CPU demo: 32x40x32, three downsamplings (attention at 1/8 like the paper). 8..64 channels keep a training
     # step near 17 GFLOP (batch 2), so ~700 steps fit the demo's ~6 minutes on 2 quiet cores; high lr with cosine
-    # decay and a short EMA make those steps enough for the phantom's contrasts. bf16 autocast: see bench-synth.md.
+    # decay and a short EMA make those steps enough for the phantom's contrasts. bf16 autocast: see benchmarks.md.
     "demo": MedDDPMConfig(profile="demo", channels=(8, 16, 32, 64), attention_levels=(False, False, False, True),
                           norm_num_groups=8, lr=2e-3, lr_schedule="cosine", lr_min=2e-4, batch_size=2,
                           grad_accum=1, ema_decay=0.99, ema_every=1, ema_start=200, steps=700,

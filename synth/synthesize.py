@@ -55,7 +55,7 @@ def _clean_partial(out: Path) -> None:
 
 
 def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_dir: str | Path, count: int,
-                      sampler: str = "ddim", steps: int = 25, seed: int = 0, *, eta: float = 0.0,
+                      sampler: str = "ddim", steps: int = 25, seed: int = 0, *, eta: float = 1.0,
                       batch_size: int = 4, sources: tuple[str, ...] = ("real", "mask"),
                       splits: tuple[str, ...] | None = ("train",), case_ids: list[str] | None = None,
                       max_retries: int = 3, gate_margin: float = 0.05, cohort_name: str = "medddpm-synthetic",

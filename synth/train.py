@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cohort.errors import CohortError
-from cohort.fsutil import atomic_write_text
+from cohort.fsutil import atomic_write_csv, atomic_write_text
 from cohort.profiles import get_profile
 
 from .checkpoint import (CONFIG_FILE, GENERATOR_FILE, LOSS_LOG, RANGES_FILE, STATE_FILE, load_state,
@@ -112,11 +112,7 @@ def _read_log(path: Path, upto: int) -> list[dict]:
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, LOG_FIELDS)
 
 
 def plot_loss(log_path: str | Path, png_path: str | Path) -> Path:

@@ -148,7 +148,7 @@ def test_synthetic_cohort_pairs_images_with_the_conditioning_masks_bit_for_bit(t
     df = validate_manifest(manifest)
     assert df["case_id"].tolist() == ["syn00000_toy_000", "syn00001_toy_000_shift", "syn00002_toy_000"]
     assert not list(out.rglob("*.tmp*"))
-    assert set(df["source"]) == {"synthetic"} and set(df["sampler"]) == {"ddim"} and set(df["steps"]) == {"5"}
+    assert set(df["source"]) == {"synthetic"} and set(df["sampler"]) == {"ddim(eta=1)"} and set(df["steps"]) == {"5"}
     assert df["parent_case_id"].tolist() == ["toy_000", "toy_000_shift", "toy_000"]
     assert df["mask_edit"].fillna("").tolist() == ["", "shift x+1", ""]
     assert df["origin_case_id"].tolist() == ["toy_000"] * 3
