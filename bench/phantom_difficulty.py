@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10, help="optimiser steps per epoch (default 10)")
     ap.add_argument("--patience", type=int, default=1000, help="early-stopping patience in epochs (default: off)")
     ap.add_argument("--val-every", type=int, default=10, help="validate (and keep the best checkpoint) every N epochs")
+    ap.add_argument("--network", default="segresnet", choices=("segresnet", "dynunet"), help="MONAI network")
+    ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
 
     from cohort.manifest import load_manifest, select
@@ -60,10 +62,11 @@ def main(argv=None) -> int:
     rows, times = [], {}
     for seed in args.seeds:
         for n in args.sizes:
-            run = f"n{n}_seed{seed}"
+            run = f"{args.network}_n{n}_seed{seed}"
             cfg = SegmenterConfig(backend="monai", profile="demo" if args.profile != "tiny" else "tiny", seed=seed,
                                   num_threads=args.threads, epochs=args.epochs, patience=args.patience,
-                                  val_every=args.val_every, iters_per_epoch=args.iters, batch_size=2, lr=3e-3)
+                                  val_every=args.val_every, iters_per_epoch=args.iters, batch_size=2, lr=args.lr,
+                                  network=args.network)
             t = time.perf_counter()
             model = train(manifest, pool[:n], work / "models" / run, cfg)
             preds = predict(model, manifest, test_ids, work / "predictions" / run)
@@ -76,16 +79,21 @@ def main(argv=None) -> int:
     per_case = pd.concat(rows, ignore_index=True)
     per_case.to_csv(work / "per_case.csv", index=False)
     table = per_case.groupby(["n_train", "region"])["dice"].agg(["mean", "std", "count"]).unstack("region")
+    by_seed = per_case.groupby(["n_train", "seed", "region"])["dice"].mean().unstack("region")
     print(f"\nphantom {args.profile}: {args.cases} cases, {len(pool)} train pool, {len(test_ids)} test; "
           f"training seeds {args.seeds}; build {t_build:.0f} s")
     print(table.round(3).to_string())
+    print("mean test Dice per training seed:")
+    print(by_seed.round(3).to_string())
     means = per_case.groupby(["n_train", "region"])["dice"].mean().unstack("region")
     lo, hi = min(args.sizes), max(args.sizes)
     ratios = (means.loc[hi] / means.loc[lo]).round(3).to_dict()
     print(f"Dice ratio {hi}/{lo} cases: {ratios}")
     result = {"command": "bench/phantom_difficulty.py " + " ".join(argv or __import__("sys").argv[1:]),
               "cases": args.cases, "profile": args.profile, "test_ids": test_ids, "train_pool": pool,
-              "seeds": args.seeds, "mean_dice": {int(k): v for k, v in means.round(4).to_dict("index").items()},
+              "seeds": args.seeds, "network": args.network, "lr": args.lr,
+              "mean_dice_per_seed": {f"n{k[0]}_seed{k[1]}": v for k, v in by_seed.round(4).to_dict("index").items()},
+              "mean_dice": {int(k): v for k, v in means.round(4).to_dict("index").items()},
               "ratio_large_over_small": ratios, "seconds_per_run": {k: round(v, 1) for k, v in times.items()},
               "build_seconds": round(t_build, 1)}
     (work / "results.json").write_text(json.dumps(result, indent=1))

@@ -10,7 +10,7 @@ def _add_cases(p) -> None:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "segment-train", help="train a tumour segmenter (MONAI SegResNet or nnU-Net v2) on manifest cases",
+        "segment-train", help="train a tumour segmenter (MONAI SegResNet/DynUNet or nnU-Net v2) on manifest cases",
         description="Train a segmenter on real and/or synthetic manifest rows. Validation (early stopping, "
                     "nnU-Net's fold-0 split) uses real cases only: --val-cases, or the manifest's real val rows. "
                     "Target labels 0 background (incl. brain), 1 NCR, 2 ED, 3 ET. Rerunning resumes.")
@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--backend", choices=("monai", "nnunet"), default="monai", help="default: monai")
     p.add_argument("--profile", choices=("tiny", "demo", "paper"), default="demo",
                    help="budget: tiny (tests), demo (CPU, about a minute), paper (nnU-Net default budget)")
+    p.add_argument("--network", choices=("segresnet", "dynunet"), default=None,
+                   help="MONAI network (default segresnet; dynunet is nnU-Net-like and learns the tumour core better "
+                        "on the phantom, at about 2x the time per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs (MONAI)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave torch's setting)")
@@ -41,7 +44,8 @@ def _train(args) -> int:
     from .config import SegmenterConfig
 
     cfg = SegmenterConfig(backend=args.backend, profile=args.profile, seed=args.seed, epochs=args.epochs,
-                          val_ids=args.val_cases, num_threads=args.threads)
+                          val_ids=args.val_cases, num_threads=args.threads,
+                          network=args.network if args.backend == "monai" else None)
     model_dir = train(args.manifest, args.cases or args.split, args.out, cfg)
     print(model_dir)
     return 0

@@ -1,4 +1,5 @@
-"""MONAI back end: SegResNet + DiceCE, whole-volume (or patch) training, real-only validation with early stopping.
+"""MONAI back end: SegResNet or DynUNet + DiceCE, whole-volume (or patch) training, real-only validation with early
+stopping.
 
 Files in model_dir (same names for both back ends, see docs/segment.md):
   config.json, training_data.json, train_log.csv, model.safetensors (final = best-validation weights),
@@ -60,10 +61,33 @@ def torch_threads(n: int | None):
 
 
 def build_network(cfg: SegmenterConfig, in_channels: int) -> torch.nn.Module:
+    """SegResNet (additive skips), or DynUNet (nnU-Net-like: concatenating skips, instance norm, two convolutions
+    per level); both have len(blocks_down) levels with init_filters * 2**level channels."""
+    levels = len(cfg.blocks_down)
+    if cfg.network == "dynunet":
+        from monai.networks.nets import DynUNet
+
+        return DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=N_CLASSES, kernel_size=[3] * levels,
+                       strides=[1] + [2] * (levels - 1), upsample_kernel_size=[2] * (levels - 1),
+                       filters=[cfg.init_filters * 2 ** i for i in range(levels)], norm_name="instance",
+                       res_block=False)
     from monai.networks.nets import SegResNet
 
     return SegResNet(spatial_dims=3, in_channels=in_channels, out_channels=N_CLASSES, init_filters=cfg.init_filters,
                      blocks_down=tuple(cfg.blocks_down), blocks_up=tuple(cfg.blocks_up), dropout_prob=None)
+
+
+def bottleneck_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The deepest encoder feature map of either network for a batch x."""
+    if hasattr(model, "encode"):  # SegResNet
+        return model.encode(x)[0]
+    seen: list[torch.Tensor] = []
+    hook = model.bottleneck.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 def _divisor(cfg: SegmenterConfig) -> int:
@@ -137,10 +161,11 @@ def _read_log(path: Path, up_to_epoch: int) -> list[dict]:
 
 
 def _save_safetensors(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
+    # save_model, not save_file: DynUNet's state dict names each weight twice (skip_layers aliases)
+    from safetensors.torch import save_model
 
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_model(model, str(tmp), force_contiguous=True)
 
 
 def _save_resume(path: Path, state: dict) -> None:
@@ -149,7 +174,7 @@ def _save_resume(path: Path, state: dict) -> None:
 
 
 def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: Path, cfg: SegmenterConfig) -> Path:
-    """Train (or resume) a SegResNet in model_dir; returns model_dir. config.json/training_data.json are the caller's."""
+    """Train (or resume) a MONAI network in model_dir; returns model_dir. config.json/training_data.json are the caller's."""
     from monai.losses import DiceCELoss
 
     mods = list(cfg.modalities)
@@ -238,7 +263,7 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
 
 def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, SegmenterConfig]:
     """The trained network (eval mode) and its config, from model.safetensors + config.json."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model as load_safetensors
 
     model_dir = Path(model_dir)
     cfg_path, w_path = model_dir / "config.json", model_dir / "model.safetensors"
@@ -250,7 +275,7 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, SegmenterConfig]
         raise CohortError(cfg_path, f"backend is {cfg.backend!r}; only MONAI models load as torch modules",
                           kind="bad-config")
     model = build_network(cfg, len(cfg.modalities))
-    model.load_state_dict(load_file(str(w_path)))
+    load_safetensors(model, str(w_path))
     model.eval()
     return model, cfg
 
@@ -290,5 +315,5 @@ def encoder_features(model_dir_or_model, volume: Volume | np.ndarray, cfg: Segme
     x = DivisiblePad(k=_divisor(cfg), mode="edge")(torch.from_numpy(normalise(image)))[None].float()
     model.eval()
     with torch.no_grad():
-        deepest, _ = model.encode(x)
+        deepest = bottleneck_features(model, x)
     return deepest.mean(dim=(2, 3, 4))[0].numpy().astype(np.float64)
