@@ -22,17 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
-    # name: (threads, channels_last, bf16, compile, flash_attention)
-    "baseline: eager fp32, 2 threads": (2, False, False, False, False),
-    "1 thread": (1, False, False, False, False),
-    "channels_last_3d": (2, True, False, False, False),
-    "bf16 autocast": (2, False, True, False, False),
-    "bf16 + channels_last_3d": (2, True, True, False, False),
-    "SDPA attention": (2, False, False, False, True),
-    "torch.compile": (2, False, False, True, False),
-    "1 thread + channels_last_3d": (1, True, False, False, False),
-    "1 thread + bf16": (1, False, True, False, False),
-    "1 thread + bf16 + channels_last_3d": (1, True, True, False, False),
+    # name: (threads, channels_last, bf16, compile, flash_attention, fused_adam)
+    "baseline: eager fp32, 2 threads": (2, False, False, False, False, False),
+    "1 thread": (1, False, False, False, False, False),
+    "channels_last_3d": (2, True, False, False, False, False),
+    "bf16 autocast": (2, False, True, False, False, False),
+    "bf16 + channels_last_3d": (2, True, True, False, False, False),
+    "SDPA attention": (2, False, False, False, True, False),
+    "torch.compile": (2, False, False, True, False, False),
+    "fused Adam": (2, False, False, False, False, True),
+    "1 thread + channels_last_3d": (1, True, False, False, False, False),
+    "1 thread + bf16": (1, False, True, False, False, False),
+    "1 thread + bf16 + channels_last_3d": (1, True, True, False, False, False),
+    "1 thread + fused Adam": (1, False, False, False, False, True),
 }
 
 
@@ -62,13 +64,13 @@ def run_variant(profile: str, name: str, steps: int, warmup: int) -> dict:
     from synth.schedulers import make_training_scheduler
     from synth.train import diffusion_loss
 
-    threads, cl, bf16, comp, flash = VARIANTS[name]
+    threads, cl, bf16, comp, flash, fused = VARIANTS[name]
     torch.set_num_threads(threads)
     cfg = get_config(profile).replace(channels_last=cl, autocast_bf16=bf16, use_flash_attention=flash)
     shape = get_profile(cfg.profile).shape
     torch.manual_seed(0)
     model = build_unet(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused or None)
     fwd = torch.compile(model) if comp else model
     sched = make_training_scheduler(cfg.timesteps)
     x0, cond = _batch(cfg, shape, cfg.batch_size)

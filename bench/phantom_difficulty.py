@@ -89,12 +89,23 @@ def main(argv=None) -> int:
     lo, hi = min(args.sizes), max(args.sizes)
     ratios = (means.loc[hi] / means.loc[lo]).round(3).to_dict()
     print(f"Dice ratio {hi}/{lo} cases: {ratios}")
+    from eval.stats import bootstrap_ci
+
+    paired = {}  # per (test case, seed): Dice with the larger set minus Dice with the smaller one
+    for region, g in per_case.groupby("region"):
+        wide = g.pivot_table(index=["case_id", "seed"], columns="n_train", values="dice")
+        d = (wide[hi] - wide[lo]).to_numpy()
+        low, high = bootstrap_ci(d)
+        paired[region] = {"mean": round(float(d.mean()), 4), "ci95": [round(float(low), 4), round(float(high), 4)],
+                          "larger_set_better": int((d > 0).sum()), "pairs": int(len(d))}
+        print(f"paired {hi} - {lo} cases, {region}: {d.mean():+.3f} (95% bootstrap CI {low:+.3f} to {high:+.3f}); "
+              f"better in {(d > 0).sum()} of {len(d)} (test case, seed) pairs")
     result = {"command": "bench/phantom_difficulty.py " + " ".join(argv or __import__("sys").argv[1:]),
               "cases": args.cases, "profile": args.profile, "test_ids": test_ids, "train_pool": pool,
               "seeds": args.seeds, "network": args.network, "lr": args.lr,
               "mean_dice_per_seed": {f"n{k[0]}_seed{k[1]}": v for k, v in by_seed.round(4).to_dict("index").items()},
               "mean_dice": {int(k): v for k, v in means.round(4).to_dict("index").items()},
-              "ratio_large_over_small": ratios, "seconds_per_run": {k: round(v, 1) for k, v in times.items()},
+              "ratio_large_over_small": ratios, "paired_difference_large_minus_small": paired, "seconds_per_run": {k: round(v, 1) for k, v in times.items()},
               "build_seconds": round(t_build, 1)}
     (work / "results.json").write_text(json.dumps(result, indent=1))
     return 0

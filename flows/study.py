@@ -175,11 +175,11 @@ def augment_study(
     medddpm_config: dict | None = None,
     medddpm_on: str = "selected",
     sampler: str = "ddim",
-    sampling_steps: int = 50,
+    sampling_steps: int = 25,
     synth_seed: int = 0,
     gate_failures: str = "fill",
     segmenter_config: dict | None = None,
-    parallel: int = 1,
+    parallel: int = 2,
     dask_address: str | None = None,
     dask_workers: int = 0,
 ) -> dict[str, Any]:
@@ -195,7 +195,8 @@ def augment_study(
     sampler / sampling_steps: synth's sampler (ddpm, ddim, dpmpp2m). gate_failures: what to do with synthetic
     cases that still fail synth's quality gate after its redraws: "fill" (default) uses cases that passed first
     and failures only where a mix needs more, counted in study.json and the log; "exclude" never uses them (the
-    study stops if a mix lacks cases); "keep" ignores the gate. parallel: segmenter trainings at once (threads); dask_address / dask_workers: run them on Dask.
+    study stops if a mix lacks cases); "keep" ignores the gate. parallel: segmenter trainings at once (threads; default 2 = one per core of our
+    2-core machines, each training uses one torch thread at tiny/demo); dask_address / dask_workers: run them on Dask.
     """
     logger = get_run_logger()
     t_start = time.perf_counter()
@@ -262,6 +263,9 @@ def augment_study(
 
     # 3. one segmenter per (mix, back end, seed), all evaluated on the same real test cases
     seg_profile = SEGMENTER_PROFILE.get(profile, "paper")
+    # a non-default segmenter config gets its own run folders, so changing it on a finished study trains new
+    # segmenters beside the old ones instead of colliding with them (segment refuses a model_dir of another config)
+    variant = f"-cfg{hash_json(segmenter_config)[:6]}" if segmenter_config else ""
     jobs = []
     for mix in mix_list:
         n_r, n_s = mix.counts(n_real)
@@ -277,7 +281,7 @@ def augment_study(
                               kind="quality-gate")
         for backend in backends:
             for seed in seeds:
-                run = f"{mix.slug}-{backend}-s{seed}"
+                run = f"{mix.slug}-{backend}-s{seed}{variant}"
                 config = {"profile": seg_profile, **(segmenter_config or {}), "backend": backend, "seed": int(seed)}
                 jobs.append({"run": run, "case_ids": real_train[:n_r] + synth_ids, "config": config,
                              "model_dir": str(study / "segmenters" / run),

@@ -231,8 +231,10 @@ def evaluate_synthesis(study_dir: str, pools: list[FileRef], predictions: dict[s
         if judge is not None:
             from segment.api import encoder_features, load_model
 
-            kw = dict(feature_fn=functools.partial(encoder_features, load_model(judge.p)),
-                      feature_extractor=f"encoder of the real-only segmenter {judge.p.name} (trained in this study)",
+            model, cfg = load_model(judge.p)
+            kw = dict(feature_fn=functools.partial(encoder_features, (model, cfg)),
+                      feature_extractor=f"{type(model).__name__} bottleneck of the real-only segmenter "
+                                        f"{judge.p.name} (trained in this study)",
                       segmenter=f"real-only segmenter {judge.p.name}")
         written = _evaluate(study_dir, predictions={k: read_predictions(v) for k, v in predictions.items()}, **kw)
     return ref(written["synthesis"], t.seconds)

@@ -7,7 +7,6 @@ Files in model_dir (same names for both back ends, see docs/segment.md):
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import threading
@@ -23,6 +22,7 @@ from cohort.errors import CohortError
 from cohort.fsutil import atomic_path, atomic_write_csv, atomic_write_text
 from cohort.labels import region_mask
 from cohort.nifti import write_array
+from cohort.threads import torch_threads
 from cohort.volume import Volume
 
 from .config import SegmenterConfig
@@ -31,33 +31,7 @@ from .data import N_CLASSES, Case, load_cases, normalise
 LOG_COLUMNS = ("epoch", "train_loss", "val_dice", "lr", "seconds")
 
 
-_THREADS_LOCK = threading.Lock()
-_THREADS_USERS = [0, None]  # [number of blocks inside torch_threads, thread count to restore]
 _INIT_LOCK = threading.Lock()  # seeding + building a network touches torch's global RNG
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Use n intra-op threads inside the block only (library code must not change the global setting for good).
-
-    torch's thread count is process-wide: with trainings in parallel threads, the latest block entered sets it
-    and the caller's setting comes back when the last block leaves (prefer processes for parallel trainings).
-    """
-    if not n:
-        yield
-        return
-    with _THREADS_LOCK:
-        if _THREADS_USERS[0] == 0:
-            _THREADS_USERS[1] = torch.get_num_threads()
-        _THREADS_USERS[0] += 1
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        with _THREADS_LOCK:
-            _THREADS_USERS[0] -= 1
-            if _THREADS_USERS[0] == 0:
-                torch.set_num_threads(_THREADS_USERS[1])
 
 
 def build_network(cfg: SegmenterConfig, in_channels: int) -> torch.nn.Module:

@@ -17,12 +17,12 @@ from cohort.fsutil import atomic_write_text, sha256_file
 from cohort.manifest import append_rows, case_files, load_manifest, make_row
 from cohort.nifti import read_label, write_array
 from cohort.profiles import get_profile
+from cohort.threads import torch_threads
 
 from .checkpoint import RANGES_FILE, load_generator, resolve_generator
 from .network import condition_from_label
 from .quality import check_sample, load_ranges
 from .schedulers import SAMPLERS, make_sampler, sample
-from .train import torch_threads
 
 REPORT_FILE = "quality_report.csv"
 

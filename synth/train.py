@@ -6,7 +6,6 @@ order is a function of (seed, epoch), so a run killed with SIGKILL and restarted
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_write_csv, atomic_write_text
 from cohort.profiles import get_profile
+from cohort.threads import torch_threads
 
 from .checkpoint import (CONFIG_FILE, GENERATOR_FILE, LOSS_LOG, RANGES_FILE, STATE_FILE, load_state,
                          save_generator, save_state)
@@ -32,20 +32,6 @@ from .quality import intensity_ranges, save_ranges
 from .schedulers import make_training_scheduler
 
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Use n intra-op threads inside the block only (library code never changes them globally)."""
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def lr_at(config: MedDDPMConfig, step: int) -> float:

@@ -205,6 +205,8 @@ def test_deployment_run_killed_resumes_then_fully_cached(served):
     assert report.exists() and "Dice" in report.read_text()
     per_case = pd.read_csv(study / "results" / "per_case.csv")
     assert set(per_case["mix"]) == {"1:0", "0:1", "1:1@edited"}
+    # a non-default segmenter config names its own run folders (no clash with a default-config study)
+    assert per_case["run"].str.contains(r"-s0-cfg[0-9a-f]{6}$").all(), set(per_case["run"])
     assert set(per_case["test_set"]) == {"test", "ext-toy"}  # the external cohort is its own test set
     assert set(per_case[per_case["test_set"] == "ext-toy"]["case_id"]) == {"ext_000", "ext_001"}
     assert per_case["dice"].between(0, 1).all()
