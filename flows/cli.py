@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--backends", help="comma list of segmenter back ends: monai, nnunet (default monai)")
     p.add_argument("--seeds", help="comma list of segmenter seeds (default 0,1)")
     p.add_argument("--network", choices=("segresnet", "dynunet"),
-                   help="MONAI segmenter network (default segresnet; dynunet learns TC/ET better, ~5x slower)")
+                   help="MONAI segmenter network (default segresnet; dynunet learns TC/ET better, 2x the time per step)")
     p.add_argument("--external-test", dest="external_test_manifest",
                    help="another real cohort (same profile) evaluated too, reported as its own test set")
     p.add_argument("--checkpoint", dest="medddpm_checkpoint", help="reuse this Med-DDPM checkpoint (no training)")

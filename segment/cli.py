@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                    help="budget: tiny (tests), demo (CPU, about a minute), paper (nnU-Net default budget)")
     p.add_argument("--network", choices=("segresnet", "dynunet"), default=None,
                    help="MONAI network (default segresnet; dynunet is nnU-Net-like and learns the tumour core better "
-                        "on the phantom, at about 2x the time per step)")
+                        "on the phantom, at 2x the time per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs (MONAI)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave torch's setting)")
