@@ -195,8 +195,9 @@ def augment_study(
     sampler / sampling_steps: synth's sampler (ddpm, ddim, dpmpp2m). gate_failures: what to do with synthetic
     cases that still fail synth's quality gate after its redraws: "fill" (default) uses cases that passed first
     and failures only where a mix needs more, counted in study.json and the log; "exclude" never uses them (the
-    study stops if a mix lacks cases); "keep" ignores the gate. parallel: segmenter trainings at once (threads; default 2 = one per core of our
-    2-core machines, each training uses one torch thread at tiny/demo); dask_address / dask_workers: run them on Dask.
+    study stops if a mix lacks cases); "keep" ignores the gate. parallel: segmenter trainings at once in threads
+    (default 2: one per core of our 2-core machines; each uses one torch thread at tiny/demo); dask_address /
+    dask_workers: run them on Dask.
     """
     logger = get_run_logger()
     t_start = time.perf_counter()
