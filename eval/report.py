@@ -315,8 +315,11 @@ def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_sa
     for i, (name, vol, lab) in enumerate(rows):
         for j, m in enumerate(mods):
             ax = axes[i, j]
-            if m in vol.channels:  # one grey scale per modality (the real image's 1-99 %), so rows compare
-                lo, hi = np.percentile(rvol.channel(m), [1, 99])
+            if m in vol.channels:
+                # each image windowed to its own 1-99 % inside the brain: a cohort's real images need not share the
+                # generator's [-1, 1] scale (the phantom's are raw, white matter = 1), so one shared window can
+                # show a good sample as black speckle; contrast between tissues is what rows should compare
+                lo, hi = np.percentile(vol.channel(m)[lab > 0], [1, 99])
                 ax.imshow(np.rot90(vol.channel(m)[:, :, z]), cmap="gray", vmin=lo, vmax=hi)
             ax.set_title(f"{m}" if i == 0 else "", fontsize=9)
             ax.set_ylabel(name, fontsize=8) if j == 0 else None
@@ -325,7 +328,8 @@ def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_sa
         ax.imshow(np.rot90(lab[:, :, z]), cmap="viridis", vmin=0, vmax=4, interpolation="nearest")
         ax.set_title("mask (labels 0-4)" if i == 0 else "", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"{synthetic_manifest.parent.name}: same mask (owner {owner}), axial slice z={z}", fontsize=10)
+    fig.suptitle(f"{synthetic_manifest.parent.name}: same mask (owner {owner}), axial slice z={z}; "
+                 "each image windowed to its own 1-99 % inside the brain", fontsize=10)
     return _savefig(fig, path)
 
 
