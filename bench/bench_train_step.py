@@ -21,20 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# each variant changes these options of the plain eager fp32 baseline (2 threads)
+BASELINE = dict(threads=2, channels_last=False, bf16=False, compile=False, flash_attention=False, fused_adam=False)
 VARIANTS = {
-    # name: (threads, channels_last, bf16, compile, flash_attention, fused_adam)
-    "baseline: eager fp32, 2 threads": (2, False, False, False, False, False),
-    "1 thread": (1, False, False, False, False, False),
-    "channels_last_3d": (2, True, False, False, False, False),
-    "bf16 autocast": (2, False, True, False, False, False),
-    "bf16 + channels_last_3d": (2, True, True, False, False, False),
-    "SDPA attention": (2, False, False, False, True, False),
-    "torch.compile": (2, False, False, True, False, False),
-    "fused Adam": (2, False, False, False, False, True),
-    "1 thread + channels_last_3d": (1, True, False, False, False, False),
-    "1 thread + bf16": (1, False, True, False, False, False),
-    "1 thread + bf16 + channels_last_3d": (1, True, True, False, False, False),
-    "1 thread + fused Adam": (1, False, False, False, False, True),
+    "baseline: eager fp32, 2 threads": {},
+    "1 thread": dict(threads=1),
+    "channels_last_3d": dict(channels_last=True),
+    "bf16 autocast": dict(bf16=True),
+    "bf16 + channels_last_3d": dict(bf16=True, channels_last=True),
+    "SDPA attention": dict(flash_attention=True),
+    "torch.compile": dict(compile=True),
+    "fused Adam": dict(fused_adam=True),
+    "1 thread + channels_last_3d": dict(threads=1, channels_last=True),
+    "1 thread + bf16": dict(threads=1, bf16=True),
+    "1 thread + bf16 + channels_last_3d": dict(threads=1, bf16=True, channels_last=True),
+    "1 thread + fused Adam": dict(threads=1, fused_adam=True),
 }
 
 
@@ -64,7 +65,8 @@ def run_variant(profile: str, name: str, steps: int, warmup: int) -> dict:
     from synth.schedulers import make_training_scheduler
     from synth.train import diffusion_loss
 
-    threads, cl, bf16, comp, flash, fused = VARIANTS[name]
+    o = {**BASELINE, **VARIANTS[name]}
+    threads, cl, bf16, comp, flash, fused = (o[k] for k in BASELINE)
     torch.set_num_threads(threads)
     cfg = get_config(profile).replace(channels_last=cl, autocast_bf16=bf16, use_flash_attention=flash)
     shape = get_profile(cfg.profile).shape

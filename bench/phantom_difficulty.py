@@ -105,7 +105,8 @@ def main(argv=None) -> int:
               "seeds": args.seeds, "network": args.network, "lr": args.lr,
               "mean_dice_per_seed": {f"n{k[0]}_seed{k[1]}": v for k, v in by_seed.round(4).to_dict("index").items()},
               "mean_dice": {int(k): v for k, v in means.round(4).to_dict("index").items()},
-              "ratio_large_over_small": ratios, "paired_difference_large_minus_small": paired, "seconds_per_run": {k: round(v, 1) for k, v in times.items()},
+              "ratio_large_over_small": ratios, "paired_difference_large_minus_small": paired,
+              "seconds_per_run": {k: round(v, 1) for k, v in times.items()},
               "build_seconds": round(t_build, 1)}
     (work / "results.json").write_text(json.dumps(result, indent=1))
     return 0

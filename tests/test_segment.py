@@ -49,21 +49,23 @@ def test_training_data_hash_depends_on_cases_and_order_free(toy_cohort):
     assert len(entries) == 6 * 5  # 4 modalities + label per case
 
 
-def test_trained_model_beats_untrained(trained, toy_cohort, tmp_path):
-    model_dir, preds, _ = trained
-    lab_dice, wt_dice = mean_dice(preds, toy_cohort)
-    # untrained baseline: the same network and seed, weights as initialised
-    model, cfg = api.load_model(model_dir)
-    torch.manual_seed(cfg.seed)
-    untrained = monai_backend.build_network(cfg, len(cfg.modalities)).eval()
+def untrained_dice(cfg: SegmenterConfig, manifest, out_dir) -> tuple[float, float]:
+    """mean_dice on the training cases of the same network and seed with its weights as initialised (baseline)."""
     from cohort.nifti import write_array
     from segment.data import load_cases
 
-    base = {}
-    for c in load_cases(toy_cohort, TRAIN, cfg.modalities):
-        lab = monai_backend._predict_logits(untrained, cfg, c.image).argmax(0).numpy()
-        base[c.case_id] = write_array(tmp_path / f"{c.case_id}.nii.gz", lab, c.affine)
-    base_lab, base_wt = mean_dice(base, toy_cohort)
+    torch.manual_seed(cfg.seed)
+    untrained = monai_backend.build_network(cfg, len(cfg.modalities)).eval()
+    base = {c.case_id: write_array(out_dir / f"{c.case_id}.nii.gz",
+                                   monai_backend._predict_logits(untrained, cfg, c.image).argmax(0).numpy(), c.affine)
+            for c in load_cases(manifest, TRAIN, cfg.modalities)}
+    return mean_dice(base, manifest)
+
+
+def test_trained_model_beats_untrained(trained, toy_cohort, tmp_path):
+    model_dir, preds, _ = trained
+    lab_dice, wt_dice = mean_dice(preds, toy_cohort)
+    base_lab, base_wt = untrained_dice(api.load_model(model_dir)[1], toy_cohort, tmp_path)
     assert wt_dice > 0.6 and wt_dice > base_wt + 0.3, (wt_dice, base_wt)
     assert lab_dice > base_lab + 0.2, (lab_dice, base_lab)
 
@@ -189,15 +191,7 @@ def test_dynunet_learns_saves_and_gives_encoder_features(toy_cohort, tmp_path):
     model, rcfg = api.load_model(model_dir)
     assert type(model).__name__ == "DynUNet" and rcfg.network == "dynunet" and rcfg.init_filters == 8
     _, wt_dice = mean_dice(api.predict(model_dir, toy_cohort, TRAIN, tmp_path / "pred"), toy_cohort)
-    torch.manual_seed(rcfg.seed)
-    untrained = monai_backend.build_network(rcfg, len(rcfg.modalities)).eval()
-    from cohort.nifti import write_array
-    from segment.data import load_cases
-
-    base = {c.case_id: write_array(tmp_path / "base" / f"{c.case_id}.nii.gz",
-                                   monai_backend._predict_logits(untrained, rcfg, c.image).argmax(0).numpy(), c.affine)
-            for c in load_cases(toy_cohort, TRAIN, rcfg.modalities)}
-    assert wt_dice > 0.6 and wt_dice > mean_dice(base, toy_cohort)[1] + 0.3
+    assert wt_dice > 0.6 and wt_dice > untrained_dice(rcfg, toy_cohort, tmp_path / "base")[1] + 0.3
     vol, _ = load_case(toy_cohort, load_manifest(toy_cohort).set_index("case_id", drop=False).loc["toy_000"])
     f = api.encoder_features((model, rcfg), vol)
     assert f.shape == (rcfg.init_filters * 2 ** (len(rcfg.blocks_down) - 1),) and np.isfinite(f).all()
