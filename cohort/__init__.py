@@ -2,12 +2,12 @@
 
 The only package that reads or writes NIfTI files.
 """
-from .errors import CohortError
+from .errors import CohortError, ConfigError, MedDDPMError
 from .fsutil import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
 from .labels import BACKGROUND, BRAIN, ED, ET, MODALITIES, NCR, REGIONS, region_mask
 from .profiles import PROFILES, Profile, get_profile
 from .volume import Volume
 
-__all__ = ["CohortError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file",
+__all__ = ["CohortError", "ConfigError", "MedDDPMError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file",
            "BACKGROUND", "BRAIN", "ED", "ET", "MODALITIES", "NCR", "REGIONS", "region_mask",
            "PROFILES", "Profile", "get_profile", "Volume"]

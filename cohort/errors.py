@@ -1,10 +1,14 @@
-"""The one exception type for bad input: its message always names the file and the problem."""
+"""The project's exception types: bad input data (names the file) and bad settings (names the option)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
-class CohortError(ValueError):
+class MedDDPMError(ValueError):
+    """Base of every error this project raises on purpose; the CLI prints it without a traceback."""
+
+
+class CohortError(MedDDPMError):
     """Bad input data. ``str(err)`` is ``"<path>: <problem>"`` so a researcher can find the file."""
 
     def __init__(self, path: str | Path | None, problem: str, kind: str = "invalid"):
@@ -13,3 +17,14 @@ class CohortError(ValueError):
         # machine-readable category, e.g. "unreadable", "not-3d", "shape-mismatch", "duplicate-case"
         self.kind = kind
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class ConfigError(MedDDPMError):
+    """A bad setting (option, profile name, parameter combination): no file is involved, the message names the
+    setting and says what is allowed."""
+
+    def __init__(self, problem: str, kind: str = "bad-config"):
+        self.path = None
+        self.problem = problem
+        self.kind = kind
+        super().__init__(problem)

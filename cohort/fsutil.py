@@ -68,6 +68,34 @@ def atomic_write_csv(path: str | Path, rows: list[dict], fieldnames) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def atomic_torch_save(obj, path: str | Path) -> Path:
+    """torch.save to a temporary name, then rename (training states; load them with weights_only=True)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def read_csv_log(path: str | Path, key: str, upto: int) -> list[dict]:
+    """Rows of a CSV log (training loss logs) whose integer column ``key`` is <= ``upto``: what a run resumed at
+    ``upto`` keeps. Rows that do not parse (a line cut by a kill) are dropped; a missing file gives []."""
+    import csv
+    import io
+
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for r in csv.DictReader(io.StringIO(path.read_text())):
+        try:
+            if int(r[key]) <= upto:
+                rows.append(dict(r))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return rows
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -21,13 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cohort.errors import CohortError
+    from cohort.errors import MedDDPMError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except CohortError as e:
+    except MedDDPMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)
