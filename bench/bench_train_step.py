@@ -68,7 +68,7 @@ def run_variant(profile: str, name: str, steps: int, warmup: int) -> dict:
     o = {**BASELINE, **VARIANTS[name]}
     threads, cl, bf16, comp, flash, fused = (o[k] for k in BASELINE)
     torch.set_num_threads(threads)
-    cfg = get_config(profile).replace(channels_last=cl, autocast_bf16=bf16, use_flash_attention=flash)
+    cfg = get_config(profile).replace(channels_last=cl, precision="bf16" if bf16 else "fp32", use_flash_attention=flash)
     shape = get_profile(cfg.profile).shape
     torch.manual_seed(0)
     model = build_unet(cfg)
@@ -82,7 +82,7 @@ def run_variant(profile: str, name: str, steps: int, warmup: int) -> dict:
         t = torch.randint(0, cfg.timesteps, (x0.shape[0],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         opt.zero_grad(set_to_none=True)
-        loss = diffusion_loss(fwd, x0, cond, t, noise, sched, cfg.loss, cl, bf16)
+        loss = diffusion_loss(fwd, x0, cond, t, noise, sched, cfg.loss, cl, torch.bfloat16 if bf16 else None)
         loss.backward()
         opt.step()
         return float(loss.detach())

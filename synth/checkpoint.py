@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from cohort.errors import CohortError
-from cohort.fsutil import atomic_path
+from cohort.fsutil import atomic_write_bytes
 
 from .config import MedDDPMConfig
 from .network import build_unet
@@ -22,11 +22,6 @@ CONFIG_FILE = "config.json"
 LOSS_LOG = "loss_log.csv"
 
 
-def save_state(path: str | Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
 def load_state(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -34,11 +29,25 @@ def load_state(path: str | Path) -> dict:
         raise CohortError(path, f"unreadable training checkpoint ({type(e).__name__}: {e})", kind="unreadable") from e
 
 
-def save_generator(path: str | Path, model: torch.nn.Module, config: MedDDPMConfig, step: int) -> Path:
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    meta = {"config": config.to_json(), "config_hash": config.hash(), "step": str(step), "format": "medddpm-ema-v1"}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted. safetensors writes the metadata map in hash order,
+    which differs between runs, so two identical models gave files with different bytes (and content hashes).
+    The data section and its offsets are untouched; the header is re-serialised (the format allows any order
+    and trailing spaces) and padded to 8 bytes."""
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
+
+
+def save_generator(path: str | Path, model: torch.nn.Module, config: MedDDPMConfig, step: int,
+                   extra_metadata: dict[str, str] | None = None) -> Path:
+    """The EMA weights as safetensors (on the CPU), config in the metadata; same weights -> same bytes."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"config": config.to_json(), "config_hash": config.hash(), "step": str(step), "format": "medddpm-ema-v1",
+            **(extra_metadata or {})}
+    atomic_write_bytes(path, canonical_safetensors(tensors, meta))
     return Path(path)
 
 

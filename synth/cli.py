@@ -3,7 +3,10 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from .config import PROFILES
+    from cohort.device import DEVICE_HELP
+
+    from . import defaults
+    from .config import LR_SCHEDULES, PRECISIONS, PROFILES
     from .schedulers import SAMPLERS
 
     p = subparsers.add_parser(
@@ -15,7 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoints, loss log, generator)")
     p.add_argument("--steps", type=int, help="total optimizer steps (default: the profile's)")
     p.add_argument("--lr", type=float, help="Adam learning rate")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine", "warmup"), help="learning-rate schedule")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="learning-rate schedule (cosine decays to lr_min at "
+                                                               "--steps; a resume must keep --steps then)")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps (with either schedule)")
     p.add_argument("--batch-size", type=int, help="volumes per micro-batch")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--loss", choices=("l1", "l2"), help="denoising loss (paper: l1)")
@@ -26,7 +31,12 @@ def register(subparsers) -> None:
     p.add_argument("--sources", help="comma-separated manifest sources to train on (default: real)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--threads", type=int, help="torch threads during training")
-    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (see docs/benchmarks.md)")
+    p.add_argument("--device", help=f"where to train: {DEVICE_HELP} (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, help="autocast: auto (default: bf16 on a bf16 GPU, else fp32), "
+                                                           "fp32, bf16, fp16 (with loss scaling); weights and EMA "
+                                                           "stay fp32")
+    p.add_argument("--grad-checkpoint", action="store_true", default=None,
+                   help="activation checkpointing: much less GPU memory for ~30 %% more time per step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -38,12 +48,17 @@ def register(subparsers) -> None:
     s.add_argument("--checkpoint", required=True, help="generator.safetensors (or the training folder)")
     s.add_argument("--masks", required=True, help="manifest with the conditioning masks (real or source=mask rows)")
     s.add_argument("--count", type=int, required=True, help="number of synthetic cases")
-    s.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddpm (paper, 250 steps), ddim or dpmpp2m")
-    s.add_argument("--steps", type=int, default=25, help="sampling steps (250 for ddpm as in the paper; 25 is ~10x faster)")
+    s.add_argument("--sampler", choices=SAMPLERS, default=defaults.SAMPLER,
+                   help=f"ddpm (the paper's, with 250 steps), ddim or dpmpp2m (default {defaults.SAMPLER})")
+    s.add_argument("--steps", type=int, default=defaults.STEPS,
+                   help=f"sampling steps, 1-250 (default {defaults.STEPS}; the paper: ddpm with 250)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0, help="base seed")
-    s.add_argument("--eta", type=float, default=1.0,
-                   help="DDIM eta: 1 (default) adds fresh noise each step, which kept the under-trained demo model's samples as good as 250-step DDPM; 0 = deterministic ODE (see docs/medddpm.md)")
+    s.add_argument("--eta", type=float, default=defaults.ETA,
+                   help=f"DDIM eta (default {defaults.ETA:g}): 1 adds fresh noise each step (the respaced ancestral "
+                        "chain), which kept the under-trained demo model's samples as good as 250-step DDPM; "
+                        "0 = deterministic ODE (docs/medddpm.md)")
+    s.add_argument("--device", default="auto", help=f"where to sample: {DEVICE_HELP} (default auto)")
     s.add_argument("--batch-size", type=int, default=4, help="volumes per network call")
     s.add_argument("--splits", default="train", help="comma-separated splits of mask rows to use ('all' = any)")
     s.add_argument("--max-retries", type=int, default=3, help="quality-gate redraws per case")
@@ -58,7 +73,8 @@ def _train(args) -> int:
     overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
                  "grad_accum": args.grad_accum, "loss": args.loss, "checkpoint_every": args.checkpoint_every,
                  "ema_decay": args.ema_decay, "ema_every": args.ema_every, "ema_start": args.ema_start,
-                 "seed": args.seed, "num_threads": args.threads, "autocast_bf16": args.bf16,
+                 "seed": args.seed, "num_threads": args.threads, "warmup_steps": args.warmup_steps,
+                 "device": args.device, "precision": args.precision, "grad_checkpoint": args.grad_checkpoint,
                  "sources": tuple(args.sources.split(",")) if args.sources else None,
                  "progress": False if args.no_progress else None}
     path = train_medddpm(args.manifest, args.profile, args.out, {k: v for k, v in overrides.items() if v is not None})
@@ -72,6 +88,6 @@ def _synthesize(args) -> int:
     splits = None if args.splits == "all" else tuple(args.splits.split(","))
     path = synthesize_cohort(args.checkpoint, args.masks, args.out, args.count, args.sampler, args.steps, args.seed,
                              eta=args.eta, batch_size=args.batch_size, splits=splits, max_retries=args.max_retries,
-                             num_threads=args.threads, progress=not args.no_progress)
+                             num_threads=args.threads, progress=not args.no_progress, device=args.device)
     print(f"manifest: {path}")
     return 0

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from cohort.errors import CohortError
+from cohort.errors import ConfigError
 from cohort.labels import BRAIN, ED, ET, NCR, TUMOUR_LABELS
 
 # Conditioning schemes: the one-hot channels built from a label map (values {0, 1}).
@@ -25,9 +25,15 @@ CONDITION_LABELS: dict[str, tuple[tuple[int, ...], ...]] = {
     "wholehead": ((BRAIN,), TUMOUR_LABELS),
 }
 
-# Fields that do not change what is learned (run length, logging, threads): left out of the config hash
-# so that `--steps` can be raised and a run resumed.
-RUNTIME_FIELDS = ("steps", "checkpoint_every", "log_every", "num_threads", "progress")
+# Fields that do not change what is learned (run length, logging, threads, where and in which precision it runs):
+# left out of the config hash, so a run can be resumed with more --steps (constant lr) or on another device.
+# With lr_schedule="cosine" the lr horizon is `steps`: a resume checks it separately (synth.train).
+RUNTIME_FIELDS = ("steps", "checkpoint_every", "log_every", "num_threads", "progress", "device", "precision",
+                  "grad_checkpoint")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# keys of configs written by earlier versions, read as their present meaning
+_LEGACY_KEYS = {"autocast_bf16": lambda v: {"precision": "bf16"} if v else {}}
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,9 @@ class MedDDPMConfig:
     loss: str = "l1"                               # l1 (paper) | l2
     # optimisation
     lr: float = 1e-5
-    lr_schedule: str = "constant"                  # constant | cosine (to lr_min over `steps`) | warmup
+    lr_schedule: str = "constant"                  # constant | cosine (to lr_min at `steps`)
     lr_min: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0                          # linear warm-up from lr/warmup_steps, before either schedule
     batch_size: int = 1
     grad_accum: int = 2
     ema_decay: float = 0.995
@@ -63,8 +69,10 @@ class MedDDPMConfig:
     splits: tuple[str, ...] = ("train",)
     # speed (see docs/benchmarks.md)
     channels_last: bool = False
-    autocast_bf16: bool = False
     # runtime (not hashed)
+    device: str = "auto"                           # auto (CUDA when present) | cpu | cuda | cuda:N | mps
+    precision: str = "auto"                        # auto (bf16 autocast on a bf16 GPU, else fp32) | fp32 | bf16 | fp16
+    grad_checkpoint: bool = False                  # activation checkpointing (less memory, ~30 % more time)
     steps: int = 100_000
     checkpoint_every: int = 1000
     log_every: int = 1
@@ -73,17 +81,21 @@ class MedDDPMConfig:
 
     def __post_init__(self):
         if self.condition not in CONDITION_CHANNELS:
-            raise CohortError(None, f"unknown condition scheme {self.condition!r}; known {sorted(CONDITION_CHANNELS)}",
-                              kind="bad-config")
+            raise ConfigError(f"unknown condition scheme {self.condition!r}; known {sorted(CONDITION_CHANNELS)}")
         if len(self.attention_levels) != len(self.channels):
-            raise CohortError(None, "attention_levels needs one entry per level of channels", kind="bad-config")
+            raise ConfigError("attention_levels needs one entry per level of channels")
         if any(c % self.norm_num_groups for c in self.channels):
-            raise CohortError(None, f"every channel count {self.channels} must be divisible by "
-                                    f"norm_num_groups={self.norm_num_groups}", kind="bad-config")
+            raise ConfigError(f"every channel count {self.channels} must be divisible by "
+                              f"norm_num_groups={self.norm_num_groups}")
         if self.loss not in ("l1", "l2"):
-            raise CohortError(None, f"loss must be 'l1' or 'l2', not {self.loss!r}", kind="bad-config")
-        if self.lr_schedule not in ("constant", "cosine", "warmup"):
-            raise CohortError(None, f"unknown lr_schedule {self.lr_schedule!r}", kind="bad-config")
+            raise ConfigError(f"loss must be 'l1' or 'l2', not {self.loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; known {LR_SCHEDULES} (warm-up: "
+                              "warmup_steps / --warmup-steps, with either)")
+        if not 0 <= self.warmup_steps:
+            raise ConfigError(f"warmup_steps must be >= 0, not {self.warmup_steps}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; known {PRECISIONS}")
 
     @property
     def in_channels(self) -> int:
@@ -106,10 +118,16 @@ class MedDDPMConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "MedDDPMConfig":
         known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(known))
+        unknown = sorted(set(d) - set(known) - set(_LEGACY_KEYS))
         if unknown:
-            raise CohortError(None, f"unknown Med-DDPM config keys {unknown}", kind="bad-config")
+            raise ConfigError(f"unknown Med-DDPM config keys {unknown}")
         kw = {}
+        d = dict(d)
+        for old, meaning in _LEGACY_KEYS.items():
+            if old in d:
+                d.update({k: v for k, v in meaning(d.pop(old)).items() if k not in d})
+        if d.get("lr_schedule") == "warmup":  # earlier name of a constant lr after warmup_steps
+            d["lr_schedule"] = "constant"
         for k, v in d.items():
             kw[k] = tuple(v) if isinstance(v, list) else v
         return cls(**kw)
@@ -152,6 +170,5 @@ def get_config(profile: str, **overrides) -> MedDDPMConfig:
     try:
         base = PROFILES[profile]
     except KeyError:
-        raise CohortError(None, f"unknown Med-DDPM profile {profile!r}; known {sorted(PROFILES)}",
-                          kind="bad-profile") from None
+        raise ConfigError(f"unknown Med-DDPM profile {profile!r}; known {sorted(PROFILES)}", kind="bad-profile") from None
     return base.replace(**{k: v for k, v in overrides.items() if v is not None}) if overrides else base

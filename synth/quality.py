@@ -1,5 +1,18 @@
-"""MAISI-style quality gate: per label and modality, a synthetic image's median intensity must fall inside the
-range of per-case medians seen in the training data (stored beside the checkpoint at training time)."""
+"""MAISI-style quality gate for synthetic MRI: per modality, three checks against envelopes learnt from the training
+cases (stored beside the generator at training time as intensity_ranges.json):
+
+1. ``median``: the median intensity of each tissue label (NCR, ED, ET, brain) — is the contrast right?
+2. ``background``: the median outside the brain (label 0) — a sample whose background is grey (-0.3 instead of
+   the training's -1) fails, which check 1 cannot see;
+3. ``texture``: the high-frequency energy inside the brain (robust spread, 1.4826 x MAD, of the image minus its
+   3x3x3 box mean, on the brain eroded by one voxel so the brain outline does not count) — zero-mean noise, which leaves
+   every median in place, raises it (added noise of sd 0.2 fails; real images pass).
+
+Envelope of a statistic (as MAISI: mean ± k·sd, widened to the observed range): [min(lo, mean - k sd) - margin,
+max(hi, mean + k sd) + margin] over the training cases' values, with k = 3 and margin = 0.05 (intensities are in the
+generator's [-1, 1] space). With k = 3 a held-out real case falls outside one of its ~30 envelopes rarely: on the
+demo phantom 100 % of held-out real cases pass (docs/benchmarks.md; test: tests/test_synth_quality.py).
+"""
 from __future__ import annotations
 
 import json
@@ -9,26 +22,75 @@ import numpy as np
 
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_write_text
-from cohort.labels import LABEL_NAMES
+from cohort.labels import BACKGROUND, LABEL_NAMES
 
+GATE_FORMAT = "medddpm-gate-v2"
 MIN_VOXELS = 5  # labels smaller than this in a mask are not judged (their median is too noisy)
-GATED_LABELS = (1, 2, 3, 4)  # tissue labels, as MAISI gates organs; background (air) is not judged
+GATED_LABELS = (1, 2, 3, 4)  # tissue labels, as MAISI gates organs; background has its own check
+K_SIGMA = 3.0
+MARGIN = 0.05
+
+
+def texture(channel: np.ndarray, label: np.ndarray) -> float:
+    """Robust spread (1.4826 x median absolute deviation) of channel - (3x3x3 box mean) inside the brain eroded by
+    one voxel (NaN if that is empty): a noise level that tissue edges hardly affect."""
+    from scipy.ndimage import binary_erosion, uniform_filter
+
+    inner = binary_erosion(label > 0)
+    if inner.sum() < MIN_VOXELS:
+        return float("nan")
+    x = np.asarray(channel, dtype=np.float64)
+    r = (x - uniform_filter(x, size=3, mode="nearest"))[inner]
+    # robust scale (MAD): tissue edges are sparse and barely move it; noise, present in every voxel, does
+    return float(1.4826 * np.median(np.abs(r - np.median(r))))
+
+
+def case_statistics(image: np.ndarray, label: np.ndarray, modalities) -> dict:
+    """{"median": {label: {modality: v}}, "background": {modality: v}, "texture": {modality: v}} of one case."""
+    out: dict = {"median": {}, "background": {}, "texture": {}}
+    for v in np.unique(label).tolist():
+        sel = label == v
+        if sel.sum() < MIN_VOXELS:
+            continue
+        for ci, m in enumerate(modalities):
+            med = float(np.median(image[ci][sel]))
+            if v == BACKGROUND:
+                out["background"][m] = med
+            elif v in GATED_LABELS:
+                out["median"].setdefault(str(v), {})[m] = med
+    for ci, m in enumerate(modalities):
+        t = texture(image[ci], label)
+        if np.isfinite(t):
+            out["texture"][m] = t
+    return out
+
+
+def _summary(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
+            "max": float(v.max()), "n": int(len(v))}
 
 
 def intensity_ranges(items: list[dict], modalities: tuple[str, ...]) -> dict:
-    """{"labels": {label: {modality: [min, max] of per-case medians}}, "n_cases": n} from normalised items."""
-    per: dict[int, dict[str, list[float]]] = {}
+    """The gate's statistics of the training items ({"image": (C,X,Y,Z) in model space, "label": (1,X,Y,Z)})."""
+    acc: dict = {"median": {}, "background": {}, "texture": {}}
     for it in items:
-        img = np.asarray(it["image"])
-        lab = np.asarray(it["label"])[0]
-        for v in np.unique(lab).tolist():
-            sel = lab == v
-            if sel.sum() < MIN_VOXELS:
-                continue
-            for ci, m in enumerate(modalities):
-                per.setdefault(int(v), {}).setdefault(m, []).append(float(np.median(img[ci][sel])))
-    return {"n_cases": len(items), "modalities": list(modalities),
-            "labels": {str(v): {m: [min(xs), max(xs)] for m, xs in d.items()} for v, d in sorted(per.items())}}
+        st = case_statistics(np.asarray(it["image"]), np.asarray(it["label"])[0], modalities)
+        for v, d in st["median"].items():
+            for m, x in d.items():
+                acc["median"].setdefault(v, {}).setdefault(m, []).append(x)
+        for key in ("background", "texture"):
+            for m, x in st[key].items():
+                acc[key].setdefault(m, []).append(x)
+    return {"format": GATE_FORMAT, "n_cases": len(items), "modalities": list(modalities),
+            "labels": {v: {m: _summary(xs) for m, xs in d.items()} for v, d in sorted(acc["median"].items())},
+            "background": {m: _summary(xs) for m, xs in acc["background"].items()},
+            "texture": {m: _summary(xs) for m, xs in acc["texture"].items()}}
+
+
+def envelope(stat: dict, k: float = K_SIGMA, margin: float = MARGIN) -> tuple[float, float]:
+    return (min(stat["min"], stat["mean"] - k * stat["sd"]) - margin,
+            max(stat["max"], stat["mean"] + k * stat["sd"]) + margin)
 
 
 def save_ranges(path: str | Path, ranges: dict) -> None:
@@ -36,25 +98,42 @@ def save_ranges(path: str | Path, ranges: dict) -> None:
 
 
 def load_ranges(path: str | Path) -> dict:
+    """The gate statistics beside a generator. Files of the first format (per label [min, max] of medians only)
+    are read as envelopes of the observed range; their background and texture checks are then skipped."""
     p = Path(path)
     if not p.exists():
         raise CohortError(p, "training intensity ranges missing (written by train_medddpm)", kind="missing-file")
-    return json.loads(p.read_text())
+    try:
+        ranges = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CohortError(p, f"not valid JSON ({e})", kind="unreadable") from e
+    if ranges.get("format") != GATE_FORMAT:
+        ranges = {"format": "medddpm-gate-v1", "n_cases": ranges.get("n_cases"), "modalities": ranges.get("modalities"),
+                  "labels": {v: {m: {"mean": (lo + hi) / 2, "sd": 0.0, "min": lo, "max": hi, "n": 0}
+                                 for m, (lo, hi) in d.items()} for v, d in ranges.get("labels", {}).items()},
+                  "background": {}, "texture": {}}
+    return ranges
 
 
 def check_sample(image: np.ndarray, label: np.ndarray, ranges: dict, modalities: tuple[str, ...],
-                 margin: float = 0.05) -> list[str]:
-    """Failures (empty list = pass) for one sample: image (C, X, Y, Z) in model space, label (X, Y, Z)."""
+                 margin: float = MARGIN, k: float = K_SIGMA) -> list[str]:
+    """Failed checks of one sample (empty list = pass), each "<check> <label>/<modality>: <value> outside
+    [<low>, <high>]". image: (C, X, Y, Z) in model space; label: (X, Y, Z)."""
+    st = case_statistics(image, label, modalities)
     failures = []
-    for v in np.unique(label).tolist():
-        sel = label == v
-        if v not in GATED_LABELS or sel.sum() < MIN_VOXELS or str(v) not in ranges["labels"]:
-            continue
-        for ci, m in enumerate(modalities):
-            lo, hi = ranges["labels"][str(v)].get(m, (None, None))
-            if lo is None:
-                continue
-            med = float(np.median(image[ci][sel]))
-            if not (lo - margin <= med <= hi + margin):
-                failures.append(f"{LABEL_NAMES.get(v, v)}/{m}: median {med:.3f} outside [{lo:.3f}, {hi:.3f}]")
+
+    def judge(check: str, where: str, value: float, stat: dict | None) -> None:
+        if stat is None:
+            return
+        lo, hi = envelope(stat, k, margin)
+        if not lo <= value <= hi:
+            failures.append(f"{check} {where}: {value:.3f} outside [{lo:.3f}, {hi:.3f}]")
+
+    for v, d in st["median"].items():
+        for m, x in d.items():
+            judge("median", f"{LABEL_NAMES.get(int(v), v)}/{m}", x, ranges["labels"].get(v, {}).get(m))
+    for m, x in st["background"].items():
+        judge("background", f"background/{m}", x, ranges.get("background", {}).get(m))
+    for m, x in st["texture"].items():
+        judge("texture", f"brain/{m}", x, ranges.get("texture", {}).get(m))
     return failures

@@ -1,26 +1,36 @@
-"""Noise schedule and samplers, kept apart from the network (diffusers style).
+"""Noise schedule and samplers, kept apart from the network and the training loop (diffusers / k-diffusion style):
+the schedule is a small object, each sampler's update is a stateless function, and ``sample`` runs the loop.
 
-Every sampler has ``set_timesteps(n)``, ``timesteps`` and ``step(eps, t, x, generator=None) -> (x_prev, x0_hat)``
-and clamps x̂0 to [-1, 1] as the paper does.
+- ``ddpm``: ancestral sampling with the fixed "small" posterior variance (the paper's sampler at n = T = 250).
+  With n < T the chain is respaced correctly: each step samples q(x_prev | x_t, x̂0) of the jump t -> t_prev,
+  built from ᾱ_t and ᾱ_prev (not from β_t, which belongs to the single step t -> t-1; diffusers PR #2076).
+- ``ddim``: DDIM (Song et al. 2021) with eta (0 = deterministic ODE, 1 = the respaced ancestral chain's variance).
+- ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022), second-order multistep in log-SNR on the data prediction.
 
-- ``ddpm``: MONAI's DDPMScheduler (ancestral sampling, fixed "small" posterior variance) over all T steps.
-- ``ddim``: MONAI's DDIMScheduler, with timesteps re-spaced so that MONAI's fixed stride ``T // n`` in ``step``
-  matches them (MONAI 1.6.1 spaces them by linspace but steps back by T // n; see docs/medddpm.md).
-- ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022, data-prediction multistep solver). MONAI has no such
-  scheduler and diffusers is not a dependency, so it is written here on top of MONAI's noise schedule.
+Every sampler takes its previous timestep from the sampling timesteps themselves and its final step goes to
+ᾱ_prev = 1 (the clean image), for every step count n from 1 to T. x̂0 is clamped to [-1, 1] at every step, as the
+paper does. MONAI 1.6.1's DDIMScheduler steps back by the fixed stride T // n, which lands on a noisy image when n
+does not divide T (n = 20 ends at t = 9), and its DDPMScheduler uses β_t whatever the spacing; neither has
+DPM-Solver++. So the updates are written here (a few lines each); the schedule itself (ᾱ) and the training
+forward process come from MONAI's DDPMScheduler.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from monai.networks.schedulers import DDPMScheduler
+
+from cohort.errors import ConfigError
+
+from . import defaults
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 
 
 def make_training_scheduler(timesteps: int = 250, schedule: str = "cosine") -> DDPMScheduler:
-    """The forward process used in training (add_noise) and by ancestral sampling.
+    """The forward process used in training (add_noise).
 
     MONAI's cosine schedule (s = 0.008, betas clipped at 0.999) equals the paper's.
     """
@@ -28,134 +38,163 @@ def make_training_scheduler(timesteps: int = 250, schedule: str = "cosine") -> D
                          clip_sample=True, prediction_type="epsilon")
 
 
-class DDPMSampler(DDPMScheduler):
-    """Ancestral DDPM (the paper's sampler). With ``n < T`` MONAI respaces the chain; the paper uses n = T."""
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """ᾱ_t for t = 0..T-1 (float64), with ᾱ_{-1} = 1 standing for the clean image."""
 
-    stochastic = True
+    alphas_cumprod: torch.Tensor
 
-    def __init__(self, timesteps: int = 250, schedule: str = "cosine"):
-        super().__init__(num_train_timesteps=timesteps, schedule=schedule, variance_type="fixed_small",
-                         clip_sample=True, prediction_type="epsilon")
+    @classmethod
+    def build(cls, timesteps: int = 250, schedule: str = "cosine") -> "NoiseSchedule":
+        return cls(make_training_scheduler(timesteps, schedule).alphas_cumprod.double().clone())
+
+    @property
+    def T(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def alpha_bar(self, t: int) -> float:
+        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
 
 
-class DDIMSampler(DDIMScheduler):
-    """DDIM with eta (0 = deterministic). Timesteps start at T-1 and are evenly spaced by MONAI's stride T // n."""
+def sampling_timesteps(T: int, n: int) -> list[int]:
+    """n distinct timesteps from T-1 downwards, evenly spaced by T/n: t_k = round(T-1 - k*T/n).
 
-    def __init__(self, timesteps: int = 250, schedule: str = "cosine", eta: float = 0.0):
-        super().__init__(num_train_timesteps=timesteps, schedule=schedule, clip_sample=True,
-                         set_alpha_to_one=True, prediction_type="epsilon")
-        self.eta = float(eta)
+    For n dividing T this is MONAI/DDIM's "leading" spacing (n = 25: 249, 239, ..., 9); n = T gives every step.
+    The step after the last one goes to the clean image (t = -1, ᾱ = 1)."""
+    if not 1 <= int(n) <= T:
+        raise ConfigError(f"sampling steps must be between 1 and {T} (the training timesteps), not {n}")
+    return [int(math.floor(T - 1 - k * T / n + 0.5)) for k in range(int(n))]
+
+
+def _x0_and_eps(x: torch.Tensor, eps: torch.Tensor, a_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamped x̂0 from the ε-prediction, and the ε consistent with the clamped x̂0 (as guided-diffusion does, so
+    errors of ε̂ at high noise, where √ᾱ ≈ 0, do not leak into x_prev)."""
+    x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1.0, 1.0)
+    return x0, (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+
+
+def ddim_update(x, eps, a_t: float, a_prev: float, eta: float, noise=None):
+    """One DDIM step t -> t_prev: (x_prev, x̂0). ``noise`` (like x) is needed when eta > 0 and a_prev < 1."""
+    x0, eps = _x0_and_eps(x, eps, a_t)
+    var = eta ** 2 * (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    out = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - var, 0.0)) * eps
+    if var > 0:
+        out = out + math.sqrt(var) * noise
+    return out, x0
+
+
+def ddpm_update(x, eps, a_t: float, a_prev: float, noise=None):
+    """One ancestral step t -> t_prev from the posterior q(x_prev | x_t, x̂0) of that jump: (x_prev, x̂0).
+
+    With β = 1 - ᾱ_t/ᾱ_prev: mean = √ᾱ_prev β/(1-ᾱ_t) x̂0 + √(1-β) (1-ᾱ_prev)/(1-ᾱ_t) x_t,
+    variance = β (1-ᾱ_prev)/(1-ᾱ_t) (fixed small). For adjacent steps this is the paper's DDPM."""
+    x0, _ = _x0_and_eps(x, eps, a_t)
+    beta = 1 - a_t / a_prev
+    mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+    var = beta * (1 - a_prev) / (1 - a_t)
+    return (mean + math.sqrt(var) * noise if var > 0 else mean), x0
+
+
+def dpmpp2m_update(x, eps, a_t: float, a_prev: float, history=None):
+    """One DPM-Solver++(2M) step t -> t_prev: (x_prev, x̂0, history for the next step).
+
+    x_prev = (σ_prev/σ_t) x - α_prev (e^{-h} - 1) D with D = (1 + 1/(2r)) x̂0 - 1/(2r) x̂0_last, r = h_last/h;
+    first order (D = x̂0) when there is no history. The final step (σ_prev = 0) returns x̂0."""
+    x0, _ = _x0_and_eps(x, eps, a_t)
+    if a_prev >= 1.0:
+        return x0, x0, None
+    s_t, s_p = math.sqrt(1 - a_t), math.sqrt(1 - a_prev)
+    al_t, al_p = math.sqrt(a_t), math.sqrt(a_prev)
+    h = math.log(al_p / s_p) - math.log(al_t / s_t)
+    d = x0
+    if history is not None:
+        last_x0, last_h = history
+        r = last_h / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * last_x0
+    return (s_p / s_t) * x - al_p * math.expm1(-h) * d, x0, (x0, h)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Which update rule to run (``name`` in SAMPLERS), its eta (DDIM only) and the noise schedule."""
+
+    name: str
+    schedule: NoiseSchedule
+    eta: float = 0.0
 
     @property
     def stochastic(self) -> bool:
-        return self.eta > 0
+        return self.name == "ddpm" or (self.name == "ddim" and self.eta > 0)
 
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        super().set_timesteps(num_inference_steps, device)  # validates n
-        stride = self.num_train_timesteps // num_inference_steps
-        last = self.num_train_timesteps - 1
-        # t_k = T-1 - k*stride, so that MONAI's step (prev = t - stride) lands exactly on the next timestep
-        self.timesteps = torch.arange(last, last - num_inference_steps * stride, -stride, device=device)[
-            :num_inference_steps]
-
-    def step(self, model_output, timestep, sample, eta=None, generator=None):
-        # Re-derive ε from the clamped x̂0 (as guided-diffusion's DDIM does) so the "direction" term agrees with
-        # the clamped estimate; MONAI would keep the raw ε̂, whose errors at high t (a ≈ 0) then leak into x_{t-1}.
-        a = self.alphas_cumprod[int(timestep)]
-        x0 = ((sample - (1 - a).sqrt() * model_output) / a.sqrt()).clamp(-1.0, 1.0)
-        eps = (sample - a.sqrt() * x0) / (1 - a).sqrt()
-        return super().step(eps, int(timestep), sample, eta=self.eta if eta is None else eta, generator=generator)
+    def label(self) -> str:
+        """How a manifest records the sampler: 'ddim(eta=1)' for stochastic DDIM, else the name."""
+        return f"ddim(eta={self.eta:g})" if self.name == "ddim" and self.eta else self.name
 
 
-class DPMSolverPP2MSampler(Scheduler):
-    """DPM-Solver++(2M): second-order multistep solver in log-SNR time on the data prediction x̂0.
+def make_sampler(name: str = defaults.SAMPLER, timesteps: int = 250, schedule: str = "cosine",
+                 eta: float = defaults.ETA) -> Sampler:
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    if eta < 0:
+        raise ConfigError(f"eta must be >= 0, not {eta}")
+    return Sampler(name, NoiseSchedule.build(timesteps, schedule), float(eta) if name == "ddim" else 0.0)
 
-    Hand-written (MONAI has none): x_{i+1} = (σ_{i+1}/σ_i) x_i - α_{i+1}(e^{-h} - 1) D_i with
-    D_i = (1 + 1/(2r)) x̂0_i - 1/(2r) x̂0_{i-1}, r = h_{i-1}/h_i; first order on the first and last step.
-    The last step lands on the clean image (σ = 0), where the update reduces to x = x̂0.
-    """
 
-    stochastic = False
-
-    def __init__(self, timesteps: int = 250, schedule: str = "cosine"):
-        super().__init__(num_train_timesteps=timesteps, schedule=schedule)
-        self._prev_x0: torch.Tensor | None = None
-        self._prev_h: float | None = None
-
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        if not 1 <= num_inference_steps <= self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps must be in [1, {self.num_train_timesteps}]")
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = torch.linspace(self.num_train_timesteps - 1, 0, num_inference_steps,
-                                        device=device).round().long()
-        self._prev_x0, self._prev_h = None, None
-
-    def _alpha_sigma(self, t: int) -> tuple[float, float]:
-        if t < 0:
-            return 1.0, 0.0
-        a = float(self.alphas_cumprod[t])
-        return math.sqrt(a), math.sqrt(1.0 - a)
-
-    def step(self, model_output, timestep, sample, generator=None):
-        steps = self.timesteps.tolist()
-        t = int(timestep)
-        i = steps.index(t)
-        t_next = steps[i + 1] if i + 1 < len(steps) else -1
-        a_t, s_t = self._alpha_sigma(t)
-        a_n, s_n = self._alpha_sigma(t_next)
-        x0 = ((sample - s_t * model_output) / a_t).clamp(-1.0, 1.0)
-        if t_next < 0:  # final step to the clean image
-            self._prev_x0, self._prev_h = None, None
-            return x0, x0
-        lam_t, lam_n = math.log(a_t / s_t), math.log(a_n / s_n)
-        h = lam_n - lam_t
-        if self._prev_x0 is None or self._prev_h is None:
-            d = x0
+def run_sampler(denoise, x: torch.Tensor, sampler: Sampler, steps: int, noise_fn=None) -> torch.Tensor:
+    """The sampling loop on a starting noise x: denoise(x, t) -> ε̂; noise_fn() -> a tensor like x (stochastic
+    samplers only). Returns x̂ at t = -1 (not clamped; ``sample`` clamps)."""
+    sched = sampler.schedule
+    ts = sampling_timesteps(sched.T, steps)
+    history = None
+    for i, t in enumerate(ts):
+        a_t, a_prev = sched.alpha_bar(t), sched.alpha_bar(ts[i + 1] if i + 1 < len(ts) else -1)
+        eps = denoise(x, t)
+        last = a_prev >= 1.0  # the final step adds no noise: draw none, so the noise stream is well defined
+        if sampler.name == "ddim":
+            x, _ = ddim_update(x, eps, a_t, a_prev, sampler.eta, None if last or not sampler.eta else noise_fn())
+        elif sampler.name == "ddpm":
+            x, _ = ddpm_update(x, eps, a_t, a_prev, None if last else noise_fn())
         else:
-            r = self._prev_h / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self._prev_x0
-        x_next = (s_n / s_t) * sample - a_n * math.expm1(-h) * d
-        self._prev_x0, self._prev_h = x0, h
-        return x_next, x0
+            x, _, history = dpmpp2m_update(x, eps, a_t, a_prev, history)
+    return x
 
 
-def make_sampler(name: str, timesteps: int = 250, schedule: str = "cosine", eta: float = 0.0):
-    if name == "ddpm":
-        return DDPMSampler(timesteps, schedule)
-    if name == "ddim":
-        return DDIMSampler(timesteps, schedule, eta=eta)
-    if name == "dpmpp2m":
-        return DPMSolverPP2MSampler(timesteps, schedule)
-    raise ValueError(f"unknown sampler {name!r}; known {SAMPLERS}")
+def model_input(x: torch.Tensor, condition: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """The network's input: noisy image channels, then the one-hot condition channels (Med-DDPM's concat
+    conditioning; used by training and sampling alike)."""
+    inp = torch.cat([x, condition], dim=1)
+    return inp.contiguous(memory_format=torch.channels_last_3d) if channels_last else inp
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, sampler, condition: torch.Tensor, out_channels: int, steps: int,
-           seeds: list[int], *, progress: bool = False, channels_last: bool = False) -> torch.Tensor:
-    """Generate one image per condition in a batch.
+def sample(model: torch.nn.Module, sampler: Sampler, condition: torch.Tensor, out_channels: int, steps: int,
+           seeds: list[int], *, progress: bool = False, channels_last: bool = False,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """Generate one image per condition in a batch; returns (B, out_channels, X, Y, Z) in [-1, 1] on the CPU.
 
     condition: (B, K, X, Y, Z) one-hot masks; seeds: one per sample. Each sample's starting noise and (for
-    stochastic samplers) its per-step noise come from its own generator, so a sample depends only on its seed
-    and condition, not on what else is in the batch. Returns (B, out_channels, X, Y, Z) in [-1, 1].
+    stochastic samplers) its per-step noise are drawn on the CPU from its own generator and then moved to the
+    model's device, so a sample depends only on its seed and condition (not on batch partners, and on CPU and GPU
+    alike up to float error). device: where to run (default: the model's device).
     """
     from tqdm.auto import tqdm
 
     if len(seeds) != condition.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for a batch of {condition.shape[0]}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     shape = (1, out_channels, *condition.shape[2:])
-    x = torch.cat([torch.randn(shape, generator=g) for g in gens])
-    sampler.set_timesteps(steps)
+    draw = lambda: torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)  # noqa: E731
+    x = draw()
+    cond = condition.to(device=device, dtype=torch.float32)
     model.eval()
-    for t in tqdm(sampler.timesteps, desc=f"sampling ({type(sampler).__name__})", disable=not progress,
-                  leave=False):
-        inp = torch.cat([x, condition], dim=1)
-        if channels_last:
-            inp = inp.contiguous(memory_format=torch.channels_last_3d)
-        eps = model(inp, torch.full((x.shape[0],), int(t), dtype=torch.long)).float().contiguous()
-        if sampler.stochastic:  # per-sample generators keep samples independent of batch composition
-            x = torch.cat([sampler.step(eps[i:i + 1], int(t), x[i:i + 1], generator=gens[i])[0]
-                           for i in range(x.shape[0])])
-        else:
-            x = sampler.step(eps, int(t), x)[0]
-    return x.clamp(-1.0, 1.0)
+    bar = tqdm(total=steps, desc=f"sampling ({sampler.label()}, {steps} steps)", disable=not progress, leave=False)
+
+    def denoise(x_t, t):
+        bar.update(1)
+        tt = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=device)
+        return model(model_input(x_t, cond, channels_last), tt).float().contiguous()
+
+    x = run_sampler(denoise, x, sampler, steps, draw)
+    bar.close()
+    return x.clamp(-1.0, 1.0).cpu()

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cohort.errors import CohortError
+from cohort.device import resolve_device
+from cohort.errors import CohortError, ConfigError
 from cohort.fsutil import atomic_write_text, sha256_file
 from cohort.manifest import append_rows, case_files, load_manifest, make_row
 from cohort.nifti import read_label, write_array
@@ -22,7 +23,8 @@ from cohort.threads import torch_threads
 from .checkpoint import RANGES_FILE, load_generator, resolve_generator
 from .network import condition_from_label
 from .quality import check_sample, load_ranges
-from .schedulers import SAMPLERS, make_sampler, sample
+from . import defaults
+from .schedulers import make_sampler, sample, sampling_timesteps
 
 REPORT_FILE = "quality_report.csv"
 
@@ -55,25 +57,28 @@ def _clean_partial(out: Path) -> None:
 
 
 def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_dir: str | Path, count: int,
-                      sampler: str = "ddim", steps: int = 25, seed: int = 0, *, eta: float = 1.0,
+                      sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, seed: int = 0, *,
+                      eta: float = defaults.ETA,
                       batch_size: int = 4, sources: tuple[str, ...] = ("real", "mask"),
                       splits: tuple[str, ...] | None = ("train",), case_ids: list[str] | None = None,
                       max_retries: int = 3, gate_margin: float = 0.05, cohort_name: str = "medddpm-synthetic",
-                      case_prefix: str = "syn", num_threads: int | None = None, progress: bool = True) -> Path:
+                      case_prefix: str = "syn", num_threads: int | None = None, progress: bool = True,
+                      device: str = "auto") -> Path:
     """Generate `count` paired image–mask cases; return the path of out_dir/data_manifest.csv.
 
     Masks: rows of `masks_manifest` with source in `sources` (real rows use their label; source=mask rows are
     edited masks) and split in `splits`, sorted by case id and used round-robin. Each synthetic case gets seed
     case_seed(seed, index, attempt); its mask is written unchanged on the same grid as the image. Rows record
+    device: where to run the generator (auto = CUDA when present); the seeded noise is drawn on the CPU, so a
+    seed gives the same sample on any device up to float error.
     parent_case_id (the mask's case id), mask_edit, mask_source, origin_case_id (the real case at the root),
     generator_checkpoint (sha256), sampler, steps, seed, quality_gate (pass|fail) and attempts.
-    Quality gate: a sample failing the per-label median-intensity check is redrawn with a new seed up to
-    `max_retries` times; cases still failing are kept, marked quality_gate=fail and listed in quality_report.csv.
+    Quality gate (synth.quality: per-label medians, background, texture): a failing sample is redrawn with a new
+    seed up to `max_retries` times; cases still failing are kept and marked quality_gate=fail. quality_report.csv
+    lists every attempt with each failed check, its measured value and the allowed range.
     """
-    if sampler not in SAMPLERS:
-        raise CohortError(None, f"unknown sampler {sampler!r}; choose one of {SAMPLERS}", kind="bad-config")
     if count < 1:
-        raise CohortError(None, "count must be at least 1", kind="bad-config")
+        raise ConfigError("count must be at least 1")
     gen_path = resolve_generator(checkpoint)
     masks_manifest = Path(masks_manifest)
     out = Path(out_dir)
@@ -82,6 +87,9 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     _clean_partial(out)
 
     model, cfg, _ = load_generator(gen_path)
+    model.to(resolve_device(device))  # samples come back to the CPU (synth.schedulers.sample) before writing
+    diffusion_sampler = make_sampler(sampler, cfg.timesteps, cfg.schedule, eta=eta)
+    sampling_timesteps(cfg.timesteps, steps)  # refuses a step count outside 1..T before any work
     gen_hash = sha256_file(gen_path)
     ranges = load_ranges(gen_path.parent / RANGES_FILE)
     grid = get_profile(cfg.profile)
@@ -122,8 +130,8 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
             todo = list(range(len(batch)))
             while todo:  # first draw for all, then redraw only the failures with new seeds
                 seeds = [case_seed(seed, batch[k][0], attempts[k]) for k in todo]
-                x = sample(model, make_sampler(sampler, cfg.timesteps, cfg.schedule, eta=eta), cond[todo],
-                           cfg.out_channels, steps, seeds, channels_last=cfg.channels_last).numpy()
+                x = sample(model, diffusion_sampler, cond[todo], cfg.out_channels, steps, seeds,
+                           channels_last=cfg.channels_last).numpy()
                 still = []
                 for j, k in enumerate(todo):
                     images[k] = x[j]
@@ -150,7 +158,7 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
                     spacing=np.sqrt((affines[k][:3, :3] ** 2).sum(axis=0)),
                     parent_case_id=row["case_id"], mask_edit=None if pd.isna(mask_edit) else mask_edit,
                     mask_source=row["source"], origin_case_id=origin, generator_checkpoint=gen_hash,
-                    sampler=sampler if sampler != "ddim" or not eta else f"ddim(eta={eta:g})", steps=steps,
+                    sampler=diffusion_sampler.label(), steps=steps,
                     seed=case_seed(seed, i, attempts[k]), quality_gate="fail" if failures[k] else "pass",
                     attempts=attempts[k] + 1))
             append_rows(manifest, new_rows)

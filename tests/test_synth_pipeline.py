@@ -185,7 +185,8 @@ def test_quality_gate_redraws_failures_and_reports_them(trained, toy_cohort, tmp
     gen.mkdir()
     (gen / "generator.safetensors").write_bytes(trained.read_bytes())
     ranges = json.loads((trained.parent / "intensity_ranges.json").read_text())
-    ranges["labels"]["4"]["flair"] = [5.0, 6.0]  # impossible: every sample fails on brain/flair
+    ranges["labels"]["4"]["flair"] = {"mean": 5.5, "sd": 0.0, "min": 5.0, "max": 6.0, "n": 6}  # impossible
+
     (gen / "intensity_ranges.json").write_text(json.dumps(ranges))
     m = synthesize_cohort(gen / "generator.safetensors", toy_cohort, tmp_path / "out", 1, "ddim", 4,
                           max_retries=2, progress=False, num_threads=1)
@@ -193,7 +194,8 @@ def test_quality_gate_redraws_failures_and_reports_them(trained, toy_cohort, tmp
     assert row["quality_gate"] == "fail" and row["attempts"] == "3"
     rep = pd.read_csv(tmp_path / "out" / "quality_report.csv")
     assert len(rep) == 3 and not rep["passed"].any() and rep["seed"].nunique() == 3
-    assert rep["failures"].str.contains("brain/flair").all()
+    # each failed check by name, with the measured value and the allowed range
+    assert rep["failures"].str.contains(r"median brain/flair: -?\d\.\d{3} outside \[4\.950, 6\.050\]").all()
 
 
 def test_cli_train_resumes_after_sigkill_and_continues_the_loss_curve(toy_cohort, tmp_path):
@@ -222,3 +224,48 @@ def test_cli_train_resumes_after_sigkill_and_continues_the_loss_curve(toy_cohort
     np.testing.assert_allclose(log["loss"], ref_log["loss"], rtol=1e-4, atol=1e-5)
     with pytest.raises(CohortError, match="different config"):
         train_medddpm(toy_cohort, "tiny", out, {**FAST, "steps": 20, "lr": 1e-4})
+
+
+def test_resume_refuses_a_changed_cosine_horizon_or_other_training_cases(toy_cohort, tmp_path):
+    out = tmp_path / "run"
+    cosine = {**FAST, "steps": 6, "checkpoint_every": 3, "lr_schedule": "cosine", "lr_min": 1e-4}
+    train_medddpm(toy_cohort, "tiny", out, {**cosine, "steps": 4})  # a finished 4-step cosine run
+    with pytest.raises(CohortError, match=r"decays over --steps 4.*Resume with --steps 4"):
+        train_medddpm(toy_cohort, "tiny", out, cosine)  # would move the lr horizon from 4 to 6
+    # a constant lr has no horizon: more steps resume the same run
+    const = tmp_path / "const"
+    train_medddpm(toy_cohort, "tiny", const, {**FAST, "steps": 2, "checkpoint_every": 2})
+    train_medddpm(toy_cohort, "tiny", const, {**FAST, "steps": 4, "checkpoint_every": 2})
+    assert load_state(const / STATE_FILE)["step"] == 4
+    # other training cases (here: one training row less) are refused
+    df = load_manifest(toy_cohort)
+    other = toy_cohort.parent / "fewer_cases.csv"
+    df[df["case_id"] != "toy_000"].to_csv(other, index=False)
+    with pytest.raises(CohortError, match="trained on other cases"):
+        train_medddpm(other, "tiny", const, {**FAST, "steps": 6, "checkpoint_every": 2})
+
+
+def test_warmup_steps_ramp_the_lr_and_bad_settings_are_refused(toy_cohort, tmp_path):
+    from cohort.errors import ConfigError
+    from synth.train import lr_at
+
+    cfg = get_config("tiny", warmup_steps=4, lr_schedule="cosine", lr_min=0.0, steps=8)
+    lrs = [lr_at(cfg, s) for s in range(8)]
+    assert lrs[:4] == pytest.approx([cfg.lr * k / 4 for k in (1, 2, 3, 4)])
+    assert lrs[4] == pytest.approx(cfg.lr) and lrs[7] < lrs[5] < lrs[4]
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        train_medddpm(toy_cohort, "tiny", tmp_path / "w", {**FAST, "steps": 3, "warmup_steps": 3})
+    with pytest.raises(ConfigError, match="unknown lr_schedule"):
+        get_config("tiny", lr_schedule="linear")
+    with pytest.raises(ConfigError, match="no CUDA GPU|unknown device"):
+        train_medddpm(toy_cohort, "tiny", tmp_path / "g", {**FAST, "steps": 3, "device": "cuda:7"})
+
+
+def test_identical_runs_write_byte_identical_generators(toy_cohort, tmp_path):
+    from cohort.fsutil import sha256_file
+
+    a = train_medddpm(toy_cohort, "tiny", tmp_path / "a", {**FAST, "steps": 3, "checkpoint_every": 3})
+    b = train_medddpm(toy_cohort, "tiny", tmp_path / "b", {**FAST, "steps": 3, "checkpoint_every": 3})
+    assert sha256_file(a) == sha256_file(b)
+    model, cfg, meta = load_generator(a)  # still a valid safetensors file with its metadata
+    assert meta["step"] == "3" and cfg.hash() == get_config("tiny").hash()

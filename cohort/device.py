@@ -1,0 +1,53 @@
+"""Where torch work runs: ``--device auto|cpu|cuda|cuda:N|mps`` resolved once, with a clear error when the
+machine lacks what was asked for (shared by synth/ and segment/)."""
+from __future__ import annotations
+
+from .errors import ConfigError
+
+DEVICE_HELP = "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps"
+
+
+def resolve_device(name: str | None = "auto"):
+    """torch.device for a device name; ConfigError if it is unknown or not available on this machine."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("device 'mps' asked for, but this machine has no Apple MPS device; use --device cpu")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU on this machine "
+                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        index = 0 if name == "cuda" else name.split(":", 1)[1]
+        if not str(index).isdigit() or int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        return torch.device(f"cuda:{int(index)}")
+    raise ConfigError(f"unknown device {name!r}; use {DEVICE_HELP}")
+
+
+def autocast_dtype(device, precision: str = "auto"):
+    """The autocast dtype for a device and precision setting, or None for plain fp32.
+
+    auto: bf16 on a CUDA GPU that supports it (Ampere and newer), fp32 elsewhere (bf16 on a CPU without
+    avx512_bf16 was 29x slower here, docs/benchmarks.md); bf16 / fp16: asked for explicitly (fp16 needs a
+    GradScaler in training)."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    raise ConfigError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
