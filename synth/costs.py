@@ -1,0 +1,90 @@
+"""What one Med-DDPM training step and one sampling step cost, counted without running them: the network is
+built on PyTorch's meta device (shapes only, no memory, seconds even at 192x192x144) and run under
+``torch.utils.flop_counter.FlopCounterMode``; autograd's saved tensors give the activation memory of the backward
+pass. ``medddpm plan`` turns these counts into GPU-hours and peak memory per stage (medddpm/plan.py).
+
+The counts are exact for the network as built (convolutions and matrix products; element-wise work is not
+counted), the memory is an estimate: parameters, gradients, Adam moments and the EMA copy in fp32, plus the
+saved activations (halved under bf16/fp16 autocast, where convolutions save their inputs in half precision),
+plus, with activation checkpointing, one U-Net block's activations recomputed during the backward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cohort.profiles import get_profile
+
+from .config import MedDDPMConfig
+
+# fp32 weights + gradient + Adam's two moments + the EMA copy, per parameter
+TRAIN_BYTES_PER_PARAM = 4 + 4 + 8 + 4
+
+
+@dataclass(frozen=True)
+class StepCost:
+    flops: float               # floating-point operations of the step (2 per multiply-add)
+    peak_bytes: float          # estimated peak memory of the step
+    parameters: int
+
+
+def _meta_network(cfg: MedDDPMConfig):
+    from .network import build_unet
+
+    with torch.device("meta"):
+        return build_unet(cfg)
+
+
+def _shape(cfg: MedDDPMConfig, batch: int):
+    return (batch, cfg.in_channels, *get_profile(cfg.profile).shape)
+
+
+def train_step_cost(cfg: MedDDPMConfig, *, half_precision: bool = False, grad_checkpoint: bool = False) -> StepCost:
+    """One optimizer step: forward + backward of batch_size x grad_accum volumes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = _meta_network(cfg)
+    n_params = sum(p.numel() for p in net.parameters())
+    x = torch.zeros(_shape(cfg, cfg.batch_size), device="meta")
+    t = torch.zeros(cfg.batch_size, dtype=torch.long, device="meta")
+    saved = [0]
+
+    def pack(tn):
+        saved[0] += tn.numel() * tn.element_size()
+        return tn
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tn: tn):
+            out = net(x, t)
+        out.abs().mean().backward()
+    activations = saved[0] * (0.5 if half_precision else 1.0)
+    if grad_checkpoint:
+        # kept: the blocks' inputs and outputs (~ one tensor per block); recomputed at a time: the largest block
+        blocks = len(getattr(net, "down_blocks", [])) + len(getattr(net, "up_blocks", [])) + 1
+        activations = activations / blocks * 2
+    return StepCost(counter.get_total_flops() * cfg.grad_accum, n_params * TRAIN_BYTES_PER_PARAM + activations,
+                    n_params)
+
+
+def sample_step_cost(cfg: MedDDPMConfig, batch: int = 1) -> StepCost:
+    """One denoising step (a forward pass without gradients) for ``batch`` volumes; peak memory = fp32 weights plus
+    the largest layer's input and output plus the attention matrix (what an inference forward holds at once)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = _meta_network(cfg)
+    n_params = sum(p.numel() for p in net.parameters())
+    x = torch.zeros(_shape(cfg, batch), device="meta")
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    largest = [0]
+
+    def hook(_m, inputs, output):
+        size = sum(v.numel() * v.element_size() for v in (*inputs, output) if isinstance(v, torch.Tensor))
+        largest[0] = max(largest[0], size)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x, t)
+    for h in handles:
+        h.remove()
+    return StepCost(counter.get_total_flops(), n_params * 4 + 2 * largest[0], n_params)
