@@ -2,7 +2,9 @@
 
 Steps (all MONAI): Orientation RAS -> Spacing to the profile spacing (bilinear images, nearest labels) ->
 crop to the brain's bounding box -> per-volume, per-channel percentile scaling to [-1, 1] -> symmetric
-pad/crop to the profile shape. Each transform updates the MetaTensor's affine, and the output affine is taken
+pad/crop to the profile shape. Profiles with scaling="minmax", crop="centre" (authors-brats: the authors'
+preprocessing, which their published weights expect) instead do: [Orientation RAS unless reorient=False] ->
+Spacing -> centred pad/crop to the profile shape -> per-volume, per-channel min-max to [-1, 1]. Each transform updates the MetaTensor's affine, and the output affine is taken
 from it, so a written file lands in the same world (scanner mm) position as its source.
 
 The brain label (4) is derived from the image where the source label has none: voxels that are foreground
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (Compose, CropForegroundd, FillHoles, KeepLargestConnectedComponent, Orientationd,
-                              ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd)
+                              ResizeWithPadOrCropd, ScaleIntensityd, ScaleIntensityRangePercentilesd,
+                              Spacingd)
 
 from .errors import CohortError
 from .labels import BRAIN, TUMOUR_LABELS
@@ -75,7 +78,10 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
 
     lab = np.zeros(volume.shape, np.uint8) if label is None else label.astype(np.uint8)
     if not (lab == BRAIN).any():  # derive the brain label on the source grid, then move it with the label
-        brain = brain_foreground(volume.data, lab)
+        if profile.brain_label == "above-min":  # the authors' rule (their first modality is T1)
+            brain = (volume.data[0] > volume.data[0].min()) | np.isin(lab, TUMOUR_LABELS)
+        else:
+            brain = brain_foreground(volume.data, lab)
         if not brain.any():
             raise CohortError(name, "no brain foreground found in the image (all channels constant?)",
                               kind="empty-image")
@@ -84,21 +90,35 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
     affine = torch.as_tensor(volume.affine, dtype=torch.float64)
     data = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.data)), affine=affine.clone()),
             "label": MetaTensor(torch.from_numpy(lab[None].astype(np.float32)), affine=affine.clone())}
-    to_profile = Compose([
-        Orientationd(keys=("image", "label"), axcodes="RAS", labels=RAS_LABELS),
-        Spacingd(keys=("image", "label"), pixdim=profile.spacing, mode=("bilinear", "nearest"),
-                 padding_mode=("zeros", "zeros")),
-        CropForegroundd(keys=("image", "label"), source_key="label", select_fn=lambda x: x > 0,
-                        allow_smaller=True),
-        ScaleIntensityRangePercentilesd(keys="image", lower=LOWER_PERCENTILE, upper=UPPER_PERCENTILE,
-                                        b_min=-1.0, b_max=1.0, clip=True, channel_wise=True),
-        ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=profile.shape),
-    ])
+    if profile.crop == "centre" and profile.scaling == "minmax":
+        # the authors' order: pad/crop the field of view first, then rescale what is in it (padding included)
+        to_profile = Compose(([Orientationd(keys=("image", "label"), axcodes="RAS", labels=RAS_LABELS)]
+                              if profile.reorient else []) + [
+            Spacingd(keys=("image", "label"), pixdim=profile.spacing, mode=("bilinear", "nearest"),
+                     padding_mode=("zeros", "zeros")),
+            ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=profile.shape),
+            ScaleIntensityd(keys="image", minv=-1.0, maxv=1.0, channel_wise=True),
+        ])
+    elif profile.crop == "brain-bbox" and profile.scaling == "percentile" and profile.reorient:
+        to_profile = Compose([
+            Orientationd(keys=("image", "label"), axcodes="RAS", labels=RAS_LABELS),
+            Spacingd(keys=("image", "label"), pixdim=profile.spacing, mode=("bilinear", "nearest"),
+                     padding_mode=("zeros", "zeros")),
+            CropForegroundd(keys=("image", "label"), source_key="label", select_fn=lambda x: x > 0,
+                            allow_smaller=True),
+            ScaleIntensityRangePercentilesd(keys="image", lower=LOWER_PERCENTILE, upper=UPPER_PERCENTILE,
+                                            b_min=-1.0, b_max=1.0, clip=True, channel_wise=True),
+            ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=profile.shape),
+        ])
+    else:
+        raise CohortError(name, f"profile {profile.name}: unsupported combination scaling={profile.scaling}, "
+                                f"crop={profile.crop}, reorient={profile.reorient}", kind="bad-profile")
     data = to_profile(data)
 
     out_affine = np.asarray(data["image"].affine.detach().cpu(), dtype=np.float64)
     check_same_geometry(name, np.asarray(data["label"].affine, dtype=np.float64), name, out_affine)
     img = np.asarray(data["image"].detach().cpu(), dtype=np.float32)
     lab = np.rint(np.asarray(data["label"].detach().cpu())[0]).astype(np.uint8)
-    img[:, lab == 0] = -1.0  # outside the brain (incl. padding) is background
+    if profile.scaling == "percentile":  # the authors' min-max keeps their background as it comes out (-1 on BraTS)
+        img[:, lab == 0] = -1.0  # outside the brain (incl. padding) is background
     return Volume(img, out_affine, profile.modalities), lab

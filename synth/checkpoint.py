@@ -34,9 +34,12 @@ def load_state(path: str | Path) -> dict:
         raise CohortError(path, f"unreadable training checkpoint ({type(e).__name__}: {e})", kind="unreadable") from e
 
 
-def save_generator(path: str | Path, model: torch.nn.Module, config: MedDDPMConfig, step: int) -> Path:
+def save_generator(path: str | Path, model: torch.nn.Module, config: MedDDPMConfig, step: int,
+                   extra_meta: dict[str, str] | None = None) -> Path:
+    """extra_meta: further string metadata (e.g. the source file's sha256 of imported weights)."""
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    meta = {"config": config.to_json(), "config_hash": config.hash(), "step": str(step), "format": "medddpm-ema-v1"}
+    meta = {**(extra_meta or {}), "config": config.to_json(), "config_hash": config.hash(), "step": str(step),
+            "format": "medddpm-ema-v1"}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return Path(path)

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch threads during training")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (see docs/benchmarks.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--init-from", help="generator (file or folder, e.g. from import-weights) whose weights and "
+                                       "network settings training starts from (fine-tuning)")
     p.set_defaults(func=_train)
 
     s = subparsers.add_parser(
@@ -60,7 +62,7 @@ def _train(args) -> int:
                  "ema_decay": args.ema_decay, "ema_every": args.ema_every, "ema_start": args.ema_start,
                  "seed": args.seed, "num_threads": args.threads, "autocast_bf16": args.bf16,
                  "sources": tuple(args.sources.split(",")) if args.sources else None,
-                 "progress": False if args.no_progress else None}
+                 "progress": False if args.no_progress else None, "init_from": args.init_from}
     path = train_medddpm(args.manifest, args.profile, args.out, {k: v for k, v in overrides.items() if v is not None})
     print(f"generator: {path}")
     return 0

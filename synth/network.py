@@ -11,7 +11,17 @@ def build_unet(config: MedDDPMConfig) -> torch.nn.Module:
     """3-D U-Net: input = noisy modalities + one-hot condition channels (concatenated), output = predicted noise.
 
     One attention head per level (head width = level width), as the paper's single-head attention.
+    ``config.architecture == "authors"`` builds the authors' own network instead (synth.authors_unet); both are
+    called as ``model(x, t)``.
     """
+    if config.architecture == "authors":
+        from .authors_unet import AuthorsUNet
+
+        net = AuthorsUNet(config.in_channels, config.out_channels, tuple(config.channels),
+                          tuple(config.attention_levels), config.num_res_blocks, config.norm_num_groups,
+                          condition_pm1=config.condition_values == "pm1",
+                          gradient_checkpointing=config.gradient_checkpointing)
+        return net.to(memory_format=torch.channels_last_3d) if config.channels_last else net
     from monai.networks.nets import DiffusionModelUNet
 
     heads = config.num_head_channels if config.num_head_channels is not None else config.channels

@@ -3,6 +3,7 @@ range of per-case medians seen in the training data (stored beside the checkpoin
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,23 @@ def load_ranges(path: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
-def check_sample(image: np.ndarray, label: np.ndarray, ranges: dict, modalities: tuple[str, ...],
+def load_gate_ranges(path: str | Path, imported: bool) -> dict | None:
+    """The gate's ranges; for an imported generator (no training data here) None when absent, with a warning."""
+    p = Path(path)
+    if imported and not p.exists():
+        warnings.warn(f"{p} missing: the generator was imported, not trained here, so synthetic cases are not "
+                      "quality-gated (quality_gate=unchecked); pass --ranges-from to import-weights to gate them",
+                      stacklevel=2)
+        return None
+    return load_ranges(p)
+
+
+def check_sample(image: np.ndarray, label: np.ndarray, ranges: dict | None, modalities: tuple[str, ...],
                  margin: float = 0.05) -> list[str]:
-    """Failures (empty list = pass) for one sample: image (C, X, Y, Z) in model space, label (X, Y, Z)."""
+    """Failures (empty list = pass) for one sample: image (C, X, Y, Z) in model space, label (X, Y, Z).
+    ranges None (an imported generator without ranges): nothing is judged."""
+    if ranges is None:
+        return []
     failures = []
     for v in np.unique(label).tolist():
         sel = label == v

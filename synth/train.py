@@ -136,8 +136,14 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
     whose settings `config` (a MedDDPMConfig or a dict of overrides such as {"steps": 200}) replaces/overrides.
     out_dir gets config.json, intensity_ranges.json, loss_log.csv, loss_curve.png, checkpoints/last.pt and
     generator.safetensors. Rerunning the same call after an interruption resumes from the last checkpoint.
+    config.init_from (CLI --init-from): start from that generator's weights, taking its network settings
+    (e.g. the authors' imported weights); recorded in config.json with the file's sha256.
     """
     cfg = _as_config(profile, config)
+    if cfg.init_from:  # fine-tuning: the network is the init generator's (synth.authors_weights)
+        from .authors_weights import adopt_init_network
+
+        cfg = adopt_init_network(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = get_profile(cfg.profile)
@@ -153,6 +159,11 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
 
         torch.manual_seed(cfg.seed)  # initial weights only; every later draw uses `rng`
         model = build_unet(cfg)
+        init_sha = None
+        if cfg.init_from:
+            from .authors_weights import init_weights
+
+            init_sha = init_weights(model, cfg)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         rng = torch.Generator().manual_seed(cfg.seed)
@@ -171,7 +182,9 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
         log_rows = _read_log(log_path, step)
         atomic_write_text(out / CONFIG_FILE, json.dumps({**cfg.to_dict(), "config_hash": cfg.hash(),
                                                          "manifest": str(Path(manifest).resolve()),
-                                                         "train_cases": rows["case_id"].tolist()}, indent=1))
+                                                         "train_cases": rows["case_id"].tolist(),
+                                                         **({"init_from_sha256": init_sha} if init_sha else {})},
+                                                        indent=1))
 
         sched = make_training_scheduler(cfg.timesteps, cfg.schedule)
         n, per_step = len(items), cfg.batch_size * cfg.grad_accum
