@@ -77,11 +77,9 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
         raise CohortError(name, "image contains NaN or Inf voxels", kind="non-finite")
 
     lab = np.zeros(volume.shape, np.uint8) if label is None else label.astype(np.uint8)
-    if not (lab == BRAIN).any():  # derive the brain label on the source grid, then move it with the label
-        if profile.brain_label == "above-min":  # the authors' rule (their first modality is T1)
-            brain = (volume.data[0] > volume.data[0].min()) | np.isin(lab, TUMOUR_LABELS)
-        else:
-            brain = brain_foreground(volume.data, lab)
+    brain_above_min = profile.brain_label == "above-min" and not (lab == BRAIN).any()  # derived after scaling
+    if not (lab == BRAIN).any() and not brain_above_min:  # derive on the source grid, move it with the label
+        brain = brain_foreground(volume.data, lab)
         if not brain.any():
             raise CohortError(name, "no brain foreground found in the image (all channels constant?)",
                               kind="empty-image")
@@ -119,6 +117,11 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
     check_same_geometry(name, np.asarray(data["label"].affine, dtype=np.float64), name, out_affine)
     img = np.asarray(data["image"].detach().cpu(), dtype=np.float32)
     lab = np.rint(np.asarray(data["label"].detach().cpu())[0]).astype(np.uint8)
+    if brain_above_min:  # the authors' rule: brain = background voxels where the rescaled T1 (first) > its min
+        lab[(lab == 0) & (img[0] > img[0].min())] = BRAIN
+        if not (lab == BRAIN).any():
+            raise CohortError(name, "no brain foreground found in the image (first channel constant?)",
+                              kind="empty-image")
     if profile.scaling == "percentile":  # the authors' min-max keeps their background as it comes out (-1 on BraTS)
         img[:, lab == 0] = -1.0  # outside the brain (incl. padding) is background
     return Volume(img, out_affine, profile.modalities), lab

@@ -20,8 +20,8 @@ class Profile:
     scaling: str = "percentile"    # "percentile": 0.5-99.5 % -> [-1, 1] clipped | "minmax": volume min..max -> [-1, 1]
     crop: str = "brain-bbox"       # "brain-bbox": crop to the brain, then pad/crop centred | "centre": pad/crop only
     reorient: bool = True          # RAS voxel order; False keeps the source file's voxel order
-    brain_label: str = "foreground"  # "foreground": cohort.preprocess.brain_foreground | "above-min": first
-    #                                  modality above its volume minimum (the authors' rule)
+    brain_label: str = "foreground"  # "foreground": cohort.preprocess.brain_foreground | "above-min": the first
+    #                                  modality above its minimum after pad/crop and scaling (the authors' rule)
 
     def __post_init__(self):
         for name, value, known in (("scaling", self.scaling, ("percentile", "minmax")),
