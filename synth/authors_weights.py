@@ -186,9 +186,9 @@ def import_authors_weights(path: str | Path, fmt: str, out_dir: str | Path, weig
     out.mkdir(parents=True, exist_ok=True)
     provenance = {"source_file": p.name, SOURCE_META: source_sha, "source_format": fmt, "source_weights": weights,
                   "source_step": str(step), "axis_conversion": "conv kernels' spatial axes reversed (D,W,H -> X,Y,Z)"}
-    gen = save_generator(out / GENERATOR_FILE, model, cfg, step, extra_meta=provenance)
-    if ranges_from is not None:
+    if ranges_from is not None:  # before the generator, so a bad manifest leaves no half-made folder
         write_ranges_from_manifest(ranges_from, cfg, out / RANGES_FILE)
+    gen = save_generator(out / GENERATOR_FILE, model, cfg, step, extra_meta=provenance)
     atomic_write_text(out / CONFIG_FILE, json.dumps({**cfg.to_dict(), "config_hash": cfg.hash(),
                                                      "imported_from": str(p.resolve()), **provenance,
                                                      "ranges_from": str(ranges_from) if ranges_from else None},

@@ -120,6 +120,25 @@ def test_wholehead_condition_values_are_mapped_to_plus_minus_one_inside_the_netw
     assert _rel_err(c, b) > 1e-3
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from synth.authors_unet import AuthorsUNet
+
+    torch.manual_seed(1)
+    kw = dict(in_channels=3, out_channels=1, channels=(32, 32), attention_levels=(False, True), num_res_blocks=1)
+    plain, ckpt = AuthorsUNet(**kw), AuthorsUNet(**kw, gradient_checkpointing=True)
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = torch.randn(2, 3, 8, 8, 8), torch.tensor([3, 100])
+    grads = []
+    for net in (plain, ckpt):
+        net.train()
+        net(x, t).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
 # --- bad files: one clear error naming the file -------------------------------------------------------------
 
 def _save(path: Path, ema: dict) -> Path:
@@ -294,6 +313,24 @@ def test_fine_tuning_from_the_imported_fixture_lowers_the_held_out_denoising_los
     after = denoising_loss(tuned, val, tcfg, n_draws=4)
     # same (t, noise) draws for both; the random-weight fixture starts near the loss of predicting 0 (E|ε| ≈ 0.80)
     assert after < 0.95 * before, (before, after)
+
+
+def test_cli_train_init_from_starts_from_the_generator_weights(toy_cohort, tmp_path):
+    """--init-from loads the generator (here a MONAI one); with lr 0 the result equals it, and config.json
+    records the file's sha256."""
+    from cohort.fsutil import sha256_file
+    from medddpm.cli import main
+    from safetensors.torch import load_file
+
+    common = ["train", "--manifest", str(toy_cohort), "--profile", "tiny", "--steps", "2", "--threads", "1",
+              "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    gen_a = tmp_path / "a" / "generator.safetensors"
+    assert main(common + ["--out", str(tmp_path / "b"), "--lr", "0", "--init-from", str(tmp_path / "a")]) == 0
+    a, b = load_file(gen_a), load_file(tmp_path / "b" / "generator.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = pd.read_json(tmp_path / "b" / "config.json", typ="series")
+    assert record["init_from"] == str(tmp_path / "a") and record["init_from_sha256"] == sha256_file(gen_a)
 
 
 def test_init_from_a_generator_of_another_network_is_refused_naming_it(tmp_path):
