@@ -4,21 +4,27 @@ Steps (all MONAI): Orientation RAS -> Spacing to the profile spacing (bilinear i
 crop to the brain's bounding box -> per-volume, per-channel percentile scaling to [-1, 1] -> symmetric
 pad/crop to the profile shape. Profiles with scaling="minmax", crop="centre" (authors-brats: the authors'
 preprocessing, which their published weights expect) instead do: [Orientation RAS unless reorient=False] ->
-Spacing -> centred pad/crop to the profile shape -> per-volume, per-channel min-max to [-1, 1]. Each transform updates the MetaTensor's affine, and the output affine is taken
-from it, so a written file lands in the same world (scanner mm) position as its source.
+Spacing -> centred pad/crop to the profile shape (odd voxel at the start, as TorchIO) -> per-volume, per-channel
+min-max to [-1, 1].
+Each transform updates the MetaTensor's affine, and the output affine is taken from it, so a written file
+lands in the same world (scanner mm) position as its source.
 
 The brain label (4) is derived from the image where the source label has none: voxels that are foreground
 in any channel (filled, largest component) and are not tumour become 4. Voxels outside the brain are set to
 -1 in every channel (BraTS is skull-stripped; the paper's conditioning treats outside-brain as background).
+Profiles with brain_label="above-min" (authors-brats) instead follow the authors: brain = voxels whose rescaled
+first channel (T1) is above its minimum, and no voxel is forced to -1.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (Compose, CropForegroundd, FillHoles, KeepLargestConnectedComponent, Orientationd,
-                              ResizeWithPadOrCropd, ScaleIntensityd, ScaleIntensityRangePercentilesd,
-                              Spacingd)
+from monai.transforms import (BorderPadd, Compose, CropForegroundd, FillHoles, KeepLargestConnectedComponent,
+                              Orientationd, ResizeWithPadOrCropd, ScaleIntensityd, ScaleIntensityRangePercentilesd,
+                              SpatialCropd, Spacingd)
 
 from .errors import CohortError
 from .labels import BRAIN, TUMOUR_LABELS
@@ -47,6 +53,19 @@ def brain_foreground(image: np.ndarray, label: np.ndarray | None = None) -> np.n
     m = torch.from_numpy(fg[None].astype(np.uint8))
     m = KeepLargestConnectedComponent(applied_labels=[1])(FillHoles(applied_labels=[1])(m))
     return np.asarray(m[0]).astype(bool)
+
+
+def centre_crop_pad(shape, target) -> tuple[list[int], list[int], list[int]]:
+    """Crop window (start, end) and then per-side padding [before0, after0, ...] taking ``shape`` to ``target``
+    about the centre, with the odd voxel removed or added at the start of an axis (TorchIO's CropOrPad, which
+    the authors used; MONAI's centre crop puts it at the end)."""
+    start, end, border = [], [], []
+    for n, t in zip(shape, target):
+        crop, pad = max(n - t, 0), max(t - n, 0)
+        start.append(math.ceil(crop / 2))
+        end.append(n - (crop - math.ceil(crop / 2)))
+        border += [math.ceil(pad / 2), pad - math.ceil(pad / 2)]
+    return start, end, border
 
 
 def _select_channels(volume: Volume, profile: Profile, name: str | None) -> Volume:
@@ -90,11 +109,14 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
             "label": MetaTensor(torch.from_numpy(lab[None].astype(np.float32)), affine=affine.clone())}
     if profile.crop == "centre" and profile.scaling == "minmax":
         # the authors' order: pad/crop the field of view first, then rescale what is in it (padding included)
-        to_profile = Compose(([Orientationd(keys=("image", "label"), axcodes="RAS", labels=RAS_LABELS)]
-                              if profile.reorient else []) + [
+        data = Compose(([Orientationd(keys=("image", "label"), axcodes="RAS", labels=RAS_LABELS)]
+                        if profile.reorient else []) + [
             Spacingd(keys=("image", "label"), pixdim=profile.spacing, mode=("bilinear", "nearest"),
-                     padding_mode=("zeros", "zeros")),
-            ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=profile.shape),
+                     padding_mode=("zeros", "zeros"))])(data)
+        start, end, border = centre_crop_pad(data["image"].shape[1:], profile.shape)
+        to_profile = Compose([
+            SpatialCropd(keys=("image", "label"), roi_start=start, roi_end=end),
+            BorderPadd(keys=("image", "label"), spatial_border=border, mode="constant"),
             ScaleIntensityd(keys="image", minv=-1.0, maxv=1.0, channel_wise=True),
         ])
     elif profile.crop == "brain-bbox" and profile.scaling == "percentile" and profile.reorient:

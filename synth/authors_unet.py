@@ -75,7 +75,7 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
         flat = x.reshape(b, c, -1)
         q, k, v = self.qkv(self.norm(flat)).chunk(3, dim=1)  # one head: (B, C, L) each
@@ -92,7 +92,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.op = nn.Conv3d(channels, channels, 3, stride=2, padding=1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
 
 
@@ -101,7 +101,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv3d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="trilinear"))
 
 

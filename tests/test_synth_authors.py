@@ -359,7 +359,7 @@ def test_authors_preprocessing_keeps_voxel_order_centre_crops_and_rescales_min_m
     assert {k: getattr(GRIDS["authors-brats"], k) for k in ("scaling", "crop", "reorient", "brain_label")} == \
         {k: getattr(small, k) for k in ("scaling", "crop", "reorient", "brain_label")}
     rng = np.random.default_rng(5)
-    shape = (24, 14, 18)  # x cropped by 4 (2 each side), y padded by 2 (1 each side), z unchanged
+    shape = (25, 13, 18)  # x cropped by 5 (3 at the start, as TorchIO), y padded by 3 (2 at the start), z kept
     images, label = make_toy_case(rng, shape)
     affine = np.diag([-6.0, -6.0, 6.0, 1.0])  # LPS, as BraTS files are stored
     affine[:3, 3] = [70.0, 80.0, -55.0]
@@ -369,11 +369,13 @@ def test_authors_preprocessing_keeps_voxel_order_centre_crops_and_rescales_min_m
     assert out.shape == small.shape and lab.shape == small.shape
     np.testing.assert_allclose(out.affine[:3, :3], affine[:3, :3], atol=1e-6)  # source voxel order kept
     for ci, m in enumerate(small.modalities):
-        ref = np.pad(data[m][2:22], ((0, 0), (1, 1), (0, 0)))  # centre crop/pad with zeros, then min-max
+        ref = np.pad(data[m][3:23], ((0, 0), (2, 1), (0, 0)))  # centre crop/pad with zeros, then min-max
         ref = (ref - ref.min()) / (ref.max() - ref.min()) * 2 - 1
         np.testing.assert_allclose(out.data[ci], ref, atol=1e-5)
     # brain = T1 above its minimum, tumour labels kept
-    src_t1 = np.pad(data["t1"][2:22], ((0, 0), (1, 1), (0, 0)))
-    src_lab = np.pad(label[2:22], ((0, 0), (1, 1), (0, 0)))
+    src_t1 = np.pad(data["t1"][3:23], ((0, 0), (2, 1), (0, 0)))
+    src_lab = np.pad(label[3:23], ((0, 0), (2, 1), (0, 0)))
     np.testing.assert_array_equal(lab == BRAIN, (src_t1 > src_t1.min()) & ~np.isin(src_lab, (1, 2, 3)))
     np.testing.assert_array_equal(np.isin(lab, (1, 2, 3)), np.isin(src_lab, (1, 2, 3)))
+    # the output affine still places every voxel where it was: output voxel (0, 2, 0) is source voxel (3, 0, 0)
+    np.testing.assert_allclose(out.affine @ [0, 2, 0, 1], affine @ [3, 0, 0, 1], atol=1e-5)
