@@ -51,7 +51,8 @@ def _add_import_brats(subparsers) -> None:
     p.add_argument("src", help="BraTS folder holding one sub-folder per case")
     p.add_argument("--out", required=True, help="output cohort folder (data root of the manifest)")
     p.add_argument("--profile", default="paper-brats",
-                   help="preprocessing profile: tiny, demo, paper-brats (default), paper-wholehead")
+                   help="preprocessing profile: tiny, demo, paper-brats (default), paper-wholehead, authors-brats "
+                        "(the authors' preprocessing, for their published weights)")
     p.add_argument("--cohort", default="brats2021", help="cohort name written into the manifest")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the hash-based train/val/test split")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of cases in split 'val'")

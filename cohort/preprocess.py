@@ -2,20 +2,29 @@
 
 Steps (all MONAI): Orientation RAS -> Spacing to the profile spacing (bilinear images, nearest labels) ->
 crop to the brain's bounding box -> per-volume, per-channel percentile scaling to [-1, 1] -> symmetric
-pad/crop to the profile shape. Each transform updates the MetaTensor's affine, and the output affine is taken
-from it, so a written file lands in the same world (scanner mm) position as its source.
+pad/crop to the profile shape. Profiles with scaling="minmax", crop="centre" (authors-brats: the authors'
+preprocessing, which their published weights expect) instead do: [Orientation RAS unless reorient=False] ->
+Spacing -> centred pad/crop to the profile shape (odd voxel at the start, as TorchIO) -> per-volume, per-channel
+min-max to [-1, 1].
+Each transform updates the MetaTensor's affine, and the output affine is taken from it, so a written file
+lands in the same world (scanner mm) position as its source.
 
 The brain label (4) is derived from the image where the source label has none: voxels that are foreground
 in any channel (filled, largest component) and are not tumour become 4. Voxels outside the brain are set to
 -1 in every channel (BraTS is skull-stripped; the paper's conditioning treats outside-brain as background).
+Profiles with brain_label="above-min" (authors-brats) instead follow the authors: brain = voxels whose rescaled
+first channel (T1) is above its minimum, and no voxel is forced to -1.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (Compose, CropForegroundd, FillHoles, KeepLargestConnectedComponent, Orientationd,
-                              ResizeWithPadOrCropd, ScaleIntensityRangePercentilesd, Spacingd)
+from monai.transforms import (BorderPadd, Compose, CropForegroundd, FillHoles, KeepLargestConnectedComponent,
+                              Orientationd, ResizeWithPadOrCropd, ScaleIntensityd, ScaleIntensityRangePercentilesd,
+                              SpatialCropd, Spacingd)
 
 from .errors import CohortError
 from .labels import BRAIN, TUMOUR_LABELS
@@ -46,6 +55,19 @@ def brain_foreground(image: np.ndarray, label: np.ndarray | None = None) -> np.n
     return np.asarray(m[0]).astype(bool)
 
 
+def centre_crop_pad(shape, target) -> tuple[list[int], list[int], list[int]]:
+    """Crop window (start, end) and then per-side padding [before0, after0, ...] taking ``shape`` to ``target``
+    about the centre, with the odd voxel removed or added at the start of an axis (TorchIO's CropOrPad, which
+    the authors used; MONAI's centre crop puts it at the end)."""
+    start, end, border = [], [], []
+    for n, t in zip(shape, target):
+        crop, pad = max(n - t, 0), max(t - n, 0)
+        start.append(math.ceil(crop / 2))
+        end.append(n - (crop - math.ceil(crop / 2)))
+        border += [math.ceil(pad / 2), pad - math.ceil(pad / 2)]
+    return start, end, border
+
+
 def _select_channels(volume: Volume, profile: Profile, name: str | None) -> Volume:
     missing = [m for m in profile.modalities if m not in volume.channels]
     if missing:
@@ -74,7 +96,8 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
         raise CohortError(name, "image contains NaN or Inf voxels", kind="non-finite")
 
     lab = np.zeros(volume.shape, np.uint8) if label is None else label.astype(np.uint8)
-    if not (lab == BRAIN).any():  # derive the brain label on the source grid, then move it with the label
+    brain_above_min = profile.brain_label == "above-min" and not (lab == BRAIN).any()  # derived after scaling
+    if not (lab == BRAIN).any() and not brain_above_min:  # derive on the source grid, move it with the label
         brain = brain_foreground(volume.data, lab)
         if not brain.any():
             raise CohortError(name, "no brain foreground found in the image (all channels constant?)",
@@ -84,21 +107,43 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
     affine = torch.as_tensor(volume.affine, dtype=torch.float64)
     data = {"image": MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.data)), affine=affine.clone()),
             "label": MetaTensor(torch.from_numpy(lab[None].astype(np.float32)), affine=affine.clone())}
-    to_profile = Compose([
-        Orientationd(keys=("image", "label"), axcodes="RAS", labels=RAS_LABELS),
-        Spacingd(keys=("image", "label"), pixdim=profile.spacing, mode=("bilinear", "nearest"),
-                 padding_mode=("zeros", "zeros")),
-        CropForegroundd(keys=("image", "label"), source_key="label", select_fn=lambda x: x > 0,
-                        allow_smaller=True),
-        ScaleIntensityRangePercentilesd(keys="image", lower=LOWER_PERCENTILE, upper=UPPER_PERCENTILE,
-                                        b_min=-1.0, b_max=1.0, clip=True, channel_wise=True),
-        ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=profile.shape),
-    ])
+    if profile.crop == "centre" and profile.scaling == "minmax":
+        # the authors' order: pad/crop the field of view first, then rescale what is in it (padding included)
+        data = Compose(([Orientationd(keys=("image", "label"), axcodes="RAS", labels=RAS_LABELS)]
+                        if profile.reorient else []) + [
+            Spacingd(keys=("image", "label"), pixdim=profile.spacing, mode=("bilinear", "nearest"),
+                     padding_mode=("zeros", "zeros"))])(data)
+        start, end, border = centre_crop_pad(data["image"].shape[1:], profile.shape)
+        to_profile = Compose([
+            SpatialCropd(keys=("image", "label"), roi_start=start, roi_end=end),
+            BorderPadd(keys=("image", "label"), spatial_border=border, mode="constant"),
+            ScaleIntensityd(keys="image", minv=-1.0, maxv=1.0, channel_wise=True),
+        ])
+    elif profile.crop == "brain-bbox" and profile.scaling == "percentile" and profile.reorient:
+        to_profile = Compose([
+            Orientationd(keys=("image", "label"), axcodes="RAS", labels=RAS_LABELS),
+            Spacingd(keys=("image", "label"), pixdim=profile.spacing, mode=("bilinear", "nearest"),
+                     padding_mode=("zeros", "zeros")),
+            CropForegroundd(keys=("image", "label"), source_key="label", select_fn=lambda x: x > 0,
+                            allow_smaller=True),
+            ScaleIntensityRangePercentilesd(keys="image", lower=LOWER_PERCENTILE, upper=UPPER_PERCENTILE,
+                                            b_min=-1.0, b_max=1.0, clip=True, channel_wise=True),
+            ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=profile.shape),
+        ])
+    else:
+        raise CohortError(name, f"profile {profile.name}: unsupported combination scaling={profile.scaling}, "
+                                f"crop={profile.crop}, reorient={profile.reorient}", kind="bad-profile")
     data = to_profile(data)
 
     out_affine = np.asarray(data["image"].affine.detach().cpu(), dtype=np.float64)
     check_same_geometry(name, np.asarray(data["label"].affine, dtype=np.float64), name, out_affine)
     img = np.asarray(data["image"].detach().cpu(), dtype=np.float32)
     lab = np.rint(np.asarray(data["label"].detach().cpu())[0]).astype(np.uint8)
-    img[:, lab == 0] = -1.0  # outside the brain (incl. padding) is background
+    if brain_above_min:  # the authors' rule: brain = background voxels where the rescaled T1 (first) > its min
+        lab[(lab == 0) & (img[0] > img[0].min())] = BRAIN
+        if not (lab == BRAIN).any():
+            raise CohortError(name, "no brain foreground found in the image (first channel constant?)",
+                              kind="empty-image")
+    if profile.scaling == "percentile":  # the authors' min-max keeps their background as it comes out (-1 on BraTS)
+        img[:, lab == 0] = -1.0  # outside the brain (incl. padding) is background
     return Volume(img, out_affine, profile.modalities), lab

@@ -42,11 +42,12 @@ def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def save_generator(path: str | Path, model: torch.nn.Module, config: MedDDPMConfig, step: int,
-                   extra_metadata: dict[str, str] | None = None) -> Path:
-    """The EMA weights as safetensors (on the CPU), config in the metadata; same weights -> same bytes."""
+                   extra_meta: dict[str, str] | None = None) -> Path:
+    """The EMA weights as safetensors (on the CPU), config in the metadata; same weights -> same bytes.
+    extra_meta: further string metadata (e.g. the source file's sha256 of imported weights)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"config": config.to_json(), "config_hash": config.hash(), "step": str(step), "format": "medddpm-ema-v1",
-            **(extra_metadata or {})}
+            **(extra_meta or {})}
     atomic_write_bytes(path, canonical_safetensors(tensors, meta))
     return Path(path)
 

@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--grad-checkpoint", action="store_true", default=None,
                    help="activation checkpointing: much less GPU memory for ~30 %% more time per step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--init-from", help="generator (file or folder, e.g. from import-weights) whose weights and "
+                                       "network settings training starts from (fine-tuning)")
     p.set_defaults(func=_train)
 
     s = subparsers.add_parser(
@@ -76,7 +78,7 @@ def _train(args) -> int:
                  "seed": args.seed, "num_threads": args.threads, "warmup_steps": args.warmup_steps,
                  "device": args.device, "precision": args.precision, "grad_checkpoint": args.grad_checkpoint,
                  "sources": tuple(args.sources.split(",")) if args.sources else None,
-                 "progress": False if args.no_progress else None}
+                 "progress": False if args.no_progress else None, "init_from": args.init_from}
     path = train_medddpm(args.manifest, args.profile, args.out, {k: v for k, v in overrides.items() if v is not None})
     print(f"generator: {path}")
     return 0

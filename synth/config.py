@@ -1,7 +1,9 @@
 """Med-DDPM configuration: network, diffusion and training settings, with one named profile per use.
 
 Profiles: ``tiny`` (unit tests), ``demo`` (the CPU demo study), ``paper-wholehead`` and ``paper-brats`` (the
-paper's two models; shape-checked here, not trained). Deliberate differences from the paper: docs/medddpm.md.
+paper's two models; shape-checked here, not trained), ``authors-brats`` and ``authors-wholehead`` (the authors'
+own network, for their published weights: synth.authors_weights). Deliberate differences from the paper:
+docs/medddpm.md.
 """
 from __future__ import annotations
 
@@ -32,8 +34,15 @@ RUNTIME_FIELDS = ("steps", "checkpoint_every", "log_every", "num_threads", "prog
                   "grad_checkpoint")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ARCHITECTURES = ("monai", "authors")
+# Fields added after configs were first hashed: left out of the hash while at their default, so the hashes (and
+# resumable runs) of existing configs do not change.
+HASH_IF_SET = {"architecture": "monai", "condition_values": "01", "init_from": None}
+# Hashed fields that were removed, with the value every earlier config had: kept in the hash for the same reason.
+HASH_REMOVED = {"autocast_bf16": False}
 # keys of configs written by earlier versions, read as their present meaning
-_LEGACY_KEYS = {"autocast_bf16": lambda v: {"precision": "bf16"} if v else {}}
+_LEGACY_KEYS = {"autocast_bf16": lambda v: {"precision": "bf16"} if v else {},
+                "gradient_checkpointing": lambda v: {"grad_checkpoint": bool(v)}}
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,12 @@ class MedDDPMConfig:
     norm_num_groups: int = 8
     num_head_channels: tuple[int, ...] | None = None  # None: one head per level (head width = level width)
     use_flash_attention: bool = False
+    # "monai": MONAI DiffusionModelUNet; "authors": the authors' guided-diffusion-style U-Net (synth.authors_unet),
+    # whose published weights `medddpm import-weights` converts. Both use channels / attention_levels /
+    # num_res_blocks / norm_num_groups; "authors" always has middle-block attention and one head.
+    architecture: str = "monai"
+    condition_values: str = "01"                   # "01"; "pm1": the network maps condition channels to {-1, +1}
+    init_from: str | None = None                   # generator file whose weights initialise training
     # diffusion
     timesteps: int = 250
     schedule: str = "cosine"
@@ -96,6 +111,12 @@ class MedDDPMConfig:
             raise ConfigError(f"warmup_steps must be >= 0, not {self.warmup_steps}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; known {PRECISIONS}")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"unknown architecture {self.architecture!r}; known {ARCHITECTURES}")
+        if self.condition_values not in ("01", "pm1") or (self.condition_values == "pm1"
+                                                           and self.architecture != "authors"):
+            raise ConfigError(f"condition_values {self.condition_values!r}: '01', or 'pm1' with the authors "
+                              "architecture")
 
     @property
     def in_channels(self) -> int:
@@ -137,7 +158,9 @@ class MedDDPMConfig:
 
     def hash(self) -> str:
         """sha256 of everything that changes what is learned (runtime fields excluded)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in RUNTIME_FIELDS and not (k in HASH_IF_SET and v == HASH_IF_SET[k])}
+        d.update(HASH_REMOVED)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -162,6 +185,14 @@ PROFILES: dict[str, MedDDPMConfig] = {
                                      num_res_blocks=1, **PAPER),
     "paper-brats": MedDDPMConfig(profile="paper-brats", modalities=("t1", "t1ce", "t2", "flair"), condition="brats",
                                  num_res_blocks=2, **PAPER),
+    # The authors' published weights (`medddpm import-weights`): their network exactly, with their effective
+    # attention (BraTS: middle block only, see docs/medddpm.md) and their preprocessing (cohort profile
+    # authors-brats: centre crop/pad + per-volume min-max). Whole-head: their {-1, +1} condition values.
+    "authors-brats": MedDDPMConfig(profile="authors-brats", modalities=("t1", "t1ce", "t2", "flair"),
+                                   condition="brats", num_res_blocks=2, architecture="authors",
+                                   **{**PAPER, "attention_levels": (False,) * 5}),
+    "authors-wholehead": MedDDPMConfig(profile="paper-wholehead", modalities=("t1",), condition="wholehead",
+                                       num_res_blocks=1, architecture="authors", condition_values="pm1", **PAPER),
 }
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# block containers of MONAI's DiffusionModelUNet and of guided-diffusion-style U-Nets (the authors' network)
-BLOCK_CONTAINERS = ("down_blocks", "up_blocks", "input_blocks", "output_blocks")
+# block containers of MONAI's DiffusionModelUNet (the authors' network checkpoints its own blocks, synth.authors_unet)
+BLOCK_CONTAINERS = ("down_blocks", "up_blocks")
 SINGLE_BLOCKS = ("middle_block",)
 
 

@@ -11,7 +11,17 @@ def build_unet(config: MedDDPMConfig) -> torch.nn.Module:
     """3-D U-Net: input = noisy modalities + one-hot condition channels (concatenated), output = predicted noise.
 
     One attention head per level (head width = level width), as the paper's single-head attention.
+    ``config.architecture == "authors"`` builds the authors' own network instead (synth.authors_unet); both are
+    called as ``model(x, t)``. ``config.grad_checkpoint``: activation checkpointing of every block (training only).
     """
+    if config.architecture == "authors":
+        from .authors_unet import AuthorsUNet
+
+        net = AuthorsUNet(config.in_channels, config.out_channels, tuple(config.channels),
+                          tuple(config.attention_levels), config.num_res_blocks, config.norm_num_groups,
+                          condition_pm1=config.condition_values == "pm1",
+                          gradient_checkpointing=config.grad_checkpoint)
+        return net.to(memory_format=torch.channels_last_3d) if config.channels_last else net
     from monai.networks.nets import DiffusionModelUNet
 
     heads = config.num_head_channels if config.num_head_channels is not None else config.channels
@@ -20,6 +30,10 @@ def build_unet(config: MedDDPMConfig) -> torch.nn.Module:
         channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
         num_res_blocks=config.num_res_blocks, norm_num_groups=config.norm_num_groups,
         num_head_channels=tuple(heads), resblock_updown=False, use_flash_attention=config.use_flash_attention)
+    if config.grad_checkpoint:  # MONAI's network has no such option: wrap its blocks (synth.memory)
+        from .memory import enable_grad_checkpointing
+
+        enable_grad_checkpointing(net)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     return net

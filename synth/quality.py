@@ -16,6 +16,7 @@ demo phantom 100 % of held-out real cases pass (docs/benchmarks.md; test: tests/
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,10 +116,24 @@ def load_ranges(path: str | Path) -> dict:
     return ranges
 
 
-def check_sample(image: np.ndarray, label: np.ndarray, ranges: dict, modalities: tuple[str, ...],
+def load_gate_ranges(path: str | Path, imported: bool) -> dict | None:
+    """The gate's ranges; for an imported generator (no training data here) None when absent, with a warning."""
+    p = Path(path)
+    if imported and not p.exists():
+        warnings.warn(f"{p} missing: the generator was imported, not trained here, so synthetic cases are not "
+                      "quality-gated (quality_gate=unchecked); pass --ranges-from to import-weights to gate them",
+                      stacklevel=2)
+        return None
+    return load_ranges(p)
+
+
+def check_sample(image: np.ndarray, label: np.ndarray, ranges: dict | None, modalities: tuple[str, ...],
                  margin: float = MARGIN, k: float = K_SIGMA) -> list[str]:
     """Failed checks of one sample (empty list = pass), each "<check> <label>/<modality>: <value> outside
-    [<low>, <high>]". image: (C, X, Y, Z) in model space; label: (X, Y, Z)."""
+    [<low>, <high>]". image: (C, X, Y, Z) in model space; label: (X, Y, Z). ranges None (an imported generator
+    without ranges): nothing is judged."""
+    if ranges is None:
+        return []
     st = case_statistics(image, label, modalities)
     failures = []
 

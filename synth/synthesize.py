@@ -20,9 +20,10 @@ from cohort.nifti import read_label, write_array
 from cohort.profiles import get_profile
 from cohort.threads import torch_threads
 
+from .authors_weights import SOURCE_META
 from .checkpoint import RANGES_FILE, load_generator, resolve_generator
 from .network import condition_from_label
-from .quality import check_sample, load_ranges
+from .quality import check_sample, load_gate_ranges
 from . import defaults
 from .schedulers import make_sampler, sample, sampling_timesteps
 
@@ -72,7 +73,8 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     device: where to run the generator (auto = CUDA when present); the seeded noise is drawn on the CPU, so a
     seed gives the same sample on any device up to float error.
     parent_case_id (the mask's case id), mask_edit, mask_source, origin_case_id (the real case at the root),
-    generator_checkpoint (sha256), sampler, steps, seed, quality_gate (pass|fail) and attempts.
+    generator_checkpoint (sha256), sampler, steps, seed, quality_gate (pass|fail; unchecked for an imported
+    generator without intensity ranges) and attempts.
     Quality gate (synth.quality: per-label medians, background, texture): a failing sample is redrawn with a new
     seed up to `max_retries` times; cases still failing are kept and marked quality_gate=fail. quality_report.csv
     lists every attempt with each failed check, its measured value and the allowed range.
@@ -86,12 +88,12 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     manifest = out / "data_manifest.csv"
     _clean_partial(out)
 
-    model, cfg, _ = load_generator(gen_path)
+    model, cfg, meta = load_generator(gen_path)
     model.to(resolve_device(device))  # samples come back to the CPU (synth.schedulers.sample) before writing
     diffusion_sampler = make_sampler(sampler, cfg.timesteps, cfg.schedule, eta=eta)
     sampling_timesteps(cfg.timesteps, steps)  # refuses a step count outside 1..T before any work
     gen_hash = sha256_file(gen_path)
-    ranges = load_ranges(gen_path.parent / RANGES_FILE)
+    ranges = load_gate_ranges(gen_path.parent / RANGES_FILE, imported=SOURCE_META in meta)
     grid = get_profile(cfg.profile)
     rows = _mask_rows(masks_manifest, sources, splits, case_ids)
     done = set(load_manifest(manifest)["case_id"]) if manifest.exists() else set()
@@ -159,7 +161,8 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
                     parent_case_id=row["case_id"], mask_edit=None if pd.isna(mask_edit) else mask_edit,
                     mask_source=row["source"], origin_case_id=origin, generator_checkpoint=gen_hash,
                     sampler=diffusion_sampler.label(), steps=steps,
-                    seed=case_seed(seed, i, attempts[k]), quality_gate="fail" if failures[k] else "pass",
+                    seed=case_seed(seed, i, attempts[k]),
+                    quality_gate="fail" if failures[k] else ("pass" if ranges is not None else "unchecked"),
                     attempts=attempts[k] + 1))
             append_rows(manifest, new_rows)
             atomic_write_text(out / REPORT_FILE, pd.DataFrame(report_rows).to_csv(index=False))

@@ -28,7 +28,6 @@ from .config import MedDDPMConfig, get_config
 from .data import load_items, training_rows
 from .network import build_unet
 from .quality import intensity_ranges, save_ranges
-from .memory import enable_grad_checkpointing
 from .schedulers import make_training_scheduler, model_input
 
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
@@ -151,8 +150,14 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
     whose settings `config` (a MedDDPMConfig or a dict of overrides such as {"steps": 200}) replaces/overrides.
     out_dir gets config.json, intensity_ranges.json, loss_log.csv, loss_curve.png, checkpoints/last.pt and
     generator.safetensors. Rerunning the same call after an interruption resumes from the last checkpoint.
+    config.init_from (CLI --init-from): start from that generator's weights, taking its network settings
+    (e.g. the authors' imported weights); recorded in config.json with the file's sha256.
     """
     cfg = _as_config(profile, config)
+    if cfg.init_from:  # fine-tuning: the network is the init generator's (synth.authors_weights)
+        from .authors_weights import adopt_init_network
+
+        cfg = adopt_init_network(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = get_profile(cfg.profile)
@@ -175,10 +180,14 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
             save_ranges(out / RANGES_FILE, intensity_ranges(items, cfg.modalities))
 
         torch.manual_seed(cfg.seed)  # initial weights only; every later draw uses `rng`
-        model = build_unet(cfg).to(device)
+        model = build_unet(cfg)
+        init_sha = None
+        if cfg.init_from:
+            from .authors_weights import init_weights
+
+            init_sha = init_weights(model, cfg)
+        model = model.to(device)
         ema = copy.deepcopy(model).eval().requires_grad_(False)  # fp32 master weights and EMA, whatever amp_dtype
-        if cfg.grad_checkpoint:
-            enable_grad_checkpointing(model)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         # fp16 needs loss scaling; bf16 has fp32's exponent range and does not
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -196,7 +205,9 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
         atomic_write_text(out / CONFIG_FILE, json.dumps({**cfg.to_dict(), "config_hash": cfg.hash(),
                                                          "manifest": str(Path(manifest).resolve()),
                                                          "train_cases": rows["case_id"].tolist(),
-                                                         "training_cases_hash": cases_hash}, indent=1))
+                                                         "training_cases_hash": cases_hash,
+                                                         **({"init_from_sha256": init_sha} if init_sha else {})},
+                                                        indent=1))
 
         sched = make_training_scheduler(cfg.timesteps, cfg.schedule)
         n, per_step = len(items), cfg.batch_size * cfg.grad_accum
