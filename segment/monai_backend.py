@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_path, atomic_write_csv, atomic_write_text
-from cohort.labels import region_mask
 from cohort.nifti import write_array
 from cohort.threads import torch_threads
 from cohort.volume import Volume
@@ -105,22 +104,14 @@ def _predict_logits(model: torch.nn.Module, cfg: SegmenterConfig, image: np.ndar
     return logits[:, : image.shape[1], : image.shape[2], : image.shape[3]]
 
 
-def _region_channels(label: np.ndarray) -> torch.Tensor:
-    """(1, 3, X, Y, Z) masks of the BraTS regions WT, TC, ET of a 0..3 label map."""
-    return torch.from_numpy(np.stack([region_mask(label, r) for r in ("WT", "TC", "ET")])[None].astype(np.float32))
-
-
 def _val_dice(model, cfg, cases: list[Case]) -> float:
-    """Mean Dice over the BraTS regions WT, TC, ET (what the study reports); regions empty in the truth skipped."""
-    from monai.metrics import DiceMetric
+    """Mean Dice over the validation cases and the BraTS regions WT, TC, ET: the Dice the study reports
+    (eval.segmentation.region_dice, BraTS rule for empty regions), so the best epoch is best by that measure."""
+    from eval.segmentation import region_dice
 
-    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
     model.eval()
-    for c in cases:
-        pred = _predict_logits(model, cfg, c.image).argmax(0).numpy()
-        metric(_region_channels(pred), _region_channels(c.target))
-    per = metric.aggregate()
-    return float(torch.nanmean(per)) if torch.isfinite(per).any() else 0.0
+    return float(np.mean([region_dice(_predict_logits(model, cfg, c.image).argmax(0).numpy(), c.target)
+                          for c in cases]))
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
