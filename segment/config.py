@@ -4,11 +4,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cohort.errors import CohortError
 
-BACKENDS = ("monai", "nnunet")
+# The back-end registry: name -> module with train(manifest, train_ids, val_ids, model_dir, cfg) -> model_dir and
+# predict(model_dir, manifest, case_ids, out_dir) -> {case_id: path}; imported only when used (segment.api.backend)
+BACKEND_MODULES = {"monai": "segment.monai_backend", "nnunet": "segment.nnunet_backend"}
+BACKENDS = tuple(BACKEND_MODULES)
 SEG_PROFILES = ("tiny", "demo", "paper")
 NETWORKS = ("segresnet", "dynunet")  # MONAI back end only
 
@@ -121,3 +125,11 @@ def as_config(config: "SegmenterConfig | dict | None") -> SegmenterConfig:
     if isinstance(config, dict):
         return SegmenterConfig.from_dict(config).resolved()
     return config.resolved()
+
+
+def load_config(model_dir: str | Path) -> SegmenterConfig:
+    """The resolved SegmenterConfig a model directory was trained with (its config.json)."""
+    p = Path(model_dir) / "config.json"
+    if not p.exists():
+        raise CohortError(p, "missing: not a segmenter model directory", kind="missing-file")
+    return SegmenterConfig.from_dict(json.loads(p.read_text())["config"]).resolved()

@@ -100,19 +100,29 @@ def _run_child(model_dir: Path, step: str, args: list[str], *, training: bool, n
                           kind="nnunet-failed")
 
 
-def _write_log_and_weights(model_dir: Path, cfg: SegmenterConfig) -> dict:
-    """train_log.csv and model.safetensors from nnU-Net's final checkpoint (loaded weights_only)."""
-    import torch
-    from safetensors.torch import save_file
+def final_checkpoint(model_dir: Path, trainer: str) -> Path:
+    """nnU-Net's checkpoint_final.pth of fold 0: what its predictor loads."""
+    return trained_model_folder(model_dir, trainer) / f"fold_{FOLD}" / "checkpoint_final.pth"
 
-    ckpt_path = trained_model_folder(model_dir, cfg.trainer) / f"fold_{FOLD}" / "checkpoint_final.pth"
-    # nnU-Net's log holds numpy scalars: allow exactly those, still without unpickling arbitrary objects
+
+def load_checkpoint(path: Path) -> dict:
+    """An nnU-Net checkpoint, loaded weights_only (its log holds numpy scalars: exactly those are allowed too)."""
+    import torch
+
     safe = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float32DType, np.dtypes.Float64DType]
     try:
         with torch.serialization.safe_globals(safe):
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CohortError(ckpt_path, f"cannot read nnU-Net's final checkpoint ({e})", kind="unreadable") from e
+        raise CohortError(path, f"cannot read nnU-Net's checkpoint ({e})", kind="unreadable") from e
+
+
+def _write_log_and_weights(model_dir: Path, cfg: SegmenterConfig) -> dict:
+    """train_log.csv and model.safetensors from nnU-Net's final checkpoint (loaded weights_only)."""
+    from safetensors.torch import save_file
+
+    ckpt_path = final_checkpoint(model_dir, cfg.trainer)
+    ckpt = load_checkpoint(ckpt_path)
     lg = ckpt.get("logging", {})
     n = len(lg.get("train_losses", []))
     col = lambda k, i: lg.get(k, [])[i] if i < len(lg.get(k, [])) else float("nan")  # noqa: E731
@@ -151,7 +161,7 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
     # the planner copies splits_final.json from raw; make sure fold 0 is ours (validation real-only)
     shutil.copyfile(raw_ds / "splits_final.json", r["preprocessed"] / DATASET / "splits_final.json")
 
-    fold_dir = trained_model_folder(model_dir, cfg.trainer) / f"fold_{FOLD}"
+    fold_dir = final_checkpoint(model_dir, cfg.trainer).parent
     if not (fold_dir / "checkpoint_final.pth").exists():
         args = ["--trainer", cfg.trainer, "--threads", str(threads)]
         if (fold_dir / "checkpoint_latest.pth").exists():
@@ -163,16 +173,12 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
     return model_dir
 
 
-def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path, *,
-            untrained_seed: int | None = None) -> dict[str, Path]:
-    """Predict with nnU-Net's predictor; outputs re-read and rewritten on the input grid in our convention.
-
-    untrained_seed: predict with freshly initialised weights instead (a baseline for tests).
-    """
+def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path) -> dict[str, Path]:
+    """Predict with nnU-Net's predictor; outputs re-read and rewritten on the input grid in our convention."""
     from cohort.manifest import load_manifest, load_case
     from cohort.nifti import read_label, write_array
 
-    from .api import load_config
+    from .config import load_config
 
     cfg = load_config(model_dir)
     raw_ds = roots(model_dir)["raw"] / DATASET
@@ -197,8 +203,6 @@ def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path,
                 "--threads", str(threads)]
         if cfg.profile != "paper":
             args.append("--no-mirroring")  # test-time mirroring costs 8x on CPU; kept for the paper profile
-        if untrained_seed is not None:
-            args += ["--untrained-seed", str(untrained_seed)]
         _run_child(model_dir, "predict", args, training=False, n_proc=n_proc, threads=threads)
         out: dict[str, Path] = {}
         for cid, (name, affine, shape) in inputs.items():
@@ -234,8 +238,6 @@ def _child_train(a) -> None:
 
 
 def _child_predict(a) -> None:
-    import copy
-
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -245,12 +247,6 @@ def _child_predict(a) -> None:
                                 allow_tqdm=False)
     folder = Path(os.environ["nnUNet_results"]) / DATASET / f"{a.trainer}__{PLANS}__{CONFIGURATION}"
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=(FOLD,))
-    if a.untrained_seed is not None:
-        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-
-        torch.manual_seed(a.untrained_seed)
-        predictor.network.apply(InitWeights_He(1e-2))
-        predictor.list_of_parameters = [copy.deepcopy(predictor.network.state_dict())]
     Path(a.output).mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files_sequential(a.input, a.output, save_probabilities=False, overwrite=True)
 
@@ -273,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--output", required=True)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--no-mirroring", action="store_true")
-    s.add_argument("--untrained-seed", type=int, default=None)
     s.set_defaults(func=_child_predict)
     a = p.parse_args(argv)
     a.func(a)

@@ -1,4 +1,4 @@
-"""Helpers shared by the segmenter tests (test_segment*.py): mean Dice, a mixed real+synthetic manifest, an odd case."""
+"""Helpers shared by the segmenter tests (test_segment*.py): mean Dice, an untrained baseline, a mixed real+synthetic manifest, an odd case."""
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +19,37 @@ def mean_dice(preds: dict[str, Path], manifest: Path) -> tuple[float, float]:
     per_case = np.array([region_dice(read_label(p)[0], read_label(case_files(manifest, df.loc[cid]).label)[0],
                                      ("WT", "TC", "ET")) for cid, p in preds.items()])
     return float(per_case.mean()), float(per_case[:, 0].mean())
+
+
+def untrained_copy(model_dir: Path, dst: Path, seed: int = 0) -> Path:
+    """A copy of a trained model directory whose weights are replaced by the network as freshly initialised
+    (seeded): the baseline a trained segmenter must beat, predicted through the production api.predict."""
+    import shutil
+
+    import torch
+
+    from segment.config import load_config
+
+    cfg = load_config(model_dir)
+    shutil.copytree(model_dir, dst)
+    torch.manual_seed(seed)
+    if cfg.backend == "monai":
+        from segment import monai_backend
+
+        monai_backend._save_safetensors(monai_backend.build_network(cfg, len(cfg.modalities)), dst / "model.safetensors")
+        return dst
+    from segment import nnunet_backend
+
+    # nnU-Net's own initialisation (InitWeights_He(1e-2)): He-normal convolutions, zero biases, unit norm scales
+    path = nnunet_backend.final_checkpoint(dst, cfg.trainer)
+    ckpt = nnunet_backend.load_checkpoint(path)
+    for name, w in ckpt["network_weights"].items():
+        if w.ndim >= 3:
+            torch.nn.init.kaiming_normal_(w, a=1e-2)
+        else:
+            torch.nn.init.constant_(w, 0.0 if name.endswith("bias") else 1.0)
+    torch.save(ckpt, path)
+    return dst
 
 
 def mixed_manifest(toy_manifest: Path, n_synthetic: int = 3) -> Path:

@@ -12,7 +12,7 @@ from cohort.manifest import load_case, load_manifest
 from cohort.nifti import read_array
 from segment import api, nnunet_backend
 from segment.config import SegmenterConfig
-from tests.segment_helpers import mean_dice, mixed_manifest
+from tests.segment_helpers import mean_dice, mixed_manifest, untrained_copy
 
 REAL_TRAIN = ["toy_000", "toy_001", "toy_002", "toy_003"]
 SYNTH = ["syn_000", "syn_001", "syn_002"]
@@ -66,7 +66,8 @@ def test_budget_trainer_found_via_ext_trainer_path_and_contract_files(nn_trained
 def test_nnunet_learns_and_keeps_geometry(nn_trained, tmp_path):
     mixed, model_dir, preds, _ = nn_trained
     trained_lab, trained_wt = mean_dice({c: preds[c] for c in REAL_TRAIN}, mixed)
-    untrained = nnunet_backend.predict(model_dir, mixed, REAL_TRAIN, tmp_path, untrained_seed=0)
+    untrained = api.predict(untrained_copy(model_dir, tmp_path / "untrained", seed=0), mixed, REAL_TRAIN,
+                            tmp_path / "pred")
     base_lab, base_wt = mean_dice(untrained, mixed)
     assert trained_wt > 0.6 and trained_wt > base_wt + 0.3, (trained_wt, base_wt)
     assert trained_lab > base_lab + 0.2, (trained_lab, base_lab)
