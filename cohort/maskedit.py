@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from .errors import CohortError
 from .labels import BRAIN, brain_mask, tumour_mask
+from .volume import spacing_of
 
 DEFAULT_MIN_VOXELS = 30
 DEFAULT_MIN_INSIDE = 0.5
@@ -167,7 +168,7 @@ def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed:
     for ci, (_, row) in enumerate(tqdm(list(df.iterrows()), desc="edit masks", unit="case", disable=not progress)):
         parent = str(row["case_id"])
         lab, aff = get(parent)
-        spacing = np.sqrt((aff[:3, :3] ** 2).sum(0))
+        spacing = np.asarray(spacing_of(aff))
         max_shift = np.maximum(np.round(max_shift_mm / spacing), 1).astype(int)
         for k in range(n_per_case):
             cid = f"{parent}_edit{k:02d}"

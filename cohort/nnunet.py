@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .errors import CohortError
 from .fsutil import atomic_write_text, default_mode
 from .labels import BRAIN, ED, ET, NCR, REGIONS
-from .manifest import check_row_hashes, check_rows, load_case, load_manifest, row_modalities
+from .manifest import check_row_hashes, check_rows, load_manifest, read_case, row_modalities
 from .nifti import write_array
 
 FILE_ENDING = ".nii.gz"
@@ -176,12 +176,11 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
             row = rows.loc[cid]
             if verify_hashes:
                 check_row_hashes(manifest, row)
-            vol, lab = load_case(manifest, row)
+            case = read_case(manifest, row)
             n = names[cid]
             for k, m in enumerate(modalities):
-                write_array(work / img_dir / f"{n}_{k:04d}{FILE_ENDING}", vol.channel(m), vol.affine)
-            tumour = _LABEL_LUT[lab]
-            write_array(work / lab_dir / f"{n}{FILE_ENDING}", tumour, vol.affine)
+                write_array(work / img_dir / f"{n}_{k:04d}{FILE_ENDING}", case.image.channel(m), case.affine)
+            write_array(work / lab_dir / f"{n}{FILE_ENDING}", _LABEL_LUT[case.label_map], case.affine)
             map_rows.append({"nnunet_case": n, "case_id": cid, "source": row["source"], "subset": img_dir})
         (work / "imagesTs").mkdir(exist_ok=True)  # nnU-Net expects the folder even with no test cases
 

@@ -408,7 +408,7 @@ def montage(manifest: str | Path, out_png: str | Path, case_ids: list[str] | Non
     from matplotlib.patches import Patch
 
     from .fsutil import atomic_path
-    from .manifest import load_case, load_manifest
+    from .manifest import load_manifest, read_case
 
     df = load_manifest(manifest)
     if case_ids is None:
@@ -418,7 +418,8 @@ def montage(manifest: str | Path, out_png: str | Path, case_ids: list[str] | Non
     fig, axes = plt.subplots(len(rows), len(cols) + 1, figsize=(2.2 * (len(cols) + 1), 2.5 * len(rows)),
                              squeeze=False)
     for r, row in enumerate(rows):
-        vol, lab = load_case(manifest, row)
+        case = read_case(manifest, row)
+        vol, lab = case.image, case.label_map
         tum = np.isin(lab, (NCR, ED, ET))
         z = int(np.round(np.argwhere(tum)[:, 2].mean())) if tum.any() else lab.shape[2] // 2
         names = [m for m in cols if m in vol.channels]

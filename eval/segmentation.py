@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from cohort.errors import CohortError
 from cohort.labels import REGIONS, region_mask
-from cohort.volume import Volume
+from cohort.volume import spacing_of
 
 PER_CASE_COLUMNS = ("case_id", "region", "dice", "hd95")
 
@@ -136,7 +136,7 @@ def evaluate_predictions(predictions: Mapping[str, str | Path], manifest: str | 
             raise CohortError(predictions[cid], f"prediction shape {pred.shape} differs from the label "
                                                 f"{truth_path} shape {truth.shape}", kind="shape-mismatch")
         check_same_geometry(predictions[cid], p_aff, truth_path, t_aff)
-        scores = region_scores(pred, truth, Volume(truth[None], t_aff).spacing)
+        scores = region_scores(pred, truth, spacing_of(t_aff))
         scores.insert(0, "case_id", cid)
         frames.append(scores)
     if not frames:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cohort.case import Case
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_text, read_csv_log
 from cohort.nifti import write_array
@@ -25,7 +26,7 @@ from cohort.threads import torch_threads
 from cohort.volume import Volume
 
 from .config import SegmenterConfig, load_config
-from .data import N_CLASSES, Case, load_cases, normalise
+from .data import N_CLASSES, load_cases, normalise
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_dice", "lr", "seconds")
 
@@ -110,7 +111,7 @@ def _val_dice(model, cfg, cases: list[Case]) -> float:
     from eval.segmentation import region_dice
 
     model.eval()
-    return float(np.mean([region_dice(_predict_logits(model, cfg, c.image).argmax(0).numpy(), c.target)
+    return float(np.mean([region_dice(_predict_logits(model, cfg, c.image.data).argmax(0).numpy(), c.label_map)
                           for c in cases]))
 
 
@@ -163,7 +164,7 @@ def _train_epoch(model, opt, loss_fn, tfm, cases: list[Case], cfg: SegmenterConf
     model.train()
     losses = []
     for it in range(cfg.iters_per_epoch):
-        items = [tfm({"image": cases[i].image, "label": cases[i].target[None]})
+        items = [tfm({"image": cases[i].image.data, "label": cases[i].label.data})
                  for i in order[it * cfg.batch_size:(it + 1) * cfg.batch_size]]
         items = [d[0] if isinstance(d, list) else d for d in items]  # RandCropByPosNegLabeld returns a list
         x = torch.stack([torch.as_tensor(d["image"]).float() for d in items])
@@ -275,7 +276,7 @@ def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path)
     out: dict[str, Path] = {}
     with torch_threads(cfg.num_threads):
         for c in tqdm(load_cases(manifest, case_ids, cfg.modalities), desc="segment[monai] predict", unit="case"):
-            label = _predict_logits(model, cfg, c.image).argmax(0).numpy().astype(np.uint8)
+            label = _predict_logits(model, cfg, c.image.data).argmax(0).numpy().astype(np.uint8)
             out[c.case_id] = write_array(out_dir / f"{c.case_id}.nii.gz", label, c.affine)
     return out
 

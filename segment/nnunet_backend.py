@@ -175,8 +175,9 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
 
 def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path) -> dict[str, Path]:
     """Predict with nnU-Net's predictor; outputs re-read and rewritten on the input grid in our convention."""
-    from cohort.manifest import load_manifest, load_case
+    from cohort.manifest import load_manifest, read_case
     from cohort.nifti import read_label, write_array
+    from cohort.volume import select_channels
 
     from .config import load_config
 
@@ -191,14 +192,12 @@ def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path)
     try:
         inputs: dict[str, tuple[str, np.ndarray, tuple]] = {}
         for i, cid in enumerate(case_ids):
-            vol, _ = load_case(manifest, rows.loc[cid])
+            image = select_channels(read_case(manifest, rows.loc[cid]).image, modalities, manifest,
+                                    f"the model (modalities {modalities})", case_id=cid)
             name = f"case_{i:05d}"  # our own names: manifest ids need not be file-name safe
             for k, m in enumerate(modalities):
-                if m not in vol.channels:
-                    raise CohortError(manifest, f"case {cid}: modality {m} missing (the model uses {modalities})",
-                                      kind="missing-modality")
-                write_array(work / "in" / f"{name}_{k:04d}.nii.gz", vol.channel(m), vol.affine)
-            inputs[cid] = (name, vol.affine, vol.shape)
+                write_array(work / "in" / f"{name}_{k:04d}.nii.gz", image.channel(m), image.affine)
+            inputs[cid] = (name, image.affine, image.shape)
         args = ["--trainer", cfg.trainer, "--input", str(work / "in"), "--output", str(work / "out"),
                 "--threads", str(threads)]
         if cfg.profile != "paper":
