@@ -258,13 +258,12 @@ def load_case(manifest_path: str | Path, row: pd.Series):
     return case.image, case.label_map
 
 
-def select(df: pd.DataFrame, *, source: str | None = None, split: str | None = None,
-           cohort: str | None = None) -> pd.DataFrame:
+def select(df: pd.DataFrame, *, source: str | Iterable[str] | None = None, split: str | Iterable[str] | None = None,
+           cohort: str | Iterable[str] | None = None) -> pd.DataFrame:
+    """Rows whose source, split and cohort are the given value, or one of the given values (None: any)."""
     m = np.ones(len(df), dtype=bool)
-    if source is not None:
-        m &= (df["source"] == source).to_numpy(dtype=bool, na_value=False)
-    if split is not None:
-        m &= (df["split"] == split).to_numpy(dtype=bool, na_value=False)
-    if cohort is not None:
-        m &= (df["cohort"] == cohort).to_numpy(dtype=bool, na_value=False)
+    for column, wanted in (("source", source), ("split", split), ("cohort", cohort)):
+        if wanted is not None:
+            values = [wanted] if isinstance(wanted, str) else list(wanted)
+            m &= df[column].isin(values).to_numpy(dtype=bool, na_value=False)
     return df[m]

@@ -33,13 +33,22 @@ PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "paper": dict(epochs=300, iters_per_epoch=250, batch_size=2, lr=1e-3, patience=50, min_epochs=100, init_filters=16,
                       blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), patch_size=(128, 128, 128)),
     },
-    "nnunet": {
-        # the trainer class (segment/nnunet_trainers/) carries the budget; epochs/iters here document it
-        "tiny": dict(trainer="nnUNetTrainer_segtiny", epochs=4, iters_per_epoch=12, num_threads=1),
-        "demo": dict(trainer="nnUNetTrainer_segdemo", epochs=10, iters_per_epoch=25, num_threads=1),
-        "paper": dict(trainer="nnUNetTrainer", epochs=1000, iters_per_epoch=250),  # nnU-Net's default budget
+    "nnunet": {  # budget from NNUNET_BUDGETS below (the trainer class carries it into nnU-Net)
+        "tiny": dict(num_threads=1),
+        "demo": dict(num_threads=1),
+        "paper": dict(),
     },
 }
+# nnU-Net's budget per profile, stated once: the trainer classes in segment/nnunet_trainers/ read their numbers from
+# here (in nnU-Net's child process), and the config's trainer/epochs/iters_per_epoch are filled from it.
+NNUNET_BUDGETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(trainer="nnUNetTrainer_segtiny", epochs=4, iters_per_epoch=12, val_iters_per_epoch=2),  # unit tests
+    "demo": dict(trainer="nnUNetTrainer_segdemo", epochs=10, iters_per_epoch=25, val_iters_per_epoch=5),  # CPU demo
+    "paper": dict(trainer="nnUNetTrainer", epochs=1000, iters_per_epoch=250, val_iters_per_epoch=50),  # nnU-Net's own
+}
+for _profile, _budget in NNUNET_BUDGETS.items():
+    PROFILE_DEFAULTS["nnunet"][_profile].update(trainer=_budget["trainer"], epochs=_budget["epochs"],
+                                                iters_per_epoch=_budget["iters_per_epoch"])
 # Network-specific defaults (MONAI back end), applied before the profile's. DynUNet (nnU-Net-like, concatenating
 # skips) needs 16 base filters at demo: with 8 it learnt no tumour in 300 steps on the phantom (docs/segment.md).
 NETWORK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {

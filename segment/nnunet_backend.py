@@ -69,6 +69,12 @@ def nnunet_env(model_dir: Path, *, training: bool, n_proc: int = 2, threads: int
     return env
 
 
+def _workers(cfg: SegmenterConfig) -> tuple[int, int]:
+    """(worker processes for nnU-Net's planning/preprocessing/export, torch threads of a child): at most 2 workers."""
+    n_proc = max(1, min(2, os.cpu_count() or 1))
+    return n_proc, cfg.num_threads or n_proc
+
+
 def _run_child(model_dir: Path, step: str, args: list[str], *, training: bool, n_proc: int,
                threads: int | None = None, epochs: int | None = None) -> None:
     """Run ``python -m segment.nnunet_backend <step> ...``; stream its output to nnunet/logs/<step>.log.
@@ -148,8 +154,7 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
     from cohort.nnunet import export_nnunet
 
     r = roots(model_dir)
-    n_proc = max(1, min(2, os.cpu_count() or 1))  # planning/preprocessing worker processes
-    threads = cfg.num_threads or n_proc
+    n_proc, threads = _workers(cfg)
     raw_ds = r["raw"] / DATASET
     if not (raw_ds / "dataset.json").exists():
         export_nnunet(manifest, r["raw"], DATASET_ID, DATASET_NAME, train_ids, modalities=cfg.modalities,
@@ -186,8 +191,7 @@ def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path)
     channels = json.loads((raw_ds / "dataset.json").read_text())["channel_names"]
     modalities = [channels[str(k)] for k in range(len(channels))]
     rows = load_manifest(manifest).set_index("case_id", drop=False)
-    n_proc = max(1, min(2, os.cpu_count() or 1))
-    threads = cfg.num_threads or n_proc
+    n_proc, threads = _workers(cfg)
     work = Path(tempfile.mkdtemp(prefix=".nnunet-predict-", dir=out_dir))
     try:
         inputs: dict[str, tuple[str, np.ndarray, tuple]] = {}

@@ -127,3 +127,14 @@ def test_case_and_volume_helpers():
     assert case.shape == (2, 3, 4) and case.label_map.sum() == 24
     with pytest.raises(ValueError, match="label grid"):
         Case.from_arrays("c9", vol, np.ones((2, 3, 5), np.uint8))
+
+
+def test_select_takes_one_value_or_several(toy_cohort):
+    from cohort.manifest import select
+
+    df = load_manifest(toy_cohort)
+    assert select(df, split="val")["case_id"].tolist() == ["toy_006", "toy_007"]
+    assert select(df, split=["val", "test"])["case_id"].tolist() == [f"toy_{i:03d}" for i in range(6, 10)]
+    assert select(df, source=("real", "synthetic"), split="val", cohort=["toy"])["case_id"].tolist() == \
+        ["toy_006", "toy_007"]
+    assert select(df, source="synthetic").empty
