@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from .atlases import ATLAS_INFO, ATLAS_NAMES, Atlas, copy_licence_texts, load_atlas
-from .errors import CohortError
+from .errors import CohortError, ConfigError
 from .fsutil import atomic_write_text
 from .labels import BRAIN, ED, ET, MODALITIES, NCR
 from .profiles import Profile, get_profile
@@ -337,9 +337,9 @@ def build_phantom_cohort(out_dir: str | Path, n_cases: int = 48, seed: int = 0, 
     prof = get_profile(profile)
     for a in atlases:
         if a not in ATLAS_INFO:
-            raise CohortError(None, f"unknown atlas {a!r}; known: {list(ATLAS_INFO)}", kind="bad-atlas")
+            raise ConfigError(f"unknown atlas {a!r}; known: {list(ATLAS_INFO)}", kind="bad-atlas")
     if n_cases < 1:
-        raise CohortError(None, f"n_cases must be >= 1, got {n_cases}", kind="bad-argument")
+        raise ConfigError(f"n_cases must be >= 1, got {n_cases}", kind="bad-argument")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "data_manifest.csv"

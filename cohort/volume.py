@@ -58,8 +58,9 @@ class Volume:
 
 def select_channels(volume: Volume, names: Sequence[str], where: str | Path | None, needed_by: str, *,
                     case_id: str | None = None) -> Volume:
-    """The channels ``names`` of volume, in that order (float32). A missing one raises
-    CohortError(where, "[case X: ]missing modality [...] needed by <needed_by> (have [...])", kind="missing-modality")."""
+    """The channels ``names`` of volume, in that order (float32): the one missing-modality check. A missing one raises
+    CohortError(where, "[case X: ]missing modality [...] needed by <needed_by> (have [...])",
+    kind="missing-modality")."""
     missing = [m for m in names if m not in volume.channels]
     if missing:
         prefix = f"case {case_id}: " if case_id is not None else ""

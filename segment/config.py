@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, ConfigError
 
 # The back-end registry: name -> module with train(manifest, train_ids, val_ids, model_dir, cfg) -> model_dir and
 # predict(model_dir, manifest, case_ids, out_dir) -> {case_id: path}; imported only when used (segment.api.backend)
@@ -88,15 +88,14 @@ class SegmenterConfig:
 
     def resolved(self) -> "SegmenterConfig":
         if self.backend not in BACKENDS:
-            raise CohortError(None, f"unknown segmenter backend {self.backend!r}; known: {BACKENDS}", kind="bad-config")
+            raise ConfigError(f"unknown segmenter backend {self.backend!r}; known: {BACKENDS}", kind="bad-config")
         if self.profile not in SEG_PROFILES:
-            raise CohortError(None, f"unknown segmenter profile {self.profile!r}; known: {SEG_PROFILES}",
-                              kind="bad-config")
+            raise ConfigError(f"unknown segmenter profile {self.profile!r}; known: {SEG_PROFILES}")
         out = dataclasses.replace(self)
         if self.backend == "monai":
             out.network = out.network or "segresnet"
             if out.network not in NETWORKS:
-                raise CohortError(None, f"unknown MONAI network {out.network!r}; known: {NETWORKS}", kind="bad-config")
+                raise ConfigError(f"unknown MONAI network {out.network!r}; known: {NETWORKS}", kind="bad-config")
             for k, v in NETWORK_DEFAULTS[out.network].get(self.profile, {}).items():
                 if getattr(out, k) is None:
                     setattr(out, k, v)
@@ -123,7 +122,7 @@ class SegmenterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise CohortError(None, f"unknown SegmenterConfig fields {unknown}", kind="bad-config")
+            raise ConfigError(f"unknown SegmenterConfig fields {unknown}", kind="bad-config")
         return cls(**d)
 
 

@@ -144,7 +144,8 @@ def _resume(path: Path, model, opt, sched) -> _Progress:
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CohortError(path, f"unreadable resume checkpoint ({e}); delete it to start over", kind="unreadable") from e
+        raise CohortError(path, f"unreadable resume checkpoint ({e}); delete it to start over",
+                          kind="unreadable") from e
     model.load_state_dict(st["model"])
     opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])

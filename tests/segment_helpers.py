@@ -1,4 +1,5 @@
-"""Helpers shared by the segmenter tests (test_segment*.py): mean Dice, an untrained baseline, a mixed real+synthetic manifest, an odd case."""
+"""Helpers shared by the segmenter tests (test_segment*.py): mean Dice, an untrained baseline, a mixed
+real+synthetic manifest, an odd case."""
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,8 @@ def untrained_copy(model_dir: Path, dst: Path, seed: int = 0) -> Path:
     if cfg.backend == "monai":
         from segment import monai_backend
 
-        monai_backend._save_safetensors(monai_backend.build_network(cfg, len(cfg.modalities)), dst / "model.safetensors")
+        network = monai_backend.build_network(cfg, len(cfg.modalities))
+        monai_backend._save_safetensors(network, dst / "model.safetensors")
         return dst
     from segment import nnunet_backend
 

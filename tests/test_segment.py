@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, ConfigError
 from cohort.manifest import load_case, load_manifest
 from cohort.nifti import read_array
 from segment import api, monai_backend
@@ -172,7 +172,7 @@ def test_backends_are_a_registry():
 def test_brain_label_is_background():
     lab = np.array([0, 1, 2, 3, 4], np.uint8)
     assert to_target(lab).tolist() == [0, 1, 2, 3, 0]
-    with pytest.raises(CohortError, match="unknown segmenter backend"):
+    with pytest.raises(ConfigError, match="unknown segmenter backend"):
         SegmenterConfig(backend="x").resolved()
 
 
@@ -201,5 +201,5 @@ def test_dynunet_learns_saves_and_gives_encoder_features(toy_cohort, tmp_path):
     vol, _ = load_case(toy_cohort, load_manifest(toy_cohort).set_index("case_id", drop=False).loc["toy_000"])
     f = monai_backend.encoder_features((model, rcfg), vol)
     assert f.shape == (rcfg.init_filters * 2 ** (len(rcfg.blocks_down) - 1),) and np.isfinite(f).all()
-    with pytest.raises(CohortError, match="unknown MONAI network"):
+    with pytest.raises(ConfigError, match="unknown MONAI network"):
         SegmenterConfig(network="vnet").resolved()
