@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_path, atomic_write_text
 
-from .config import SegmenterConfig
+from .config import SegmenterConfig, load_config
 
 DATASET_ID, DATASET_NAME = 1, "segment"
 DATASET = f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
@@ -183,8 +183,6 @@ def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path)
     from cohort.manifest import load_manifest, read_case
     from cohort.nifti import read_label, write_array
     from cohort.volume import select_channels
-
-    from .config import load_config
 
     cfg = load_config(model_dir)
     raw_ds = roots(model_dir)["raw"] / DATASET
