@@ -16,11 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(out: str = "/tmp/eval_phantom") -> None:
     from cohort.phantom import build_phantom_cohort
     from eval.memorisation import brain_correlation, copy_threshold, mask_rendering, similarity_matrix
-    from eval.synthesis import diversity, load_images, mmd
+    from eval.synthesis import diversity, mmd, read_cases
 
     man = build_phantom_cohort(Path(out) / "cohort", n_cases=16, seed=0, profile="demo")
-    rows, tr, trl = load_images(man, source="real", split="train", progress=False)
-    _, te, tel = load_images(man, source="real", split="test", progress=False)
+    rows, tr_cases = read_cases(man, source="real", split="train", progress=False)
+    _, te_cases = read_cases(man, source="real", split="test", progress=False)
+    tr, trl = [c.image for c in tr_cases], [c.label_map for c in tr_cases]
+    te, tel = [c.image for c in te_cases], [c.label_map for c in te_cases]
     cal = similarity_matrix([v.data for v in te], tel, [v.data for v in tr], trl, progress=False).max(1)
     print(f"{len(tr)} train, {len(te)} test; real test->train NN similarity {np.round(cal, 3).tolist()}, "
           f"threshold(max) {copy_threshold(cal):.3f}")

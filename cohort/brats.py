@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import CohortError
+from .errors import CohortError, ConfigError
 from .labels import BRATS_TO_OURS, TUMOUR_LABELS
 from .manifest import append_rows, load_manifest, make_row
 from .nifti import check_same_geometry, read_label, read_volume, write_array, write_volume
@@ -105,14 +105,15 @@ def import_brats(src: str | Path, out_dir: str | Path, profile: str = "paper-bra
     """Import every case folder of ``src``; a bad case is reported (never raised) and the others go on.
 
     Returns an ImportReport (manifest path, imported, skipped and bad cases). Raises CohortError only when
-    ``src`` itself is unusable (missing, or no case folders) or the existing manifest is unreadable.
+    ``src`` itself is unusable (missing, or no case folders) or the existing manifest is unreadable, and
+    ConfigError for an unknown profile or bad split fractions.
     """
     src, out_dir = Path(src), Path(out_dir)
     prof = get_profile(profile)
     if not src.is_dir():
         raise CohortError(src, "BraTS source folder does not exist", kind="missing-file")
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise CohortError(None, f"val_fraction {val_fraction} + test_fraction {test_fraction} must be in [0, 1)",
+        raise ConfigError(f"val_fraction {val_fraction} + test_fraction {test_fraction} must be in [0, 1)",
                           kind="bad-argument")
     case_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not case_dirs:

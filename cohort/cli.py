@@ -107,19 +107,11 @@ def _export_nnunet(args) -> int:
     from .manifest import load_manifest, select
     from .nnunet import export_nnunet
 
-    df = load_manifest(args.manifest)
-    if args.cohort:
-        df = select(df, cohort=args.cohort)
+    df = select(load_manifest(args.manifest), cohort=args.cohort or None)
     sources = ("real", "synthetic") if args.include_synthetic else ("real",)
-    in_split = df["split"].isin(args.split or ["train"]).to_numpy(bool, na_value=False)
-    train = df[in_split & df["source"].isin(sources).to_numpy(bool, na_value=False)]["case_id"].tolist()
-    real = df["source"].eq("real").to_numpy(bool, na_value=False)
-    val = None
-    if args.val_split:
-        val = df[real & df["split"].eq(args.val_split).to_numpy(bool, na_value=False)]["case_id"].tolist()
-    test = []
-    if args.test_split:
-        test = df[real & df["split"].eq(args.test_split).to_numpy(bool, na_value=False)]["case_id"].tolist()
+    train = select(df, source=sources, split=args.split or ["train"])["case_id"].tolist()
+    val = select(df, source="real", split=args.val_split)["case_id"].tolist() if args.val_split else None
+    test = select(df, source="real", split=args.test_split)["case_id"].tolist() if args.test_split else []
     modalities = args.modalities.split(",") if args.modalities else None
     ds = export_nnunet(args.manifest, args.out, args.id, args.name, train, test, modalities=modalities,
                        val_ids=val, n_folds=args.folds, regions=args.regions)

@@ -1,4 +1,4 @@
-"""File helpers used across packages: atomic writes and content hashes."""
+"""File helpers used across packages: atomic writes (text, CSV, bytes, torch states), content hashes, CSV logs."""
 from __future__ import annotations
 
 import contextlib

@@ -12,6 +12,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from .case import Case
 from .errors import CohortError
 from .fsutil import atomic_path, sha256_file
 from .labels import MODALITIES
@@ -31,10 +32,6 @@ def format_shape(shape) -> str:
 
 def format_spacing(spacing) -> str:
     return "x".join(f"{float(s):.4g}" for s in spacing)
-
-
-def parse_triplet(text: str, cast=float) -> tuple:
-    return tuple(cast(v) for v in str(text).split("x"))
 
 
 def empty_manifest() -> pd.DataFrame:
@@ -241,9 +238,9 @@ def make_row(manifest_path: str | Path, *, case_id: str, cohort: str, source: st
     return row
 
 
-def load_case(manifest_path: str | Path, row: pd.Series):
-    """Read one case: (image Volume with its modalities, label array uint8)."""
-    from .nifti import read_label, read_volume, check_same_geometry
+def read_case(manifest_path: str | Path, row: pd.Series) -> Case:
+    """Read one case: image Volume (its modalities) and label Volume (uint8) on one checked grid."""
+    from .nifti import check_same_geometry, read_label, read_volume
 
     cf = case_files(manifest_path, row)
     vol = read_volume(cf.images)
@@ -252,16 +249,21 @@ def load_case(manifest_path: str | Path, row: pd.Series):
         raise CohortError(cf.label, f"label shape {lab.shape} differs from image shape {vol.shape}",
                           kind="shape-mismatch")
     check_same_geometry(cf.label, lab_aff, next(iter(cf.images.values())), vol.affine)
-    return vol, lab
+    return Case.from_arrays(cf.case_id, vol, lab)
 
 
-def select(df: pd.DataFrame, *, source: str | None = None, split: str | None = None,
-           cohort: str | None = None) -> pd.DataFrame:
+def load_case(manifest_path: str | Path, row: pd.Series):
+    """(image Volume, label array uint8) of one case: read_case as a pair, for callers not yet moved to Case."""
+    case = read_case(manifest_path, row)
+    return case.image, case.label_map
+
+
+def select(df: pd.DataFrame, *, source: str | Iterable[str] | None = None, split: str | Iterable[str] | None = None,
+           cohort: str | Iterable[str] | None = None) -> pd.DataFrame:
+    """Rows whose source, split and cohort are the given value, or one of the given values (None: any)."""
     m = np.ones(len(df), dtype=bool)
-    if source is not None:
-        m &= (df["source"] == source).to_numpy(dtype=bool, na_value=False)
-    if split is not None:
-        m &= (df["split"] == split).to_numpy(dtype=bool, na_value=False)
-    if cohort is not None:
-        m &= (df["cohort"] == cohort).to_numpy(dtype=bool, na_value=False)
+    for column, wanted in (("source", source), ("split", split), ("cohort", cohort)):
+        if wanted is not None:
+            values = [wanted] if isinstance(wanted, str) else list(wanted)
+            m &= df[column].isin(values).to_numpy(dtype=bool, na_value=False)
     return df[m]

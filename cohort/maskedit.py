@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .errors import CohortError
+from .errors import CohortError, ConfigError
 from .labels import BRAIN, brain_mask, tumour_mask
+from .volume import spacing_of
 
 DEFAULT_MIN_VOXELS = 30
 DEFAULT_MIN_INSIDE = 0.5
@@ -134,7 +135,7 @@ def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed:
     source "mask"); returns the manifest path. Deterministic for a seed; cases already in the output
     manifest are skipped (resumable). Transplant donors come from the parent's own split, so test
     tumours never leak into training masks. A case that yields no valid edit in ``max_tries`` attempts
-    raises CohortError.
+    raises CohortError; unknown edit kinds or a bad scale range raise ConfigError.
     """
     from tqdm import tqdm
 
@@ -143,10 +144,10 @@ def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed:
 
     unknown = set(kinds) - set(EDIT_KINDS)
     if unknown or not kinds:
-        raise CohortError(None, f"unknown edit kinds {sorted(unknown)}; choose from {EDIT_KINDS}", kind="bad-argument")
+        raise ConfigError(f"unknown edit kinds {sorted(unknown)}; choose from {EDIT_KINDS}", kind="bad-argument")
     lo, hi = scale_range
     if not 0.1 <= lo <= hi <= 10:
-        raise CohortError(None, f"bad scale range {scale_range}", kind="bad-argument")
+        raise ConfigError(f"bad scale range {scale_range}", kind="bad-argument")
     manifest = Path(manifest)
     df = select(load_manifest(manifest), source="real", split=split)
     if len(df) == 0:
@@ -167,7 +168,7 @@ def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed:
     for ci, (_, row) in enumerate(tqdm(list(df.iterrows()), desc="edit masks", unit="case", disable=not progress)):
         parent = str(row["case_id"])
         lab, aff = get(parent)
-        spacing = np.sqrt((aff[:3, :3] ** 2).sum(0))
+        spacing = np.asarray(spacing_of(aff))
         max_shift = np.maximum(np.round(max_shift_mm / spacing), 1).astype(int)
         for k in range(n_per_case):
             cid = f"{parent}_edit{k:02d}"

@@ -11,7 +11,7 @@ import numpy as np
 from .errors import CohortError
 from .fsutil import atomic_path
 from .labels import ALLOWED_LABELS
-from .volume import Volume
+from .volume import Volume, spacing_of
 
 
 def read_array(path: str | Path, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
@@ -97,8 +97,7 @@ def read_volume(paths: dict[str, str | Path]) -> Volume:
 
 
 def check_same_geometry(path, affine, ref_path, ref_affine, atol: float = 1e-3) -> None:
-    sp = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    ref_sp = np.sqrt((ref_affine[:3, :3] ** 2).sum(0))
+    sp, ref_sp = np.asarray(spacing_of(affine)), np.asarray(spacing_of(ref_affine))
     if not np.allclose(sp, ref_sp, atol=atol):
         raise CohortError(path, f"spacing {np.round(sp, 4).tolist()} differs from {ref_path} {np.round(ref_sp, 4).tolist()}",
                           kind="geometry-mismatch")

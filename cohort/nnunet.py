@@ -33,10 +33,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .errors import CohortError
+from .errors import CohortError, ConfigError
 from .fsutil import atomic_write_text, default_mode
 from .labels import BRAIN, ED, ET, NCR, REGIONS
-from .manifest import check_row_hashes, check_rows, load_case, load_manifest, row_modalities
+from .manifest import check_row_hashes, check_rows, load_manifest, read_case, row_modalities
 from .nifti import write_array
 
 FILE_ENDING = ".nii.gz"
@@ -118,7 +118,8 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
     val_ids: real case ids for a single validation fold 0 (added to imagesTr if not in train_ids);
         default: ``min(n_folds, n_real)`` folds over the real training cases, seeded by ``split_seed``.
     regions: write WT/TC/ET region labels + regions_class_order (nnU-Net region training) instead of classes.
-    Raises CohortError for unknown, duplicate or unsuitable case ids and for any bad file (hash, geometry ...).
+    Raises CohortError for unknown, duplicate or unsuitable case ids and for any bad file (hash, geometry ...),
+    ConfigError for a bad dataset id or name.
     """
     manifest = Path(manifest)
     out_root = Path(out_root)
@@ -126,9 +127,9 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
     check_rows(df, manifest)  # unique case ids, known sources/splits
     dataset_id = int(dataset_id)
     if not 1 <= dataset_id <= 999:
-        raise CohortError(None, f"nnU-Net dataset id must be 1..999, got {dataset_id}", kind="bad-argument")
+        raise ConfigError(f"nnU-Net dataset id must be 1..999, got {dataset_id}", kind="bad-argument")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise CohortError(None, f"dataset name {name!r} must be letters, digits, '-' or '_'", kind="bad-argument")
+        raise ConfigError(f"dataset name {name!r} must be letters, digits, '-' or '_'", kind="bad-argument")
 
     train_ids = [str(c) for c in train_ids]
     test_ids = [str(c) for c in test_ids]
@@ -176,12 +177,11 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
             row = rows.loc[cid]
             if verify_hashes:
                 check_row_hashes(manifest, row)
-            vol, lab = load_case(manifest, row)
+            case = read_case(manifest, row)
             n = names[cid]
             for k, m in enumerate(modalities):
-                write_array(work / img_dir / f"{n}_{k:04d}{FILE_ENDING}", vol.channel(m), vol.affine)
-            tumour = _LABEL_LUT[lab]
-            write_array(work / lab_dir / f"{n}{FILE_ENDING}", tumour, vol.affine)
+                write_array(work / img_dir / f"{n}_{k:04d}{FILE_ENDING}", case.image.channel(m), case.affine)
+            write_array(work / lab_dir / f"{n}{FILE_ENDING}", _LABEL_LUT[case.label_map], case.affine)
             map_rows.append({"nnunet_case": n, "case_id": cid, "source": row["source"], "subset": img_dir})
         (work / "imagesTs").mkdir(exist_ok=True)  # nnU-Net expects the folder even with no test cases
 

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from .atlases import ATLAS_INFO, ATLAS_NAMES, Atlas, copy_licence_texts, load_atlas
-from .errors import CohortError
+from .errors import CohortError, ConfigError
 from .fsutil import atomic_write_text
 from .labels import BRAIN, ED, ET, MODALITIES, NCR
 from .profiles import Profile, get_profile
@@ -337,9 +337,9 @@ def build_phantom_cohort(out_dir: str | Path, n_cases: int = 48, seed: int = 0, 
     prof = get_profile(profile)
     for a in atlases:
         if a not in ATLAS_INFO:
-            raise CohortError(None, f"unknown atlas {a!r}; known: {list(ATLAS_INFO)}", kind="bad-atlas")
+            raise ConfigError(f"unknown atlas {a!r}; known: {list(ATLAS_INFO)}", kind="bad-atlas")
     if n_cases < 1:
-        raise CohortError(None, f"n_cases must be >= 1, got {n_cases}", kind="bad-argument")
+        raise ConfigError(f"n_cases must be >= 1, got {n_cases}", kind="bad-argument")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "data_manifest.csv"
@@ -408,7 +408,7 @@ def montage(manifest: str | Path, out_png: str | Path, case_ids: list[str] | Non
     from matplotlib.patches import Patch
 
     from .fsutil import atomic_path
-    from .manifest import load_case, load_manifest
+    from .manifest import load_manifest, read_case
 
     df = load_manifest(manifest)
     if case_ids is None:
@@ -418,7 +418,8 @@ def montage(manifest: str | Path, out_png: str | Path, case_ids: list[str] | Non
     fig, axes = plt.subplots(len(rows), len(cols) + 1, figsize=(2.2 * (len(cols) + 1), 2.5 * len(rows)),
                              squeeze=False)
     for r, row in enumerate(rows):
-        vol, lab = load_case(manifest, row)
+        case = read_case(manifest, row)
+        vol, lab = case.image, case.label_map
         tum = np.isin(lab, (NCR, ED, ET))
         z = int(np.round(np.argwhere(tum)[:, 2].mean())) if tum.any() else lab.shape[2] // 2
         names = [m for m in cols if m in vol.channels]

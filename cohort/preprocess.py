@@ -30,7 +30,7 @@ from .errors import CohortError
 from .labels import BRAIN, TUMOUR_LABELS
 from .nifti import check_same_geometry
 from .profiles import Profile, get_profile
-from .volume import Volume
+from .volume import Volume, select_channels
 
 LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.5
 # a voxel is brain if, in some channel, it is this fraction of the channel's robust range above its floor
@@ -68,15 +68,6 @@ def centre_crop_pad(shape, target) -> tuple[list[int], list[int], list[int]]:
     return start, end, border
 
 
-def _select_channels(volume: Volume, profile: Profile, name: str | None) -> Volume:
-    missing = [m for m in profile.modalities if m not in volume.channels]
-    if missing:
-        raise CohortError(name, f"missing modality {missing} required by profile {profile.name!r} "
-                                f"(have {list(volume.channels)})", kind="missing-modality")
-    data = np.stack([volume.channel(m) for m in profile.modalities]).astype(np.float32)
-    return Volume(data, volume.affine, profile.modalities)
-
-
 def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Profile,
                     name: str | None = None) -> tuple[Volume, np.ndarray]:
     """Return (image Volume on the profile grid, values in [-1, 1]; label uint8 0..4 on the same grid).
@@ -86,7 +77,7 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
     name: used in error messages (e.g. the case folder).
     """
     profile = get_profile(profile) if isinstance(profile, str) else profile
-    volume = _select_channels(volume, profile, name)
+    volume = select_channels(volume, profile.modalities, name, f"profile {profile.name!r}")
     if label is not None:
         label = np.asarray(label)
         if label.shape != volume.shape:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import CohortError
+from .errors import ConfigError
 from .labels import MODALITIES
 
 
@@ -52,4 +52,4 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise CohortError(None, f"unknown profile {name!r}; known: {sorted(PROFILES)}", kind="bad-profile") from None
+        raise ConfigError(f"unknown profile {name!r}; known: {sorted(PROFILES)}", kind="bad-profile") from None

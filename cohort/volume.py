@@ -2,8 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+
+from .errors import CohortError
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel spacing (mm) of a 4x4 voxel-to-world affine: the length of each voxel axis in world space."""
+    a = np.asarray(affine, dtype=np.float64)
+    return tuple(float(s) for s in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -35,19 +45,25 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+        return spacing_of(self.affine)
 
     def channel(self, name: str) -> np.ndarray:
         return self.data[self.channels.index(name)]
-
-    def with_data(self, data: np.ndarray, channels: tuple[str, ...] | None = None) -> "Volume":
-        """Same geometry, new voxels."""
-        return Volume(data, self.affine, channels if channels is not None else self.channels)
 
     @classmethod
     def from_channels(cls, arrays: dict[str, np.ndarray], affine: np.ndarray) -> "Volume":
         names = tuple(arrays)
         return cls(np.stack([arrays[n] for n in names]), affine, names)
 
-    def same_grid(self, other: "Volume", atol: float = 1e-3) -> bool:
-        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=atol)
+
+def select_channels(volume: Volume, names: Sequence[str], where: str | Path | None, needed_by: str, *,
+                    case_id: str | None = None) -> Volume:
+    """The channels ``names`` of volume, in that order (float32): the one missing-modality check. A missing one raises
+    CohortError(where, "[case X: ]missing modality [...] needed by <needed_by> (have [...])",
+    kind="missing-modality")."""
+    missing = [m for m in names if m not in volume.channels]
+    if missing:
+        prefix = f"case {case_id}: " if case_id is not None else ""
+        raise CohortError(where, f"{prefix}missing modality {missing} needed by {needed_by} "
+                                 f"(have {list(volume.channels)})", kind="missing-modality")
+    return Volume(np.stack([volume.channel(m) for m in names]).astype(np.float32), volume.affine, tuple(names))

@@ -98,18 +98,20 @@ def memorisation_table(real_manifest: str | Path, synthetic_manifest: str | Path
     """
     from cohort.manifest import load_manifest
 
-    from .synthesis import load_images
+    from .synthesis import read_cases
 
-    tr_rows, tr_vols, tr_labs = load_images(real_manifest, train_ids, source="real",
-                                            split=None if train_ids is not None else "train", progress=progress)
-    te_rows, te_vols, te_labs = load_images(real_manifest, test_ids, source="real",
-                                            split=None if test_ids is not None else "test", progress=progress)
-    sy_rows, sy_vols, sy_labs = load_images(synthetic_manifest, source="synthetic", progress=progress)
-    tr_data = [v.data for v in tr_vols]
-    cal = similarity_matrix([v.data for v in te_vols], te_labs, tr_data, tr_labs, progress=progress)
+    tr_rows, tr_cases = read_cases(real_manifest, train_ids, source="real",
+                                   split=None if train_ids is not None else "train", progress=progress)
+    te_rows, te_cases = read_cases(real_manifest, test_ids, source="real",
+                                   split=None if test_ids is not None else "test", progress=progress)
+    sy_rows, sy_cases = read_cases(synthetic_manifest, source="synthetic", progress=progress)
+    tr_data, tr_labs = [c.image.data for c in tr_cases], [c.label_map for c in tr_cases]
+    sy_labs = [c.label_map for c in sy_cases]
+    cal = similarity_matrix([c.image.data for c in te_cases], [c.label_map for c in te_cases], tr_data, tr_labs,
+                            progress=progress)
     cal_nn = cal.max(1)
     thr = copy_threshold(cal_nn, rule)
-    syn = similarity_matrix([v.data for v in sy_vols], sy_labs, tr_data, tr_labs, progress=progress)
+    syn = similarity_matrix([c.image.data for c in sy_cases], sy_labs, tr_data, tr_labs, progress=progress)
 
     parents = {}
     for m in [synthetic_manifest] + ([masks_manifest] if masks_manifest else []):
@@ -134,11 +136,11 @@ def memorisation_table(real_manifest: str | Path, synthetic_manifest: str | Path
     # the real images owning the masks: training images are in memory, others (e.g. val cases) are read
     owner_ids = {cid: (origins.get(cid) if origins.get(cid) in real_ids else owner_of(cid, parents, real_ids))
                  for cid in sy_rows["case_id"].astype(str)}
-    owners = {cid: (tr_vols[j].data, tr_labs[j]) for cid, j in train_index.items()}
+    owners = {cid: (tr_data[j], tr_labs[j]) for cid, j in train_index.items()}
     extra = sorted({o for o in owner_ids.values() if o is not None and o not in owners})
     if extra:
-        _, ex_vols, ex_labs = load_images(real_manifest, extra, progress=False)
-        owners.update({o: (v.data, lab) for o, v, lab in zip(extra, ex_vols, ex_labs)})
+        _, ex_cases = read_cases(real_manifest, extra, progress=False)
+        owners.update({o: (c.image.data, c.label_map) for o, c in zip(extra, ex_cases)})
     for i, cid in enumerate(sy_rows["case_id"].astype(str)):
         j = int(syn[i].argmax())
         owner = owner_ids[cid]
@@ -147,7 +149,7 @@ def memorisation_table(real_manifest: str | Path, synthetic_manifest: str | Path
             o_img, o_lab = owners[owner]
             brain = (sy_labs[i] > 0) | (o_lab > 0)
             osim = float(syn[i, train_index[owner]]) if owner in train_index else \
-                brain_correlation(sy_vols[i].data, o_img, brain)
+                brain_correlation(sy_cases[i].image.data, o_img, brain)
             msim = brain_correlation(mask_rendering(sy_labs[i], o_img, o_lab), o_img, brain)
         rows.append({"synthetic_id": synthetic_id, "kind": "synthetic", "case_id": cid,
                      "nn_case_id": tr_rows["case_id"].iloc[j], "nn_similarity": float(syn[i, j]),

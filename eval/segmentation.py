@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from cohort.errors import CohortError
 from cohort.labels import REGIONS, region_mask
-from cohort.volume import Volume
+from cohort.volume import spacing_of
 
 PER_CASE_COLUMNS = ("case_id", "region", "dice", "hd95")
 
@@ -30,45 +30,78 @@ def image_diagonal_mm(shape, spacing) -> float:
     return float(np.sqrt(sum((float(n) * float(s)) ** 2 for n, s in zip(shape, spacing))))
 
 
+def _as_batch(masks: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(masks, dtype=bool)[None].astype(np.float32))
+
+
+def mask_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Dice of binary masks stacked on a leading channel axis (C, X, Y, Z), with the empty-region convention of
+    this module's docstring (both empty: 1; exactly one empty: 0). The one Dice of the project."""
+    from monai.metrics import compute_dice
+
+    pred = np.asarray(pred, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    if pred.shape != truth.shape or pred.ndim != 4:
+        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must both be (C, X, Y, Z)")
+    dice = compute_dice(_as_batch(pred), _as_batch(truth), include_background=True,
+                        ignore_empty=False)[0].numpy().astype(float)
+    p_empty, t_empty = _empty(pred), _empty(truth)
+    dice[p_empty & t_empty] = 1.0
+    dice[p_empty ^ t_empty] = 0.0
+    return dice
+
+
+def _empty(masks: np.ndarray) -> np.ndarray:
+    return ~masks.reshape(len(masks), -1).any(1)
+
+
 def dice_hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     """Dice and HD95 (mm) of binary masks stacked on a leading channel axis.
 
     pred, truth: bool arrays (C, X, Y, Z), one channel per region. Returns (dice[C], hd95[C]) with the
     empty-region convention of this module's docstring.
     """
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_hausdorff_distance
 
+    dice = mask_dice(pred, truth)
     pred = np.asarray(pred, dtype=bool)
     truth = np.asarray(truth, dtype=bool)
-    if pred.shape != truth.shape or pred.ndim != 4:
-        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must both be (C, X, Y, Z)")
-    y_pred = torch.from_numpy(pred[None].astype(np.float32))
-    y = torch.from_numpy(truth[None].astype(np.float32))
-    dice = compute_dice(y_pred, y, include_background=True, ignore_empty=False)[0].numpy().astype(float)
     with warnings.catch_warnings():
         # MONAI warns about empty masks; we replace those entries by the documented convention below
         warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95,
+        hd = compute_hausdorff_distance(_as_batch(pred), _as_batch(truth), include_background=True, percentile=95,
                                         spacing=[float(s) for s in spacing])[0].numpy().astype(float)
-    p_empty = ~pred.reshape(len(pred), -1).any(1)
-    t_empty = ~truth.reshape(len(truth), -1).any(1)
+    p_empty, t_empty = _empty(pred), _empty(truth)
     hd[p_empty & t_empty] = 0.0
-    dice[p_empty & t_empty] = 1.0
-    one = p_empty ^ t_empty
-    hd[one] = image_diagonal_mm(pred.shape[1:], spacing)
-    dice[one] = 0.0
+    hd[p_empty ^ t_empty] = image_diagonal_mm(pred.shape[1:], spacing)
     return dice, hd
+
+
+def region_masks(label: np.ndarray, regions: Iterable[str] = tuple(REGIONS)) -> np.ndarray:
+    """(R, X, Y, Z) boolean masks of the evaluation regions (WT, TC, ET) of a label map (0..3 or 0..4)."""
+    return np.stack([region_mask(label, r) for r in regions])
+
+
+def _check_same_shape(pred_label: np.ndarray, true_label: np.ndarray) -> None:
+    if pred_label.shape != true_label.shape:
+        raise ValueError(f"prediction shape {pred_label.shape} differs from truth shape {true_label.shape}")
+
+
+def region_dice(pred_label: np.ndarray, true_label: np.ndarray,
+                regions: Iterable[str] = tuple(REGIONS)) -> np.ndarray:
+    """Dice per region of two label maps: the Dice of region_scores without the (slower) HD95; used for the
+    segmenters' model selection so that it ranks epochs by the Dice the study reports."""
+    _check_same_shape(pred_label, true_label)
+    regions = list(regions)
+    return mask_dice(region_masks(pred_label, regions), region_masks(true_label, regions))
 
 
 def region_scores(pred_label: np.ndarray, true_label: np.ndarray, spacing,
                   regions: Iterable[str] = tuple(REGIONS)) -> pd.DataFrame:
     """Dice and HD95 of two label maps (cohort.labels convention) for each region; columns region, dice, hd95."""
+    _check_same_shape(pred_label, true_label)
     regions = list(regions)
-    if pred_label.shape != true_label.shape:
-        raise ValueError(f"prediction shape {pred_label.shape} differs from truth shape {true_label.shape}")
-    pred = np.stack([region_mask(pred_label, r) for r in regions])
-    truth = np.stack([region_mask(true_label, r) for r in regions])
-    dice, hd = dice_hd95(pred, truth, spacing)
+    dice, hd = dice_hd95(region_masks(pred_label, regions), region_masks(true_label, regions), spacing)
     return pd.DataFrame({"region": regions, "dice": dice, "hd95": hd})
 
 
@@ -103,7 +136,7 @@ def evaluate_predictions(predictions: Mapping[str, str | Path], manifest: str | 
             raise CohortError(predictions[cid], f"prediction shape {pred.shape} differs from the label "
                                                 f"{truth_path} shape {truth.shape}", kind="shape-mismatch")
         check_same_geometry(predictions[cid], p_aff, truth_path, t_aff)
-        scores = region_scores(pred, truth, Volume(truth[None], t_aff).spacing)
+        scores = region_scores(pred, truth, spacing_of(t_aff))
         scores.insert(0, "case_id", cid)
         frames.append(scores)
     if not frames:

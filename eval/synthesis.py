@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from cohort.case import Case
 from cohort.errors import CohortError
 from cohort.volume import Volume
 
@@ -164,10 +165,10 @@ def frechet_distance(real_features: np.ndarray, synthetic_features: np.ndarray) 
         return float("nan")
 
 
-def load_images(manifest: str | Path, case_ids: Iterable[str] | None = None, *, source: str | None = None,
-                split: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, list[Volume], list[np.ndarray]]:
-    """Read (rows, image Volumes, labels) of a manifest through cohort, optionally filtered."""
-    from cohort.manifest import load_case, load_manifest, select
+def read_cases(manifest: str | Path, case_ids: Iterable[str] | None = None, *, source: str | None = None,
+               split: str | None = None, progress: bool = True) -> tuple[pd.DataFrame, list[Case]]:
+    """Read (rows, cases) of a manifest through cohort (each Case: image and label Volume), optionally filtered."""
+    from cohort.manifest import load_manifest, read_case, select
 
     df = select(load_manifest(manifest), source=source, split=split)
     if case_ids is not None:
@@ -176,13 +177,10 @@ def load_images(manifest: str | Path, case_ids: Iterable[str] | None = None, *, 
         if missing:
             raise CohortError(manifest, f"cases {missing} are not in the manifest", kind="missing-case")
         df = df.set_index("case_id", drop=False).loc[wanted]
-    vols, labs = [], []
-    for _, row in tqdm(df.iterrows(), total=len(df), desc=f"read {Path(manifest).parent.name}", unit="case",
-                       disable=not progress or len(df) < 8):
-        v, lab = load_case(manifest, row)
-        vols.append(v)
-        labs.append(lab)
-    return df.reset_index(drop=True), vols, labs
+    cases = [read_case(manifest, row) for _, row in tqdm(df.iterrows(), total=len(df), unit="case",
+                                                         desc=f"read {Path(manifest).parent.name}",
+                                                         disable=not progress or len(df) < 8)]
+    return df.reset_index(drop=True), cases
 
 
 def mask_key(row: pd.Series) -> str:
@@ -259,9 +257,10 @@ def synthesis_table(real_manifest: str | Path, synthetic_manifest: str | Path, *
     if feature_fn is not None and not feature_extractor:
         raise ValueError("feature_extractor (a name for the network producing the features) is required "
                          "with feature_fn")
-    _, real_vols, _ = load_images(real_manifest, real_case_ids, source="real",
-                                  split=None if real_case_ids is not None else "train")
-    syn_rows, syn_vols, _ = load_images(synthetic_manifest, source="synthetic")
+    _, real_cases = read_cases(real_manifest, real_case_ids, source="real",
+                               split=None if real_case_ids is not None else "train")
+    syn_rows, syn_cases = read_cases(synthetic_manifest, source="synthetic")
+    real_vols, syn_vols = [c.image for c in real_cases], [c.image for c in syn_cases]
     if not syn_vols:
         raise CohortError(synthetic_manifest, "no synthetic rows to evaluate", kind="empty")
     shape = syn_vols[0].shape

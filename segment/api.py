@@ -1,36 +1,35 @@
-"""The one interface both segmenter back ends sit behind (called by flows/ and eval/).
+"""The interface both segmenter back ends sit behind (called by flows/ and the segment-train/segment-predict verbs).
 
     train(manifest, case_ids, out_dir, config) -> model_dir
     predict(model_dir, manifest, case_ids, out_dir) -> {case_id: label NIfTI path}
 
-Segmentation target: 0 background, 1 NCR, 2 ED, 3 ET. Brain (cohort label 4) is not predicted: it is background.
+Each back end is a module named in segment.config.BACKEND_MODULES with the same two functions, called after the
+checks and records that are common to both. Segmentation target: 0 background, 1 NCR, 2 ED, 3 ET. Brain (cohort
+label 4) is not predicted: it is background. MONAI-only functions (load_model, encoder_features) are in
+segment.monai_backend.
 """
 from __future__ import annotations
 
+import importlib
 import json
-import platform
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_write_text
+from cohort.provenance import package_versions
 
-from .config import SegmenterConfig, as_config
+from .config import BACKEND_MODULES, SegmenterConfig, as_config, load_config
 from .data import common_modalities, resolve_case_ids, rows_for, training_data_hash, validation_ids
 
 MODEL_FILES = ("config.json", "training_data.json", "train_log.csv", "model.safetensors")
+RECORDED_PACKAGES = ("torch", "monai", "nnunetv2")
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "monai", "nnunetv2"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+def backend(name: str) -> ModuleType:
+    """The back-end module registered under name (imported on first use: nnU-Net is slow to import)."""
+    return importlib.import_module(BACKEND_MODULES[name])
 
 
 def is_trained(model_dir: str | Path) -> bool:
@@ -60,7 +59,8 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
     model_dir = Path(out_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": cfg.to_dict(), "train_ids": list(train_ids), "val_ids": list(val_ids),
-              "training_data_hash": data_hash, "manifest": str(manifest.resolve()), "versions": _versions(),
+              "training_data_hash": data_hash, "manifest": str(manifest.resolve()),
+              "versions": package_versions(RECORDED_PACKAGES),
               "target_labels": {"0": "background (incl. brain)", "1": "NCR", "2": "ED", "3": "ET"}}
     cfg_path = model_dir / "config.json"
     if cfg_path.exists():
@@ -75,22 +75,8 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
     atomic_write_text(model_dir / "training_data.json",
                       json.dumps({"training_data_hash": data_hash, "files": entries}, indent=1))
 
-    if cfg.backend == "monai":
-        from . import monai_backend
-
-        monai_backend.train(manifest, train_ids, val_ids, model_dir, cfg)
-    else:
-        from . import nnunet_backend
-
-        nnunet_backend.train(manifest, train_ids, val_ids, model_dir, cfg)
+    backend(cfg.backend).train(manifest, train_ids, val_ids, model_dir, cfg)
     return model_dir
-
-
-def load_config(model_dir: str | Path) -> SegmenterConfig:
-    p = Path(model_dir) / "config.json"
-    if not p.exists():
-        raise CohortError(p, "missing: not a segmenter model directory", kind="missing-file")
-    return SegmenterConfig.from_dict(json.loads(p.read_text())["config"]).resolved()
 
 
 def predict(model_dir: str | Path, manifest: str | Path, case_ids: Sequence[str] | str,
@@ -104,24 +90,14 @@ def predict(model_dir: str | Path, manifest: str | Path, case_ids: Sequence[str]
     ids = resolve_case_ids(manifest, case_ids)
     rows_for(manifest, ids)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.backend == "monai":
+    return backend(cfg.backend).predict(model_dir, manifest, ids, out_dir)
+
+
+def __getattr__(name: str):
+    # Alias for callers written before the MONAI-only functions moved out (flows/tasks.py imports
+    # load_model and encoder_features from here); import them from segment.monai_backend instead.
+    if name in ("load_model", "encoder_features"):
         from . import monai_backend
 
-        return monai_backend.predict(model_dir, manifest, ids, out_dir)
-    from . import nnunet_backend
-
-    return nnunet_backend.predict(model_dir, manifest, ids, out_dir)
-
-
-def load_model(model_dir: str | Path):
-    """(torch module in eval mode, SegmenterConfig) of a trained MONAI model; see monai_backend.encoder_features."""
-    from .monai_backend import load_model as _load
-
-    return _load(model_dir)
-
-
-def encoder_features(model_dir_or_model, volume, cfg: SegmenterConfig | None = None):
-    """Global-average-pooled bottleneck features of a trained MONAI model (numpy vector); for Fréchet distances."""
-    from .monai_backend import encoder_features as _enc
-
-    return _enc(model_dir_or_model, volume, cfg)
+        return getattr(monai_backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,8 @@ def _add_cases(p) -> None:
 
 
 def register(subparsers) -> None:
+    from .config import BACKENDS, NETWORKS, SEG_PROFILES
+
     p = subparsers.add_parser(
         "segment-train", help="train a tumour segmenter (MONAI SegResNet/DynUNet or nnU-Net v2) on manifest cases",
         description="Train a segmenter on real and/or synthetic manifest rows. Validation (early stopping, "
@@ -18,10 +20,10 @@ def register(subparsers) -> None:
     _add_cases(p)
     p.add_argument("--val-cases", nargs="+", metavar="ID", help="real validation case ids (default: real val rows)")
     p.add_argument("--out", required=True, help="model directory to create (or resume)")
-    p.add_argument("--backend", choices=("monai", "nnunet"), default="monai", help="default: monai")
-    p.add_argument("--profile", choices=("tiny", "demo", "paper"), default="demo",
+    p.add_argument("--backend", choices=BACKENDS, default="monai", help="default: monai")
+    p.add_argument("--profile", choices=SEG_PROFILES, default="demo",
                    help="budget: tiny (tests), demo (CPU, about a minute), paper (nnU-Net default budget)")
-    p.add_argument("--network", choices=("segresnet", "dynunet"), default=None,
+    p.add_argument("--network", choices=NETWORKS, default=None,
                    help="MONAI network (default segresnet; dynunet is nnU-Net-like and learns the tumour core better "
                         "on the phantom, at 2x the time per step)")
     p.add_argument("--seed", type=int, default=0)

@@ -4,11 +4,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, ConfigError
 
-BACKENDS = ("monai", "nnunet")
+# The back-end registry: name -> module with train(manifest, train_ids, val_ids, model_dir, cfg) -> model_dir and
+# predict(model_dir, manifest, case_ids, out_dir) -> {case_id: path}; imported only when used (segment.api.backend)
+BACKEND_MODULES = {"monai": "segment.monai_backend", "nnunet": "segment.nnunet_backend"}
+BACKENDS = tuple(BACKEND_MODULES)
 SEG_PROFILES = ("tiny", "demo", "paper")
 NETWORKS = ("segresnet", "dynunet")  # MONAI back end only
 
@@ -29,13 +33,22 @@ PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "paper": dict(epochs=300, iters_per_epoch=250, batch_size=2, lr=1e-3, patience=50, min_epochs=100, init_filters=16,
                       blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), patch_size=(128, 128, 128)),
     },
-    "nnunet": {
-        # the trainer class (segment/nnunet_trainers/) carries the budget; epochs/iters here document it
-        "tiny": dict(trainer="nnUNetTrainer_segtiny", epochs=4, iters_per_epoch=12, num_threads=1),
-        "demo": dict(trainer="nnUNetTrainer_segdemo", epochs=10, iters_per_epoch=25, num_threads=1),
-        "paper": dict(trainer="nnUNetTrainer", epochs=1000, iters_per_epoch=250),  # nnU-Net's default budget
+    "nnunet": {  # budget from NNUNET_BUDGETS below (the trainer class carries it into nnU-Net)
+        "tiny": dict(num_threads=1),
+        "demo": dict(num_threads=1),
+        "paper": dict(),
     },
 }
+# nnU-Net's budget per profile, stated once: the trainer classes in segment/nnunet_trainers/ read their numbers from
+# here (in nnU-Net's child process), and the config's trainer/epochs/iters_per_epoch are filled from it.
+NNUNET_BUDGETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(trainer="nnUNetTrainer_segtiny", epochs=4, iters_per_epoch=12, val_iters_per_epoch=2),  # unit tests
+    "demo": dict(trainer="nnUNetTrainer_segdemo", epochs=10, iters_per_epoch=25, val_iters_per_epoch=5),  # CPU demo
+    "paper": dict(trainer="nnUNetTrainer", epochs=1000, iters_per_epoch=250, val_iters_per_epoch=50),  # nnU-Net's own
+}
+for _profile, _budget in NNUNET_BUDGETS.items():
+    PROFILE_DEFAULTS["nnunet"][_profile].update(trainer=_budget["trainer"], epochs=_budget["epochs"],
+                                                iters_per_epoch=_budget["iters_per_epoch"])
 # Network-specific defaults (MONAI back end), applied before the profile's. DynUNet (nnU-Net-like, concatenating
 # skips) needs 16 base filters at demo: with 8 it learnt no tumour in 300 steps on the phantom (docs/segment.md).
 NETWORK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -75,15 +88,14 @@ class SegmenterConfig:
 
     def resolved(self) -> "SegmenterConfig":
         if self.backend not in BACKENDS:
-            raise CohortError(None, f"unknown segmenter backend {self.backend!r}; known: {BACKENDS}", kind="bad-config")
+            raise ConfigError(f"unknown segmenter backend {self.backend!r}; known: {BACKENDS}", kind="bad-config")
         if self.profile not in SEG_PROFILES:
-            raise CohortError(None, f"unknown segmenter profile {self.profile!r}; known: {SEG_PROFILES}",
-                              kind="bad-config")
+            raise ConfigError(f"unknown segmenter profile {self.profile!r}; known: {SEG_PROFILES}")
         out = dataclasses.replace(self)
         if self.backend == "monai":
             out.network = out.network or "segresnet"
             if out.network not in NETWORKS:
-                raise CohortError(None, f"unknown MONAI network {out.network!r}; known: {NETWORKS}", kind="bad-config")
+                raise ConfigError(f"unknown MONAI network {out.network!r}; known: {NETWORKS}", kind="bad-config")
             for k, v in NETWORK_DEFAULTS[out.network].get(self.profile, {}).items():
                 if getattr(out, k) is None:
                     setattr(out, k, v)
@@ -110,7 +122,7 @@ class SegmenterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise CohortError(None, f"unknown SegmenterConfig fields {unknown}", kind="bad-config")
+            raise ConfigError(f"unknown SegmenterConfig fields {unknown}", kind="bad-config")
         return cls(**d)
 
 
@@ -121,3 +133,11 @@ def as_config(config: "SegmenterConfig | dict | None") -> SegmenterConfig:
     if isinstance(config, dict):
         return SegmenterConfig.from_dict(config).resolved()
     return config.resolved()
+
+
+def load_config(model_dir: str | Path) -> SegmenterConfig:
+    """The resolved SegmenterConfig a model directory was trained with (its config.json)."""
+    p = Path(model_dir) / "config.json"
+    if not p.exists():
+        raise CohortError(p, "missing: not a segmenter model directory", kind="missing-file")
+    return SegmenterConfig.from_dict(json.loads(p.read_text())["config"]).resolved()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +11,9 @@ import pandas as pd
 from cohort.errors import CohortError
 from cohort.fsutil import sha256_bytes, sha256_file
 from cohort.labels import MODALITIES, TUMOUR_LABELS
-from cohort.manifest import SPLITS, case_files, load_case, load_manifest, row_modalities, select
+from cohort.case import Case
+from cohort.manifest import SPLITS, case_files, load_manifest, read_case, row_modalities, select
+from cohort.volume import Volume, select_channels
 
 # The segmentation target: background 0, NCR 1, ED 2, ET 3. Brain (label 4) is not a target and becomes 0.
 N_CLASSES = 1 + len(TUMOUR_LABELS)
@@ -99,14 +100,6 @@ def training_data_hash(manifest: str | Path, case_ids: Sequence[str]) -> tuple[s
     return sha256_bytes(json.dumps(entries).encode()), entries
 
 
-@dataclass
-class Case:
-    case_id: str
-    image: np.ndarray   # (C, X, Y, Z) float32, z-scored per channel
-    target: np.ndarray  # (X, Y, Z) uint8 in 0..3
-    affine: np.ndarray
-
-
 def normalise(image: np.ndarray) -> np.ndarray:
     """Per-channel z-score over the whole volume (the images of every cohort are already on one intensity scale)."""
     image = np.asarray(image, np.float32)
@@ -116,15 +109,14 @@ def normalise(image: np.ndarray) -> np.ndarray:
 
 
 def load_cases(manifest: str | Path, case_ids: Sequence[str], modalities: Sequence[str]) -> list[Case]:
+    """The cases as a network sees them: image = the modalities in that order, z-scored (normalise);
+    label = the segmentation target (to_target: 0..3)."""
     rows = rows_for(manifest, case_ids)
     cases = []
     for cid in case_ids:
-        row = rows.loc[cid]
-        vol, label = load_case(manifest, row)
-        missing = [m for m in modalities if m not in vol.channels]
-        if missing:
-            raise CohortError(manifest, f"case {cid}: modalities {missing} missing (the model uses {list(modalities)})",
-                              kind="missing-modality")
-        image = np.stack([vol.channel(m) for m in modalities])
-        cases.append(Case(cid, normalise(image), to_target(label), vol.affine))
+        case = read_case(manifest, rows.loc[cid])
+        image = select_channels(case.image, modalities, manifest, f"the model (modalities {list(modalities)})",
+                                case_id=cid)
+        cases.append(Case.from_arrays(cid, Volume(normalise(image.data), image.affine, image.channels),
+                                      to_target(case.label_map)))
     return cases

@@ -7,10 +7,10 @@ Files in model_dir (same names for both back ends, see docs/segment.md):
 """
 from __future__ import annotations
 
-import csv
 import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cohort.case import Case
 from cohort.errors import CohortError
-from cohort.fsutil import atomic_path, atomic_write_csv, atomic_write_text
-from cohort.labels import region_mask
+from cohort.fsutil import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_text, read_csv_log
 from cohort.nifti import write_array
 from cohort.threads import torch_threads
 from cohort.volume import Volume
 
-from .config import SegmenterConfig
-from .data import N_CLASSES, Case, load_cases, normalise
+from .config import SegmenterConfig, load_config
+from .data import N_CLASSES, load_cases, normalise
 
 LOG_COLUMNS = ("epoch", "train_loss", "val_dice", "lr", "seconds")
 
@@ -105,33 +105,14 @@ def _predict_logits(model: torch.nn.Module, cfg: SegmenterConfig, image: np.ndar
     return logits[:, : image.shape[1], : image.shape[2], : image.shape[3]]
 
 
-def _region_channels(label: np.ndarray) -> torch.Tensor:
-    """(1, 3, X, Y, Z) masks of the BraTS regions WT, TC, ET of a 0..3 label map."""
-    return torch.from_numpy(np.stack([region_mask(label, r) for r in ("WT", "TC", "ET")])[None].astype(np.float32))
-
-
 def _val_dice(model, cfg, cases: list[Case]) -> float:
-    """Mean Dice over the BraTS regions WT, TC, ET (what the study reports); regions empty in the truth skipped."""
-    from monai.metrics import DiceMetric
+    """Mean Dice over the validation cases and the BraTS regions WT, TC, ET: the Dice the study reports
+    (eval.segmentation.region_dice, BraTS rule for empty regions), so the best epoch is best by that measure."""
+    from eval.segmentation import region_dice
 
-    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
     model.eval()
-    for c in cases:
-        pred = _predict_logits(model, cfg, c.image).argmax(0).numpy()
-        metric(_region_channels(pred), _region_channels(c.target))
-    per = metric.aggregate()
-    return float(torch.nanmean(per)) if torch.isfinite(per).any() else 0.0
-
-
-def _write_log(path: Path, rows: list[dict]) -> None:
-    atomic_write_csv(path, rows, LOG_COLUMNS)
-
-
-def _read_log(path: Path, up_to_epoch: int) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if int(r["epoch"]) <= up_to_epoch]
+    return float(np.mean([region_dice(_predict_logits(model, cfg, c.image.data).argmax(0).numpy(), c.label_map)
+                          for c in cases]))
 
 
 def _save_safetensors(model: torch.nn.Module, path: Path) -> None:
@@ -143,8 +124,92 @@ def _save_safetensors(model: torch.nn.Module, path: Path) -> None:
 
 
 def _save_resume(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    atomic_torch_save(state, path)
+
+
+@dataclass
+class _Progress:
+    """What a resume restores besides the weights: the next epoch to run and the early-stopping state."""
+
+    epoch: int = 0
+    best: float = -1.0      # best validation Dice so far (-1: none yet)
+    best_epoch: int = -1
+    stale: int = 0          # validations since the best one
+
+
+def _resume(path: Path, model, opt, sched) -> _Progress:
+    """Load resume.pt (the last finished epoch) into model, optimiser and scheduler; a fresh _Progress without it."""
+    if not path.exists():
+        return _Progress()
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CohortError(path, f"unreadable resume checkpoint ({e}); delete it to start over",
+                          kind="unreadable") from e
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    return _Progress(int(st["epoch"]) + 1, float(st["best"]), int(st["best_epoch"]), int(st["stale"]))
+
+
+def _train_epoch(model, opt, loss_fn, tfm, cases: list[Case], cfg: SegmenterConfig, epoch: int) -> float:
+    """cfg.iters_per_epoch optimiser steps on batches drawn from the cases; returns the mean loss.
+
+    All randomness is derived from (seed, epoch): a resumed run replays the same stream.
+    """
+    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    tfm.set_random_state(seed=(cfg.seed * 100_003 + epoch) % (2 ** 32))
+    rng = np.random.default_rng([cfg.seed, epoch])
+    n = cfg.iters_per_epoch * cfg.batch_size
+    order = np.concatenate([rng.permutation(len(cases)) for _ in range(-(-n // len(cases)))])[:n]
+    model.train()
+    losses = []
+    for it in range(cfg.iters_per_epoch):
+        items = [tfm({"image": cases[i].image.data, "label": cases[i].label.data})
+                 for i in order[it * cfg.batch_size:(it + 1) * cfg.batch_size]]
+        items = [d[0] if isinstance(d, list) else d for d in items]  # RandCropByPosNegLabeld returns a list
+        x = torch.stack([torch.as_tensor(d["image"]).float() for d in items])
+        y = torch.stack([torch.as_tensor(d["label"]).long() for d in items])
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return float(np.mean(losses))
+
+
+def _validate(model, cfg: SegmenterConfig, cases: list[Case], epoch: int, progress: _Progress,
+              best_path: Path) -> float:
+    """Validation Dice after this epoch (nan when it is not a validation epoch); a new best is saved to best_path."""
+    if not cases or not ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+        return float("nan")
+    val = _val_dice(model, cfg, cases)
+    if val > progress.best + 1e-4:
+        progress.best, progress.best_epoch, progress.stale = val, epoch, 0
+        _save_safetensors(model, best_path)
+    else:
+        progress.stale += 1
+    return val
+
+
+def _checkpoint(path: Path, model, opt, sched, epoch: int, progress: _Progress) -> None:
+    """resume.pt after a finished epoch (weights_only-loadable: tensors and numbers only)."""
+    _save_resume(path, dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                            epoch=epoch, best=progress.best, best_epoch=progress.best_epoch, stale=progress.stale))
+
+
+def _finish(model_dir: Path, model, progress: _Progress, log: list[dict], n_train: int, n_val: int) -> None:
+    """model.safetensors (the best validation weights, else the last), training_summary.json; resume.pt removed."""
+    final, best_path = model_dir / "model.safetensors", model_dir / "best.safetensors"
+    if best_path.exists():
+        best_path.replace(final)
+    else:
+        _save_safetensors(model, final)
+    summary = dict(best_val_dice=progress.best if progress.best >= 0 else None,
+                   best_epoch=progress.best_epoch if progress.best_epoch >= 0 else None,
+                   epochs_run=len(log), n_train=n_train, n_val=n_val)
+    atomic_write_text(model_dir / "training_summary.json", json.dumps(summary, indent=2))
+    (model_dir / "resume.pt").unlink(missing_ok=True)
 
 
 def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: Path, cfg: SegmenterConfig) -> Path:
@@ -166,72 +231,26 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
         # background, the small NCR/ET labels collapsed into ED on the demo phantom (val ET Dice 0.30 -> 0.00)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
         tfm = train_transforms(cfg)
-        start, best, best_epoch, stale = 0, -1.0, -1, 0
-        if resume_path.exists():
-            try:
-                st = torch.load(resume_path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CohortError(resume_path, f"unreadable resume checkpoint ({e}); delete it to start over",
-                                  kind="unreadable") from e
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            start, best, best_epoch, stale = int(st["epoch"]) + 1, float(st["best"]), int(st["best_epoch"]), int(st["stale"])
-        log = _read_log(log_path, start - 1)
+        progress = _resume(resume_path, model, opt, sched)
+        log = read_csv_log(log_path, "epoch", progress.epoch - 1)
 
-        bar = tqdm(range(start, cfg.epochs), desc=f"segment[monai] {model_dir.name}", unit="epoch",
-                   initial=start, total=cfg.epochs)
+        bar = tqdm(range(progress.epoch, cfg.epochs), desc=f"segment[monai] {model_dir.name}", unit="epoch",
+                   initial=progress.epoch, total=cfg.epochs)
         for epoch in bar:
-            if val_cases and stale >= cfg.patience and epoch >= cfg.min_epochs:
-                break
+            if val_cases and progress.stale >= cfg.patience and epoch >= cfg.min_epochs:
+                break  # early stopping
             t0 = time.perf_counter()
-            # every epoch's randomness is derived from (seed, epoch): a resumed run replays the same stream
-            torch.manual_seed(cfg.seed * 100_003 + epoch)
-            tfm.set_random_state(seed=(cfg.seed * 100_003 + epoch) % (2 ** 32))
-            rng = np.random.default_rng([cfg.seed, epoch])
-            n = cfg.iters_per_epoch * cfg.batch_size
-            order = np.concatenate([rng.permutation(len(train_cases)) for _ in range(-(-n // len(train_cases)))])[:n]
-            model.train()
-            losses = []
-            for it in range(cfg.iters_per_epoch):
-                items = [tfm({"image": train_cases[i].image, "label": train_cases[i].target[None]})
-                         for i in order[it * cfg.batch_size:(it + 1) * cfg.batch_size]]
-                items = [d[0] if isinstance(d, list) else d for d in items]  # RandCropByPosNegLabeld returns a list
-                x = torch.stack([torch.as_tensor(d["image"]).float() for d in items])
-                y = torch.stack([torch.as_tensor(d["label"]).long() for d in items])
-                loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+            loss = _train_epoch(model, opt, loss_fn, tfm, train_cases, cfg, epoch)
             lr = opt.param_groups[0]["lr"]
             sched.step()
-            val = float("nan")
-            if val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                val = _val_dice(model, cfg, val_cases)
-                if val > best + 1e-4:
-                    best, best_epoch, stale = val, epoch, 0
-                    _save_safetensors(model, best_path)
-                else:
-                    stale += 1
-            log.append(dict(epoch=epoch, train_loss=f"{np.mean(losses):.5f}", val_dice=f"{val:.4f}", lr=f"{lr:.3g}",
+            val = _validate(model, cfg, val_cases, epoch, progress, best_path)
+            log.append(dict(epoch=epoch, train_loss=f"{loss:.5f}", val_dice=f"{val:.4f}", lr=f"{lr:.3g}",
                             seconds=f"{time.perf_counter() - t0:.2f}"))
-            _write_log(log_path, log)
-            _save_resume(resume_path, dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                                           scheduler=sched.state_dict(), epoch=epoch, best=best,
-                                           best_epoch=best_epoch, stale=stale))
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_dice=f"{val:.3f}", best=f"{best:.3f}")
+            atomic_write_csv(log_path, log, LOG_COLUMNS)
+            _checkpoint(resume_path, model, opt, sched, epoch, progress)
+            bar.set_postfix(loss=f"{loss:.3f}", val_dice=f"{val:.3f}", best=f"{progress.best:.3f}")
         bar.close()
-
-    final = model_dir / "model.safetensors"
-    if best_path.exists():  # final model = best validation Dice (early stopping)
-        best_path.replace(final)
-    else:
-        _save_safetensors(model, final)
-    summary = dict(best_val_dice=best if best >= 0 else None, best_epoch=best_epoch if best_epoch >= 0 else None,
-                   epochs_run=len(log), n_train=len(train_ids), n_val=len(val_ids))
-    atomic_write_text(model_dir / "training_summary.json", json.dumps(summary, indent=2))
-    resume_path.unlink(missing_ok=True)
+    _finish(model_dir, model, progress, log, len(train_ids), len(val_ids))
     return model_dir
 
 
@@ -240,14 +259,13 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, SegmenterConfig]
     from safetensors.torch import load_model as load_safetensors
 
     model_dir = Path(model_dir)
-    cfg_path, w_path = model_dir / "config.json", model_dir / "model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.exists():
-            raise CohortError(p, "missing: not a finished segmenter model directory", kind="missing-file")
-    cfg = SegmenterConfig.from_dict(json.loads(cfg_path.read_text())["config"]).resolved()
+    cfg = load_config(model_dir)
+    w_path = model_dir / "model.safetensors"
+    if not w_path.exists():
+        raise CohortError(w_path, "missing: not a finished segmenter model directory", kind="missing-file")
     if cfg.backend != "monai":
-        raise CohortError(cfg_path, f"backend is {cfg.backend!r}; only MONAI models load as torch modules",
-                          kind="bad-config")
+        raise CohortError(model_dir / "config.json", f"backend is {cfg.backend!r}; only MONAI models load as torch "
+                                                     "modules", kind="bad-config")
     model = build_network(cfg, len(cfg.modalities))
     load_safetensors(model, str(w_path))
     model.eval()
@@ -259,7 +277,7 @@ def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path)
     out: dict[str, Path] = {}
     with torch_threads(cfg.num_threads):
         for c in tqdm(load_cases(manifest, case_ids, cfg.modalities), desc="segment[monai] predict", unit="case"):
-            label = _predict_logits(model, cfg, c.image).argmax(0).numpy().astype(np.uint8)
+            label = _predict_logits(model, cfg, c.image.data).argmax(0).numpy().astype(np.uint8)
             out[c.case_id] = write_array(out_dir / f"{c.case_id}.nii.gz", label, c.affine)
     return out
 

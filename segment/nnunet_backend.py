@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_path, atomic_write_text
 
-from .config import SegmenterConfig
+from .config import SegmenterConfig, load_config
 
 DATASET_ID, DATASET_NAME = 1, "segment"
 DATASET = f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
@@ -69,6 +69,12 @@ def nnunet_env(model_dir: Path, *, training: bool, n_proc: int = 2, threads: int
     return env
 
 
+def _workers(cfg: SegmenterConfig) -> tuple[int, int]:
+    """(worker processes for nnU-Net's planning/preprocessing/export, torch threads of a child): at most 2 workers."""
+    n_proc = max(1, min(2, os.cpu_count() or 1))
+    return n_proc, cfg.num_threads or n_proc
+
+
 def _run_child(model_dir: Path, step: str, args: list[str], *, training: bool, n_proc: int,
                threads: int | None = None, epochs: int | None = None) -> None:
     """Run ``python -m segment.nnunet_backend <step> ...``; stream its output to nnunet/logs/<step>.log.
@@ -100,19 +106,29 @@ def _run_child(model_dir: Path, step: str, args: list[str], *, training: bool, n
                           kind="nnunet-failed")
 
 
-def _write_log_and_weights(model_dir: Path, cfg: SegmenterConfig) -> dict:
-    """train_log.csv and model.safetensors from nnU-Net's final checkpoint (loaded weights_only)."""
-    import torch
-    from safetensors.torch import save_file
+def final_checkpoint(model_dir: Path, trainer: str) -> Path:
+    """nnU-Net's checkpoint_final.pth of fold 0: what its predictor loads."""
+    return trained_model_folder(model_dir, trainer) / f"fold_{FOLD}" / "checkpoint_final.pth"
 
-    ckpt_path = trained_model_folder(model_dir, cfg.trainer) / f"fold_{FOLD}" / "checkpoint_final.pth"
-    # nnU-Net's log holds numpy scalars: allow exactly those, still without unpickling arbitrary objects
+
+def load_checkpoint(path: Path) -> dict:
+    """An nnU-Net checkpoint, loaded weights_only (its log holds numpy scalars: exactly those are allowed too)."""
+    import torch
+
     safe = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float32DType, np.dtypes.Float64DType]
     try:
         with torch.serialization.safe_globals(safe):
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CohortError(ckpt_path, f"cannot read nnU-Net's final checkpoint ({e})", kind="unreadable") from e
+        raise CohortError(path, f"cannot read nnU-Net's checkpoint ({e})", kind="unreadable") from e
+
+
+def _write_log_and_weights(model_dir: Path, cfg: SegmenterConfig) -> dict:
+    """train_log.csv and model.safetensors from nnU-Net's final checkpoint (loaded weights_only)."""
+    from safetensors.torch import save_file
+
+    ckpt_path = final_checkpoint(model_dir, cfg.trainer)
+    ckpt = load_checkpoint(ckpt_path)
     lg = ckpt.get("logging", {})
     n = len(lg.get("train_losses", []))
     col = lambda k, i: lg.get(k, [])[i] if i < len(lg.get(k, [])) else float("nan")  # noqa: E731
@@ -138,8 +154,7 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
     from cohort.nnunet import export_nnunet
 
     r = roots(model_dir)
-    n_proc = max(1, min(2, os.cpu_count() or 1))  # planning/preprocessing worker processes
-    threads = cfg.num_threads or n_proc
+    n_proc, threads = _workers(cfg)
     raw_ds = r["raw"] / DATASET
     if not (raw_ds / "dataset.json").exists():
         export_nnunet(manifest, r["raw"], DATASET_ID, DATASET_NAME, train_ids, modalities=cfg.modalities,
@@ -151,7 +166,7 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
     # the planner copies splits_final.json from raw; make sure fold 0 is ours (validation real-only)
     shutil.copyfile(raw_ds / "splits_final.json", r["preprocessed"] / DATASET / "splits_final.json")
 
-    fold_dir = trained_model_folder(model_dir, cfg.trainer) / f"fold_{FOLD}"
+    fold_dir = final_checkpoint(model_dir, cfg.trainer).parent
     if not (fold_dir / "checkpoint_final.pth").exists():
         args = ["--trainer", cfg.trainer, "--threads", str(threads)]
         if (fold_dir / "checkpoint_latest.pth").exists():
@@ -163,42 +178,32 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
     return model_dir
 
 
-def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path, *,
-            untrained_seed: int | None = None) -> dict[str, Path]:
-    """Predict with nnU-Net's predictor; outputs re-read and rewritten on the input grid in our convention.
-
-    untrained_seed: predict with freshly initialised weights instead (a baseline for tests).
-    """
-    from cohort.manifest import load_manifest, load_case
+def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path) -> dict[str, Path]:
+    """Predict with nnU-Net's predictor; outputs re-read and rewritten on the input grid in our convention."""
+    from cohort.manifest import load_manifest, read_case
     from cohort.nifti import read_label, write_array
-
-    from .api import load_config
+    from cohort.volume import select_channels
 
     cfg = load_config(model_dir)
     raw_ds = roots(model_dir)["raw"] / DATASET
     channels = json.loads((raw_ds / "dataset.json").read_text())["channel_names"]
     modalities = [channels[str(k)] for k in range(len(channels))]
     rows = load_manifest(manifest).set_index("case_id", drop=False)
-    n_proc = max(1, min(2, os.cpu_count() or 1))
-    threads = cfg.num_threads or n_proc
+    n_proc, threads = _workers(cfg)
     work = Path(tempfile.mkdtemp(prefix=".nnunet-predict-", dir=out_dir))
     try:
         inputs: dict[str, tuple[str, np.ndarray, tuple]] = {}
         for i, cid in enumerate(case_ids):
-            vol, _ = load_case(manifest, rows.loc[cid])
+            image = select_channels(read_case(manifest, rows.loc[cid]).image, modalities, manifest,
+                                    f"the model (modalities {modalities})", case_id=cid)
             name = f"case_{i:05d}"  # our own names: manifest ids need not be file-name safe
             for k, m in enumerate(modalities):
-                if m not in vol.channels:
-                    raise CohortError(manifest, f"case {cid}: modality {m} missing (the model uses {modalities})",
-                                      kind="missing-modality")
-                write_array(work / "in" / f"{name}_{k:04d}.nii.gz", vol.channel(m), vol.affine)
-            inputs[cid] = (name, vol.affine, vol.shape)
+                write_array(work / "in" / f"{name}_{k:04d}.nii.gz", image.channel(m), image.affine)
+            inputs[cid] = (name, image.affine, image.shape)
         args = ["--trainer", cfg.trainer, "--input", str(work / "in"), "--output", str(work / "out"),
                 "--threads", str(threads)]
         if cfg.profile != "paper":
             args.append("--no-mirroring")  # test-time mirroring costs 8x on CPU; kept for the paper profile
-        if untrained_seed is not None:
-            args += ["--untrained-seed", str(untrained_seed)]
         _run_child(model_dir, "predict", args, training=False, n_proc=n_proc, threads=threads)
         out: dict[str, Path] = {}
         for cid, (name, affine, shape) in inputs.items():
@@ -234,8 +239,6 @@ def _child_train(a) -> None:
 
 
 def _child_predict(a) -> None:
-    import copy
-
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -245,12 +248,6 @@ def _child_predict(a) -> None:
                                 allow_tqdm=False)
     folder = Path(os.environ["nnUNet_results"]) / DATASET / f"{a.trainer}__{PLANS}__{CONFIGURATION}"
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=(FOLD,))
-    if a.untrained_seed is not None:
-        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-
-        torch.manual_seed(a.untrained_seed)
-        predictor.network.apply(InitWeights_He(1e-2))
-        predictor.list_of_parameters = [copy.deepcopy(predictor.network.state_dict())]
     Path(a.output).mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files_sequential(a.input, a.output, save_probabilities=False, overwrite=True)
 
@@ -273,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--output", required=True)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--no-mirroring", action="store_true")
-    s.add_argument("--untrained-seed", type=int, default=None)
     s.set_defaults(func=_child_predict)
     a = p.parse_args(argv)
     a.func(a)

@@ -1,4 +1,5 @@
-"""Helpers shared by the segmenter tests (test_segment*.py): Dice, a mixed real+synthetic manifest, an odd case."""
+"""Helpers shared by the segmenter tests (test_segment*.py): mean Dice, an untrained baseline, a mixed
+real+synthetic manifest, an odd case."""
 from __future__ import annotations
 
 import hashlib
@@ -10,29 +11,47 @@ from cohort.manifest import append_rows, case_files, load_manifest, make_row
 from cohort.nifti import read_array, read_label, write_array
 
 
-def dice_per_label(pred: np.ndarray, truth: np.ndarray, labels=(1, 2, 3)) -> dict[int, float]:
-    """Dice of each label present in truth or prediction (local helper: eval/ is written concurrently)."""
-    out = {}
-    for k in labels:
-        a, b = pred == k, truth == k
-        if a.sum() + b.sum() == 0:
-            continue
-        out[k] = 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
-    return out
-
-
 def mean_dice(preds: dict[str, Path], manifest: Path) -> tuple[float, float]:
-    """(mean label Dice over 1..3, mean whole-tumour Dice) of predictions against the manifest labels (brain=0)."""
+    """(mean Dice over the regions WT, TC, ET, mean whole-tumour Dice) of predictions against the manifest labels,
+    by the study's own measure (eval.segmentation, BraTS rule for empty regions)."""
+    from eval.segmentation import region_dice
+
     df = load_manifest(manifest).set_index("case_id", drop=False)
-    lab_d, wt_d = [], []
-    for cid, p in preds.items():
-        pred, _ = read_label(p)
-        truth, _ = read_label(case_files(manifest, df.loc[cid]).label)
-        truth = np.where(truth == 4, 0, truth)
-        d = dice_per_label(pred, truth)
-        lab_d.append(np.mean(list(d.values())) if d else 1.0)
-        wt_d.append(dice_per_label((pred > 0).astype(int), (truth > 0).astype(int), labels=(1,)).get(1, 1.0))
-    return float(np.mean(lab_d)), float(np.mean(wt_d))
+    per_case = np.array([region_dice(read_label(p)[0], read_label(case_files(manifest, df.loc[cid]).label)[0],
+                                     ("WT", "TC", "ET")) for cid, p in preds.items()])
+    return float(per_case.mean()), float(per_case[:, 0].mean())
+
+
+def untrained_copy(model_dir: Path, dst: Path, seed: int = 0) -> Path:
+    """A copy of a trained model directory whose weights are replaced by the network as freshly initialised
+    (seeded): the baseline a trained segmenter must beat, predicted through the production api.predict."""
+    import shutil
+
+    import torch
+
+    from segment.config import load_config
+
+    cfg = load_config(model_dir)
+    shutil.copytree(model_dir, dst)
+    torch.manual_seed(seed)
+    if cfg.backend == "monai":
+        from segment import monai_backend
+
+        network = monai_backend.build_network(cfg, len(cfg.modalities))
+        monai_backend._save_safetensors(network, dst / "model.safetensors")
+        return dst
+    from segment import nnunet_backend
+
+    # nnU-Net's own initialisation (InitWeights_He(1e-2)): He-normal convolutions, zero biases, unit norm scales
+    path = nnunet_backend.final_checkpoint(dst, cfg.trainer)
+    ckpt = nnunet_backend.load_checkpoint(path)
+    for name, w in ckpt["network_weights"].items():
+        if w.ndim >= 3:
+            torch.nn.init.kaiming_normal_(w, a=1e-2)
+        else:
+            torch.nn.init.constant_(w, 0.0 if name.endswith("bias") else 1.0)
+    torch.save(ckpt, path)
+    return dst
 
 
 def mixed_manifest(toy_manifest: Path, n_synthetic: int = 3) -> Path:

@@ -1,4 +1,4 @@
-"""Every kind of bad input raises the one exception type CohortError whose message names the file, and no row
+"""Every kind of bad input file raises CohortError whose message names the file (a bad setting: ConfigError), and no row
 already in a manifest is dropped or corrupted (the manifest's sha256 is unchanged)."""
 from __future__ import annotations
 
@@ -187,3 +187,24 @@ def test_file_whose_hash_no_longer_matches_refused(cohort_copy, tmp_path):
     assert sha256_file(manifest) == before
     assert not (tmp_path / "raw" / "Dataset004_X").exists()
     validate_manifest(manifest, check_hashes=False)  # the file itself is fine; only the hash tells
+
+
+def test_bad_settings_raise_config_error_not_cohort_error(toy_cohort, tmp_path):
+    """A bad setting names the setting (ConfigError); CohortError is kept for bad files."""
+    from cohort.atlases import load_atlas
+    from cohort.errors import ConfigError
+    from cohort.maskedit import edit_masks
+    from cohort.phantom import build_phantom_cohort
+    from cohort.profiles import get_profile
+
+    calls = {"unknown profile 'nope'": lambda: get_profile("nope"),
+             "unknown atlas 'nope'": lambda: load_atlas("nope"),
+             "n_cases must be >= 1": lambda: build_phantom_cohort(tmp_path / "p", n_cases=0, profile="tiny"),
+             "unknown edit kinds": lambda: edit_masks(toy_cohort, tmp_path / "m", 1, 0, kinds=("twist",)),
+             "dataset id must be 1..999": lambda: export_nnunet(toy_cohort, tmp_path / "n", 0, "x", ["toy_000"]),
+             "val_fraction": lambda: import_brats(tmp_path, tmp_path / "b", profile="tiny", val_fraction=0.6,
+                                                  test_fraction=0.6)}
+    for message, call in calls.items():
+        with pytest.raises(ConfigError, match=message) as e:
+            call()
+        assert not isinstance(e.value, CohortError) and e.value.path is None, message

@@ -9,8 +9,8 @@ import pytest
 
 from cohort.errors import CohortError
 from cohort.fsutil import default_mode, sha256_file
-from cohort.manifest import (COLUMNS, append_rows, load_case, load_manifest, make_row, merge_manifests, resolve,
-                             validate_manifest)
+from cohort.manifest import (COLUMNS, append_rows, load_case, load_manifest, make_row, merge_manifests, read_case,
+                             resolve, validate_manifest)
 from cohort.nifti import write_array
 from tests.cohort_fakes import TINY_AFFINE, write_mixed_cohort
 from tests.conftest import make_toy_case
@@ -40,6 +40,10 @@ def test_round_trip_values_and_voxels(tmp_path):
     np.testing.assert_array_equal(lab, label)
     np.testing.assert_allclose(vol.channel("t2"), images["t2"])
     np.testing.assert_allclose(vol.affine, TINY_AFFINE)
+    case = read_case(manifest, r)  # the one case object: image and label Volumes on one grid
+    assert case.case_id == "c1" and case.label.channels == ("label",) and case.image.channels == tuple(images)
+    np.testing.assert_array_equal(case.label_map, label)
+    assert case.spacing == (9.0, 9.0, 9.0) and case.label.affine.tolist() == case.image.affine.tolist()
     validate_manifest(manifest, require_tumour=True)
     # atomic writes go through private temporaries but must end up with normal permissions
     for f in (manifest, paths["t1"], lpath):
@@ -105,3 +109,32 @@ def test_resolve_refuses_escapes(tmp_path):
         with pytest.raises(CohortError, match="data_manifest.csv: path") as e:
             resolve(m, bad)
         assert e.value.kind == "path-escape"
+
+
+def test_case_and_volume_helpers():
+    from cohort.case import Case
+    from cohort.volume import Volume, select_channels, spacing_of
+
+    c, s = np.cos(0.3), np.sin(0.3)
+    oblique = np.array([[2 * c, -3 * s, 0, 1], [2 * s, 3 * c, 0, 2], [0, 0, 4, 3], [0, 0, 0, 1]])
+    assert spacing_of(oblique) == pytest.approx((2.0, 3.0, 4.0))
+    vol = Volume.from_channels({"t1": np.zeros((2, 3, 4)), "flair": np.ones((2, 3, 4))}, oblique)
+    picked = select_channels(vol, ["flair", "t1"], "x.nii.gz", "the model")
+    assert picked.channels == ("flair", "t1") and picked.data.dtype == np.float32 and picked.data[0].all()
+    with pytest.raises(CohortError, match=r"x.nii.gz: case c9: missing modality \['t2'\] needed by the model"):
+        select_channels(vol, ["t1", "t2"], "x.nii.gz", "the model", case_id="c9")
+    case = Case.from_arrays("c9", vol, np.ones((2, 3, 4), np.uint8))
+    assert case.shape == (2, 3, 4) and case.label_map.sum() == 24
+    with pytest.raises(ValueError, match="label grid"):
+        Case.from_arrays("c9", vol, np.ones((2, 3, 5), np.uint8))
+
+
+def test_select_takes_one_value_or_several(toy_cohort):
+    from cohort.manifest import select
+
+    df = load_manifest(toy_cohort)
+    assert select(df, split="val")["case_id"].tolist() == ["toy_006", "toy_007"]
+    assert select(df, split=["val", "test"])["case_id"].tolist() == [f"toy_{i:03d}" for i in range(6, 10)]
+    assert select(df, source=("real", "synthetic"), split="val", cohort=["toy"])["case_id"].tolist() == \
+        ["toy_006", "toy_007"]
+    assert select(df, source="synthetic").empty

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eval.segmentation import dice_hd95, evaluate_predictions, image_diagonal_mm, region_scores
+from eval.segmentation import dice_hd95, evaluate_predictions, image_diagonal_mm, region_dice, region_scores
 from eval.stats import aggregate, bootstrap_ci, paired_vs_real
 
 
@@ -70,6 +70,11 @@ def test_region_scores_use_brats_regions():
     assert list(s.index) == ["WT", "TC", "ET"]
     assert s.loc["WT", "dice"] == pytest.approx(1.0) and s.loc["TC", "dice"] == pytest.approx(1.0)
     assert s.loc["ET", "dice"] == pytest.approx(2 * 56 / (64 + 56))
+    # the Dice-only path (model selection) gives the same numbers, including the empty-region rule
+    np.testing.assert_allclose(region_dice(pred, lab), s["dice"].to_numpy())
+    no_et = np.where(lab == 3, 2, lab)
+    assert region_dice(no_et, no_et).tolist() == [1.0, 1.0, 1.0]   # ET empty in both: 1
+    assert region_dice(pred, no_et)[2] == 0.0                      # ET only predicted: 0
 
 
 def test_evaluate_predictions_reads_manifest(toy_cohort, tmp_path):

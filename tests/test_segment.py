@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, ConfigError
 from cohort.manifest import load_case, load_manifest
 from cohort.nifti import read_array
 from segment import api, monai_backend
-from segment.config import SegmenterConfig
+from segment.config import SegmenterConfig, load_config
 from segment.data import to_target, training_data_hash
-from tests.segment_helpers import mean_dice, mixed_manifest, odd_geometry_manifest, sha256_arrays
+from tests.segment_helpers import mean_dice, mixed_manifest, odd_geometry_manifest, sha256_arrays, untrained_copy
 
 TRAIN = ["toy_000", "toy_001", "toy_002", "toy_003", "toy_004", "toy_005"]
 
@@ -49,23 +49,16 @@ def test_training_data_hash_depends_on_cases_and_order_free(toy_cohort):
     assert len(entries) == 6 * 5  # 4 modalities + label per case
 
 
-def untrained_dice(cfg: SegmenterConfig, manifest, out_dir) -> tuple[float, float]:
+def untrained_dice(model_dir, manifest, out_dir) -> tuple[float, float]:
     """mean_dice on the training cases of the same network and seed with its weights as initialised (baseline)."""
-    from cohort.nifti import write_array
-    from segment.data import load_cases
-
-    torch.manual_seed(cfg.seed)
-    untrained = monai_backend.build_network(cfg, len(cfg.modalities)).eval()
-    base = {c.case_id: write_array(out_dir / f"{c.case_id}.nii.gz",
-                                   monai_backend._predict_logits(untrained, cfg, c.image).argmax(0).numpy(), c.affine)
-            for c in load_cases(manifest, TRAIN, cfg.modalities)}
-    return mean_dice(base, manifest)
+    base_dir = untrained_copy(model_dir, out_dir / "untrained", seed=load_config(model_dir).seed)
+    return mean_dice(api.predict(base_dir, manifest, TRAIN, out_dir / "untrained_pred"), manifest)
 
 
 def test_trained_model_beats_untrained(trained, toy_cohort, tmp_path):
     model_dir, preds, _ = trained
     lab_dice, wt_dice = mean_dice(preds, toy_cohort)
-    base_lab, base_wt = untrained_dice(api.load_model(model_dir)[1], toy_cohort, tmp_path)
+    base_lab, base_wt = untrained_dice(model_dir, toy_cohort, tmp_path)
     assert wt_dice > 0.6 and wt_dice > base_wt + 0.3, (wt_dice, base_wt)
     assert lab_dice > base_lab + 0.2, (lab_dice, base_lab)
 
@@ -153,20 +146,33 @@ def test_encoder_features(trained, toy_cohort):
     df = load_manifest(toy_cohort).set_index("case_id", drop=False)
     vol0, _ = load_case(toy_cohort, df.loc["toy_000"])
     vol8, _ = load_case(toy_cohort, df.loc["toy_008"])
-    loaded = api.load_model(model_dir)
-    f0 = api.encoder_features(model_dir, vol0)
+    loaded = monai_backend.load_model(model_dir)
+    f0 = monai_backend.encoder_features(model_dir, vol0)
     assert f0.ndim == 1 and f0.shape[0] == loaded[1].init_filters * 2 ** (len(loaded[1].blocks_down) - 1)
     assert np.isfinite(f0).all()
     np.testing.assert_array_equal(f0, monai_backend.encoder_features(loaded, vol0))
     arr = np.stack([vol0.channel(m) for m in loaded[1].modalities])
     np.testing.assert_allclose(f0, monai_backend.encoder_features(loaded, arr), rtol=1e-6)
-    assert not np.allclose(f0, api.encoder_features(loaded, vol8))
+    assert not np.allclose(f0, monai_backend.encoder_features(loaded, vol8))
+    from segment.api import encoder_features, load_model  # the old import path (flows/tasks.py) still resolves
+
+    assert (encoder_features, load_model) == (monai_backend.encoder_features, monai_backend.load_model)
+
+
+def test_backends_are_a_registry():
+    from segment.config import BACKENDS
+
+    assert BACKENDS == ("monai", "nnunet")
+    for name in BACKENDS:
+        module = api.backend(name)
+        assert callable(module.train) and callable(module.predict), name
+    assert api.backend("monai") is monai_backend
 
 
 def test_brain_label_is_background():
     lab = np.array([0, 1, 2, 3, 4], np.uint8)
     assert to_target(lab).tolist() == [0, 1, 2, 3, 0]
-    with pytest.raises(CohortError, match="unknown segmenter backend"):
+    with pytest.raises(ConfigError, match="unknown segmenter backend"):
         SegmenterConfig(backend="x").resolved()
 
 
@@ -188,12 +194,12 @@ def test_dynunet_learns_saves_and_gives_encoder_features(toy_cohort, tmp_path):
     beats its own untrained weights on the training cases, and exposes bottleneck features of the right size."""
     cfg = SegmenterConfig(profile="tiny", seed=0, network="dynunet")
     model_dir = api.train(toy_cohort, "train", tmp_path / "dyn", cfg)
-    model, rcfg = api.load_model(model_dir)
+    model, rcfg = monai_backend.load_model(model_dir)
     assert type(model).__name__ == "DynUNet" and rcfg.network == "dynunet" and rcfg.init_filters == 8
     _, wt_dice = mean_dice(api.predict(model_dir, toy_cohort, TRAIN, tmp_path / "pred"), toy_cohort)
-    assert wt_dice > 0.6 and wt_dice > untrained_dice(rcfg, toy_cohort, tmp_path / "base")[1] + 0.3
+    assert wt_dice > 0.6 and wt_dice > untrained_dice(model_dir, toy_cohort, tmp_path / "base")[1] + 0.3
     vol, _ = load_case(toy_cohort, load_manifest(toy_cohort).set_index("case_id", drop=False).loc["toy_000"])
-    f = api.encoder_features((model, rcfg), vol)
+    f = monai_backend.encoder_features((model, rcfg), vol)
     assert f.shape == (rcfg.init_filters * 2 ** (len(rcfg.blocks_down) - 1),) and np.isfinite(f).all()
-    with pytest.raises(CohortError, match="unknown MONAI network"):
+    with pytest.raises(ConfigError, match="unknown MONAI network"):
         SegmenterConfig(network="vnet").resolved()

@@ -11,8 +11,8 @@ import pytest
 from cohort.manifest import load_case, load_manifest
 from cohort.nifti import read_array
 from segment import api, nnunet_backend
-from segment.config import SegmenterConfig
-from tests.segment_helpers import mean_dice, mixed_manifest
+from segment.config import NNUNET_BUDGETS, SegmenterConfig
+from tests.segment_helpers import mean_dice, mixed_manifest, untrained_copy
 
 REAL_TRAIN = ["toy_000", "toy_001", "toy_002", "toy_003"]
 SYNTH = ["syn_000", "syn_001", "syn_002"]
@@ -57,8 +57,14 @@ def test_budget_trainer_found_via_ext_trainer_path_and_contract_files(nn_trained
 
     weights = load_file(str(model_dir / "model.safetensors"))
     assert any(k.startswith("encoder.") for k in weights)
+    # what only a working nnU-Net run leaves: nnU-Net's own message that it found our trainer class in our folder
+    # (the command line the backend logs names the trainer too, so the trainer name alone proves nothing), and
+    # its final checkpoint, written by that trainer after exactly the tiny budget's epochs
     train_log = (nnunet_backend.roots(model_dir)["base"] / "logs" / "train.log").read_text()
-    assert "nnunet_trainers" in train_log or "nnUNetTrainer_segtiny" in train_log
+    assert f"Using trainer 'nnUNetTrainer_segtiny' from: {nnunet_backend.TRAINER_DIR}" in train_log
+    ckpt = nnunet_backend.load_checkpoint(nnunet_backend.final_checkpoint(model_dir, "nnUNetTrainer_segtiny"))
+    assert ckpt["trainer_name"] == "nnUNetTrainer_segtiny"
+    assert ckpt["current_epoch"] == NNUNET_BUDGETS["tiny"]["epochs"] == len(ckpt["logging"]["train_losses"])
     rec = json.loads((model_dir / "config.json").read_text())
     assert rec["config"]["backend"] == "nnunet" and rec["val_ids"] == ["toy_006", "toy_007"]
 
@@ -66,7 +72,8 @@ def test_budget_trainer_found_via_ext_trainer_path_and_contract_files(nn_trained
 def test_nnunet_learns_and_keeps_geometry(nn_trained, tmp_path):
     mixed, model_dir, preds, _ = nn_trained
     trained_lab, trained_wt = mean_dice({c: preds[c] for c in REAL_TRAIN}, mixed)
-    untrained = nnunet_backend.predict(model_dir, mixed, REAL_TRAIN, tmp_path, untrained_seed=0)
+    untrained = api.predict(untrained_copy(model_dir, tmp_path / "untrained", seed=0), mixed, REAL_TRAIN,
+                            tmp_path / "pred")
     base_lab, base_wt = mean_dice(untrained, mixed)
     assert trained_wt > 0.6 and trained_wt > base_wt + 0.3, (trained_wt, base_wt)
     assert trained_lab > base_lab + 0.2, (trained_lab, base_lab)
