@@ -20,7 +20,7 @@ from cohort.errors import CohortError
 from cohort.fsutil import atomic_write_text
 from cohort.provenance import package_versions
 
-from .config import BACKEND_MODULES, SegmenterConfig, as_config, load_config
+from .config import BACKEND_MODULES, RUNTIME_FIELDS, SegmenterConfig, as_config, load_config
 from .data import common_modalities, resolve_case_ids, rows_for, training_data_hash, validation_ids
 
 MODEL_FILES = ("config.json", "training_data.json", "train_log.csv", "model.safetensors")
@@ -65,7 +65,8 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
     cfg_path = model_dir / "config.json"
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        if old.get("config") != record["config"] or old.get("training_data_hash") != data_hash:
+        old_identity = {k: v for k, v in old.get("config", {}).items() if k not in RUNTIME_FIELDS}
+        if old_identity != cfg.identity() or old.get("training_data_hash") != data_hash:
             raise CohortError(cfg_path, "this model directory holds a different training (config or training data "
                                         "differ); choose another out_dir or delete it", kind="model-mismatch")
         if is_trained(model_dir):
@@ -80,8 +81,9 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
 
 
 def predict(model_dir: str | Path, manifest: str | Path, case_ids: Sequence[str] | str,
-            out_dir: str | Path) -> dict[str, Path]:
-    """Label NIfTIs (0..3, input affine and shape) for case_ids (ids or a split name) as out_dir/<case_id>.nii.gz."""
+            out_dir: str | Path, device: str | None = None) -> dict[str, Path]:
+    """Label NIfTIs (0..3, input affine and shape) for case_ids (ids or a split name) as out_dir/<case_id>.nii.gz.
+    device: where to run (auto|cpu|cuda|cuda:N|mps; default: the setting the model was trained with)."""
     model_dir, manifest, out_dir = Path(model_dir), Path(manifest), Path(out_dir)
     if not is_trained(model_dir):
         raise CohortError(model_dir, "not a finished segmenter model directory (training incomplete or missing files "
@@ -90,7 +92,7 @@ def predict(model_dir: str | Path, manifest: str | Path, case_ids: Sequence[str]
     ids = resolve_case_ids(manifest, case_ids)
     rows_for(manifest, ids)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return backend(cfg.backend).predict(model_dir, manifest, ids, out_dir)
+    return backend(cfg.backend).predict(model_dir, manifest, ids, out_dir, device=device)
 
 
 def __getattr__(name: str):

@@ -9,6 +9,8 @@ def _add_cases(p) -> None:
 
 
 def register(subparsers) -> None:
+    from cohort.device import DEVICE_HELP
+
     from .config import BACKENDS, NETWORKS, SEG_PROFILES
 
     p = subparsers.add_parser(
@@ -29,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs (MONAI)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave torch's setting)")
+    p.add_argument("--device", default="auto", help=f"where to train: {DEVICE_HELP} (default auto); nnU-Net on a "
+                                                    "GPU keeps its torch.compile and augmentation workers")
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser(
@@ -38,6 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--manifest", required=True, help="data_manifest.csv holding the cases")
     _add_cases(p)
     p.add_argument("--out", required=True, help="output folder for the label NIfTIs")
+    p.add_argument("--device", default=None, help=f"where to predict: {DEVICE_HELP} (default: the model's setting)")
     p.set_defaults(func=_predict)
 
 
@@ -46,7 +51,7 @@ def _train(args) -> int:
     from .config import SegmenterConfig
 
     cfg = SegmenterConfig(backend=args.backend, profile=args.profile, seed=args.seed, epochs=args.epochs,
-                          val_ids=args.val_cases, num_threads=args.threads,
+                          val_ids=args.val_cases, num_threads=args.threads, device=args.device,
                           network=args.network if args.backend == "monai" else None)
     model_dir = train(args.manifest, args.cases or args.split, args.out, cfg)
     print(model_dir)
@@ -56,6 +61,6 @@ def _train(args) -> int:
 def _predict(args) -> int:
     from .api import predict
 
-    out = predict(args.model, args.manifest, args.cases or args.split, args.out)
+    out = predict(args.model, args.manifest, args.cases or args.split, args.out, device=args.device)
     print(f"{len(out)} predictions in {args.out}")
     return 0

@@ -57,6 +57,10 @@ NETWORK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# where a training runs does not change what it learns: a run started on the CPU may be resumed on a GPU
+RUNTIME_FIELDS = ("device",)
+
+
 @dataclass
 class SegmenterConfig:
     """What to train. Fields left as None are filled from PROFILE_DEFAULTS[backend][profile] by resolved().
@@ -84,6 +88,7 @@ class SegmenterConfig:
     trainer: str | None = None           # nnU-Net trainer class name
     network: str | None = None           # MONAI back end: "segresnet" (default) or "dynunet"
     num_threads: int | None = None       # torch threads in train/predict (restored afterwards); profile default
+    device: str = "auto"                 # auto (CUDA when present) | cpu | cuda | cuda:N | mps; not part of identity()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "SegmenterConfig":
@@ -113,6 +118,11 @@ class SegmenterConfig:
             if d[k] is not None:
                 d[k] = list(d[k])
         return d
+
+    def identity(self) -> dict[str, Any]:
+        """to_dict() without the settings that do not change what is trained (RUNTIME_FIELDS): what a model
+        directory's config.json must match for a resume."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -22,6 +22,7 @@ from cohort.case import Case
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_text, read_csv_log
 from cohort.nifti import write_array
+from cohort.device import resolve_device
 from cohort.threads import torch_threads
 from cohort.volume import Volume
 
@@ -99,9 +100,11 @@ def _predict_logits(model: torch.nn.Module, cfg: SegmenterConfig, image: np.ndar
 
     x = torch.from_numpy(image)
     padded = DivisiblePad(k=_divisor(cfg), mode="edge")(x)
-    with torch.no_grad():
+    device = next(model.parameters()).device
+    with torch.no_grad():  # windows run on the model's device; the stitched logits come back to the CPU
         logits = sliding_window_inference(padded[None].float(), _roi_size(cfg, image.shape[1:]), 1, model,
-                                          overlap=0.25, mode="gaussian")[0]
+                                          overlap=0.25, mode="gaussian", sw_device=device,
+                                          device=torch.device("cpu"))[0]
     return logits[:, : image.shape[1], : image.shape[2], : image.shape[3]]
 
 
@@ -168,8 +171,9 @@ def _train_epoch(model, opt, loss_fn, tfm, cases: list[Case], cfg: SegmenterConf
         items = [tfm({"image": cases[i].image.data, "label": cases[i].label.data})
                  for i in order[it * cfg.batch_size:(it + 1) * cfg.batch_size]]
         items = [d[0] if isinstance(d, list) else d for d in items]  # RandCropByPosNegLabeld returns a list
-        x = torch.stack([torch.as_tensor(d["image"]).float() for d in items])
-        y = torch.stack([torch.as_tensor(d["label"]).long() for d in items])
+        device = next(model.parameters()).device
+        x = torch.stack([torch.as_tensor(d["image"]).float() for d in items]).to(device)
+        y = torch.stack([torch.as_tensor(d["label"]).long() for d in items]).to(device)
         loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -224,7 +228,7 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
     with torch_threads(cfg.num_threads):
         with _INIT_LOCK:
             torch.manual_seed(cfg.seed)
-            model = build_network(cfg, len(mods))
+            model = build_network(cfg, len(mods)).to(resolve_device(cfg.device))
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.epochs, power=0.9)
         # Dice over the tumour labels only, pooled over the batch (as nnU-Net): with the per-sample Dice including
@@ -272,8 +276,11 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, SegmenterConfig]
     return model, cfg
 
 
-def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path) -> dict[str, Path]:
+def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path, device: str | None = None
+            ) -> dict[str, Path]:
+    """device: where to run (default: the config's device setting, auto = CUDA when present)."""
     model, cfg = load_model(model_dir)
+    model.to(resolve_device(device or cfg.device))
     out: dict[str, Path] = {}
     with torch_threads(cfg.num_threads):
         for c in tqdm(load_cases(manifest, case_ids, cfg.modalities), desc="segment[monai] predict", unit="case"):

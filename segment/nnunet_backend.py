@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from cohort.device import resolve_device
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_path, atomic_write_text
 
@@ -50,21 +51,27 @@ def trained_model_folder(model_dir: Path, trainer: str) -> Path:
     return roots(model_dir)["results"] / DATASET / f"{trainer}__{PLANS}__{CONFIGURATION}"
 
 
-def nnunet_env(model_dir: Path, *, training: bool, n_proc: int = 2, threads: int | None = None) -> dict[str, str]:
-    """Environment for one nnU-Net child process (the caller's os.environ is not changed)."""
+def nnunet_env(model_dir: Path, *, training: bool, n_proc: int = 2, threads: int | None = None,
+               gpu: bool = False) -> dict[str, str]:
+    """Environment for one nnU-Net child process (the caller's os.environ is not changed).
+
+    On a GPU nnU-Net keeps its own behaviour: torch.compile (nnUNet_compile) and its data-augmentation worker
+    processes (nnUNet_n_proc_DA), unless the user set those variables. On the CPU compile is off and data
+    augmentation runs in the training process (fastest on 2 cores)."""
     r = roots(model_dir)
     env = dict(os.environ)
     if threads:  # set before the child's OpenMP starts; PASSIVE: no spin-waiting when cores are shared
         env.update(OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
     env.update(nnUNet_raw=str(r["raw"]), nnUNet_preprocessed=str(r["preprocessed"]), nnUNet_results=str(r["results"]),
-               nnUNet_extTrainer=str(TRAINER_DIR), nnUNet_def_n_proc=str(n_proc), nnUNet_compile="false",
-               PYTHONUNBUFFERED="1",
+               nnUNet_extTrainer=str(TRAINER_DIR), nnUNet_def_n_proc=str(n_proc), PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(_PROJECT_ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]))
     # 0 = data augmentation in the training process (no worker processes: fastest on 2 cores). It must not be 0
     # during planning, where nnU-Net calls torch.set_num_threads(nnUNet_n_proc_DA).
-    if training:
+    if not gpu:
+        env["nnUNet_compile"] = "false"
+    if training and not gpu:
         env["nnUNet_n_proc_DA"] = "0"
-    else:
+    elif not training:
         env.pop("nnUNet_n_proc_DA", None)
     return env
 
@@ -76,7 +83,7 @@ def _workers(cfg: SegmenterConfig) -> tuple[int, int]:
 
 
 def _run_child(model_dir: Path, step: str, args: list[str], *, training: bool, n_proc: int,
-               threads: int | None = None, epochs: int | None = None) -> None:
+               threads: int | None = None, epochs: int | None = None, device: str = "cpu") -> None:
     """Run ``python -m segment.nnunet_backend <step> ...``; stream its output to nnunet/logs/<step>.log.
 
     During training, nnU-Net's "Epoch N" lines advance a tqdm bar.
@@ -85,11 +92,14 @@ def _run_child(model_dir: Path, step: str, args: list[str], *, training: bool, n
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{step}.log"
     cmd = [sys.executable, "-m", "segment.nnunet_backend", step, *args]
+    if step != "plan":
+        cmd += ["--device", device]
     bar = tqdm(total=epochs, desc=f"segment[nnunet] {step}", unit="epoch" if epochs else "it", leave=False)
     tail: list[str] = []
     with open(log_path, "a", buffering=1) as log:  # line-buffered: the log is readable while nnU-Net runs
         log.write(f"$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, env=nnunet_env(model_dir, training=training, n_proc=n_proc, threads=threads),
+        env = nnunet_env(model_dir, training=training, n_proc=n_proc, threads=threads, gpu=device.startswith("cuda"))
+        proc = subprocess.Popen(cmd, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(model_dir))
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -171,15 +181,18 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
         args = ["--trainer", cfg.trainer, "--threads", str(threads)]
         if (fold_dir / "checkpoint_latest.pth").exists():
             args.append("--continue")  # resume after a kill: nnU-Net continues from its latest checkpoint
-        _run_child(model_dir, "train", args, training=True, n_proc=n_proc, threads=threads, epochs=cfg.epochs)
+        _run_child(model_dir, "train", args, training=True, n_proc=n_proc, threads=threads, epochs=cfg.epochs,
+                   device=str(resolve_device(cfg.device)))
     summary = _write_log_and_weights(model_dir, cfg)
     summary.update(n_train=len(train_ids), n_val=len(val_ids), trainer=cfg.trainer)
     atomic_write_text(model_dir / "training_summary.json", json.dumps(summary, indent=2))
     return model_dir
 
 
-def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path) -> dict[str, Path]:
-    """Predict with nnU-Net's predictor; outputs re-read and rewritten on the input grid in our convention."""
+def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path, device: str | None = None
+            ) -> dict[str, Path]:
+    """Predict with nnU-Net's predictor; outputs re-read and rewritten on the input grid in our convention.
+    device: where to run (default: the config's device setting, auto = CUDA when present)."""
     from cohort.manifest import load_manifest, read_case
     from cohort.nifti import read_label, write_array
     from cohort.volume import select_channels
@@ -204,7 +217,8 @@ def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path)
                 "--threads", str(threads)]
         if cfg.profile != "paper":
             args.append("--no-mirroring")  # test-time mirroring costs 8x on CPU; kept for the paper profile
-        _run_child(model_dir, "predict", args, training=False, n_proc=n_proc, threads=threads)
+        _run_child(model_dir, "predict", args, training=False, n_proc=n_proc, threads=threads,
+                   device=str(resolve_device(device or cfg.device)))
         out: dict[str, Path] = {}
         for cid, (name, affine, shape) in inputs.items():
             src = work / "out" / f"{name}.nii.gz"
@@ -235,7 +249,7 @@ def _child_train(a) -> None:
 
     torch.set_num_threads(a.threads)
     run_training(DATASET, CONFIGURATION, FOLD, trainer_class_name=a.trainer, continue_training=a.continue_,
-                 device=torch.device("cpu"))
+                 device=torch.device(a.device))
 
 
 def _child_predict(a) -> None:
@@ -243,8 +257,9 @@ def _child_predict(a) -> None:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=not a.no_mirroring,
-                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
                                 allow_tqdm=False)
     folder = Path(os.environ["nnUNet_results"]) / DATASET / f"{a.trainer}__{PLANS}__{CONFIGURATION}"
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=(FOLD,))
@@ -263,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--trainer", required=True)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--continue", dest="continue_", action="store_true")
+    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps")
     s.set_defaults(func=_child_train)
     s = sub.add_parser("predict")
     s.add_argument("--trainer", required=True)
@@ -270,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--output", required=True)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--no-mirroring", action="store_true")
+    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps")
     s.set_defaults(func=_child_predict)
     a = p.parse_args(argv)
     a.func(a)

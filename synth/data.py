@@ -8,8 +8,9 @@ import pandas as pd
 import torch
 from monai.transforms import Compose, EnsureTyped, MapTransform, ScaleIntensityd
 
-from cohort.errors import CohortError
-from cohort.manifest import load_case, load_manifest, select
+from cohort.errors import CohortError, ConfigError
+from cohort.manifest import load_manifest, read_case, select
+from cohort.volume import select_channels
 
 from .config import MedDDPMConfig
 from .network import condition_from_label
@@ -17,7 +18,7 @@ from .network import condition_from_label
 
 class LoadManifestCased(MapTransform):
     """{"row": manifest row} -> {"image": (C,X,Y,Z) float32 in config.modalities order, "label": (1,X,Y,Z) uint8,
-    "affine": 4x4, "case_id": str}. A thin MONAI-compatible wrapper around cohort.manifest.load_case."""
+    "affine": 4x4, "case_id": str}. A thin MONAI-compatible wrapper around cohort.manifest.read_case."""
 
     def __init__(self, manifest: str | Path, modalities: tuple[str, ...], shape: tuple[int, int, int] | None = None):
         super().__init__(keys=("row",))
@@ -27,17 +28,13 @@ class LoadManifestCased(MapTransform):
 
     def __call__(self, data: dict) -> dict:
         row = data["row"]
-        vol, lab = load_case(self.manifest, row)
-        missing = [m for m in self.modalities if m not in vol.channels]
-        if missing:
-            raise CohortError(self.manifest, f"case {row['case_id']}: modalities {missing} missing "
-                                             f"(the model needs {list(self.modalities)})", kind="missing-modality")
-        if self.shape is not None and vol.shape != self.shape:
-            raise CohortError(self.manifest, f"case {row['case_id']}: shape {vol.shape} is not the profile's "
+        case = read_case(self.manifest, row)
+        image = select_channels(case.image, self.modalities, self.manifest, "the model", case_id=case.case_id).data
+        if self.shape is not None and case.shape != self.shape:
+            raise CohortError(self.manifest, f"case {case.case_id}: shape {case.shape} is not the profile's "
                                              f"{self.shape}", kind="shape-mismatch")
-        image = np.stack([vol.channel(m) for m in self.modalities]).astype(np.float32)
-        return {"image": image, "label": lab[None].astype(np.uint8), "affine": vol.affine,
-                "case_id": str(row["case_id"])}
+        return {"image": image, "label": case.label.data.astype(np.uint8), "affine": case.affine,
+                "case_id": case.case_id}
 
 
 class LabelToConditiond(MapTransform):
@@ -58,7 +55,7 @@ def training_transforms(manifest: str | Path, config: MedDDPMConfig, shape=None)
     if config.normalise == "minmax":  # the paper: per volume, per modality rescale to [-1, 1]
         steps.append(ScaleIntensityd(keys="image", minv=-1.0, maxv=1.0, channel_wise=True))
     elif config.normalise != "none":
-        raise CohortError(None, f"unknown normalise mode {config.normalise!r}", kind="bad-config")
+        raise ConfigError(f"unknown normalise mode {config.normalise!r}")
     steps += [LabelToConditiond(config.condition),
               EnsureTyped(keys=("image", "condition"), data_type="tensor", dtype=torch.float32, track_meta=False)]
     return Compose(steps)
@@ -66,8 +63,7 @@ def training_transforms(manifest: str | Path, config: MedDDPMConfig, shape=None)
 
 def training_rows(manifest: str | Path, config: MedDDPMConfig, splits=None) -> pd.DataFrame:
     df = load_manifest(manifest)
-    parts = [select(df, source=s, split=sp) for s in config.sources for sp in (splits or config.splits)]
-    rows = pd.concat(parts) if parts else df.iloc[:0]
+    rows = select(df, source=config.sources, split=splits or config.splits)
     if not len(rows):
         raise CohortError(manifest, f"no rows with source in {list(config.sources)} and split in "
                                     f"{list(splits or config.splits)} to train on", kind="empty-cohort")

@@ -15,10 +15,11 @@ import torch
 from cohort.device import resolve_device
 from cohort.errors import CohortError, ConfigError
 from cohort.fsutil import atomic_write_text, sha256_file
-from cohort.manifest import append_rows, case_files, load_manifest, make_row
+from cohort.manifest import append_rows, case_files, load_manifest, make_row, select
 from cohort.nifti import read_label, write_array
 from cohort.profiles import get_profile
 from cohort.threads import torch_threads
+from cohort.volume import spacing_of
 
 from .authors_weights import SOURCE_META
 from .checkpoint import RANGES_FILE, load_generator, resolve_generator
@@ -36,18 +37,14 @@ def case_seed(seed: int, index: int, attempt: int) -> int:
 
 
 def _mask_rows(masks_manifest: Path, sources, splits, case_ids) -> pd.DataFrame:
-    df = load_manifest(masks_manifest)
-    keep = df["source"].isin(list(sources)).to_numpy(dtype=bool, na_value=False).copy()
-    if splits is not None:
-        keep &= df["split"].isin(list(splits)).to_numpy(dtype=bool, na_value=False)
+    rows = select(load_manifest(masks_manifest), source=list(sources), split=None if splits is None else list(splits))
     if case_ids is not None:
-        keep &= df["case_id"].isin(list(case_ids)).to_numpy(dtype=bool, na_value=False)
-    rows = df[keep].sort_values("case_id")
+        rows = rows[rows["case_id"].isin(list(case_ids)).to_numpy(dtype=bool, na_value=False)]
     if not len(rows):
         raise CohortError(masks_manifest, f"no conditioning masks with source in {list(sources)}"
                                           f"{'' if splits is None else f' and split in {list(splits)}'}",
                           kind="empty-cohort")
-    return rows
+    return rows.sort_values("case_id")
 
 
 def _clean_partial(out: Path) -> None:
@@ -157,7 +154,7 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
                 new_rows.append(make_row(
                     manifest, case_id=cid, cohort=cohort_name, source="synthetic", split="train",
                     images=img_paths, label=lab_path, shape=labels[k].shape,
-                    spacing=np.sqrt((affines[k][:3, :3] ** 2).sum(axis=0)),
+                    spacing=spacing_of(affines[k]),
                     parent_case_id=row["case_id"], mask_edit=None if pd.isna(mask_edit) else mask_edit,
                     mask_source=row["source"], origin_case_id=origin, generator_checkpoint=gen_hash,
                     sampler=diffusion_sampler.label(), steps=steps,

@@ -162,8 +162,8 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     grid = get_profile(cfg.profile)
     if any(s % cfg.downsample_factor for s in grid.shape):
-        raise CohortError(None, f"profile {cfg.profile} shape {grid.shape} is not divisible by the network's "
-                                f"downsampling factor {cfg.downsample_factor}", kind="bad-config")
+        raise ConfigError(f"profile {cfg.profile} shape {grid.shape} is not divisible by the network's "
+                                f"downsampling factor {cfg.downsample_factor}")
     if cfg.warmup_steps >= cfg.steps:
         raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) must be smaller than steps ({cfg.steps})")
     device = resolve_device(cfg.device)

@@ -126,6 +126,23 @@ def test_rerun_is_cached_and_different_config_refused(trained, toy_cohort):
     with pytest.raises(CohortError) as e:
         api.train(toy_cohort, "train", model_dir, SegmenterConfig(profile="tiny", seed=7))
     assert e.value.kind == "model-mismatch" and "config.json" in str(e.value)
+    # where a training runs is not part of what it is: the finished model is reused from another device setting
+    assert api.train(toy_cohort, "train", model_dir, SegmenterConfig(profile="tiny", seed=0, device="cpu")) == model_dir
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_device_is_explicit_and_a_missing_gpu_is_one_clear_error(trained, toy_cohort, tmp_path):
+    from cohort.fsutil import sha256_file
+
+    model_dir, preds, _ = trained
+    again = api.predict(model_dir, toy_cohort, TRAIN[:2], tmp_path / "cpu", device="cpu")
+    for cid, p in again.items():
+        assert sha256_file(p) == sha256_file(preds[cid])
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            api.predict(model_dir, toy_cohort, TRAIN[:1], tmp_path / "gpu", device="cuda")
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            api.train(toy_cohort, TRAIN[:2], tmp_path / "m", SegmenterConfig(profile="tiny", device="cuda:0"))
 
 
 def test_validation_is_real_only(toy_cohort, tmp_path):
