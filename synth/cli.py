@@ -61,12 +61,25 @@ def register(subparsers) -> None:
                         "chain), which kept the under-trained demo model's samples as good as 250-step DDPM; "
                         "0 = deterministic ODE (docs/medddpm.md)")
     s.add_argument("--device", default="auto", help=f"where to sample: {DEVICE_HELP} (default auto)")
+    s.add_argument("--shard", help="K/N: make only cases i with i %% N == K, into data_manifest.shard-K-of-N.csv of "
+                                   "the same --out (one process per GPU or node); 'auto' = torchrun's RANK/WORLD_SIZE "
+                                   "(and LOCAL_RANK's GPU). Then: medddpm synthesize-merge --out DIR --shards N "
+                                   "--count C")
     s.add_argument("--batch-size", type=int, default=4, help="volumes per network call")
     s.add_argument("--splits", default="train", help="comma-separated splits of mask rows to use ('all' = any)")
     s.add_argument("--max-retries", type=int, default=3, help="quality-gate redraws per case")
     s.add_argument("--threads", type=int, help="torch threads")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_synthesize)
+
+    m = subparsers.add_parser(
+        "synthesize-merge", help="merge the shard manifests of a sharded synthesis into data_manifest.csv",
+        description="After `medddpm synthesize --shard K/N` ran for every K: check that each shard holds all its "
+                    "cases and write OUT/data_manifest.csv and OUT/quality_report.csv atomically.")
+    m.add_argument("--out", required=True, help="the synthesis output folder shared by the shards")
+    m.add_argument("--shards", type=int, required=True, help="N, the number of shards")
+    m.add_argument("--count", type=int, required=True, help="the --count every shard was given")
+    m.set_defaults(func=_merge)
 
 
 def _train(args) -> int:
@@ -90,6 +103,26 @@ def _synthesize(args) -> int:
     splits = None if args.splits == "all" else tuple(args.splits.split(","))
     path = synthesize_cohort(args.checkpoint, args.masks, args.out, args.count, args.sampler, args.steps, args.seed,
                              eta=args.eta, batch_size=args.batch_size, splits=splits, max_retries=args.max_retries,
-                             num_threads=args.threads, progress=not args.no_progress, device=args.device)
+                             num_threads=args.threads, progress=not args.no_progress, device=args.device,
+                             shard=_shard(args.shard))
     print(f"manifest: {path}")
+    return 0
+
+
+def _shard(text: str | None):
+    from cohort.errors import ConfigError
+
+    if text is None or text == "auto":
+        return text
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: use K/N (e.g. 0/4) or auto") from None
+    return k, n
+
+
+def _merge(args) -> int:
+    from .synthesize import merge_shards
+
+    print(f"manifest: {merge_shards(args.out, args.shards, args.count)}")
     return 0

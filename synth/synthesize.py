@@ -15,7 +15,7 @@ import torch
 from cohort.device import resolve_device
 from cohort.errors import CohortError, ConfigError
 from cohort.fsutil import atomic_write_text, sha256_file
-from cohort.manifest import append_rows, case_files, load_manifest, make_row, select
+from cohort.manifest import append_rows, case_files, check_rows, load_manifest, make_row, select, write_manifest
 from cohort.nifti import read_label, write_array
 from cohort.profiles import get_profile
 from cohort.threads import torch_threads
@@ -29,6 +29,8 @@ from . import defaults
 from .schedulers import make_sampler, sample, sampling_timesteps
 
 REPORT_FILE = "quality_report.csv"
+REPORT_HEADER = "case_id,attempt,seed,passed,failures\n"
+MANIFEST = "data_manifest.csv"
 
 
 def case_seed(seed: int, index: int, attempt: int) -> int:
@@ -61,8 +63,9 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
                       splits: tuple[str, ...] | None = ("train",), case_ids: list[str] | None = None,
                       max_retries: int = 3, gate_margin: float = 0.05, cohort_name: str = "medddpm-synthetic",
                       case_prefix: str = "syn", num_threads: int | None = None, progress: bool = True,
-                      device: str = "auto") -> Path:
-    """Generate `count` paired image–mask cases; return the path of out_dir/data_manifest.csv.
+                      device: str = "auto", shard: tuple[int, int] | str | None = None) -> Path:
+    """Generate `count` paired image–mask cases; return the path of out_dir/data_manifest.csv (of the shard's
+    manifest when ``shard`` is given).
 
     Masks: rows of `masks_manifest` with source in `sources` (real rows use their label; source=mask rows are
     edited masks) and split in `splits`, sorted by case id and used round-robin. Each synthetic case gets seed
@@ -75,14 +78,20 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     Quality gate (synth.quality: per-label medians, background, texture): a failing sample is redrawn with a new
     seed up to `max_retries` times; cases still failing are kept and marked quality_gate=fail. quality_report.csv
     lists every attempt with each failed check, its measured value and the allowed range.
+    shard: (k, n) = this process makes the cases whose index i has i % n == k, into out_dir/data_manifest.shard-k-of-n.csv
+    (several processes, GPUs or Dask workers then share one out_dir without touching each other's files);
+    "auto" takes k, n from torchrun's RANK / WORLD_SIZE (and, with device auto, the GPU from LOCAL_RANK).
+    merge_shards(out_dir, n, count) then writes the cohort's data_manifest.csv atomically.
     """
     if count < 1:
         raise ConfigError("count must be at least 1")
+    shard, device = _resolve_shard(shard, device)
     gen_path = resolve_generator(checkpoint)
     masks_manifest = Path(masks_manifest)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = out / "data_manifest.csv"
+    manifest = out / (MANIFEST if shard is None else shard_manifest_name(*shard))
+    report_file = out / (REPORT_FILE if shard is None else shard_report_name(*shard))
     _clean_partial(out)
 
     model, cfg, meta = load_generator(gen_path)
@@ -95,12 +104,12 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     rows = _mask_rows(masks_manifest, sources, splits, case_ids)
     done = set(load_manifest(manifest)["case_id"]) if manifest.exists() else set()
     report_rows = []
-    if (out / REPORT_FILE).exists():  # keep only records of finished cases (the rest are redone)
-        old = pd.read_csv(out / REPORT_FILE)
+    if report_file.exists():  # keep only records of finished cases (the rest are redone)
+        old = pd.read_csv(report_file)
         report_rows = old[old["case_id"].isin(done)].to_dict("records") if len(old) else []
 
     jobs = []
-    for i in range(count):
+    for i in (range(count) if shard is None else range(shard[0], count, shard[1])):
         row = rows.iloc[i % len(rows)]
         cid = f"{case_prefix}{i:05d}_{row['case_id']}"
         if cid not in done:
@@ -108,7 +117,8 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=count, initial=count - len(jobs), desc=f"synthesize ({sampler}, {steps} steps)",
+    mine = count if shard is None else len(range(shard[0], count, shard[1]))
+    bar = tqdm(total=mine, initial=mine - len(jobs), desc=f"synthesize ({sampler}, {steps} steps)",
                disable=not progress, dynamic_ncols=True)
     with torch_threads(num_threads):
         for b in range(0, len(jobs), batch_size):
@@ -162,9 +172,59 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
                     quality_gate="fail" if failures[k] else ("pass" if ranges is not None else "unchecked"),
                     attempts=attempts[k] + 1))
             append_rows(manifest, new_rows)
-            atomic_write_text(out / REPORT_FILE, pd.DataFrame(report_rows).to_csv(index=False))
+            atomic_write_text(report_file, pd.DataFrame(report_rows).to_csv(index=False))
             bar.update(len(batch))
     bar.close()
-    if not (out / REPORT_FILE).exists():
-        atomic_write_text(out / REPORT_FILE, "case_id,attempt,seed,passed,failures\n")
+    if not report_file.exists():
+        atomic_write_text(report_file, REPORT_HEADER)
     return manifest
+
+
+def shard_manifest_name(k: int, n: int) -> str:
+    return f"data_manifest.shard-{k}-of-{n}.csv"
+
+
+def shard_report_name(k: int, n: int) -> str:
+    return f"quality_report.shard-{k}-of-{n}.csv"
+
+
+def _resolve_shard(shard, device: str):
+    """(k, n) or None, and the device; "auto" reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
+    import os
+
+    if shard == "auto":
+        k, n = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+        shard = (k, n)
+    if shard is None:
+        return None, device
+    k, n = (int(v) for v in shard)
+    if not (n >= 1 and 0 <= k < n):
+        raise ConfigError(f"shard {k}/{n}: need 0 <= k < n")
+    return (k, n), device
+
+
+def merge_shards(out_dir: str | Path, n_shards: int, count: int) -> Path:
+    """out_dir/data_manifest.csv (and quality_report.csv) from the n shard manifests of one synthesis, written
+    atomically once every case 0..count-1 is there exactly once; a missing or unfinished shard is one clear error
+    (rerun that shard: it resumes)."""
+    out = Path(out_dir)
+    frames, reports = [], []
+    for k in range(n_shards):
+        path = out / shard_manifest_name(k, n_shards)
+        expected = len(range(k, count, n_shards))
+        df = load_manifest(path) if path.exists() else None
+        if df is None or len(df) != expected:
+            raise CohortError(path, f"shard {k} of {n_shards} has {0 if df is None else len(df)} of its {expected} "
+                                    "cases; rerun it (it resumes) before merging", kind="incomplete-shard")
+        frames.append(df)
+        rep = out / shard_report_name(k, n_shards)
+        if rep.exists() and rep.stat().st_size > len(REPORT_HEADER):
+            reports.append(pd.read_csv(rep))
+    merged = pd.concat(frames, ignore_index=True).sort_values("case_id", kind="stable")
+    check_rows(merged, out / MANIFEST)
+    write_manifest(merged, out / MANIFEST)
+    atomic_write_text(out / REPORT_FILE, pd.concat(reports, ignore_index=True).sort_values(
+        ["case_id", "attempt"]).to_csv(index=False) if reports else REPORT_HEADER)
+    return out / MANIFEST
