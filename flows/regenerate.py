@@ -15,9 +15,9 @@ from prefect import flow, get_run_logger
 
 from cohort.errors import CohortError
 
-from . import registry, tasks
-from .refs import ref
-from .study import fresh
+from flows import registry, tasks  # absolute: see flows/study.py
+from flows.refs import ref
+from flows.study import fresh
 
 SEED_BASE = 10_000  # regenerated cohort vN samples with seed SEED_BASE + N (study pools use small seeds)
 

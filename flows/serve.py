@@ -32,15 +32,21 @@ def build_deployments(study_params: dict | None = None, regen_params: dict | Non
                       cron: str | None = DEFAULT_CRON, timezone: str = "UTC") -> list:
     """The deployments served by this module (also handy for `prefect deploy`-style reuse)."""
     from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
 
     from .regenerate import regenerate_cohort
     from .study import augment_study
 
+    # Module-path entry points ("flows.study.augment_study"): a flow run imports the flow under its package name.
+    # A file-path entry point ("flows/study.py:augment_study") makes Prefect load the file as a top-level module
+    # "study" whose relative imports create a second flows.refs ("study.refs"), so a FileRef unpickled from a
+    # cache record written by `medddpm study` (class flows.refs.FileRef) failed the subflow's parameter check.
+    by_module = EntrypointType.MODULE_PATH
     return [
-        augment_study.to_deployment(name="default", parameters=study_params or {},
+        augment_study.to_deployment(name="default", parameters=study_params or {}, entrypoint_type=by_module,
                                     description="The augment study (docs/flows.md); override any parameter per run.",
                                     tags=["medddpm"]),
-        regenerate_cohort.to_deployment(name="nightly", parameters=regen_params or {},
+        regenerate_cohort.to_deployment(name="nightly", parameters=regen_params or {}, entrypoint_type=by_module,
                                         schedules=[Cron(cron, timezone=timezone)] if cron else [],
                                         description="A fresh versioned synthetic cohort from the current checkpoint.",
                                         tags=["medddpm"]),

@@ -24,9 +24,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from cohort.errors import CohortError
 from cohort.fsutil import atomic_write_text
 
-from . import registry, tasks
-from .mixes import DEFAULT_MIXES, SynthesisPlan, parse_mixes
-from .refs import FileRef, hash_json, ref
+# absolute imports: however Prefect loads this file (module path or file path), FileRef and the tasks are the
+# classes of the flows package, so cached results of any run validate as parameters of any other run
+from flows import registry, tasks
+from flows.mixes import DEFAULT_MIXES, SynthesisPlan, parse_mixes
+from flows.refs import FileRef, hash_json, ref
 
 RESULTS_SUBDIR = Path(".prefect") / "results"
 TABLE_KEY = "dice-by-mix"

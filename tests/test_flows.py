@@ -217,3 +217,24 @@ def test_transient_failures_are_retried_bad_input_is_not(harness):
     with pytest.raises(CohortError, match="x.nii.gz"):
         run("bad")
     assert calls["bad"] == 1
+
+
+@pytest.mark.parametrize("entrypoint", ["deployment", "flows/study.py:augment_study"])
+def test_flow_loaded_by_entrypoint_accepts_cached_file_refs(entrypoint):
+    """Regression (issue 11): a flow run loads augment-study from its deployment's entry point. Cached results
+    are FileRefs of the flows package (as `medddpm study` pickled them); the loaded flow's subflow must accept
+    them. A file-path entry point used to load the file as a package 'study' with its own FileRef class."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.serve import build_deployments
+
+    if entrypoint == "deployment":
+        deployments = build_deployments(cron=None)
+        entrypoint = deployments[0].entrypoint
+        assert [d.entrypoint for d in deployments] == ["flows.study.augment_study",
+                                                       "flows.regenerate.regenerate_cohort"]
+    study_flow = load_flow_from_entrypoint(entrypoint)
+    subflow = study_flow.fn.__globals__["train_segmenters"]
+    cached = FileRef(path="/study/data_manifest.csv", sha256="0" * 64)
+    params = subflow.validate_parameters({"study_dir": "/study", "manifest": cached, "jobs": [], "test_sets": []})
+    assert params["manifest"] == cached
