@@ -30,6 +30,7 @@ from cohort.errors import CohortError
 from cohort.fsutil import atomic_path, atomic_write_text
 from cohort.labels import MODALITIES, REGIONS
 
+from .records import StudyRecord
 from .memorisation import ANATOMY_NOTE, MEMORISATION_COLUMNS, summarise
 from .stats import aggregate, mix_order, paired_vs_real
 from .synthesis import SYNTHESIS_COLUMNS
@@ -100,9 +101,9 @@ def evaluate_synthesis(study_dir: str | Path, *, predictions: Mapping[str, Mappi
 
     study = Path(study_dir)
     real = _real_manifest(study)
-    meta = _read_json(study / "study.json")
-    if train_ids is None and meta.get("parameters", {}).get("medddpm_on", "selected") == "selected":
-        train_ids = meta.get("cohort", {}).get("train_case_ids") or None
+    record = StudyRecord.read(study)
+    if train_ids is None and record is not None:
+        train_ids = record.generator_train_ids()
     masks = study / "masks" / "data_manifest.csv"
     syn_frames, mem_frames = [], []
     for sid, man in _synthetic_manifests(study).items():
@@ -120,15 +121,6 @@ def evaluate_synthesis(study_dir: str | Path, *, predictions: Mapping[str, Mappi
 
 # ------------------------------------------------------------------------------------------ reading inputs
 
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CohortError(path, f"not valid JSON ({e})", kind="unreadable") from e
-
-
 def _read_table(path: Path, columns, required: bool) -> pd.DataFrame | None:
     if not path.exists():
         if required:
@@ -142,9 +134,9 @@ def _read_table(path: Path, columns, required: bool) -> pd.DataFrame | None:
 
 
 def _real_manifest(study: Path) -> Path:
-    meta = _read_json(study / "study.json")
-    rel = meta.get("cohort", {}).get("manifest") if isinstance(meta.get("cohort"), dict) else None
-    cand = [study / rel] if rel and not Path(rel).is_absolute() else ([Path(rel)] if rel else [])
+    record = StudyRecord.read(study)
+    recorded = record.resolve(study, record.cohort.manifest) if record else None
+    cand = [recorded] if recorded else []
     cand.append(study / "cohort" / "data_manifest.csv")
     for c in cand:
         if c.exists():
@@ -156,11 +148,10 @@ def _synthetic_manifests(study: Path) -> dict[str, Path]:
     return {p.parent.name: p for p in sorted((study / "synthetic").glob("*/data_manifest.csv"))}
 
 
-def _primary_test_set(per_case: pd.DataFrame, meta: dict) -> str:
+def _primary_test_set(per_case: pd.DataFrame, record: StudyRecord | None) -> str:
     names = list(dict.fromkeys(per_case["test_set"].astype(str)))
-    ts = meta.get("test_sets")
-    if isinstance(ts, list) and ts and isinstance(ts[0], dict) and str(ts[0].get("name")) in names:
-        return str(ts[0]["name"])
+    if record is not None and record.test_sets and record.test_sets[0].name in names:
+        return record.test_sets[0].name
     for n in ("default", "test"):
         if n in names:
             return n
@@ -431,7 +422,8 @@ def build_report(study_dir: str | Path, *, seed: int = 0) -> Path:
     per_case = _read_table(study / "results" / "per_case.csv", PER_CASE_COLUMNS, required=True)
     synth = _read_table(study / "results" / "synthesis.csv", SYNTHESIS_COLUMNS, required=False)
     mem = _read_table(study / "results" / "memorisation.csv", MEMORISATION_COLUMNS, required=False)
-    meta = _read_json(study / "study.json")
+    record = StudyRecord.read(study)
+    meta = record.as_written() if record is not None else {}
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.png"):  # plots of a previous build that this one may not redraw (e.g. a removed test set)
         stale.unlink()
@@ -451,7 +443,7 @@ def build_report(study_dir: str | Path, *, seed: int = 0) -> Path:
         doc.p(PHANTOM_NOTE, strong=True)
 
     results: list[pd.DataFrame] = []
-    primary = _primary_test_set(per_case, meta)
+    primary = _primary_test_set(per_case, record)
     _segmentation_section(doc, per_case, primary, out, True, results, seed)
     for ts in dict.fromkeys(per_case["test_set"]):
         if ts != primary:

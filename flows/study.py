@@ -29,6 +29,7 @@ from cohort.fsutil import atomic_write_text
 from flows import registry, tasks
 from flows.mixes import DEFAULT_MIXES, SynthesisPlan, parse_mixes
 from flows.refs import FileRef, hash_json, ref
+from eval.records import CheckpointRecord, CohortRecord, PoolRecord, RunRecord, StudyRecord, TestSetRecord
 
 RESULTS_SUBDIR = Path(".prefect") / "results"
 TABLE_KEY = "dice-by-mix"
@@ -86,12 +87,6 @@ def pool_order(pool: FileRef, gate_failures: str) -> tuple[list[str], set[str]]:
         return ids.tolist(), bad
     passing = ids[~failed.to_numpy()].tolist()
     return (passing if gate_failures == "exclude" else passing + ids[failed.to_numpy()].tolist()), bad
-
-
-def write_if_changed(path: Path, text: str) -> None:
-    """Rewrite only on change, so an unchanged study keeps its hash and the report task stays cached."""
-    if not path.exists() or path.read_text() != text:
-        atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,26 +324,25 @@ def augment_study(
 
     # 4. study.json (stable across reruns: times are those of the task runs that did the work), report, artifacts
     run_seconds = {t["run"]: t["model"].seconds + sum(e.seconds for e in t["evals"]) for t in trained}
-    record = {
-        "study": study_key, "parameters": params,
-        "cohort": {"manifest": str(cohort.p.relative_to(study)) if study in cohort.p.parents else str(cohort.p),
-                   "sha256": cohort.sha256, "n_real_train": len(real_train), "train_case_ids": real_train,
-                   "selected_manifest": str(selected.p.relative_to(study)) if study in selected.p.parents
-                   else str(selected.p),
-                   "n_test": len(test_ids)},
-        "hashes": {name: r.sha256 for name, r in stages.items()},
-        "checkpoint": {"path": str(checkpoint.p), "sha256": checkpoint.sha256} if pools else None,
-        "synthetic": {name: {"manifest": str(p.p.relative_to(study)), "sha256": p.sha256, "n": len(pool_ids[name]),
-                             "gate_failed": len(gate_failed[name]), "gate_failures": gate_failures}
-                      for name, p in pools.items()},
-        "runs": [{k: v for k, v in j.items() if k != "case_ids"} | {"n_cases": len(j["case_ids"])} for j in jobs],
-        "test_sets": [{"name": t["name"], "manifest": t["manifest"].path, "n": len(t["case_ids"])} for t in test_sets],
-        "wall_seconds": {**{name: r.seconds for name, r in stages.items()},
-                         "segmenters (train+predict+evaluate, sum over runs)": round(sum(run_seconds.values()), 3)},
-        "versions": package_versions(),
-    }
-    study_json = study / "study.json"
-    write_if_changed(study_json, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    record = StudyRecord(
+        study=study_key, parameters=params,
+        cohort=CohortRecord(manifest=str(cohort.p.relative_to(study)) if study in cohort.p.parents else str(cohort.p),
+                            sha256=cohort.sha256, n_real_train=len(real_train), train_case_ids=real_train,
+                            selected_manifest=str(selected.p.relative_to(study)) if study in selected.p.parents
+                            else str(selected.p),
+                            n_test=len(test_ids)),
+        hashes={name: r.sha256 for name, r in stages.items()},
+        checkpoint=CheckpointRecord(path=str(checkpoint.p), sha256=checkpoint.sha256) if pools else None,
+        synthetic={name: PoolRecord(manifest=str(p.p.relative_to(study)), sha256=p.sha256, n=len(pool_ids[name]),
+                                    gate_failed=len(gate_failed[name]), gate_failures=gate_failures)
+                   for name, p in pools.items()},
+        runs=[RunRecord(**{k: v for k, v in j.items() if k != "case_ids"}, n_cases=len(j["case_ids"])) for j in jobs],
+        test_sets=[TestSetRecord(name=t["name"], manifest=t["manifest"].path, n=len(t["case_ids"])) for t in test_sets],
+        wall_seconds={**{name: r.seconds for name, r in stages.items()},
+                      "segmenters (train+predict+evaluate, sum over runs)": round(sum(run_seconds.values()), 3)},
+        versions=package_versions(),
+    )
+    study_json = record.write(study)
     report = stages["report"] = fresh(tasks.build_report, study, str(study),
                                       [per_case, ref(study_json), *quality_inputs])
     registry.mark_used(study, [f"study-{name}-masks" for name in pools], study_key)

@@ -150,3 +150,28 @@ def test_report_cli_and_missing_results(study, tmp_path):
     out = build_report(tmp_path)
     md = (out / "report.md").read_text()
     assert "| 1:1 |" in md and "No synthetic cohort" in md and "results/memorisation.csv absent" in md
+
+
+def test_study_record_round_trip_and_bad_file(tmp_path):
+    """study.json is one typed record: what flows writes, eval and regenerate read back; a malformed file is
+    refused naming the file; rewriting an unchanged record leaves the file untouched."""
+    from cohort.errors import CohortError
+    from eval.records import CohortRecord, StudyRecord, TestSetRecord
+
+    assert StudyRecord.read(tmp_path) is None
+    rec = StudyRecord(study="augment-study:abc", parameters={"medddpm_on": "selected", "n_real": 2},
+                      cohort=CohortRecord(manifest="cohort/data_manifest.csv", train_case_ids=["a", "b"]),
+                      test_sets=[TestSetRecord(name="test", manifest="/x.csv", n=3)], checkpoint=None)
+    path = rec.write(tmp_path)
+    back = StudyRecord.read(tmp_path)
+    assert back == rec and back.generator_train_ids() == ["a", "b"]
+    assert back.resolve(tmp_path, back.cohort.manifest) == tmp_path / "cohort" / "data_manifest.csv"
+    assert json.loads(path.read_text())["checkpoint"] is None  # every field is written, even when empty
+    mtime = path.stat().st_mtime_ns
+    back.write(tmp_path)
+    assert path.stat().st_mtime_ns == mtime
+    every = StudyRecord(parameters={"medddpm_on": "all"}, cohort=CohortRecord(train_case_ids=["a"]))
+    assert every.generator_train_ids() is None  # Med-DDPM saw every real training case
+    path.write_text(json.dumps({"runs": [{"config": {}}]}))  # a run without its name
+    with pytest.raises(CohortError, match="study.json.*runs"):
+        StudyRecord.read(tmp_path)
