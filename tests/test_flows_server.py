@@ -110,9 +110,10 @@ def _external_cohort(root: Path) -> Path:
     return manifest
 
 
-def _tiny_params(study: Path, cohort: Path, **overrides) -> dict:
-    """The smallest study that exercises every stage (tiny profile, a few steps of each model)."""
-    return dict(out=str(study), cohort_manifest=str(cohort), profile="tiny", n_real=3, seeds=[0], sampler="ddim",
+def _tiny_params(study: Path, cohort: Path | None, **overrides) -> dict:
+    """The smallest study that exercises every stage (tiny profile, a few steps of each model). cohort None:
+    the embedded phantom cohort."""
+    return dict(out=str(study), cohort_manifest=str(cohort) if cohort else None, profile="tiny", n_real=3, seeds=[0], sampler="ddim",
                 sampling_steps=4, medddpm_config={"steps": 12, "checkpoint_every": 6, "progress": False},
                 segmenter_config={"epochs": 2, "iters_per_epoch": 2}, **overrides)
 
@@ -267,14 +268,15 @@ def test_regenerate_cohort_versions_and_retention(served):
     assert set(merged["cohort"]) == {"regen-v002", "study-real-masks", "study-edited-masks"}
 
 
-def test_deployment_after_a_cli_study_completes_from_the_cache(served, toy_cohort):
-    """Regression (issue 11): a study finished by `medddpm study` (the flow called directly, as `make study` does),
-    then `prefect deployment run 'augment-study/default'` on the same folder: the deployment completes from the
-    cache. It used to fail in the train-segmenters subflow ("manifest: Input should be a valid dictionary or
-    instance of FileRef"): the deployment loaded flows/study.py by file path, with a second FileRef class."""
+def test_deployment_after_a_cli_study_completes_from_the_cache(served):
+    """Regression (issue 11): a study finished by `medddpm study` (the flow called directly, as `make study` does:
+    embedded phantom cohort), then `prefect deployment run 'augment-study/default'` on the same folder: the
+    deployment completes from the cache. It used to fail in the train-segmenters subflow ("manifest: Input should
+    be a valid dictionary or instance of FileRef"): the deployment loaded flows/study.py by file path, which made
+    a second FileRef class, and the cached FileRefs written by the CLI run were not instances of it."""
     env, root = served["env"], served["root"]
     study = root / "cli-study"
-    params = _tiny_params(study, toy_cohort, mixes=["1:0", "0:1"], external_test_manifest=None)
+    params = _tiny_params(study, None, n_cases=6, mixes=["1:0", "0:1"], external_test_manifest=None)
     (root / "cli_params.json").write_text(json.dumps(params))
     medddpm = str(Path(sys.executable).parent / "medddpm")
     out = subprocess.run([medddpm, "study", "--out", str(study), "--params", str(root / "cli_params.json")], env=env,
