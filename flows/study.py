@@ -317,8 +317,9 @@ def augment_study(
                 preds[f"study-{name}-masks"] = fresh(
                     tasks.predict, study, judge["model"], pool, pool_ids[name],
                     str(study / "predictions" / f"{judge['run']}--synthetic-{name}-masks"))
-        quality = stages["synthesis-quality"] = fresh(tasks.evaluate_synthesis, study, str(study),
-                                                      list(pools.values()), preds,
+        generator_ids = real_train if medddpm_on == "selected" else None
+        quality = stages["synthesis-quality"] = fresh(tasks.evaluate_synthesis, study, str(study), cohort,
+                                                      generator_ids, list(pools.values()), preds,
                                                       judge["model"] if judge else None)
         quality_inputs.append(quality)
 

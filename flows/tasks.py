@@ -207,8 +207,8 @@ def evaluate(predictions: FileRef, manifest: FileRef, run: dict, out_csv: str) -
 
 @task(name="collect-results", **STUDY_TASK)
 def collect(study_dir: str, results: list[FileRef]) -> FileRef:
-    """STUDY/results/per_case.csv from every run's scores (eval.report.write_results checks the columns)."""
-    from eval.report import write_results
+    """STUDY/results/per_case.csv from every run's scores (eval.results.write_results checks the columns)."""
+    from eval.results import write_results
 
     with _Timer() as t:
         df = pd.concat([pd.read_csv(r.p) for r in results], ignore_index=True)
@@ -217,14 +217,15 @@ def collect(study_dir: str, results: list[FileRef]) -> FileRef:
 
 
 @task(name="evaluate-synthesis", **STUDY_TASK)
-def evaluate_synthesis(study_dir: str, pools: list[FileRef], predictions: dict[str, FileRef],
-                       judge: FileRef | None) -> FileRef:
-    """results/synthesis.csv and results/memorisation.csv (eval.report.evaluate_synthesis). ``predictions``: the
-    real-only segmenter's predictions on each synthetic pool (semantic consistency); ``judge``: its model folder,
-    whose encoder also gives the features of the Fréchet distance."""
+def evaluate_synthesis(study_dir: str, real: FileRef, train_ids: list[str] | None, pools: list[FileRef],
+                       predictions: dict[str, FileRef], judge: FileRef | None) -> FileRef:
+    """results/synthesis.csv and results/memorisation.csv (eval.results.evaluate_synthesis). ``real``: the real
+    cohort; ``train_ids``: the real cases Med-DDPM trained on (None: every real training case); ``pools`` only key
+    the cache. ``predictions``: the real-only segmenter's predictions on each synthetic pool (semantic
+    consistency); ``judge``: its model folder, whose encoder also gives the features of the Fréchet distance."""
     import functools
 
-    from eval.report import evaluate_synthesis as _evaluate
+    from eval.results import evaluate_synthesis as _evaluate
 
     with _Timer() as t:
         kw = {}
@@ -236,7 +237,8 @@ def evaluate_synthesis(study_dir: str, pools: list[FileRef], predictions: dict[s
                       feature_extractor=f"{type(model).__name__} bottleneck of the real-only segmenter "
                                         f"{judge.p.name} (trained in this study)",
                       segmenter=f"real-only segmenter {judge.p.name}")
-        written = _evaluate(study_dir, predictions={k: read_predictions(v) for k, v in predictions.items()}, **kw)
+        written = _evaluate(study_dir, real_manifest=real.p, train_ids=train_ids,
+                            predictions={k: read_predictions(v) for k, v in predictions.items()}, **kw)
     return ref(written["synthesis"], t.seconds)
 
 
