@@ -10,7 +10,7 @@ import os
 import pandas as pd
 import pytest
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, ConfigError
 from flows import registry
 from flows.mixes import Mix, SynthesisPlan, parse_mixes
 from flows.refs import FileRef, ref
@@ -40,7 +40,7 @@ def test_mix_counts_follow_the_ratio():
 
 @pytest.mark.parametrize("bad", ["1/2", "0:0", "1:1@gan", "", "a:b"])
 def test_bad_mixes_are_refused_with_a_clear_error(bad):
-    with pytest.raises(CohortError, match="mix"):
+    with pytest.raises(ConfigError, match="mix"):
         parse_mixes([bad])
 
 
@@ -48,7 +48,7 @@ def test_synthesis_plan_makes_exactly_what_the_largest_mix_needs():
     plan = SynthesisPlan.for_mixes(parse_mixes(["1:0", "0:1", "1:1", "1:2@edited", "1:1@edited"]), n_real=8)
     assert (plan.from_real_masks, plan.from_edited_masks, plan.edits_per_case) == (8, 16, 2)
     assert SynthesisPlan.for_mixes(parse_mixes(["1:0"]), 8) == SynthesisPlan(0, 0, 0)
-    with pytest.raises(CohortError, match="twice"):
+    with pytest.raises(ConfigError, match="twice"):
         parse_mixes(["1:1", "1:1@real"])
 
 
@@ -120,7 +120,7 @@ def test_registry_retention_prunes_oldest_unused_only(tmp_path, toy_cohort):
     mtime = merged.stat().st_mtime_ns
     registry.rebuild_manifest(study)
     assert merged.stat().st_mtime_ns == mtime  # unchanged content is not rewritten
-    with pytest.raises(CohortError, match="at least 1"):
+    with pytest.raises(ConfigError, match="at least 1"):
         registry.prune(study, keep=0)
 
 
