@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cohort.errors import CohortError, ConfigError
+from synth.defaults import SAMPLER, STEPS
 
 from .mixes import DEFAULT_MIXES, Mix, SynthesisPlan, parse_mixes
 from .refs import hash_json
@@ -44,8 +45,8 @@ class StudyParams:
     medddpm_checkpoint: str | None = None
     medddpm_config: dict = field(default_factory=dict)
     medddpm_on: str = "selected"
-    sampler: str = "ddim"
-    sampling_steps: int = 25
+    sampler: str = SAMPLER
+    sampling_steps: int = STEPS
     synth_seed: int = 0
     gate_failures: str = "fill"
     segmenter_config: dict = field(default_factory=dict)

@@ -30,6 +30,7 @@ from flows import registry, tasks
 from flows.mixes import DEFAULT_MIXES
 from flows.plan import StudyParams, StudyPlan, plan_study, pool_order
 from flows.refs import FileRef, ref
+from synth.defaults import SAMPLER, STEPS
 
 RESULTS_SUBDIR = Path(".prefect") / "results"
 TABLE_KEY = "dice-by-mix"
@@ -138,8 +139,8 @@ def augment_study(
     medddpm_checkpoint: str | None = None,
     medddpm_config: dict | None = None,
     medddpm_on: str = "selected",
-    sampler: str = "ddim",
-    sampling_steps: int = 25,
+    sampler: str = SAMPLER,
+    sampling_steps: int = STEPS,
     synth_seed: int = 0,
     gate_failures: str = "fill",
     segmenter_config: dict | None = None,
