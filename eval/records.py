@@ -106,7 +106,7 @@ class StudyRecord(_Record):
         """The fields present in the file (or set by the writer), as JSON values."""
         return self.model_dump(mode="json", exclude_unset=True)
 
-    def resolve(self, study_dir: str | Path, rel: str | None) -> Path | None:
+    def study_path(self, study_dir: str | Path, rel: str | None) -> Path | None:
         """A path recorded relative to the study folder (absolute ones unchanged)."""
         if not rel:
             return None

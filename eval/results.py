@@ -112,7 +112,7 @@ def real_manifest(study_dir: str | Path) -> Path:
     """The study's real cohort manifest: the one its record names, else STUDY/cohort/data_manifest.csv."""
     study = Path(study_dir)
     record = StudyRecord.read(study)
-    recorded = record.resolve(study, record.cohort.manifest) if record else None
+    recorded = record.study_path(study, record.cohort.manifest) if record else None
     cand = [recorded] if recorded else []
     cand.append(study / "cohort" / "data_manifest.csv")
     for c in cand:

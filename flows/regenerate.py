@@ -40,7 +40,7 @@ def default_masks(study: Path) -> Path:
     if edited.exists():
         return edited
     record = StudyRecord.read(study)
-    selected = record.resolve(study, record.cohort.selected_manifest) if record else None
+    selected = record.study_path(study, record.cohort.selected_manifest) if record else None
     if selected:
         return selected
     raise CohortError(study / STUDY_JSON, "no conditioning masks found in the study; pass masks=", kind="missing-file")

@@ -9,23 +9,9 @@ Stop this process before the server (a serve process whose server vanished ignor
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 DEFAULT_CRON = "0 3 * * *"
-
-
-def _params(path: str | None) -> dict:
-    if not path:
-        return {}
-    p = Path(path)
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        from cohort.errors import CohortError
-
-        raise CohortError(p, f"not a readable JSON parameter file ({e})", kind="unreadable") from e
 
 
 def build_deployments(study_params: dict | None = None, regen_params: dict | None = None,
@@ -64,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from prefect import serve
 
-    deployments = build_deployments(_params(args.study_params), _params(args.regen_params),
+    from .cli import read_params
+
+    deployments = build_deployments(read_params(args.study_params), read_params(args.regen_params),
                                     None if args.cron.lower() == "none" else args.cron)
     serve(*deployments, limit=args.limit)
     return 0

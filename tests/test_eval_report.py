@@ -170,7 +170,7 @@ def test_study_record_round_trip_and_bad_file(tmp_path):
     path = rec.write(tmp_path)
     back = StudyRecord.read(tmp_path)
     assert back == rec and back.generator_train_ids() == ["a", "b"]
-    assert back.resolve(tmp_path, back.cohort.manifest) == tmp_path / "cohort" / "data_manifest.csv"
+    assert back.study_path(tmp_path, back.cohort.manifest) == tmp_path / "cohort" / "data_manifest.csv"
     assert json.loads(path.read_text())["checkpoint"] is None  # every field is written, even when empty
     mtime = path.stat().st_mtime_ns
     back.write(tmp_path)
