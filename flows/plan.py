@@ -13,7 +13,7 @@ flows/study.py runs the plan as Prefect tasks (docs/flows.md).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from cohort.errors import CohortError, ConfigError
@@ -66,6 +66,11 @@ class StudyParams:
             raise ConfigError(f"n_real must be at least 1, got {self.n_real}")
         if not self.backends or not self.seeds:
             raise ConfigError("backends and seeds must each name at least one value")
+
+    @classmethod
+    def pick(cls, values: dict) -> "StudyParams":
+        """The study parameters among ``values`` (e.g. all of the flow's parameters)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -164,11 +164,9 @@ def augment_study(
     (default 2: one per core of our 2-core machines; each uses one torch thread at tiny/demo); dask_address /
     dask_workers: run them on Dask.
     """
+    params = StudyParams.pick(locals())  # first statement: locals() holds exactly the flow's parameters
     logger = get_run_logger()
     t_start = time.perf_counter()
-    params = StudyParams(cohort_manifest, profile, n_cases, cohort_seed, mixes, n_real, backends, seeds,
-                         external_test_manifest, medddpm_checkpoint, medddpm_config, medddpm_on, sampler,
-                         sampling_steps, synth_seed, gate_failures, segmenter_config)
     study = Path(out).resolve()
     study.mkdir(parents=True, exist_ok=True)
     stages: dict[str, FileRef] = {}  # every cached stage's output: its hash and wall time go to study.json

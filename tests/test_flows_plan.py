@@ -99,3 +99,14 @@ def test_study_key_and_record_parameters_are_the_flow_parameters():
 def test_planning_imports_no_prefect():
     code = "import sys, flows.plan; sys.exit(any(m.split('.')[0] == 'prefect' for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
+
+
+def test_params_picked_from_the_flow_signature_are_all_its_result_parameters():
+    """Every parameter of augment_study is a StudyParams field except where and how it runs."""
+    import inspect
+
+    from flows.study import augment_study
+
+    names = set(inspect.signature(augment_study.fn).parameters)
+    assert names - set(StudyParams().as_dict()) == {"out", "parallel", "dask_address", "dask_workers"}
+    assert StudyParams.pick({"n_real": 3, "out": "x", "parallel": 1}) == StudyParams(n_real=3)
