@@ -1,8 +1,9 @@
 """STUDY/study.json as one typed record: written by flows/ (augment-study), read by eval.report and
 flows.regenerate. It lives in eval/ because eval must not import flows (flows imports eval).
 
-Every field has a default, so a partial study.json (an older study, a hand-made one) still reads; unknown keys
-are kept (``extra="allow"``) and shown by the report.
+Every top-level field has a default, so a partial study.json (an older study, a hand-made one) still reads;
+an entry that is present must be complete (a run needs its name, a pool its manifest). Unknown keys are kept
+(``extra="allow"``) and shown by the report.
 """
 from __future__ import annotations
 
