@@ -238,3 +238,17 @@ def test_flow_loaded_by_entrypoint_accepts_cached_file_refs(entrypoint):
     cached = FileRef(path="/study/data_manifest.csv", sha256="0" * 64)
     params = subflow.validate_parameters({"study_dir": "/study", "manifest": cached, "jobs": [], "test_sets": []})
     assert params["manifest"] == cached
+
+
+@pytest.mark.parametrize("error, retried", [(ConfigError("mixes ['1:1'] given twice"), False),
+                                            (CohortError("x.nii.gz", "not a readable NIfTI image"), False),
+                                            (OSError("stale NFS handle"), True)])
+def test_only_transient_failures_are_retried(error, retried):
+    """The retry condition on a failed state: bad settings and bad input fail at once, I/O errors are retried."""
+    from flows.tasks import is_transient
+
+    class FailedState:
+        def result(self):
+            raise error
+
+    assert is_transient(None, None, FailedState()) is retried
