@@ -18,7 +18,7 @@ def register(subparsers) -> None:
                     "on real images), MMD, and nearest-neighbour memorisation against the real training images "
                     "with a copy threshold calibrated on real test images. Writes results/synthesis.csv and "
                     "results/memorisation.csv (semantic consistency and the Fréchet distance need a trained "
-                    "segmenter: use eval.report.evaluate_synthesis from Python).")
+                    "segmenter: use eval.results.evaluate_synthesis from Python).")
     q.add_argument("study_dir", metavar="STUDY_DIR", help="the study folder")
     q.add_argument("--max-pairs", type=int, default=100, help="MS-SSIM pairs per statistic (seeded sample)")
     q.add_argument("--rule", choices=("max", "p99"), default="max", help="copy-threshold rule (default max)")
@@ -36,9 +36,14 @@ def _report(args) -> int:
 
 
 def _synthesis_quality(args) -> int:
-    from .report import build_report, evaluate_synthesis
+    from .records import StudyRecord
+    from .report import build_report
+    from .results import evaluate_synthesis, real_manifest
 
-    written = evaluate_synthesis(args.study_dir, max_pairs=args.max_pairs, seed=args.seed, rule=args.rule)
+    record = StudyRecord.read(args.study_dir)
+    written = evaluate_synthesis(args.study_dir, real_manifest=real_manifest(args.study_dir),
+                                 train_ids=record.generator_train_ids() if record else None,
+                                 max_pairs=args.max_pairs, seed=args.seed, rule=args.rule)
     for name, path in written.items():
         print(f"{name}: {path}")
     if not args.no_report:

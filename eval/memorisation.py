@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from cohort.errors import ConfigError
+
 SIMILARITY = "pearson-in-brain"
 MEMORISATION_COLUMNS = ("synthetic_id", "kind", "case_id", "nn_case_id", "nn_similarity", "owner_case_id",
                         "owner_similarity", "mask_similarity", "threshold", "threshold_rule", "copy_nn", "copy_owner",
@@ -68,7 +70,7 @@ def copy_threshold(calibration_nn: Iterable[float], rule: str = "max") -> float:
         return float(v.max())
     if rule == "p99":
         return float(np.percentile(v, 99))
-    raise ValueError(f"unknown threshold rule {rule!r}; use 'max' or 'p99'")
+    raise ConfigError(f"unknown threshold rule {rule!r}; use 'max' or 'p99'")
 
 
 def owner_of(case_id: str, parents: dict[str, str], real_ids: set[str], max_depth: int = 5) -> str | None:

@@ -28,6 +28,19 @@ def _exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def read_params(path: str | None) -> dict:
+    """Flow parameters from a JSON file (``--params``, ``--study-params``); {} without one."""
+    if not path:
+        return {}
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        from cohort.errors import CohortError
+
+        raise CohortError(p, f"not a readable JSON parameter file ({e})", kind="unreadable") from e
+
+
 def _csv(text: str | None, cast=str):
     return None if text is None else [cast(t.strip()) for t in text.split(",") if t.strip()]
 
@@ -79,7 +92,7 @@ def register(subparsers) -> None:
 
 
 def _study(args) -> int:
-    params = json.loads(Path(args.params).read_text()) if args.params else {}
+    params = read_params(args.params)
     given = {k: getattr(args, k) for k in ("cohort_manifest", "profile", "n_cases", "n_real", "external_test_manifest",
                                            "medddpm_checkpoint", "sampler", "sampling_steps", "parallel",
                                            "dask_address", "dask_workers")}

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from cohort.errors import CohortError
+from cohort.errors import ConfigError
 
 MASK_SOURCES = ("real", "edited")
 DEFAULT_MIXES = ("1:0", "0:1", "1:1", "1:2@edited")
@@ -29,13 +29,12 @@ class Mix:
     def parse(cls, text: str) -> "Mix":
         m = _MIX_RE.match(str(text))
         if not m:
-            raise CohortError(None, f"mix {text!r} is not of the form 'R:S' or 'R:S@real|edited' (e.g. '1:2@edited')",
-                              kind="bad-config")
+            raise ConfigError(f"mix {text!r} is not of the form 'R:S' or 'R:S@real|edited' (e.g. '1:2@edited')")
         real, synth, masks = int(m.group(1)), int(m.group(2)), (m.group(3) or "real")
         if masks not in MASK_SOURCES:
-            raise CohortError(None, f"mix {text!r}: mask source {masks!r} not in {MASK_SOURCES}", kind="bad-config")
+            raise ConfigError(f"mix {text!r}: mask source {masks!r} not in {MASK_SOURCES}")
         if real == 0 and synth == 0:
-            raise CohortError(None, f"mix {text!r} has neither real nor synthetic cases", kind="bad-config")
+            raise ConfigError(f"mix {text!r} has neither real nor synthetic cases")
         return cls(real, synth, masks)
 
     @property
@@ -60,9 +59,9 @@ def parse_mixes(mixes) -> list[Mix]:
     labels = [m.label for m in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
-        raise CohortError(None, f"mixes {dup} given twice", kind="bad-config")
+        raise ConfigError(f"mixes {dup} given twice")
     if not out:
-        raise CohortError(None, "no mixes given", kind="bad-config")
+        raise ConfigError("no mixes given")
     return out
 
 

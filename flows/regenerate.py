@@ -7,32 +7,31 @@ cohorts. ``keep`` prunes the oldest regenerated cohorts beyond that number, neve
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from cohort.errors import CohortError
+from eval.records import STUDY_JSON, StudyRecord
 
-from . import registry, tasks
-from .refs import ref
-from .study import fresh
+from flows import registry, tasks  # absolute: see flows/study.py
+from flows.refs import ref
+from flows.study import fresh
 
 SEED_BASE = 10_000  # regenerated cohort vN samples with seed SEED_BASE + N (study pools use small seeds)
 
 
 def current_checkpoint(study: Path) -> Path:
     """The checkpoint the study's last finished augment-study used (study.json)."""
-    sj = study / "study.json"
-    if not sj.exists():
+    record, sj = StudyRecord.read(study), study / STUDY_JSON
+    if record is None:
         raise CohortError(sj, "no study.json: run augment-study in this folder first, or pass checkpoint=",
                           kind="missing-file")
-    ck = (json.loads(sj.read_text()).get("checkpoint") or {}).get("path")
-    if not ck:
+    if record.checkpoint is None:
         raise CohortError(sj, "the study trained no Med-DDPM checkpoint (no synthetic mix); pass checkpoint=",
                           kind="missing-file")
-    return Path(ck)
+    return Path(record.checkpoint.path)
 
 
 def default_masks(study: Path) -> Path:
@@ -40,12 +39,11 @@ def default_masks(study: Path) -> Path:
     edited = study / "masks" / "data_manifest.csv"
     if edited.exists():
         return edited
-    sj = study / "study.json"
-    if sj.exists():
-        sel = json.loads(sj.read_text()).get("cohort", {}).get("selected_manifest")
-        if sel:
-            return (study / sel) if not Path(sel).is_absolute() else Path(sel)
-    raise CohortError(sj, "no conditioning masks found in the study; pass masks=", kind="missing-file")
+    record = StudyRecord.read(study)
+    selected = record.study_path(study, record.cohort.selected_manifest) if record else None
+    if selected:
+        return selected
+    raise CohortError(study / STUDY_JSON, "no conditioning masks found in the study; pass masks=", kind="missing-file")
 
 
 @flow(name="regenerate-cohort", log_prints=True)

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, ConfigError
 from cohort.fsutil import atomic_write_text
 
 REGISTRY = Path("synthetic") / "registry.json"
@@ -94,7 +94,7 @@ def prune(study_dir: str | Path, keep: int | None, kind: str = "regenerated") ->
     if keep is None:
         return []
     if keep < 1:
-        raise CohortError(None, f"retention must keep at least 1 cohort, got {keep}", kind="bad-config")
+        raise ConfigError(f"retention must keep at least 1 cohort, got {keep}")
     study_dir = Path(study_dir).resolve()
     pruned = []
     with locked_registry(study_dir) as reg:

@@ -9,38 +9,30 @@ Stop this process before the server (a serve process whose server vanished ignor
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 DEFAULT_CRON = "0 3 * * *"
-
-
-def _params(path: str | None) -> dict:
-    if not path:
-        return {}
-    p = Path(path)
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        from cohort.errors import CohortError
-
-        raise CohortError(p, f"not a readable JSON parameter file ({e})", kind="unreadable") from e
 
 
 def build_deployments(study_params: dict | None = None, regen_params: dict | None = None,
                       cron: str | None = DEFAULT_CRON, timezone: str = "UTC") -> list:
     """The deployments served by this module (also handy for `prefect deploy`-style reuse)."""
     from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
 
     from .regenerate import regenerate_cohort
     from .study import augment_study
 
+    # Module-path entry points ("flows.study.augment_study"): a flow run imports the flow under its package name.
+    # A file-path entry point ("flows/study.py:augment_study") makes Prefect load the file as a top-level module
+    # "study" whose relative imports create a second flows.refs ("study.refs"), so a FileRef unpickled from a
+    # cache record written by `medddpm study` (class flows.refs.FileRef) failed the subflow's parameter check.
+    by_module = EntrypointType.MODULE_PATH
     return [
-        augment_study.to_deployment(name="default", parameters=study_params or {},
+        augment_study.to_deployment(name="default", parameters=study_params or {}, entrypoint_type=by_module,
                                     description="The augment study (docs/flows.md); override any parameter per run.",
                                     tags=["medddpm"]),
-        regenerate_cohort.to_deployment(name="nightly", parameters=regen_params or {},
+        regenerate_cohort.to_deployment(name="nightly", parameters=regen_params or {}, entrypoint_type=by_module,
                                         schedules=[Cron(cron, timezone=timezone)] if cron else [],
                                         description="A fresh versioned synthetic cohort from the current checkpoint.",
                                         tags=["medddpm"]),
@@ -58,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from prefect import serve
 
-    deployments = build_deployments(_params(args.study_params), _params(args.regen_params),
+    from .cli import read_params
+
+    deployments = build_deployments(read_params(args.study_params), read_params(args.regen_params),
                                     None if args.cron.lower() == "none" else args.cron)
     serve(*deployments, limit=args.limit)
     return 0

@@ -6,14 +6,14 @@ mixes need, trains one segmenter per (mix, back end, seed), evaluates all of the
 report (eval.report) and publishes two artifacts: the table ``dice-by-mix`` and the markdown
 ``augment-study-report``. Layout of STUDY: docs/architecture.md; flow details: docs/flows.md.
 
-Every step is a cached task (flows/tasks.py) whose results persist under STUDY/.prefect/results: rerunning a
-finished study executes no task, and a crashed study resumes at the first task that had not finished.
+The flow reads as its stages: real cohort -> plan (flows.plan.plan_study: selected cases, test sets, pools,
+runs, judge; pure) -> generator -> synthetic pools -> segmenters -> evaluation -> study.json and report. Every
+step is a cached task (flows/tasks.py) whose results persist under STUDY/.prefect/results: rerunning a finished
+study executes no task, and a crashed study resumes at the first task that had not finished.
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -21,17 +21,20 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_write_text
+from cohort.provenance import package_versions
+from eval.records import CheckpointRecord, CohortRecord, PoolRecord, RunRecord, StudyRecord, TestSetRecord
 
-from . import registry, tasks
-from .mixes import DEFAULT_MIXES, SynthesisPlan, parse_mixes
-from .refs import FileRef, hash_json, ref
+# absolute imports: however Prefect loads this file (module path or file path), FileRef and the tasks are the
+# classes of the flows package, so cached results of any run validate as parameters of any other run
+from flows import registry, tasks
+from flows.mixes import DEFAULT_MIXES
+from flows.plan import StudyParams, StudyPlan, plan_study, pool_order
+from flows.refs import FileRef, ref
+from synth.defaults import SAMPLER, STEPS
 
 RESULTS_SUBDIR = Path(".prefect") / "results"
 TABLE_KEY = "dice-by-mix"
 REPORT_KEY = "augment-study-report"
-SEGMENTER_PROFILE = {"tiny": "tiny", "demo": "demo"}  # any other cohort profile trains the "paper" budget
 
 
 def storage_for(study_dir: Path) -> Path:
@@ -51,45 +54,6 @@ def fresh(task, study_dir: Path, *args, **kwargs) -> FileRef:
         get_run_logger().warning(f"{task.name}: cached result {out.path} is missing or changed; recomputing")
         out = t.with_options(refresh_cache=True)(*args, **kwargs)
     return out
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("medddpm-augment", "torch", "monai", "nnunetv2", "prefect", "prefect-dask", "numpy", "pandas",
-                "nibabel", "SimpleITK", "scipy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def case_ids(manifest: FileRef, *, source: str | None = None, split: str | None = None) -> list[str]:
-    from cohort.manifest import load_manifest, select
-
-    return sorted(select(load_manifest(manifest.p), source=source, split=split)["case_id"].astype(str).tolist())
-
-
-def pool_order(pool: FileRef, gate_failures: str) -> tuple[list[str], set[str]]:
-    """(synthetic case ids in the order mixes take them, ids that failed synth's quality gate).
-
-    exclude: gate failures left out; keep: synthesis order; fill: cases that passed first, failures only after
-    them (used only by a mix that needs more cases than passed)."""
-    from cohort.manifest import load_manifest, select
-
-    df = select(load_manifest(pool.p), source="synthetic")
-    failed = df["quality_gate"].fillna("pass") == "fail" if "quality_gate" in df.columns else df["case_id"].isna()
-    ids, bad = df["case_id"].astype(str), set(df["case_id"][failed].astype(str))
-    if gate_failures == "keep":
-        return ids.tolist(), bad
-    passing = ids[~failed.to_numpy()].tolist()
-    return (passing if gate_failures == "exclude" else passing + ids[failed.to_numpy()].tolist()), bad
-
-
-def write_if_changed(path: Path, text: str) -> None:
-    """Rewrite only on change, so an unchanged study keeps its hash and the report task stays cached."""
-    if not path.exists() or path.read_text() != text:
-        atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,6 +123,7 @@ def segmenter_task_runner(dask_address: str | None, dask_workers: int, parallel:
 
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @flow(name="augment-study", log_prints=True)
 def augment_study(
     out: str = "runs/default-study",
@@ -174,8 +139,8 @@ def augment_study(
     medddpm_checkpoint: str | None = None,
     medddpm_config: dict | None = None,
     medddpm_on: str = "selected",
-    sampler: str = "ddim",
-    sampling_steps: int = 25,
+    sampler: str = SAMPLER,
+    sampling_steps: int = STEPS,
     synth_seed: int = 0,
     gate_failures: str = "fill",
     segmenter_config: dict | None = None,
@@ -199,163 +164,145 @@ def augment_study(
     (default 2: one per core of our 2-core machines; each uses one torch thread at tiny/demo); dask_address /
     dask_workers: run them on Dask.
     """
+    params = StudyParams.pick(locals())  # first statement: locals() holds exactly the flow's parameters
     logger = get_run_logger()
     t_start = time.perf_counter()
     study = Path(out).resolve()
     study.mkdir(parents=True, exist_ok=True)
-    mix_list = parse_mixes(mixes)
-    if gate_failures not in ("fill", "exclude", "keep"):
-        raise CohortError(None, f"gate_failures must be 'fill', 'exclude' or 'keep', not {gate_failures!r}",
-                          kind="bad-config")
-    if medddpm_on not in ("selected", "all"):
-        raise CohortError(None, f"medddpm_on must be 'selected' or 'all', not {medddpm_on!r}", kind="bad-config")
-    params = dict(cohort_manifest=cohort_manifest, profile=profile, n_cases=n_cases, cohort_seed=cohort_seed,
-                  mixes=[m.label for m in mix_list], n_real=n_real, backends=list(backends), seeds=list(seeds),
-                  external_test_manifest=external_test_manifest, medddpm_checkpoint=medddpm_checkpoint,
-                  medddpm_config=medddpm_config or {}, medddpm_on=medddpm_on, sampler=sampler,
-                  sampling_steps=sampling_steps, synth_seed=synth_seed, gate_failures=gate_failures,
-                  segmenter_config=segmenter_config or {})
-    study_key = "augment-study:" + hash_json(params)[:12]
-    stages: dict[str, FileRef] = {}
+    stages: dict[str, FileRef] = {}  # every cached stage's output: its hash and wall time go to study.json
 
-    # 1. the real cohort, inside the study folder
-    if cohort_manifest is None:
-        cohort = stages["cohort"] = fresh(tasks.build_phantom, study, str(study / "cohort"), n_cases, cohort_seed,
-                                          profile)
-    else:
-        src = ref(cohort_manifest)
-        if study in src.p.parents:
-            cohort = src
-        else:
-            cohort = stages["cohort"] = fresh(tasks.stage_cohort, study, src, str(study / "cohort"))
-    selected = stages["select"] = fresh(tasks.select_training_cases, study, cohort, n_real, cohort_seed)
-    real_train = case_ids(selected)
-    test_ids = case_ids(cohort, source="real", split="test")
-    if not test_ids:
-        raise CohortError(cohort.p, "the cohort has no real test cases (split=test)", kind="bad-selection")
-
-    # 2. Med-DDPM and exactly the synthetic cases the mixes need
-    plan = SynthesisPlan.for_mixes(mix_list, n_real)
-    pools: dict[str, FileRef] = {}
-    if plan.from_real_masks or plan.from_edited_masks:
-        if medddpm_checkpoint:
-            checkpoint = ref(medddpm_checkpoint)
-        else:
-            train_on = selected if medddpm_on == "selected" else cohort
-            checkpoint = stages["medddpm"] = fresh(tasks.train_medddpm, study, train_on, profile,
-                                                   str(study / "medddpm"), medddpm_config or {})
-        if plan.from_real_masks:
-            pools["real"] = stages["synthesize-real-masks"] = fresh(
-                tasks.synthesize, study, checkpoint, selected, str(study / "synthetic" / "study-real-masks"),
-                plan.from_real_masks, sampler, sampling_steps, synth_seed, "study-real-masks")
-        if plan.from_edited_masks:
-            masks = stages["edit-masks"] = fresh(tasks.edit_masks, study, selected, str(study / "masks"),
-                                                 plan.edits_per_case, synth_seed)
-            pools["edited"] = stages["synthesize-edited-masks"] = fresh(
-                tasks.synthesize, study, checkpoint, masks, str(study / "synthetic" / "study-edited-masks"),
-                plan.from_edited_masks, sampler, sampling_steps, synth_seed + 1, "study-edited-masks")
-        for name, pool in pools.items():
-            registry.register(study, f"study-{name}-masks", pool.p, pool.sha256, kind="study-pool",
-                              checkpoint_sha256=checkpoint.sha256, sampler=sampler, steps=sampling_steps)
+    cohort = real_cohort(study, params, stages)
+    plan = plan_study(params, cohort.p, study)
+    selected = stages["select"] = fresh(tasks.select_training_cases, study, cohort, params.n_real, params.cohort_seed)
+    checkpoint = generator(study, plan, cohort, selected, stages)
+    pools = synthetic_pools(study, plan, checkpoint, selected, stages)
     manifest = stages["merge"] = fresh(tasks.merge, study, [cohort, *pools.values()], str(study / "data_manifest.csv"))
-    ordered = {name: pool_order(pool, gate_failures) for name, pool in pools.items()}
-    pool_ids = {name: ids for name, (ids, _) in ordered.items()}
-    gate_failed = {name: bad for name, (_, bad) in ordered.items()}
+    ordered = {name: pool_order(pool.p, params.gate_failures) for name, pool in pools.items()}
+    jobs = plan.jobs(ordered)
+    for job in (j for j in jobs if j["gate_failed_cases"]):
+        logger.warning(f"mix {job['columns']['mix']}: {job['gate_failed_cases']} of {job['columns']['n_synth']} "
+                       f"synthetic cases failed synth's quality gate (gate_failures={params.gate_failures!r})")
+    test_sets = [{"name": t.name, "manifest": ref(t.manifest) if t.manifest else manifest, "case_ids": t.case_ids}
+                 for t in plan.test_sets]
+    trained, segment_seconds = segmenters(study, manifest, jobs, test_sets,
+                                          segmenter_task_runner(dask_address, dask_workers, parallel))
+    per_case = stages["collect"] = fresh(tasks.collect, study, str(study), [e for t in trained for e in t["evals"]])
+    quality = synthesis_quality(study, plan, cohort, pools, ordered, trained, stages)
 
-    # 3. one segmenter per (mix, back end, seed), all evaluated on the same real test cases
-    seg_profile = SEGMENTER_PROFILE.get(profile, "paper")
-    # a non-default segmenter config gets its own run folders, so changing it on a finished study trains new
-    # segmenters beside the old ones instead of colliding with them (segment refuses a model_dir of another config)
-    variant = f"-cfg{hash_json(segmenter_config)[:6]}" if segmenter_config else ""
-    jobs = []
-    for mix in mix_list:
-        n_r, n_s = mix.counts(n_real)
-        synth_ids = pool_ids.get(mix.masks, [])[:n_s]
-        n_failed = len(set(synth_ids) & gate_failed.get(mix.masks, set()))
-        if n_failed:
-            logger.warning(f"mix {mix.label}: {n_failed} of {n_s} synthetic cases failed synth's quality gate "
-                           f"(gate_failures={gate_failures!r})")
-        if len(synth_ids) < n_s:
-            raise CohortError(pools[mix.masks].p, f"mix {mix.label} needs {n_s} synthetic cases but only "
-                                                  f"{len(synth_ids)} passed the quality gate (quality_report.csv); "
-                                                  f"train Med-DDPM longer or set gate_failures='keep'",
-                              kind="quality-gate")
-        for backend in backends:
-            for seed in seeds:
-                run = f"{mix.slug}-{backend}-s{seed}{variant}"
-                config = {"profile": seg_profile, **(segmenter_config or {}), "backend": backend, "seed": int(seed)}
-                jobs.append({"run": run, "case_ids": real_train[:n_r] + synth_ids, "config": config,
-                             "model_dir": str(study / "segmenters" / run),
-                             "gate_failed_cases": n_failed,
-                             "columns": {"run": run, "mix": mix.label, "n_real": n_r, "n_synth": n_s,
-                                         "backend": backend, "seed": int(seed)}})
-    test_sets = [{"name": "test", "manifest": manifest, "case_ids": test_ids}]
-    if external_test_manifest:
-        ext = ref(external_test_manifest)
-        ext_ids = case_ids(ext, source="real")
-        from cohort.manifest import load_manifest
-
-        name = str(load_manifest(ext.p)["cohort"].dropna().iloc[0]) if ext_ids else "external"
-        test_sets.append({"name": name if name != "test" else "external", "manifest": ext, "case_ids": ext_ids})
-    runner = segmenter_task_runner(dask_address, dask_workers, parallel)
-    t0 = time.perf_counter()
-    trained = train_segmenters.with_options(task_runner=runner)(str(study), manifest, jobs, test_sets)
-    if not all(r.is_intact() for t in trained for r in (t["model"], *t["evals"])):
-        # a cache hit whose files were deleted or changed: redo that fan-out without the cache
-        logger.warning("cached segmenter results changed on disk; recomputing them")
-        trained = train_segmenters.with_options(task_runner=runner)(str(study), manifest, jobs, test_sets,
-                                                                    refresh=True)
-    segment_seconds = time.perf_counter() - t0
-    run_csvs = [e for t in trained for e in t["evals"]]
-    per_case = stages["collect"] = fresh(tasks.collect, study, str(study), run_csvs)
-
-    # synthesis quality and memorisation (eval), with the first real-only MONAI segmenter as the judge
-    quality_inputs = []
-    judge = next((t for t, j in zip(trained, jobs) if j["columns"]["n_synth"] == 0
-                  and j["config"]["backend"] == "monai"), None)
-    if pools:
-        preds = {}
-        if judge is not None:
-            for name, pool in pools.items():
-                preds[f"study-{name}-masks"] = fresh(
-                    tasks.predict, study, judge["model"], pool, pool_ids[name],
-                    str(study / "predictions" / f"{judge['run']}--synthetic-{name}-masks"))
-        quality = stages["synthesis-quality"] = fresh(tasks.evaluate_synthesis, study, str(study),
-                                                      list(pools.values()), preds,
-                                                      judge["model"] if judge else None)
-        quality_inputs.append(quality)
-
-    # 4. study.json (stable across reruns: times are those of the task runs that did the work), report, artifacts
-    run_seconds = {t["run"]: t["model"].seconds + sum(e.seconds for e in t["evals"]) for t in trained}
-    record = {
-        "study": study_key, "parameters": params,
-        "cohort": {"manifest": str(cohort.p.relative_to(study)) if study in cohort.p.parents else str(cohort.p),
-                   "sha256": cohort.sha256, "n_real_train": len(real_train), "train_case_ids": real_train,
-                   "selected_manifest": str(selected.p.relative_to(study)) if study in selected.p.parents
-                   else str(selected.p),
-                   "n_test": len(test_ids)},
-        "hashes": {name: r.sha256 for name, r in stages.items()},
-        "checkpoint": {"path": str(checkpoint.p), "sha256": checkpoint.sha256} if pools else None,
-        "synthetic": {name: {"manifest": str(p.p.relative_to(study)), "sha256": p.sha256, "n": len(pool_ids[name]),
-                             "gate_failed": len(gate_failed[name]), "gate_failures": gate_failures}
-                      for name, p in pools.items()},
-        "runs": [{k: v for k, v in j.items() if k != "case_ids"} | {"n_cases": len(j["case_ids"])} for j in jobs],
-        "test_sets": [{"name": t["name"], "manifest": t["manifest"].path, "n": len(t["case_ids"])} for t in test_sets],
-        "wall_seconds": {**{name: r.seconds for name, r in stages.items()},
-                         "segmenters (train+predict+evaluate, sum over runs)": round(sum(run_seconds.values()), 3)},
-        "versions": package_versions(),
-    }
-    study_json = study / "study.json"
-    write_if_changed(study_json, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    record = study_record(study, plan, cohort, selected, checkpoint, pools, ordered, jobs, test_sets, trained, stages)
     report = stages["report"] = fresh(tasks.build_report, study, str(study),
-                                      [per_case, ref(study_json), *quality_inputs])
-    registry.mark_used(study, [f"study-{name}-masks" for name in pools], study_key)
+                                      [per_case, ref(record.write(study)), *quality])
+    registry.mark_used(study, [p.cohort_id for p in plan.pools], params.study_key)
     registry.rebuild_manifest(study) if pools else None
-
     publish_artifacts(per_case.p, report.p)
     logger.info(f"study finished in {time.perf_counter() - t_start:.1f} s (segmenter stage {segment_seconds:.1f} s); "
                 f"report: {report.p}")
-    return {"study_dir": str(study), "per_case": per_case.path, "report": report.path, "study_key": study_key}
+    return {"study_dir": str(study), "per_case": per_case.path, "report": report.path, "study_key": params.study_key}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stages of augment-study (each runs cached tasks; what they make was decided by the plan)
+
+def real_cohort(study: Path, params: StudyParams, stages: dict[str, FileRef]) -> FileRef:
+    """The real cohort, inside the study folder: the embedded phantom built there, or the user's staged there."""
+    if params.cohort_manifest is None:
+        stages["cohort"] = fresh(tasks.build_phantom, study, str(study / "cohort"), params.n_cases,
+                                 params.cohort_seed, params.profile)
+        return stages["cohort"]
+    src = ref(params.cohort_manifest)
+    if study in src.p.parents:
+        return src
+    stages["cohort"] = fresh(tasks.stage_cohort, study, src, str(study / "cohort"))
+    return stages["cohort"]
+
+
+def generator(study: Path, plan: StudyPlan, cohort: FileRef, selected: FileRef,
+              stages: dict[str, FileRef]) -> FileRef | None:
+    """The Med-DDPM checkpoint (given, or trained on the selected cases or the whole cohort); None if no mix needs
+    synthetic cases."""
+    params = plan.params
+    if not plan.needs_generator:
+        return None
+    if params.medddpm_checkpoint:
+        return ref(params.medddpm_checkpoint)
+    train_on = selected if plan.generator_train_ids is not None else cohort
+    stages["medddpm"] = fresh(tasks.train_medddpm, study, train_on, params.profile, str(study / "medddpm"),
+                              params.medddpm_config)
+    return stages["medddpm"]
+
+
+def synthetic_pools(study: Path, plan: StudyPlan, checkpoint: FileRef | None, selected: FileRef,
+                    stages: dict[str, FileRef]) -> dict[str, FileRef]:
+    """The planned pools, synthesised and registered: {"real": ..., "edited": ...} (those the mixes need)."""
+    params, pools = plan.params, {}
+    for pool in plan.pools:
+        if pool.name == "edited":
+            masks = stages["edit-masks"] = fresh(tasks.edit_masks, study, selected, str(study / "masks"),
+                                                 plan.synthesis.edits_per_case, params.synth_seed)
+        else:
+            masks = selected
+        pools[pool.name] = stages[f"synthesize-{pool.name}-masks"] = fresh(
+            tasks.synthesize, study, checkpoint, masks, pool.out_dir, pool.count, params.sampler,
+            params.sampling_steps, pool.seed, pool.cohort_id)
+    for pool in plan.pools:
+        registry.register(study, pool.cohort_id, pools[pool.name].p, pools[pool.name].sha256, kind="study-pool",
+                          checkpoint_sha256=checkpoint.sha256, sampler=params.sampler, steps=params.sampling_steps)
+    return pools
+
+
+def segmenters(study: Path, manifest: FileRef, jobs: list[dict], test_sets: list[dict],
+               runner) -> tuple[list[dict], float]:
+    """The train-segmenters subflow on ``runner``; rerun without the cache if a cached result changed on disk.
+    Returns its result and the stage's wall seconds."""
+    t0 = time.perf_counter()
+    fan_out = train_segmenters.with_options(task_runner=runner)
+    trained = fan_out(str(study), manifest, jobs, test_sets)
+    if not all(r.is_intact() for t in trained for r in (t["model"], *t["evals"])):
+        get_run_logger().warning("cached segmenter results changed on disk; recomputing them")
+        trained = fan_out(str(study), manifest, jobs, test_sets, refresh=True)
+    return trained, time.perf_counter() - t0
+
+
+def synthesis_quality(study: Path, plan: StudyPlan, cohort: FileRef, pools: dict[str, FileRef],
+                      ordered: dict[str, tuple[list[str], set[str]]], trained: list[dict],
+                      stages: dict[str, FileRef]) -> list[FileRef]:
+    """results/synthesis.csv and memorisation.csv (eval), the plan's judge segmenter predicting every pool;
+    [] if the study made no synthetic data."""
+    if not pools:
+        return []
+    judge = next((t for t in trained if t["run"] == plan.judge), None)
+    preds = {}
+    if judge is not None:
+        for name, pool in pools.items():
+            preds[f"study-{name}-masks"] = fresh(tasks.predict, study, judge["model"], pool, ordered[name][0],
+                                                 str(study / "predictions" / f"{judge['run']}--synthetic-{name}-masks"))
+    stages["synthesis-quality"] = fresh(tasks.evaluate_synthesis, study, str(study), cohort, plan.generator_train_ids,
+                                        list(pools.values()), preds, judge["model"] if judge else None)
+    return [stages["synthesis-quality"]]
+
+
+def study_record(study: Path, plan: StudyPlan, cohort: FileRef, selected: FileRef, checkpoint: FileRef | None,
+                 pools: dict[str, FileRef], ordered: dict[str, tuple[list[str], set[str]]], jobs: list[dict],
+                 test_sets: list[dict], trained: list[dict], stages: dict[str, FileRef]) -> StudyRecord:
+    """study.json's content. Stable across reruns: the times are those of the task runs that did the work."""
+    in_study = lambda r: str(r.p.relative_to(study)) if study in r.p.parents else str(r.p)  # noqa: E731
+    run_seconds = {t["run"]: t["model"].seconds + sum(e.seconds for e in t["evals"]) for t in trained}
+    return StudyRecord(
+        study=plan.params.study_key, parameters=plan.params.as_dict(),
+        cohort=CohortRecord(manifest=in_study(cohort), sha256=cohort.sha256, n_real_train=len(plan.train_ids),
+                            train_case_ids=plan.train_ids, selected_manifest=in_study(selected),
+                            n_test=len(plan.test_ids)),
+        hashes={name: r.sha256 for name, r in stages.items()},
+        checkpoint=CheckpointRecord(path=str(checkpoint.p), sha256=checkpoint.sha256) if pools else None,
+        synthetic={name: PoolRecord(manifest=str(p.p.relative_to(study)), sha256=p.sha256, n=len(ordered[name][0]),
+                                    gate_failed=len(ordered[name][1]), gate_failures=plan.params.gate_failures)
+                   for name, p in pools.items()},
+        runs=[RunRecord(**{k: v for k, v in j.items() if k != "case_ids"}, n_cases=len(j["case_ids"])) for j in jobs],
+        test_sets=[TestSetRecord(name=t["name"], manifest=t["manifest"].path, n=len(t["case_ids"])) for t in test_sets],
+        wall_seconds={**{name: r.seconds for name, r in stages.items()},
+                      "segmenters (train+predict+evaluate, sum over runs)": round(sum(run_seconds.values()), 3)},
+        versions=package_versions(),
+    )
 
 
 def dice_by_mix(per_case_csv: Path):

@@ -1,15 +1,16 @@
 """Thin Prefect tasks around the libraries. Each takes and returns paths plus content hashes (FileRef) and
 plain parameters, so Prefect's INPUTS cache policy keys every result on the content it was computed from.
 
-The science lives in cohort/, synth/, segment/ and eval/; a task only calls one library function, times it and
-hashes what it wrote. The libraries are resumable themselves, so a task that crashed and is retried (or rerun
-by a later flow run) continues where the library stopped.
+The science lives in cohort/, synth/, segment/ and eval/; a task calls one library function, times it and
+hashes what it wrote. Three also write a small file so that their result is one hashable file: predict (an
+index predictions.json), evaluate (the run's scores with the run's columns in front) and collect (per_case.csv
+from the runs' scores). The libraries resume their own partial work (Med-DDPM and segmenters from their last
+checkpoint, synthesis, mask editing and the phantom from the cases already written), so a task that crashed
+and is retried, or rerun by a later flow run, continues where the library stopped.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from cohort.errors import CohortError
+from cohort.errors import MedDDPMError
 from cohort.fsutil import atomic_write_text
 
 from .refs import FileRef, ref
@@ -28,10 +29,11 @@ CACHE_POLICY = INPUTS + TASK_SOURCE
 
 
 def is_transient(task, task_run, state) -> bool:
-    """Retry only failures that a second attempt can fix (I/O, a killed worker), never bad input or bugs."""
+    """Retry only failures that a second attempt can fix (I/O, a killed worker), never bad input (CohortError),
+    bad settings (ConfigError) or bugs."""
     try:
         state.result()
-    except (CohortError, ValueError, TypeError, KeyError, AttributeError, ImportError, NotImplementedError):
+    except (MedDDPMError, ValueError, TypeError, KeyError, AttributeError, ImportError, NotImplementedError):
         return False
     except Exception:
         return True
@@ -65,54 +67,21 @@ def build_phantom(out_dir: str, n_cases: int, seed: int, profile: str) -> FileRe
 
 @task(name="stage-cohort", **STUDY_TASK)
 def stage_cohort(manifest: FileRef, out_dir: str) -> FileRef:
-    """Bring a user's cohort inside the study folder (hard links where the file system allows, else copies), so
-    that one study manifest can hold real and synthetic rows (manifest paths may not leave their data root)."""
-    from cohort.manifest import check_rows, load_manifest, resolve, row_files, write_manifest
+    """A user's cohort inside the study folder (cohort.staging: hard links, else copies)."""
+    from cohort.staging import stage_cohort as _stage
 
     with _Timer() as t:
-        src = manifest.p
-        df = load_manifest(src)
-        check_rows(df, src)
-        out = Path(out_dir)
-        for _, row in df.iterrows():
-            for rel in row_files(row).values():
-                s, d = resolve(src, rel), (out / rel).resolve()
-                if out.resolve() not in d.parents:
-                    raise CohortError(src, f"path {rel!r} would leave the staged cohort folder", kind="path-escape")
-                if d.exists() and d.stat().st_size == s.stat().st_size:
-                    continue
-                d.parent.mkdir(parents=True, exist_ok=True)
-                tmp = d.with_name(f".{d.name}.stage.tmp")
-                tmp.unlink(missing_ok=True)
-                try:
-                    os.link(s, tmp)
-                except OSError:
-                    shutil.copy2(s, tmp)
-                os.replace(tmp, d)
-        target = out / "data_manifest.csv"
-        write_manifest(df, target)
+        target = _stage(manifest.p, out_dir)
     return ref(target, t.seconds)
 
 
 @task(name="select-training-cases", **STUDY_TASK)
 def select_training_cases(manifest: FileRef, n_real: int, seed: int) -> FileRef:
-    """The data-scarce regime: n_real real training cases drawn with ``seed``, written as a manifest beside the
-    cohort's own (same data root, so its relative paths stay valid). Every mix uses these same cases."""
-    import numpy as np
-
-    from cohort.manifest import load_manifest, select, write_manifest
+    """The n_real real training cases every mix uses (cohort.selection), as a manifest beside the cohort's."""
+    from cohort.selection import write_training_selection
 
     with _Timer() as t:
-        df = load_manifest(manifest.p)
-        train = select(df, source="real", split="train").sort_values("case_id")
-        if n_real > len(train):
-            raise CohortError(manifest.p, f"n_real={n_real} but the cohort has only {len(train)} real training "
-                                          f"cases", kind="bad-selection")
-        if n_real < 1:
-            raise CohortError(manifest.p, "n_real must be at least 1", kind="bad-selection")
-        pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:n_real])
-        out = manifest.p.parent / f"train_n{n_real}_seed{seed}.csv"
-        write_manifest(train.iloc[pick], out)
+        out = write_training_selection(manifest.p, n_real, seed)
     return ref(out, t.seconds)
 
 
@@ -207,8 +176,8 @@ def evaluate(predictions: FileRef, manifest: FileRef, run: dict, out_csv: str) -
 
 @task(name="collect-results", **STUDY_TASK)
 def collect(study_dir: str, results: list[FileRef]) -> FileRef:
-    """STUDY/results/per_case.csv from every run's scores (eval.report.write_results checks the columns)."""
-    from eval.report import write_results
+    """STUDY/results/per_case.csv from every run's scores (eval.results.write_results checks the columns)."""
+    from eval.results import write_results
 
     with _Timer() as t:
         df = pd.concat([pd.read_csv(r.p) for r in results], ignore_index=True)
@@ -217,14 +186,15 @@ def collect(study_dir: str, results: list[FileRef]) -> FileRef:
 
 
 @task(name="evaluate-synthesis", **STUDY_TASK)
-def evaluate_synthesis(study_dir: str, pools: list[FileRef], predictions: dict[str, FileRef],
-                       judge: FileRef | None) -> FileRef:
-    """results/synthesis.csv and results/memorisation.csv (eval.report.evaluate_synthesis). ``predictions``: the
-    real-only segmenter's predictions on each synthetic pool (semantic consistency); ``judge``: its model folder,
-    whose encoder also gives the features of the Fréchet distance."""
+def evaluate_synthesis(study_dir: str, real: FileRef, train_ids: list[str] | None, pools: list[FileRef],
+                       predictions: dict[str, FileRef], judge: FileRef | None) -> FileRef:
+    """results/synthesis.csv and results/memorisation.csv (eval.results.evaluate_synthesis). ``real``: the real
+    cohort; ``train_ids``: the real cases Med-DDPM trained on (None: every real training case); ``pools`` only key
+    the cache. ``predictions``: the real-only segmenter's predictions on each synthetic pool (semantic
+    consistency); ``judge``: its model folder, whose encoder also gives the features of the Fréchet distance."""
     import functools
 
-    from eval.report import evaluate_synthesis as _evaluate
+    from eval.results import evaluate_synthesis as _evaluate
 
     with _Timer() as t:
         kw = {}
@@ -236,7 +206,8 @@ def evaluate_synthesis(study_dir: str, pools: list[FileRef], predictions: dict[s
                       feature_extractor=f"{type(model).__name__} bottleneck of the real-only segmenter "
                                         f"{judge.p.name} (trained in this study)",
                       segmenter=f"real-only segmenter {judge.p.name}")
-        written = _evaluate(study_dir, predictions={k: read_predictions(v) for k, v in predictions.items()}, **kw)
+        written = _evaluate(study_dir, real_manifest=real.p, train_ids=train_ids,
+                            predictions={k: read_predictions(v) for k, v in predictions.items()}, **kw)
     return ref(written["synthesis"], t.seconds)
 
 

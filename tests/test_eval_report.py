@@ -48,7 +48,7 @@ def _per_case(rng, test_set, case_ids):
 def study(tmp_path_factory):
     """A study folder: phantom-v1-named real cohort (6 train, 3 test), one synthetic cohort (2 samples for each of
     3 masks), per_case.csv with a default and an external test set, study.json."""
-    from eval.report import write_results
+    from eval.results import write_results
 
     study = tmp_path_factory.mktemp("study")
     rng = np.random.default_rng(0)
@@ -78,7 +78,7 @@ def study(tmp_path_factory):
 
 def test_write_results_validates_and_appends(tmp_path):
     from cohort.errors import CohortError
-    from eval.report import write_results
+    from eval.results import write_results
 
     rng = np.random.default_rng(0)
     df = _per_case(rng, "test", ["a", "b"])
@@ -93,10 +93,13 @@ def test_write_results_validates_and_appends(tmp_path):
 
 
 def test_build_report_from_fixture_study(study):
-    from eval.report import PHANTOM_NOTE, build_report, evaluate_synthesis, write_results
     from eval.memorisation import ANATOMY_NOTE
+    from eval.records import StudyRecord
+    from eval.report import PHANTOM_NOTE, build_report
+    from eval.results import evaluate_synthesis, write_results
 
-    written = evaluate_synthesis(study, max_pairs=20)
+    written = evaluate_synthesis(study, real_manifest=study / "cohort" / "data_manifest.csv",
+                                 train_ids=StudyRecord.read(study).generator_train_ids(), max_pairs=20)
     syn = pd.read_csv(written["synthesis"])
     assert {"ms_ssim_within_mask", "ms_ssim_across_masks", "ms_ssim_real", "mmd"} <= set(syn["metric"])
     write_results(study, synthesis=syn)                     # re-writing the same keys does not duplicate rows
@@ -119,7 +122,8 @@ def test_build_report_from_fixture_study(study):
     assert "real only" in md and "synthetic only" in md and "real + synthetic" in md
     assert PHANTOM_NOTE in md and ANATOMY_NOTE in md
     assert "test set 'brats-ext' (external)" in md          # the external test set gets its own table
-    assert "monai" in md and "1.6.1" in md and "12.0" in md  # versions and wall times from study.json
+    # versions and wall times from study.json, as rows of their tables (not just words found in a heading)
+    assert "| monai | 1.6.1 |" in md and "| torch | 2.14.1 |" in md and "| medddpm | 12.0 |" in md
     # paper order within the table: real only, synthetic only, then real + synthetic by ratio
     order = [md.index(f"| {k} |") for k in ("real only | 1:0", "synthetic only | 0:1", "real + synthetic | 1:1",
                                              "real + synthetic | 1:2@edited")]
@@ -143,10 +147,36 @@ def test_report_cli_and_missing_results(study, tmp_path):
     assert main(["report", str(study)]) == 0
     assert main(["report", str(tmp_path)]) == 2            # CohortError naming results/per_case.csv
     # a study with one mix and no synthetic data still gets a report (no paired column values)
-    from eval.report import build_report, write_results
+    from eval.report import build_report
+    from eval.results import write_results
 
     only = _per_case(np.random.default_rng(1), "test", ["a", "b", "c"])
     write_results(tmp_path, per_case=only[only["mix"] == "1:1"])
     out = build_report(tmp_path)
     md = (out / "report.md").read_text()
     assert "| 1:1 |" in md and "No synthetic cohort" in md and "results/memorisation.csv absent" in md
+
+
+def test_study_record_round_trip_and_bad_file(tmp_path):
+    """study.json is one typed record: what flows writes, eval and regenerate read back; a malformed file is
+    refused naming the file; rewriting an unchanged record leaves the file untouched."""
+    from cohort.errors import CohortError
+    from eval.records import CohortRecord, StudyRecord, TestSetRecord
+
+    assert StudyRecord.read(tmp_path) is None
+    rec = StudyRecord(study="augment-study:abc", parameters={"medddpm_on": "selected", "n_real": 2},
+                      cohort=CohortRecord(manifest="cohort/data_manifest.csv", train_case_ids=["a", "b"]),
+                      test_sets=[TestSetRecord(name="test", manifest="/x.csv", n=3)], checkpoint=None)
+    path = rec.write(tmp_path)
+    back = StudyRecord.read(tmp_path)
+    assert back == rec and back.generator_train_ids() == ["a", "b"]
+    assert back.study_path(tmp_path, back.cohort.manifest) == tmp_path / "cohort" / "data_manifest.csv"
+    assert json.loads(path.read_text())["checkpoint"] is None  # every field is written, even when empty
+    mtime = path.stat().st_mtime_ns
+    back.write(tmp_path)
+    assert path.stat().st_mtime_ns == mtime
+    every = StudyRecord(parameters={"medddpm_on": "all"}, cohort=CohortRecord(train_case_ids=["a"]))
+    assert every.generator_train_ids() is None  # Med-DDPM saw every real training case
+    path.write_text(json.dumps({"runs": [{"config": {}}]}))  # a run without its name
+    with pytest.raises(CohortError, match="study.json.*runs"):
+        StudyRecord.read(tmp_path)

@@ -10,7 +10,7 @@ import os
 import pandas as pd
 import pytest
 
-from cohort.errors import CohortError
+from cohort.errors import CohortError, ConfigError
 from flows import registry
 from flows.mixes import Mix, SynthesisPlan, parse_mixes
 from flows.refs import FileRef, ref
@@ -40,7 +40,7 @@ def test_mix_counts_follow_the_ratio():
 
 @pytest.mark.parametrize("bad", ["1/2", "0:0", "1:1@gan", "", "a:b"])
 def test_bad_mixes_are_refused_with_a_clear_error(bad):
-    with pytest.raises(CohortError, match="mix"):
+    with pytest.raises(ConfigError, match="mix"):
         parse_mixes([bad])
 
 
@@ -48,7 +48,7 @@ def test_synthesis_plan_makes_exactly_what_the_largest_mix_needs():
     plan = SynthesisPlan.for_mixes(parse_mixes(["1:0", "0:1", "1:1", "1:2@edited", "1:1@edited"]), n_real=8)
     assert (plan.from_real_masks, plan.from_edited_masks, plan.edits_per_case) == (8, 16, 2)
     assert SynthesisPlan.for_mixes(parse_mixes(["1:0"]), 8) == SynthesisPlan(0, 0, 0)
-    with pytest.raises(CohortError, match="twice"):
+    with pytest.raises(ConfigError, match="twice"):
         parse_mixes(["1:1", "1:1@real"])
 
 
@@ -120,7 +120,7 @@ def test_registry_retention_prunes_oldest_unused_only(tmp_path, toy_cohort):
     mtime = merged.stat().st_mtime_ns
     registry.rebuild_manifest(study)
     assert merged.stat().st_mtime_ns == mtime  # unchanged content is not rewritten
-    with pytest.raises(CohortError, match="at least 1"):
+    with pytest.raises(ConfigError, match="at least 1"):
         registry.prune(study, keep=0)
 
 
@@ -217,3 +217,38 @@ def test_transient_failures_are_retried_bad_input_is_not(harness):
     with pytest.raises(CohortError, match="x.nii.gz"):
         run("bad")
     assert calls["bad"] == 1
+
+
+@pytest.mark.parametrize("entrypoint", ["deployment", "flows/study.py:augment_study"])
+def test_flow_loaded_by_entrypoint_accepts_cached_file_refs(entrypoint):
+    """Regression (issue 11): a flow run loads augment-study from its deployment's entry point. Cached results
+    are FileRefs of the flows package (as `medddpm study` pickled them); the loaded flow's subflow must accept
+    them. A file-path entry point used to load the file as a package 'study' with its own FileRef class."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.serve import build_deployments
+
+    if entrypoint == "deployment":
+        deployments = build_deployments(cron=None)
+        entrypoint = deployments[0].entrypoint
+        assert [d.entrypoint for d in deployments] == ["flows.study.augment_study",
+                                                       "flows.regenerate.regenerate_cohort"]
+    study_flow = load_flow_from_entrypoint(entrypoint)
+    subflow = study_flow.fn.__globals__["train_segmenters"]
+    cached = FileRef(path="/study/data_manifest.csv", sha256="0" * 64)
+    params = subflow.validate_parameters({"study_dir": "/study", "manifest": cached, "jobs": [], "test_sets": []})
+    assert params["manifest"] == cached
+
+
+@pytest.mark.parametrize("error, retried", [(ConfigError("mixes ['1:1'] given twice"), False),
+                                            (CohortError("x.nii.gz", "not a readable NIfTI image"), False),
+                                            (OSError("stale NFS handle"), True)])
+def test_only_transient_failures_are_retried(error, retried):
+    """The retry condition on a failed state: bad settings and bad input fail at once, I/O errors are retried."""
+    from flows.tasks import is_transient
+
+    class FailedState:
+        def result(self):
+            raise error
+
+    assert is_transient(None, None, FailedState()) is retried

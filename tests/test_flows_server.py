@@ -110,16 +110,21 @@ def _external_cohort(root: Path) -> Path:
     return manifest
 
 
+def _tiny_params(study: Path, cohort: Path | None, **overrides) -> dict:
+    """The smallest study that exercises every stage (tiny profile, a few steps of each model). cohort None:
+    the embedded phantom cohort."""
+    return dict(out=str(study), cohort_manifest=str(cohort) if cohort else None, profile="tiny", n_real=3, seeds=[0], sampler="ddim",
+                sampling_steps=4, medddpm_config={"steps": 12, "checkpoint_every": 6, "progress": False},
+                segmenter_config={"epochs": 2, "iters_per_epoch": 2}, **overrides)
+
+
 @pytest.fixture(scope="module")
 def served(prefect_env, toy_cohort, tmp_path_factory):
     """`python -m flows.serve` with tiny default parameters; stopped before the server (stack.md §4)."""
     root = tmp_path_factory.mktemp("served")
     study = root / "study"
-    params = dict(out=str(study), cohort_manifest=str(toy_cohort), profile="tiny", n_real=3,
-                  mixes=["1:0", "0:1", "1:1@edited"], seeds=[0], sampler="ddim", sampling_steps=4,
-                  external_test_manifest=str(_external_cohort(root / "external")),
-                  medddpm_config={"steps": 12, "checkpoint_every": 6, "progress": False},
-                  segmenter_config={"epochs": 2, "iters_per_epoch": 2})
+    params = _tiny_params(study, toy_cohort, mixes=["1:0", "0:1", "1:1@edited"],
+                          external_test_manifest=str(_external_cohort(root / "external")))
     (root / "study_params.json").write_text(json.dumps(params))
     log = open(root / "serve.log", "w")
     serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--study-params", str(root / "study_params.json"),
@@ -138,9 +143,11 @@ def _cli(env, *args, timeout=WAIT) -> str:
     return out.stdout + out.stderr
 
 
-def _run_deployment(env, watch: bool) -> str:
-    """`prefect deployment run 'augment-study/default'`; returns the flow run id."""
+def _run_deployment(env, watch: bool, params: dict | None = None) -> str:
+    """`prefect deployment run 'augment-study/default'` (``params`` override the deployment's); returns the flow
+    run id."""
     args = ["deployment", "run", "augment-study/default"] + (["--watch", "--watch-interval", "1"] if watch else [])
+    args += ["--params", json.dumps(params)] if params else []
     out = _cli(env, *args, timeout=900)
     m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
     assert m, out
@@ -214,7 +221,15 @@ def test_deployment_run_killed_resumes_then_fully_cached(served):
     # a 12-step Med-DDPM fails synth's quality gate; the default gate_failures="fill" uses such cases only to fill
     # the mixes, and study.json counts them
     assert record["synthetic"]["real"]["gate_failures"] == "fill"
-    assert 0 <= record["synthetic"]["real"]["gate_failed"] <= record["synthetic"]["real"]["n"] == 3
+    pool = pd.read_csv(study / "synthetic" / "study-real-masks" / "data_manifest.csv")
+    failed = set(pool.loc[pool["quality_gate"] == "fail", "case_id"])
+    report_rows = pd.read_csv(study / "synthetic" / "study-real-masks" / "quality_report.csv")
+    assert failed <= set(report_rows.loc[~report_rows["passed"].astype(bool), "case_id"])  # listed as failures
+    assert record["synthetic"]["real"]["n"] == len(pool) == 3
+    assert record["synthetic"]["real"]["gate_failed"] == len(failed)
+    # the 0:1 mix takes all 3 cases of the real-masks pool, so it trains on every gate failure of it
+    synth_only = [r for r in record["runs"] if r["columns"]["mix"] == "0:1"]
+    assert synth_only and all(r["gate_failed_cases"] == len(failed) for r in synth_only), synth_only
     mtimes = {p: p.stat().st_mtime_ns for p in study.rglob("*") if p.is_file() and ".prefect" not in p.parts}
 
     # 3. a rerun of the finished study executes no task and rewrites no file
@@ -233,8 +248,8 @@ def test_regenerate_cohort_versions_and_retention(served):
     from flows.registry import read_registry
 
     env, study = served["env"], served["study"]
-    if not (study / "study.json").exists():
-        pytest.skip("needs the study of the previous test")
+    # a broken study must fail here too, not read as a skip
+    assert (study / "study.json").exists(), "the study of the previous test did not finish"
     medddpm = str(Path(sys.executable).parent / "medddpm")
     for _ in range(2):
         out = subprocess.run([medddpm, "regenerate-cohort", "--study", str(study), "--count", "2", "--steps", "3",
@@ -251,3 +266,25 @@ def test_regenerate_cohort_versions_and_retention(served):
     assert set(new["cohort"]) == {"regen-v002"} and set(new["generator_checkpoint"]) == {ck_sha}
     merged = load_manifest(study / "synthetic" / "data_manifest.csv")
     assert set(merged["cohort"]) == {"regen-v002", "study-real-masks", "study-edited-masks"}
+
+
+def test_deployment_after_a_cli_study_completes_from_the_cache(served):
+    """Regression (issue 11): a study finished by `medddpm study` (the flow called directly, as `make study` does:
+    embedded phantom cohort), then `prefect deployment run 'augment-study/default'` on the same folder: the
+    deployment completes from the cache. It used to fail in the train-segmenters subflow ("manifest: Input should
+    be a valid dictionary or instance of FileRef"): the deployment loaded flows/study.py by file path, which made
+    a second FileRef class, and the cached FileRefs written by the CLI run were not instances of it."""
+    env, root = served["env"], served["root"]
+    study = root / "cli-study"
+    params = _tiny_params(study, None, n_cases=6, mixes=["1:0", "0:1"], external_test_manifest=None)
+    (root / "cli_params.json").write_text(json.dumps(params))
+    medddpm = str(Path(sys.executable).parent / "medddpm")
+    out = subprocess.run([medddpm, "study", "--out", str(study), "--params", str(root / "cli_params.json")], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (study / "report" / "report.md").exists()
+
+    run = _run_deployment(env, watch=True, params=params)
+    state, task_states = _task_states(env, run)
+    assert state == "COMPLETED", (state, task_states)
+    assert task_states and set(task_states) == {"Cached"}, task_states

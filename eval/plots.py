@@ -1,0 +1,144 @@
+"""The report's figures: Dice by mix, per-case box plots, real-vs-synthetic montages, memorisation histograms.
+
+Each function draws one PNG (matplotlib Figure without pyplot, so no global state: safe in flow threads) and
+writes it atomically. Images are read only through cohort.manifest.load_case (cohort/ owns NIfTI).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cohort.fsutil import atomic_path
+from cohort.labels import MODALITIES, REGIONS
+
+from .stats import mix_order
+
+def _figure(nrows: int, ncols: int, figsize):
+    """A matplotlib Figure without pyplot: no global backend or figure registry (safe in flow threads)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _savefig(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_dice_by_ratio(agg: pd.DataFrame, path: Path, title: str) -> Path:
+    """Mean Dice per mix (paper order) with bootstrap 95 % CI error bars; one panel per backend, one line per region."""
+    backends = list(dict.fromkeys(agg["backend"]))
+    fig, axes = _figure(1, len(backends), (5.5 * len(backends), 4))
+    for ax, be in zip(axes[0], backends):
+        a = agg[agg["backend"] == be]
+        mixes = list(dict.fromkeys(a["mix"]))
+        x = np.arange(len(mixes))
+        for k, reg in enumerate(r for r in REGIONS if r in set(a["region"])):
+            r = a[a["region"] == reg].set_index("mix").reindex(mixes)
+            lo = np.nan_to_num(r["dice_mean"] - r["dice_ci_low"])
+            hi = np.nan_to_num(r["dice_ci_high"] - r["dice_mean"])
+            # markers only: mixes are categories, a line between them would suggest interpolation
+            ax.errorbar(x + (k - 1) * 0.08, r["dice_mean"], yerr=[lo, hi], marker="o", linestyle="none", capsize=3,
+                        label=reg)
+        ax.set_xticks(x, mixes, rotation=20)
+        ax.set_xlabel("training mix (real:synthetic)")
+        ax.set_ylabel("Dice (mean, 95% bootstrap CI)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{title} — {be}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _savefig(fig, path)
+
+
+def plot_boxplots(per_case: pd.DataFrame, path: Path, title: str) -> Path:
+    """Per-region box plots of per-case Dice (mean over seeds) for each mix and backend."""
+    regions = [r for r in REGIONS if r in set(per_case["region"])]
+    runs = mix_order(per_case[["mix", "n_real", "n_synth", "backend"]].drop_duplicates())
+    multi = runs["backend"].nunique() > 1
+    fig, axes = _figure(1, len(regions), (4.5 * len(regions), 4))
+    for ax, reg in zip(axes[0], regions):
+        data, labels = [], []
+        for _, run in runs.iterrows():
+            g = per_case[(per_case["mix"] == run["mix"]) & (per_case["backend"] == run["backend"])
+                         & (per_case["region"] == reg)]
+            data.append(g.groupby("case_id")["dice"].mean().dropna().to_numpy())
+            labels.append(f"{run['mix']}\n{run['backend']}" if multi else str(run["mix"]))
+        ax.boxplot(data, tick_labels=labels)
+        ax.set_title(f"{reg} — {title}")
+        ax.set_ylabel("Dice per test case")
+        ax.set_ylim(-0.02, 1.02)
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.grid(alpha=0.3)
+    return _savefig(fig, path)
+
+
+def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_samples: int = 2) -> Path | None:
+    """Real image vs synthetic samples conditioned on the same mask: 4 modalities + mask, axial slice through
+    the tumour centre. None if no synthetic case's parent is a real case of the cohort."""
+    from cohort.manifest import load_case, load_manifest
+
+    real = load_manifest(real_manifest).set_index("case_id", drop=False)
+    syn = load_manifest(synthetic_manifest)
+    syn = syn[syn["source"] == "synthetic"]
+    parents = [p for p in syn["parent_case_id"].dropna().astype(str) if p in real.index]
+    if not parents:
+        return None
+    owner = parents[0]
+    samples = syn[syn["parent_case_id"].astype(str) == owner].head(n_samples)
+    rvol, rlab = load_case(real_manifest, real.loc[owner])
+    tumour = np.argwhere(np.isin(rlab, (1, 2, 3)))
+    z = int(np.round(tumour[:, 2].mean())) if len(tumour) else rlab.shape[2] // 2
+    rows = [(f"real {owner}", rvol, rlab)]
+    for _, r in samples.iterrows():
+        v, lab = load_case(synthetic_manifest, r)
+        rows.append((f"synthetic {r['case_id']}", v, lab))
+    mods = [m for m in MODALITIES if m in rvol.channels]
+    fig, axes = _figure(len(rows), len(mods) + 1, (2.2 * (len(mods) + 1), 2.3 * len(rows)))
+    for i, (name, vol, lab) in enumerate(rows):
+        for j, m in enumerate(mods):
+            ax = axes[i, j]
+            if m in vol.channels:
+                # each image windowed to its own 1-99 % inside the brain: a cohort's real images need not share the
+                # generator's [-1, 1] scale (the phantom's are raw, white matter = 1), so one shared window can
+                # show a good sample as black speckle; contrast between tissues is what rows should compare
+                lo, hi = np.percentile(vol.channel(m)[lab > 0], [1, 99])
+                ax.imshow(np.rot90(vol.channel(m)[:, :, z]), cmap="gray", vmin=lo, vmax=hi)
+            ax.set_title(f"{m}" if i == 0 else "", fontsize=9)
+            ax.set_ylabel(name, fontsize=8) if j == 0 else None
+            ax.set_xticks([]), ax.set_yticks([])
+        ax = axes[i, len(mods)]
+        ax.imshow(np.rot90(lab[:, :, z]), cmap="viridis", vmin=0, vmax=4, interpolation="nearest")
+        ax.set_title("mask (labels 0-4)" if i == 0 else "", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{synthetic_manifest.parent.name}: same mask (owner {owner}), axial slice z={z}; "
+                 "each image windowed to its own 1-99 % inside the brain", fontsize=10)
+    return _savefig(fig, path)
+
+
+def plot_memorisation(mem: pd.DataFrame, path: Path) -> Path:
+    """Per synthetic cohort: histograms (outlines) of nearest-training-neighbour similarity of real test images
+    (the calibration), of synthetic images, and of synthetic images to their mask's owner; dashed: threshold."""
+    ids = list(dict.fromkeys(mem["synthetic_id"]))
+    fig, axes = _figure(1, len(ids), (6 * len(ids), 3.5))
+    sims = pd.concat([mem["nn_similarity"], mem["owner_similarity"]]).astype(float).dropna()
+    bins = np.linspace(min(float(sims.min()), 0.0), 1, 41)
+    for ax, sid in zip(axes[0], ids):
+        g = mem[mem["synthetic_id"] == sid]
+        cal, syn = g[g["kind"] == "calibration"], g[g["kind"] == "synthetic"]
+        ax.hist(cal["nn_similarity"].astype(float), bins=bins, histtype="step", lw=2,
+                label="real test → nearest train")
+        ax.hist(syn["nn_similarity"].astype(float), bins=bins, histtype="step", lw=2, ls="--",
+                label="synthetic → nearest train")
+        own = syn["owner_similarity"].astype(float).dropna()
+        if len(own):
+            ax.hist(own, bins=bins, histtype="step", lw=1.5, ls=":", label="synthetic → mask owner")
+        ax.axvline(float(g["threshold"].iloc[0]), color="k", ls="--", lw=1, label="copy threshold")
+        ax.set_xlabel(f"similarity ({g['similarity'].iloc[0]})")
+        ax.set_ylabel("images")
+        ax.set_title(str(sid))
+        ax.legend(fontsize=8, loc="upper left")
+    return _savefig(fig, path)

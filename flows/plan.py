@@ -1,0 +1,231 @@
+"""The study as a plan: what augment-study will make and train, decided from its parameters and the real cohort
+before any work runs. Pure (reads manifests, imports no Prefect), so it is tested without a flow.
+
+    params = StudyParams(mixes=["1:0", "0:1"], n_real=8)       # bad settings -> ConfigError
+    plan = plan_study(params, "STUDY/cohort/data_manifest.csv", "STUDY")
+    plan.pools        # synthetic pools to make: count, seed, conditioning masks
+    plan.runs         # one segmenter per (mix, back end, seed): its real cases and how many synthetic ones
+    plan.test_sets    # the real test split (+ an external cohort)
+    plan.judge        # the real-only MONAI run whose model judges the synthetic images
+    plan.jobs(ordered)  # after synthesis: each run's case ids, given the pools in gate-policy order (pool_order)
+
+flows/study.py runs the plan as Prefect tasks (docs/flows.md).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from cohort.errors import CohortError, ConfigError
+from synth.defaults import SAMPLER, STEPS
+
+from .mixes import DEFAULT_MIXES, Mix, SynthesisPlan, parse_mixes
+from .refs import hash_json
+
+GATE_POLICIES = ("fill", "exclude", "keep")
+GENERATOR_DATA = ("selected", "all")
+SEGMENTER_PROFILE = {"tiny": "tiny", "demo": "demo"}  # any other cohort profile trains the "paper" budget
+JUDGE_BACKEND = "monai"  # its encoder gives the Fréchet features (segment.api.encoder_features)
+
+
+@dataclass(frozen=True)
+class StudyParams:
+    """The parameters that define a study's results (the flow's parameters less where and how it runs: out,
+    parallel, Dask). Meanings: the augment_study docstring and docs/flows.md. Mixes are kept as canonical labels."""
+
+    cohort_manifest: str | None = None
+    profile: str = "demo"
+    n_cases: int = 48
+    cohort_seed: int = 0
+    mixes: list[str] = field(default_factory=lambda: list(DEFAULT_MIXES))
+    n_real: int = 8
+    backends: list[str] = field(default_factory=lambda: ["monai"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    external_test_manifest: str | None = None
+    medddpm_checkpoint: str | None = None
+    medddpm_config: dict = field(default_factory=dict)
+    medddpm_on: str = "selected"
+    sampler: str = SAMPLER
+    sampling_steps: int = STEPS
+    synth_seed: int = 0
+    gate_failures: str = "fill"
+    segmenter_config: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise once, here)
+        set_("mixes", [m.label for m in parse_mixes(self.mixes)])
+        set_("backends", list(self.backends))
+        set_("seeds", list(self.seeds))
+        set_("medddpm_config", dict(self.medddpm_config or {}))
+        set_("segmenter_config", dict(self.segmenter_config or {}))
+        if self.gate_failures not in GATE_POLICIES:
+            raise ConfigError(f"gate_failures must be 'fill', 'exclude' or 'keep', not {self.gate_failures!r}")
+        if self.medddpm_on not in GENERATOR_DATA:
+            raise ConfigError(f"medddpm_on must be 'selected' or 'all', not {self.medddpm_on!r}")
+        if self.n_real < 1:
+            raise ConfigError(f"n_real must be at least 1, got {self.n_real}")
+        if not self.backends or not self.seeds:
+            raise ConfigError("backends and seeds must each name at least one value")
+
+    @classmethod
+    def pick(cls, values: dict) -> "StudyParams":
+        """The study parameters among ``values`` (e.g. all of the flow's parameters)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def study_key(self) -> str:
+        """'augment-study:<12 hex digits>': one study per parameter set (the registry's used_by)."""
+        return "augment-study:" + hash_json(self.as_dict())[:12]
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """A synthetic pool: ``count`` cases conditioned on the selected real cases' masks ("real") or on edited
+    versions of them ("edited"), written to STUDY/synthetic/<cohort_id>/."""
+
+    name: str
+    cohort_id: str
+    out_dir: str
+    count: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One segmenter: a mix, a back end, a seed; its real cases and how many cases of which pool it adds."""
+
+    run: str
+    mix: Mix
+    backend: str
+    seed: int
+    real_ids: list[str]
+    n_synth: int
+    config: dict
+    model_dir: str
+
+    @property
+    def columns(self) -> dict:
+        """The columns that identify this run in per_case.csv."""
+        return {"run": self.run, "mix": self.mix.label, "n_real": len(self.real_ids), "n_synth": self.n_synth,
+                "backend": self.backend, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class TestSetPlan:
+    """Real cases every segmenter is evaluated on; manifest None means the study's own merged manifest."""
+
+    name: str
+    manifest: str | None
+    case_ids: list[str]
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    params: StudyParams
+    study_dir: str
+    train_ids: list[str]  # the n_real selected real training cases (cohort.selection)
+    test_ids: list[str]
+    synthesis: SynthesisPlan
+    pools: list[PoolPlan]
+    runs: list[RunPlan]
+    test_sets: list[TestSetPlan]
+    judge: str | None  # run name of the judge segmenter (None: no real-only MONAI run)
+
+    @property
+    def needs_generator(self) -> bool:
+        return bool(self.pools)
+
+    @property
+    def generator_train_ids(self) -> list[str] | None:
+        """The real cases Med-DDPM trains on: the selected ones, or None for every real training case."""
+        return list(self.train_ids) if self.params.medddpm_on == "selected" else None
+
+    def jobs(self, ordered: dict[str, tuple[list[str], set[str]]]) -> list[dict]:
+        """One job per run (the train-segmenters subflow's input): its case ids (real first, then a prefix of its
+        pool) and how many of those synthetic cases failed the quality gate. ``ordered``: pool name ->
+        ``pool_order(...)`` of that pool. A mix that needs more cases than its pool has (gate_failures="exclude")
+        raises CohortError naming the pool."""
+        jobs = []
+        for r in self.runs:
+            ids, failed = ordered.get(r.mix.masks, ([], set()))
+            synth_ids = ids[:r.n_synth]
+            if len(synth_ids) < r.n_synth:
+                pool = next(p for p in self.pools if p.name == r.mix.masks)
+                raise CohortError(Path(pool.out_dir) / "data_manifest.csv",
+                                  f"mix {r.mix.label} needs {r.n_synth} synthetic cases but only {len(synth_ids)} "
+                                  f"passed the quality gate (quality_report.csv); train Med-DDPM longer or set "
+                                  f"gate_failures='keep'", kind="quality-gate")
+            jobs.append({"run": r.run, "case_ids": r.real_ids + synth_ids, "config": r.config,
+                         "model_dir": r.model_dir, "gate_failed_cases": len(set(synth_ids) & failed),
+                         "columns": r.columns})
+        return jobs
+
+
+def plan_study(params: StudyParams, cohort_manifest: str | Path, study_dir: str | Path) -> StudyPlan:
+    """The study's plan from its parameters and its real cohort (already inside ``study_dir``)."""
+    from cohort.manifest import load_manifest, select
+    from cohort.selection import draw_training_cases
+
+    study, cohort_manifest = Path(study_dir).resolve(), Path(cohort_manifest)
+    cohort = load_manifest(cohort_manifest)
+    train_ids = sorted(draw_training_cases(cohort, params.n_real, params.cohort_seed, where=cohort_manifest)
+                       ["case_id"].astype(str))
+    test_ids = sorted(select(cohort, source="real", split="test")["case_id"].astype(str))
+    if not test_ids:
+        raise CohortError(cohort_manifest, "the cohort has no real test cases (split=test)", kind="bad-selection")
+
+    mixes = parse_mixes(params.mixes)
+    synthesis = SynthesisPlan.for_mixes(mixes, params.n_real)
+    pools = [PoolPlan(name, f"study-{name}-masks", str(study / "synthetic" / f"study-{name}-masks"), count, seed)
+             for name, count, seed in (("real", synthesis.from_real_masks, params.synth_seed),
+                                       ("edited", synthesis.from_edited_masks, params.synth_seed + 1)) if count]
+
+    seg_profile = SEGMENTER_PROFILE.get(params.profile, "paper")
+    # a non-default segmenter config gets its own run folders, so changing it on a finished study trains new
+    # segmenters beside the old ones instead of colliding with them (segment refuses a model_dir of another config)
+    variant = f"-cfg{hash_json(params.segmenter_config)[:6]}" if params.segmenter_config else ""
+    runs = []
+    for mix in mixes:
+        n_r, n_s = mix.counts(params.n_real)
+        for backend in params.backends:
+            for seed in params.seeds:
+                run = f"{mix.slug}-{backend}-s{seed}{variant}"
+                config = {"profile": seg_profile, **params.segmenter_config, "backend": backend, "seed": int(seed)}
+                runs.append(RunPlan(run, mix, backend, int(seed), train_ids[:n_r], n_s, config,
+                                    str(study / "segmenters" / run)))
+    judge = next((r.run for r in runs if r.n_synth == 0 and r.backend == JUDGE_BACKEND), None)
+
+    test_sets = [TestSetPlan("test", None, test_ids)]
+    if params.external_test_manifest:
+        test_sets.append(external_test_set(params.external_test_manifest))
+    return StudyPlan(params, str(study), train_ids, test_ids, synthesis, pools, runs, test_sets, judge)
+
+
+def external_test_set(manifest: str | Path) -> TestSetPlan:
+    """Every real case of another cohort, named after it (never "test", the study's own split)."""
+    from cohort.manifest import load_manifest, select
+
+    path = Path(manifest).resolve()
+    df = load_manifest(path)
+    ids = sorted(select(df, source="real")["case_id"].astype(str))
+    name = str(df["cohort"].dropna().iloc[0]) if ids else "external"
+    return TestSetPlan(name if name != "test" else "external", str(path), ids)
+
+
+def pool_order(pool_manifest: str | Path, gate_failures: str) -> tuple[list[str], set[str]]:
+    """(synthetic case ids in the order mixes take them, ids that failed synth's quality gate).
+
+    exclude: gate failures left out; keep: synthesis order; fill: cases that passed first, failures only after
+    them (used only by a mix that needs more cases than passed)."""
+    from cohort.manifest import load_manifest, select
+
+    df = select(load_manifest(pool_manifest), source="synthetic")
+    failed = df["quality_gate"].fillna("pass") == "fail" if "quality_gate" in df.columns else df["case_id"].isna()
+    ids, bad = df["case_id"].astype(str), set(df["case_id"][failed].astype(str))
+    if gate_failures == "keep":
+        return ids.tolist(), bad
+    passing = ids[~failed.to_numpy()].tolist()
+    return (passing if gate_failures == "exclude" else passing + ids[failed.to_numpy()].tolist()), bad

@@ -1,0 +1,112 @@
+"""flows.plan: the study's plan from its parameters and the real cohort, without Prefect (toy cohort: 6 train,
+2 val, 2 test cases)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cohort.errors import CohortError, ConfigError
+from flows.plan import StudyParams, plan_study, pool_order
+
+
+def test_plan_of_the_paper_mixes(toy_cohort, tmp_path):
+    from cohort.manifest import load_manifest
+    from cohort.selection import write_training_selection
+
+    params = StudyParams(mixes=["1:0", "0:1", "1:1", "1:2@edited"], n_real=3, backends=["nnunet", "monai"],
+                         seeds=[0, 1], profile="tiny", synth_seed=5, segmenter_config={"epochs": 2})
+    plan = plan_study(params, toy_cohort, tmp_path)
+
+    # the selected cases are the ones the select task writes (one draw, cohort.selection)
+    written = load_manifest(write_training_selection(toy_cohort, 3, 0))
+    assert plan.train_ids == sorted(written["case_id"]) and len(set(plan.train_ids)) == 3
+    assert set(plan.train_ids) <= {f"toy_{i:03d}" for i in range(6)}  # train split only
+    assert plan.test_ids == ["toy_008", "toy_009"]
+    assert plan_study(StudyParams(n_real=3, cohort_seed=1), toy_cohort, tmp_path).train_ids != plan.train_ids
+
+    # exactly what the largest mix per mask source needs: 3 from the real masks, 6 from 2 edits per mask
+    assert [(p.name, p.count, p.seed, p.cohort_id) for p in plan.pools] == [
+        ("real", 3, 5, "study-real-masks"), ("edited", 6, 6, "study-edited-masks")]
+    assert plan.synthesis.edits_per_case == 2 and plan.generator_train_ids == plan.train_ids
+
+    assert len(plan.runs) == 4 * 2 * 2
+    runs = {r.run: r for r in plan.runs}
+    cfg = "-cfg" + __import__("flows.refs", fromlist=["hash_json"]).hash_json({"epochs": 2})[:6]
+    r = runs["r1-s2-edited-monai-s1" + cfg]
+    assert r.real_ids == plan.train_ids and r.n_synth == 6
+    assert r.config == {"profile": "tiny", "epochs": 2, "backend": "monai", "seed": 1}
+    assert r.model_dir == str(tmp_path.resolve() / "segmenters" / r.run)
+    assert runs["r0-s1-nnunet-s0" + cfg].real_ids == []
+    # the judge: the first real-only run of the MONAI back end (its encoder gives the Fréchet features)
+    assert plan.judge == "r1-s0-monai-s0" + cfg
+    assert [t.name for t in plan.test_sets] == ["test"] and plan.test_sets[0].manifest is None
+
+
+def test_jobs_follow_the_gate_policy(toy_cohort, tmp_path):
+    """fill: passing cases first, failures only to reach a mix's size; exclude: a mix short of cases stops the
+    study naming the pool; keep: synthesis order."""
+    pool = tmp_path / "pool.csv"
+    pd.DataFrame({"case_id": ["s0", "s1", "s2"], "cohort": "p", "source": "synthetic", "split": "train",
+                  "label": ["a", "b", "c"], "quality_gate": ["pass", "fail", "pass"]}).to_csv(pool, index=False)
+    assert pool_order(pool, "fill") == (["s0", "s2", "s1"], {"s1"})
+    assert pool_order(pool, "keep") == (["s0", "s1", "s2"], {"s1"})
+    assert pool_order(pool, "exclude") == (["s0", "s2"], {"s1"})
+
+    plan = plan_study(StudyParams(mixes=["1:0", "0:1", "2:1"], n_real=3), toy_cohort, tmp_path)
+    jobs = {j["columns"]["mix"]: j for j in plan.jobs({"real": pool_order(pool, "fill")})}
+    assert jobs["0:1"]["case_ids"] == ["s0", "s2", "s1"] and jobs["0:1"]["gate_failed_cases"] == 1
+    assert jobs["2:1"]["case_ids"] == plan.train_ids + ["s0", "s2"] and jobs["2:1"]["gate_failed_cases"] == 0
+    assert jobs["1:0"]["case_ids"] == plan.train_ids and jobs["1:0"]["columns"]["n_synth"] == 0
+    with pytest.raises(CohortError, match="study-real-masks.*mix 0:1 needs 3 synthetic cases but only 2"):
+        plan.jobs({"real": pool_order(pool, "exclude")})
+
+
+def test_external_test_set_and_generator_data(toy_cohort, tmp_path):
+    plan = plan_study(StudyParams(mixes=["1:0"], n_real=2, medddpm_on="all", external_test_manifest=str(toy_cohort)),
+                      toy_cohort, tmp_path)
+    assert plan.pools == [] and not plan.needs_generator and plan.generator_train_ids is None
+    ext = plan.test_sets[1]
+    assert ext.name == "toy" and ext.manifest == str(Path(toy_cohort).resolve()) and len(ext.case_ids) == 10
+
+
+@pytest.mark.parametrize("bad, match", [(dict(gate_failures="drop"), "gate_failures"),
+                                        (dict(medddpm_on="some"), "medddpm_on"),
+                                        (dict(n_real=0), "n_real"),
+                                        (dict(mixes=["1/2"]), "mix"),
+                                        (dict(seeds=[]), "seeds")])
+def test_bad_settings_raise_config_error(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        StudyParams(**bad)
+
+
+def test_bad_cohort_raises_cohort_error_naming_it(toy_cohort, tmp_path):
+    with pytest.raises(CohortError, match="data_manifest.csv: n_real=7 but the cohort has only 6"):
+        plan_study(StudyParams(n_real=7), toy_cohort, tmp_path)
+
+
+def test_study_key_and_record_parameters_are_the_flow_parameters():
+    """study_key hashes the 17 result-defining parameters (not out/parallel/Dask), mixes in canonical form."""
+    p = StudyParams(mixes=["1:1@real", " 1 : 2 @ edited"])
+    assert p.mixes == ["1:1", "1:2@edited"]
+    assert len(p.as_dict()) == 17 and "out" not in p.as_dict()
+    assert p.study_key == StudyParams(mixes=["1:1", "1:2@edited"]).study_key != StudyParams().study_key
+
+
+def test_planning_imports_no_prefect():
+    code = "import sys, flows.plan; sys.exit(any(m.split('.')[0] == 'prefect' for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
+
+
+def test_params_picked_from_the_flow_signature_are_all_its_result_parameters():
+    """Every parameter of augment_study is a StudyParams field except where and how it runs."""
+    import inspect
+
+    from flows.study import augment_study
+
+    names = set(inspect.signature(augment_study.fn).parameters)
+    assert names - set(StudyParams().as_dict()) == {"out", "parallel", "dask_address", "dask_workers"}
+    assert StudyParams.pick({"n_real": 3, "out": "x", "parallel": 1}) == StudyParams(n_real=3)
