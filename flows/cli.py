@@ -46,6 +46,8 @@ def _csv(text: str | None, cast=str):
 
 
 def register(subparsers) -> None:
+    from synth import defaults
+
     p = subparsers.add_parser(
         "study", help="run the augment study (Prefect flow augment-study) and build its report",
         description="Build (or reuse) the cohort, train Med-DDPM, synthesise what the mixes need, train one "
@@ -66,8 +68,8 @@ def register(subparsers) -> None:
     p.add_argument("--external-test", dest="external_test_manifest",
                    help="another real cohort (same profile) evaluated too, reported as its own test set")
     p.add_argument("--checkpoint", dest="medddpm_checkpoint", help="reuse this Med-DDPM checkpoint (no training)")
-    p.add_argument("--sampler", help="synthesis sampler (default ddim)")
-    p.add_argument("--steps", dest="sampling_steps", type=int, help="sampling steps (default 25)")
+    p.add_argument("--sampler", help=f"synthesis sampler (default {defaults.SAMPLER})")
+    p.add_argument("--steps", dest="sampling_steps", type=int, help=f"sampling steps (default {defaults.STEPS})")
     p.add_argument("--parallel", type=int, help="segmenter trainings at once in threads (default 2)")
     p.add_argument("--dask-address", help="run segmenter trainings on this Dask scheduler (tcp://host:8786)")
     p.add_argument("--dask-workers", type=int, help="run them on a local Dask cluster of N worker processes")
@@ -82,8 +84,8 @@ def register(subparsers) -> None:
     r.add_argument("--count", type=int, help="cases (default one per conditioning mask)")
     r.add_argument("--checkpoint", help="Med-DDPM checkpoint (default: the one the study used)")
     r.add_argument("--masks", help="manifest of conditioning masks (default: the study's edited masks)")
-    r.add_argument("--sampler", help="sampler (default ddim)")
-    r.add_argument("--steps", type=int, help="sampling steps (default 50)")
+    r.add_argument("--sampler", help=f"sampler (default {defaults.SAMPLER})")
+    r.add_argument("--steps", type=int, help=f"sampling steps (default {defaults.STEPS})")
     r.add_argument("--seed", type=int, help="sampling seed (default derived from the new version number)")
     r.add_argument("--keep", type=int, help="retention: newest regenerated cohorts kept (default all)")
     r.add_argument("--max-gate-failures", type=int, help="cases still failing the quality gate that are tolerated "

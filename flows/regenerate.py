@@ -18,6 +18,7 @@ from eval.records import STUDY_JSON, StudyRecord
 from flows import registry, tasks  # absolute: see flows/study.py
 from flows.refs import ref
 from flows.study import fresh
+from synth import defaults
 
 SEED_BASE = 10_000  # regenerated cohort vN samples with seed SEED_BASE + N (study pools use small seeds)
 
@@ -52,8 +53,8 @@ def regenerate_cohort(
     count: int | None = None,
     checkpoint: str | None = None,
     masks: str | None = None,
-    sampler: str = "ddim",
-    steps: int = 50,
+    sampler: str = defaults.SAMPLER,
+    steps: int = defaults.STEPS,
     seed: int | None = None,
     keep: int | None = None,
     max_gate_failures: int = 0,

@@ -67,8 +67,8 @@ def train_medddpm_flow(manifest: str, out: str, profile: str = "demo", config: d
 
 
 @flow(name="synthesize-cohort", log_prints=True)
-def synthesize_cohort_flow(checkpoint: str, masks: str, out: str, count: int, sampler: str = "ddim",
-                           steps: int = 50, seed: int = 0, cohort_id: str = "synthetic") -> str:
+def synthesize_cohort_flow(checkpoint: str, masks: str, out: str, count: int, sampler: str = SAMPLER,
+                           steps: int = STEPS, seed: int = 0, cohort_id: str = "synthetic") -> str:
     """Paired image-mask cohort from a checkpoint and a manifest of conditioning masks; returns its manifest."""
     out_dir = Path(out).resolve()
     return fresh(tasks.synthesize, out_dir, ref(checkpoint), ref(masks), str(out_dir), count, sampler, steps, seed,

@@ -199,7 +199,7 @@ def evaluate_synthesis(study_dir: str, real: FileRef, train_ids: list[str] | Non
     with _Timer() as t:
         kw = {}
         if judge is not None:
-            from segment.api import encoder_features, load_model
+            from segment.monai_backend import encoder_features, load_model
 
             model, cfg = load_model(judge.p)
             kw = dict(feature_fn=functools.partial(encoder_features, (model, cfg)),

@@ -93,13 +93,3 @@ def predict(model_dir: str | Path, manifest: str | Path, case_ids: Sequence[str]
     rows_for(manifest, ids)
     out_dir.mkdir(parents=True, exist_ok=True)
     return backend(cfg.backend).predict(model_dir, manifest, ids, out_dir, device=device)
-
-
-def __getattr__(name: str):
-    # Alias for callers written before the MONAI-only functions moved out (flows/tasks.py imports
-    # load_model and encoder_features from here); import them from segment.monai_backend instead.
-    if name in ("load_model", "encoder_features"):
-        from . import monai_backend
-
-        return getattr(monai_backend, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
