@@ -25,7 +25,7 @@ from .refs import hash_json
 GATE_POLICIES = ("fill", "exclude", "keep")
 GENERATOR_DATA = ("selected", "all")
 SEGMENTER_PROFILE = {"tiny": "tiny", "demo": "demo"}  # any other cohort profile trains the "paper" budget
-JUDGE_BACKEND = "monai"  # its encoder gives the Fréchet features (segment.api.encoder_features)
+JUDGE_BACKEND = "monai"  # its encoder gives the Fréchet features (segment.monai_backend.encoder_features)
 
 
 @dataclass(frozen=True)
