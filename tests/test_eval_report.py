@@ -64,6 +64,20 @@ def study(tmp_path_factory):
             syn.append((f"syn_{cid}_{k}", "train", noisy, label, cid))
     _write_cohort(study / "synthetic" / "study-real-masks" / "data_manifest.csv", "study-real-masks", "synthetic",
                   syn, generator_checkpoint="ckpt.safetensors", sampler="ddim", steps=10, seed=0)
+    # the quality gate: 4 of the 6 cases passed, 2 still failed after a redraw (quality_report.csv: 8 draws)
+    from cohort.manifest import load_manifest, write_manifest
+
+    syn_man = study / "synthetic" / "study-real-masks" / "data_manifest.csv"
+    df = load_manifest(syn_man)
+    df["quality_gate"] = ["pass", "pass", "fail", "pass", "fail", "pass"]
+    write_manifest(df, syn_man)
+    pd.DataFrame({"case_id": [c for c in df["case_id"] for _ in range(2 if c in set(df["case_id"][[2, 4]]) else 1)],
+                  "attempt": [0, 0, 0, 1, 0, 0, 1, 0], "seed": range(8), "passed": [1, 1, 0, 0, 1, 0, 0, 1],
+                  "failures": ["", "", "texture brain/t1: 0.3 outside [0, 0.2]",
+                               "texture brain/t1: 0.3 outside [0, 0.2]", "",
+                               "median ED/flair: 0.1 outside [0.4, 0.9]; texture brain/t2: 0.4 outside [0, 0.2]",
+                               "texture brain/t1: 0.3 outside [0, 0.2]", ""]}).to_csv(
+        syn_man.parent / "quality_report.csv", index=False)
     per_case = pd.concat([_per_case(rng, "test", [f"ph_{i:03d}" for i in range(6, 9)] * 1),
                           _per_case(rng, "brats-ext", [f"ext_{i}" for i in range(4)])], ignore_index=True)
     write_results(study, per_case=per_case)
@@ -139,6 +153,18 @@ def test_build_report_from_fixture_study(study):
     first = (out / "results.csv").read_bytes()
     build_report(study)
     assert (out / "results.csv").read_bytes() == first
+
+
+def test_report_shows_the_quality_gate_per_synthetic_cohort(study):
+    from eval.report import build_report, gate_table
+
+    t = gate_table(study)
+    assert t.to_dict("records")[0] == {
+        "synthetic cohort": "study-real-masks", "cases": 6, "passed": 4, "failed (kept)": 2, "not judged": 0,
+        "pass rate": "0.667", "draws": 8,
+        "most frequent failed checks": "texture brain/t1 (3), median ED/flair (1), texture brain/t2 (1)"}
+    md = (build_report(study) / "report.md").read_text()
+    assert "## Synthetic images: quality gate" in md and "| study-real-masks | 6 | 4 | 2 | 0 | 0.667 | 8 |" in md
 
 
 def test_report_cli_and_missing_results(study, tmp_path):
