@@ -39,3 +39,21 @@ def test_plan_cli_prints_every_stage(capsys):
                  "--on", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "CPU-hours" in out and "Med-DDPM training" in out and "segmenters (monai)" in out and "measured" in out
+
+
+def test_gpu_check_script_runs_its_smoke_mode_on_the_cpu(tmp_path, capsys):
+    """bench/gpu_check.py is run by hand on a GPU machine; its code paths run here at a tiny grid on the CPU."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--device", "cpu", "--json", str(tmp_path / "g.json")]) == 0
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [r["what"] for r in rows][:3] == ["train step, fp32 eager", "train step, bf16 autocast",
+                                             "train step, bf16 + checkpointing"]
+    assert all("seconds" in r and r["seconds"] > 0 for r in rows), rows
+    assert "| train step, fp32 eager |" in capsys.readouterr().out
