@@ -13,3 +13,6 @@ class CohortError(ValueError):
         # machine-readable category, e.g. "unreadable", "not-3d", "shape-mismatch", "duplicate-case"
         self.kind = kind
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self):  # rebuilt from (path, problem, kind) when it crosses a process boundary (import workers)
+        return type(self), (self.path, self.problem, self.kind)
