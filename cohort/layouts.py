@@ -244,6 +244,7 @@ def _user_label_map(user: dict[str, str], default: dict[int, int], where) -> dic
     except ValueError:
         raise CohortError(where, f"label map keys must be the label values in the files, got {sorted(user)}",
                           kind="bad-mapping") from None
+    declared.setdefault(BACKGROUND, "background")  # 0 is background unless the map says otherwise
     return resolve_labels(declared, user, where)
 
 
