@@ -26,7 +26,7 @@ from cohort.nnunet import export_nnunet
 from tests.cohort_fakes import write_brats_case
 
 
-def _pool_ready() -> bool:
+def _pool_ready(_i: int) -> bool:
     import cohort.brats  # noqa: F401  (what a worker imports before its first case)
     return True
 
@@ -52,7 +52,7 @@ def _steps(case_dir: Path) -> dict[str, tuple[float, float]]:
     t0 = time.perf_counter()
     old = [np.asarray(nib.load(str(f)).dataobj, dtype=np.float32) for f in files]  # nibabel's gzip stream
     t1 = time.perf_counter()
-    new = [read_array(f)[0] for f in files]  # whole-file read, one-call (ISA-L) decompression, header checks
+    new = [read_array(f)[0] for f in files]  # whole-file read, one-call decompression, header checks
     t2 = time.perf_counter()
     assert all((a == b).all() for a, b in zip(old, new))
     mask = new[0] > np.percentile(new[0], 50)

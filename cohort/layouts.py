@@ -20,6 +20,7 @@ refused. A mapping that leaves NCR, ED or ET without a source label cannot expre
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,11 +259,13 @@ def _brats(src: Path, modalities, user_labels, *, sep: str, suffix: dict, defaul
     return cases
 
 
-def _inside(src: Path, rel: str, where) -> Path:
-    p = (src / rel).resolve()
-    if src.resolve() not in p.parents:
+def _inside(src: Path, rel, where) -> Path:
+    """src/rel for a path named in dataset.json, refusing one that leaves the dataset folder (checked on the
+    text, so a dataset whose imagesTr is a symbolic link to another disk still imports)."""
+    norm = os.path.normpath(str(rel))
+    if not isinstance(rel, str) or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
         raise CohortError(where, f"path {rel!r} leaves the dataset folder {src}", kind="path-escape")
-    return p
+    return src / norm
 
 
 def _declared(mapping, where, what: str, *, value_first: bool) -> dict[int, str]:
@@ -289,6 +292,8 @@ def _msd(src: Path, modalities, user_channels, user_labels) -> list[CaseSource]:
                                 user_channels, modalities, where)
     labels = resolve_labels(_declared(meta.get("labels"), where, "labels", value_first=True), user_labels, where)
     if isinstance(meta.get("training"), list) and meta["training"]:
+        if not all(isinstance(e, dict) and "image" in e and "label" in e for e in meta["training"]):
+            raise CohortError(where, "every 'training' entry must have 'image' and 'label'", kind="bad-mapping")
         pairs = [(_inside(src, e["image"], where), _inside(src, e["label"], where)) for e in meta["training"]]
     else:
         pairs = [(p, src / "labelsTr" / p.name) for p in sorted((src / "imagesTr").glob("*.nii.gz"))]
