@@ -64,8 +64,11 @@ def test_one_tumour_in_every_convention_lands_as_the_same_voxels(sources, import
 
 
 def test_a_wrong_label_map_gives_other_voxels(sources, tmp_path):
-    """The same MSD case with edema and non-enhancing tumour swapped by the user lands differently."""
-    rep = import_cohort(sources["msd"], tmp_path / "swapped", profile="demo", label_map="1=NCR,2=ED")
+    """The same MSD case with edema and non-enhancing tumour swapped by the user (a mapping file) lands
+    differently."""
+    swap = tmp_path / "swap.json"
+    swap.write_text(json.dumps({"1": "NCR", "2": "ED"}))
+    rep = import_cohort(sources["msd"], tmp_path / "swapped", profile="demo", label_map=str(swap))
     assert rep.imported == ["BRATS_007"]
     _, lab = load_case(rep.manifest, load_manifest(rep.manifest).iloc[0])
     rep_ok = import_cohort(sources["msd"], tmp_path / "ok", profile="demo")
