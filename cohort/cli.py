@@ -1,4 +1,4 @@
-"""Data verbs: import-brats, validate, export-nnunet (and later build-phantom, edit-masks).
+"""Data verbs: import-cohort, import-brats, validate, export-nnunet (and later build-phantom, edit-masks).
 
 Each verb has its own ``_add_<verb>(subparsers)`` function; ``register`` calls them in order. To add a verb,
 write another ``_add_...`` function and call it from ``register``.
@@ -9,6 +9,7 @@ import sys
 
 
 def register(subparsers) -> None:
+    _add_import_cohort(subparsers)
     _add_import_brats(subparsers)
     _add_validate(subparsers)
     _add_export_nnunet(subparsers)
@@ -37,42 +38,81 @@ def _validate(args) -> int:
     return 0
 
 
-# --- import-brats ---------------------------------------------------------------------------------------------
+# --- import-cohort, import-brats -------------------------------------------------------------------------------
+
+_EXIT_STATUS = ("Bad cases are listed and skipped; re-running resumes (cases already in the manifest are skipped). "
+                "Exit status: 0 if at least one case is in the manifest (bad cases listed on stderr), 1 with "
+                "--strict if any case was bad, 2 if no case could be imported.")
+
+
+def _add_import_options(p, default_cohort_help: str) -> None:
+    p.add_argument("--out", required=True, help="output cohort folder (data root of the manifest)")
+    p.add_argument("--profile", default="paper-brats",
+                   help="preprocessing profile: tiny, demo, paper-brats (default), paper-wholehead, authors-brats "
+                        "(the authors' preprocessing, for their published weights)")
+    p.add_argument("--cohort", default=None, help=f"cohort name written into the manifest ({default_cohort_help})")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the hash-based train/val/test split")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of cases in split 'val'")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases in split 'test'")
+    p.add_argument("--allow-empty-tumour", action="store_true",
+                   help="accept cases whose segmentation has no tumour voxels")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes preprocessing cases in parallel (default 1; use one per core, e.g. 2)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any case was bad")
+
+
+def _add_import_cohort(subparsers) -> None:
+    p = subparsers.add_parser(
+        "import-cohort", help="preprocess a BraTS 2021/2023+, MSD Task01 or nnU-Net v2 dataset into a cohort",
+        description="Import a source folder in one of the layouts brats2021 (<case>/<case>_{t1,t1ce,t2,flair,seg}"
+                    ".nii.gz, ET=4), brats2023 (<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz, ET=3; also 2024 and "
+                    "the MEN/MET/SSA/PED sub-challenges), msd (Task01_BrainTumour: 4-D imagesTr + dataset.json) "
+                    "or nnunet (Dataset###_Name: imagesTr/<case>_000X, labelsTr, dataset.json). Labels become "
+                    "ours (0 background, 1 NCR, 2 ED, 3 ET) plus brain 4; every case is brought to the profile's "
+                    "grid and written to DIR with a row in DIR/data_manifest.csv. Channel and label names in a "
+                    "dataset.json are recognised when well known (FLAIR, T1w, T1gd, T2w, edema, enhancing "
+                    "tumour, ...); map others with --channel-map / --label-map. " + _EXIT_STATUS)
+    p.add_argument("src", help="source folder (BraTS: one sub-folder per case; MSD/nnU-Net: the dataset folder)")
+    p.add_argument("--layout", default="auto", choices=("auto", "brats2021", "brats2023", "msd", "nnunet"),
+                   help="source layout (default auto: from dataset.json or the case file names)")
+    p.add_argument("--channel-map", default=None,
+                   help="source channel (index or name) to our modality t1/t1ce/t2/flair or skip, e.g. "
+                        "'0=t1,1=t1ce,2=t2,3=flair', or a JSON file holding that object (MSD, nnU-Net)")
+    p.add_argument("--label-map", default=None,
+                   help="source label (value or name) to ours background/NCR/ED/ET, e.g. '1=ED,2=NCR,3=ET', "
+                        "or a JSON file holding that object (every layout; replaces the layout's default)")
+    _add_import_options(p, "default: the layout's name, or the dataset folder's name for nnU-Net")
+    p.set_defaults(func=_import_cohort)
+
 
 def _add_import_brats(subparsers) -> None:
     p = subparsers.add_parser(
         "import-brats", help="preprocess a BraTS 2021 folder into a cohort (NIfTI + data_manifest.csv)",
         description="Import the BraTS 2021 training layout SRC/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz: "
                     "labels 0/1/2/4 become 0/1/2/3 plus brain 4, every case is brought to the profile's grid "
-                    "and written to DIR with a row in DIR/data_manifest.csv. Bad cases are listed and skipped; "
-                    "re-running resumes (cases already in the manifest are skipped). Exit status: 0 if at "
-                    "least one case is in the manifest (bad cases listed on stderr), 1 with --strict if any "
-                    "case was bad, 2 if no case could be imported.")
+                    "and written to DIR with a row in DIR/data_manifest.csv. Other layouts: import-cohort. "
+                    + _EXIT_STATUS)
     p.add_argument("src", help="BraTS folder holding one sub-folder per case")
-    p.add_argument("--out", required=True, help="output cohort folder (data root of the manifest)")
-    p.add_argument("--profile", default="paper-brats",
-                   help="preprocessing profile: tiny, demo, paper-brats (default), paper-wholehead, authors-brats "
-                        "(the authors' preprocessing, for their published weights)")
-    p.add_argument("--cohort", default="brats2021", help="cohort name written into the manifest")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the hash-based train/val/test split")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of cases in split 'val'")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases in split 'test'")
-    p.add_argument("--allow-empty-tumour", action="store_true",
-                   help="accept cases whose segmentation has no tumour voxels")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any case was bad")
-    p.set_defaults(func=_import_brats)
+    _add_import_options(p, "default brats2021")
+    p.set_defaults(func=_import_brats, layout="brats2021", channel_map=None, label_map=None)
 
 
-def _import_brats(args) -> int:
-    from .brats import import_brats
+def _import_cohort(args) -> int:
+    from .brats import import_cohort
 
-    report = import_brats(args.src, args.out, profile=args.profile, split_seed=args.split_seed,
-                          val_fraction=args.val_fraction, test_fraction=args.test_fraction, cohort=args.cohort,
-                          require_tumour=not args.allow_empty_tumour)
+    report = import_cohort(args.src, args.out, args.layout, profile=args.profile, split_seed=args.split_seed,
+                           val_fraction=args.val_fraction, test_fraction=args.test_fraction, cohort=args.cohort,
+                           require_tumour=not args.allow_empty_tumour, channel_map=args.channel_map,
+                           label_map=args.label_map, workers=args.workers)
     print(report.summary(), file=sys.stderr if report.bad else sys.stdout)
     if report.n_usable == 0:
         return 2
     return 1 if (args.strict and report.bad) else 0
+
+
+def _import_brats(args) -> int:
+    args.cohort = args.cohort or "brats2021"
+    return _import_cohort(args)
 
 
 # --- export-nnunet --------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ class CohortError(MedDDPMError):
         self.kind = kind
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):  # rebuilt from (path, problem, kind) when it crosses a process boundary (import workers)
+        return type(self), (self.path, self.problem, self.kind)
+
 
 class ConfigError(MedDDPMError):
     """A bad setting (option, profile name, parameter combination): no file is involved, the message names the
@@ -28,3 +31,6 @@ class ConfigError(MedDDPMError):
         self.problem = problem
         self.kind = kind
         super().__init__(problem)
+
+    def __reduce__(self):
+        return type(self), (self.problem, self.kind)

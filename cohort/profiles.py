@@ -28,7 +28,7 @@ class Profile:
                                    ("crop", self.crop, ("brain-bbox", "centre")),
                                    ("brain_label", self.brain_label, ("foreground", "above-min"))):
             if value not in known:
-                raise CohortError(None, f"profile {self.name}: {name} must be one of {known}, not {value!r}",
+                raise ConfigError(f"profile {self.name}: {name} must be one of {known}, not {value!r}",
                                   kind="bad-profile")
 
 

@@ -2,6 +2,8 @@
 already in a manifest is dropped or corrupted (the manifest's sha256 is unchanged)."""
 from __future__ import annotations
 
+import gzip
+import io
 import shutil
 
 import nibabel as nib
@@ -114,11 +116,51 @@ def _missing_modality(f):
     return f["t1ce"], "missing-modality"
 
 
+def _patch_header(path, **fields):
+    """Rewrite NIfTI-1 header fields on disk as given (nibabel would 'fix' some of them when saving)."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
+    for k, v in fields.items():
+        hdr[k] = v
+    raw[:348] = hdr.binaryblock
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def _constant(f):
+    a, aff = _img(f["t2"])
+    write_array(f["t2"], np.zeros_like(a, dtype=np.float32), aff)  # an all-zero modality (a failed conversion)
+    return f["t2"], "constant-image"
+
+
+def _zero_spacing(f):
+    _patch_header(f["flair"], pixdim=[1, 0, 0, 0, 1, 1, 1, 1])
+    return f["flair"], "bad-header"
+
+
+def _no_orientation(f):
+    """qform and sform codes 0 and pixdim 0 in every file: nibabel would give them all the same made-up affine."""
+    for p in f.values():
+        _patch_header(p, qform_code=0, sform_code=0, pixdim=[1, 0, 0, 0, 1, 1, 1, 1])
+    return f["t1"], "bad-header"
+
+
+def _huge_header(f):
+    _patch_header(f["t2"], dim=[3, 4000, 4000, 4000, 1, 1, 1, 1], datatype=16, bitpix=32)  # 4000^3 float32
+    return f["t2"], "too-large"
+
+
+def _header_bigger_than_file(f):
+    _patch_header(f["t1ce"], dim=[3, 600, 600, 600, 1, 1, 1, 1], datatype=16, bitpix=32)  # 0.8 GiB, under the cap
+    return f["t1ce"], "size-mismatch"
+
+
 BREAKERS = {"truncated-gzip": _truncate, "garbage-file": _garbage, "non-3d": _not_3d,
             "image-label-shape": _shape_mismatch, "affine-mismatch": _affine_mismatch,
             "spacing-mismatch": _spacing_mismatch, "nan": _non_finite("t1", np.nan), "inf": _non_finite("t1ce", np.inf),
             "label-outside-convention": _label_outside_convention, "empty-tumour": _empty_tumour,
-            "missing-modality": _missing_modality}
+            "missing-modality": _missing_modality, "constant-modality": _constant, "zero-spacing": _zero_spacing,
+            "no-orientation": _no_orientation, "huge-header": _huge_header,
+            "header-bigger-than-file": _header_bigger_than_file}
 
 
 @pytest.mark.parametrize("breaker", list(BREAKERS))
@@ -208,3 +250,18 @@ def test_bad_settings_raise_config_error_not_cohort_error(toy_cohort, tmp_path):
         with pytest.raises(ConfigError, match=message) as e:
             call()
         assert not isinstance(e.value, CohortError) and e.value.path is None, message
+
+
+def test_uncompressed_header_bigger_than_file_refused_before_reading(tmp_path):
+    """A .nii whose header claims more voxels than the file holds is refused from its size alone."""
+    from cohort.nifti import read_array
+
+    path = write_array(tmp_path / "x.nii", np.ones((8, 9, 10), np.float32), np.eye(4))
+    raw = bytearray(path.read_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
+    hdr["dim"] = [3, 80, 90, 100, 1, 1, 1, 1]
+    raw[:348] = hdr.binaryblock
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CohortError) as e:
+        read_array(path)
+    assert e.value.kind == "size-mismatch" and str(e.value).startswith(f"{path}: header claims a 80x90x100 float32")

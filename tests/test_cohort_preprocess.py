@@ -91,3 +91,31 @@ def test_preprocess_refuses_missing_modality_and_shape_mismatch():
     assert out.shape == (128, 128, 128) and out.channels == ("t1",)
     with pytest.raises(CohortError, match="case7: label shape"):
         preprocess_case(vol, label[:-1], "tiny", name="case7")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_brain_mask_cleanup_matches_monai(seed):
+    """fill_holes + cc3d.largest_k give MONAI's FillHoles + KeepLargestConnectedComponent mask, voxel for voxel,
+    on blobby masks with enclosed holes, holes open to a face, diagonal-only contacts and several islands."""
+    import cc3d
+    import torch
+    from monai.transforms import FillHoles, KeepLargestConnectedComponent
+    from scipy import ndimage
+
+    from cohort.preprocess import fill_holes
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.gaussian_filter(rng.random((30, 26, 22)), 1.5) > 0.5  # blobs with holes and islands
+    mask[4:20, 4:20, 4:18] = True
+    mask[8:16, 8:16, 8:14] = False  # an enclosed cavity
+    mask[0, 0, 0] = mask[1, 1, 1] = True  # a diagonal-only contact
+    mask[25:, 21:, 17:] = False
+    mask[27:29, 23:25, 19:21] = True  # an island
+    filled = fill_holes(mask)
+    assert filled[10, 10, 10] and not (filled == mask).all()  # there are holes to fill (the test can fail)
+    want_filled = np.asarray(FillHoles(applied_labels=[1])(torch.from_numpy(mask[None].astype(np.uint8)))[0])
+    assert (filled == want_filled.astype(bool)).all()
+    want = np.asarray(KeepLargestConnectedComponent(applied_labels=[1])(
+        torch.from_numpy(want_filled[None].astype(np.uint8)))[0]).astype(bool)
+    got = cc3d.largest_k(filled, k=1, connectivity=26) > 0
+    assert (got == want).all() and got.sum() < filled.sum()  # islands were dropped
