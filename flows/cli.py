@@ -73,6 +73,10 @@ def register(subparsers) -> None:
     p.add_argument("--parallel", type=int, help="segmenter trainings at once in threads (default 2)")
     p.add_argument("--dask-address", help="run segmenter trainings on this Dask scheduler (tcp://host:8786)")
     p.add_argument("--dask-workers", type=int, help="run them on a local Dask cluster of N worker processes")
+    p.add_argument("--device", help="where Med-DDPM, synthesis and segmenters run: auto (default: CUDA when present), "
+                                    "cpu, cuda, cuda:N, mps")
+    p.add_argument("--gpus", type=int, help="fan the segmenter trainings out one per GPU (Dask; dask_cuda when "
+                                            "installed); with --dask-address the workers declare --resources GPU=1")
     p.add_argument("--params", help="JSON file of flow parameters (options given on the command line win)")
     p.set_defaults(func=_study)
 
@@ -90,6 +94,7 @@ def register(subparsers) -> None:
     r.add_argument("--keep", type=int, help="retention: newest regenerated cohorts kept (default all)")
     r.add_argument("--max-gate-failures", type=int, help="cases still failing the quality gate that are tolerated "
                                                          "(default 0: such a cohort is not registered)")
+    r.add_argument("--device", help="where to sample: auto (default), cpu, cuda, cuda:N, mps")
     r.set_defaults(func=_regenerate)
 
 
@@ -97,7 +102,7 @@ def _study(args) -> int:
     params = read_params(args.params)
     given = {k: getattr(args, k) for k in ("cohort_manifest", "profile", "n_cases", "n_real", "external_test_manifest",
                                            "medddpm_checkpoint", "sampler", "sampling_steps", "parallel",
-                                           "dask_address", "dask_workers")}
+                                           "dask_address", "dask_workers", "device", "gpus")}
     given.update(mixes=_csv(args.mixes), backends=_csv(args.backends), seeds=_csv(args.seeds, int))
     params.update({k: v for k, v in given.items() if v is not None})
     if args.network:
@@ -114,7 +119,7 @@ def _study(args) -> int:
 
 def _regenerate(args) -> int:
     params = {k: getattr(args, k) for k in ("study_dir", "count", "checkpoint", "masks", "sampler", "steps", "seed",
-                                            "keep", "max_gate_failures") if getattr(args, k) is not None}
+                                            "keep", "max_gate_failures", "device") if getattr(args, k) is not None}
     prefect_env(args.study_dir)
     _exit_cleanly_on_sigterm()
     from .regenerate import regenerate_cohort

@@ -58,6 +58,7 @@ def regenerate_cohort(
     seed: int | None = None,
     keep: int | None = None,
     max_gate_failures: int = 0,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Synthesise, gate and register cohort regen-vNNN. count: cases (default: one per mask). keep: retention
     (the newest ``keep`` regenerated cohorts stay, plus any a study used; None keeps all). max_gate_failures:
@@ -75,7 +76,7 @@ def regenerate_cohort(
     seed = SEED_BASE + version if seed is None else int(seed)
     out_dir = study / "synthetic" / cohort_id
     synthetic = fresh(tasks.synthesize, study, ck, mask_ref, str(out_dir), int(count), sampler, int(steps), seed,
-                      cohort_id)
+                      cohort_id, device)
     gate = quality_gate(synthetic.p, int(count), int(max_gate_failures))
     registry.register(study, cohort_id, synthetic.p, synthetic.sha256, kind="regenerated",
                       checkpoint_sha256=ck.sha256, masks_sha256=mask_ref.sha256, sampler=sampler, steps=int(steps),

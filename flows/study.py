@@ -85,10 +85,26 @@ def train_segmenter_flow(manifest: str, case_ids: list[str], out: str, config: d
 # ---------------------------------------------------------------------------------------------------------------
 # the per-run fan-out (thread pool by default, Dask with dask_address / dask_workers)
 
+GPU_RESOURCE = {"GPU": 1}  # what a GPU task asks of a Dask worker (workers declare --resources GPU=1 per GPU)
+
+
+def gpu_submit(task, *args, resources: dict | None = None):
+    """task.submit(*args), asking the Dask scheduler for ``resources`` (e.g. GPU_RESOURCE): a worker runs only as
+    many such tasks at once as it declares GPUs, whatever its thread count. Without resources (or on the thread
+    pool runner) a plain submit."""
+    if not resources:
+        return task.submit(*args)
+    import dask
+
+    with dask.annotate(resources=resources):
+        return task.submit(*args)
+
+
 @flow(name="train-segmenters", log_prints=True)
 def train_segmenters(study_dir: str, manifest: FileRef, jobs: list[dict], test_sets: list[dict],
-                     refresh: bool = False) -> list[dict]:
-    """Train, predict and evaluate one segmenter per job; the task runner decides where they run.
+                     refresh: bool = False, resources: dict | None = None) -> list[dict]:
+    """Train, predict and evaluate one segmenter per job; the task runner decides where they run. ``resources``:
+    what a training and a prediction ask of a Dask worker (GPU_RESOURCE to fan out one per GPU).
 
     Returns one {"run", "model": FileRef, "evals": [FileRef per test set]} per job."""
     study = Path(study_dir)
@@ -96,11 +112,11 @@ def train_segmenters(study_dir: str, manifest: FileRef, jobs: list[dict], test_s
                                   for t in (tasks.train_segmenter, tasks.predict, tasks.evaluate))
     pending = []
     for job in jobs:
-        model = train_t.submit(manifest, job["case_ids"], job["model_dir"], job["config"])
+        model = gpu_submit(train_t, manifest, job["case_ids"], job["model_dir"], job["config"], resources=resources)
         evals = []
         for ts in test_sets:
             pred_dir = study / "predictions" / (job["run"] if ts["name"] == "test" else f"{job['run']}--{ts['name']}")
-            preds = predict_t.submit(model, ts["manifest"], ts["case_ids"], str(pred_dir))
+            preds = gpu_submit(predict_t, model, ts["manifest"], ts["case_ids"], str(pred_dir), resources=resources)
             run = {**job["columns"], "test_set": ts["name"]}
             out_csv = study / "results" / "runs" / f"{job['run']}--{ts['name']}.csv"
             evals.append(eval_t.submit(preds, ts["manifest"], run, str(out_csv)))
@@ -109,12 +125,26 @@ def train_segmenters(study_dir: str, manifest: FileRef, jobs: list[dict], test_s
             for run, model, evals in pending]
 
 
-def segmenter_task_runner(dask_address: str | None, dask_workers: int, parallel: int):
-    if dask_address or dask_workers:
+def segmenter_task_runner(dask_address: str | None, dask_workers: int, parallel: int, gpus: int = 0):
+    """Where the segmenter trainings run: threads (default), a local Dask cluster of dask_workers processes, an
+    existing cluster at dask_address, or, with gpus > 0, one Dask worker per GPU (dask_cuda's LocalCUDACluster,
+    which pins each worker to its GPU, when installed; else a LocalCluster whose workers each declare GPU=1)."""
+    if dask_address or dask_workers or gpus:
         from prefect_dask import DaskTaskRunner
 
-        if dask_address:  # an existing cluster (e.g. dask-scheduler on a head node)
+        if dask_address:  # an existing cluster (e.g. dask-scheduler on a head node; workers with --resources GPU=1)
             return DaskTaskRunner(address=dask_address)
+        if gpus:
+            try:
+                import dask_cuda  # noqa: F401
+
+                return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
+                                      cluster_kwargs={"n_workers": int(gpus), "resources": GPU_RESOURCE,
+                                                      "dashboard_address": None})
+            except ImportError:
+                pass
+            return DaskTaskRunner(cluster_kwargs={"n_workers": int(gpus), "threads_per_worker": 1, "processes": True,
+                                                  "resources": GPU_RESOURCE, "dashboard_address": None})
         # one thread per worker process: each training uses torch's own threads
         return DaskTaskRunner(cluster_kwargs={"n_workers": int(dask_workers), "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
@@ -147,6 +177,8 @@ def augment_study(
     parallel: int = 2,
     dask_address: str | None = None,
     dask_workers: int = 0,
+    device: str = "auto",
+    gpus: int = 0,
 ) -> dict[str, Any]:
     """The augmentation study. Parameters (all JSON, so a deployment run can override any of them):
 
@@ -162,7 +194,9 @@ def augment_study(
     and failures only where a mix needs more, counted in study.json and the log; "exclude" never uses them (the
     study stops if a mix lacks cases); "keep" ignores the gate. parallel: segmenter trainings at once in threads
     (default 2: one per core of our 2-core machines; each uses one torch thread at tiny/demo); dask_address /
-    dask_workers: run them on Dask.
+    dask_workers: run them on Dask. device: where Med-DDPM, synthesis and the segmenters run (auto = CUDA when
+    present; cpu, cuda, cuda:N, mps). gpus: fan the segmenter trainings out one per GPU on Dask (each task asks
+    for GPU_RESOURCE; with dask_address the workers must declare it: `dask worker ... --resources GPU=1`).
     """
     params = StudyParams.pick(locals())  # first statement: locals() holds exactly the flow's parameters
     logger = get_run_logger()
@@ -174,18 +208,20 @@ def augment_study(
     cohort = real_cohort(study, params, stages)
     plan = plan_study(params, cohort.p, study)
     selected = stages["select"] = fresh(tasks.select_training_cases, study, cohort, params.n_real, params.cohort_seed)
-    checkpoint = generator(study, plan, cohort, selected, stages)
-    pools = synthetic_pools(study, plan, checkpoint, selected, stages)
+    runtime = {"device": device} if device != "auto" else {}  # where it runs: not part of what is computed
+    checkpoint = generator(study, plan, cohort, selected, stages, runtime)
+    pools = synthetic_pools(study, plan, checkpoint, selected, stages, device)
     manifest = stages["merge"] = fresh(tasks.merge, study, [cohort, *pools.values()], str(study / "data_manifest.csv"))
     ordered = {name: pool_order(pool.p, params.gate_failures) for name, pool in pools.items()}
-    jobs = plan.jobs(ordered)
+    jobs = [{**j, "config": {**j["config"], **runtime}} for j in plan.jobs(ordered)]
     for job in (j for j in jobs if j["gate_failed_cases"]):
         logger.warning(f"mix {job['columns']['mix']}: {job['gate_failed_cases']} of {job['columns']['n_synth']} "
                        f"synthetic cases failed synth's quality gate (gate_failures={params.gate_failures!r})")
     test_sets = [{"name": t.name, "manifest": ref(t.manifest) if t.manifest else manifest, "case_ids": t.case_ids}
                  for t in plan.test_sets]
     trained, segment_seconds = segmenters(study, manifest, jobs, test_sets,
-                                          segmenter_task_runner(dask_address, dask_workers, parallel))
+                                          segmenter_task_runner(dask_address, dask_workers, parallel, gpus),
+                                          GPU_RESOURCE if gpus else None)
     per_case = stages["collect"] = fresh(tasks.collect, study, str(study), [e for t in trained for e in t["evals"]])
     quality = synthesis_quality(study, plan, cohort, pools, ordered, trained, stages)
 
@@ -217,7 +253,7 @@ def real_cohort(study: Path, params: StudyParams, stages: dict[str, FileRef]) ->
 
 
 def generator(study: Path, plan: StudyPlan, cohort: FileRef, selected: FileRef,
-              stages: dict[str, FileRef]) -> FileRef | None:
+              stages: dict[str, FileRef], runtime: dict | None = None) -> FileRef | None:
     """The Med-DDPM checkpoint (given, or trained on the selected cases or the whole cohort); None if no mix needs
     synthetic cases."""
     params = plan.params
@@ -227,12 +263,12 @@ def generator(study: Path, plan: StudyPlan, cohort: FileRef, selected: FileRef,
         return ref(params.medddpm_checkpoint)
     train_on = selected if plan.generator_train_ids is not None else cohort
     stages["medddpm"] = fresh(tasks.train_medddpm, study, train_on, params.profile, str(study / "medddpm"),
-                              params.medddpm_config)
+                              {**params.medddpm_config, **(runtime or {})})
     return stages["medddpm"]
 
 
 def synthetic_pools(study: Path, plan: StudyPlan, checkpoint: FileRef | None, selected: FileRef,
-                    stages: dict[str, FileRef]) -> dict[str, FileRef]:
+                    stages: dict[str, FileRef], device: str = "auto") -> dict[str, FileRef]:
     """The planned pools, synthesised and registered: {"real": ..., "edited": ...} (those the mixes need)."""
     params, pools = plan.params, {}
     for pool in plan.pools:
@@ -243,7 +279,7 @@ def synthetic_pools(study: Path, plan: StudyPlan, checkpoint: FileRef | None, se
             masks = selected
         pools[pool.name] = stages[f"synthesize-{pool.name}-masks"] = fresh(
             tasks.synthesize, study, checkpoint, masks, pool.out_dir, pool.count, params.sampler,
-            params.sampling_steps, pool.seed, pool.cohort_id)
+            params.sampling_steps, pool.seed, pool.cohort_id, device)
     for pool in plan.pools:
         registry.register(study, pool.cohort_id, pools[pool.name].p, pools[pool.name].sha256, kind="study-pool",
                           checkpoint_sha256=checkpoint.sha256, sampler=params.sampler, steps=params.sampling_steps)
@@ -251,15 +287,15 @@ def synthetic_pools(study: Path, plan: StudyPlan, checkpoint: FileRef | None, se
 
 
 def segmenters(study: Path, manifest: FileRef, jobs: list[dict], test_sets: list[dict],
-               runner) -> tuple[list[dict], float]:
+               runner, resources: dict | None = None) -> tuple[list[dict], float]:
     """The train-segmenters subflow on ``runner``; rerun without the cache if a cached result changed on disk.
     Returns its result and the stage's wall seconds."""
     t0 = time.perf_counter()
     fan_out = train_segmenters.with_options(task_runner=runner)
-    trained = fan_out(str(study), manifest, jobs, test_sets)
+    trained = fan_out(str(study), manifest, jobs, test_sets, resources=resources)
     if not all(r.is_intact() for t in trained for r in (t["model"], *t["evals"])):
         get_run_logger().warning("cached segmenter results changed on disk; recomputing them")
-        trained = fan_out(str(study), manifest, jobs, test_sets, refresh=True)
+        trained = fan_out(str(study), manifest, jobs, test_sets, refresh=True, resources=resources)
     return trained, time.perf_counter() - t0
 
 

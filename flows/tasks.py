@@ -117,14 +117,14 @@ def train_medddpm(manifest: FileRef, profile: str, out_dir: str, config: dict) -
 
 @task(name="synthesize-cohort", **STUDY_TASK)
 def synthesize(checkpoint: FileRef, masks: FileRef, out_dir: str, count: int, sampler: str, steps: int,
-               seed: int, cohort_id: str) -> FileRef:
+               seed: int, cohort_id: str, device: str = "auto") -> FileRef:
     from synth.synthesize import synthesize_cohort
 
     with _Timer() as t:
         # masks.p holds either real rows (their labels) or edited masks (source=mask); ids prefixed with the
         # cohort id stay unique when cohorts are merged into one manifest
         out = synthesize_cohort(checkpoint.p, masks.p, out_dir, count=count, sampler=sampler, steps=steps, seed=seed,
-                                cohort_name=cohort_id, case_prefix=f"{cohort_id}_")
+                                cohort_name=cohort_id, case_prefix=f"{cohort_id}_", device=device)
     return ref(out, t.seconds)
 
 

@@ -190,6 +190,60 @@ def test_segmenter_fan_out_on_a_dask_local_cluster(harness, tmp_path, toy_cohort
     assert json.loads((tmp_path / "segmenters" / "r1" / "config.json").read_text())["train_ids"] == train_ids
 
 
+def _gpu_probe_task():
+    from prefect import task
+
+    @task(name="gpu-probe")
+    def probe(i: int, log: str) -> int:
+        import fcntl
+        import time
+
+        t0 = time.time()
+        time.sleep(0.6)
+        with open(log, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(json.dumps([i, t0, time.time()]) + "\n")
+        return i
+
+    return probe
+
+
+def test_gpu_tasks_never_outnumber_the_gpus_a_dask_cluster_declares(harness, tmp_path):
+    """Two workers, each declaring one GPU but running 3 threads: GPU-annotated tasks (flows.study.gpu_submit, used
+    by train-segmenters) run at most 2 at a time, plain tasks up to 6; every task completes."""
+    from prefect import flow
+    from prefect_dask import DaskTaskRunner
+
+    from flows.study import GPU_RESOURCE, gpu_submit, segmenter_task_runner
+
+    probe = _gpu_probe_task()
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 3, "processes": False,
+                                            "resources": {"GPU": 1}, "dashboard_address": None})
+
+    @flow(task_runner=runner)
+    def fan_out(log: str, resources):
+        return [f.result() for f in [gpu_submit(probe, i, log, resources=resources) for i in range(6)]]
+
+    def max_concurrent(log):
+        rows = [json.loads(line) for line in open(log)]
+        events = sorted([(r[1], 1) for r in rows] + [(r[2], -1) for r in rows])
+        level = peak = 0
+        for _, d in events:
+            level += d
+            peak = max(peak, level)
+        return peak, len(rows)
+
+    gpu_log, cpu_log = tmp_path / "gpu.jsonl", tmp_path / "cpu.jsonl"
+    assert fan_out(str(gpu_log), GPU_RESOURCE) == list(range(6))
+    assert max_concurrent(gpu_log) == (2, 6)
+    assert fan_out(str(cpu_log), None) == list(range(6))
+    assert max_concurrent(cpu_log)[0] > 2  # without the annotation the threads, not the GPUs, limit
+    # the study's runner for --gpus N: one worker per GPU, each declaring GPU=1 (dask_cuda is not installed here)
+    r = segmenter_task_runner(None, 0, 1, gpus=2)
+    assert type(r).__name__ == "DaskTaskRunner" and r.cluster_kwargs["resources"] == GPU_RESOURCE
+    assert r.cluster_kwargs["n_workers"] == 2
+
+
 def test_transient_failures_are_retried_bad_input_is_not(harness):
     """An OSError (e.g. a file system hiccup) is retried; a CohortError (bad input) fails at once."""
     from prefect import flow, task
