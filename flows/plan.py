@@ -31,7 +31,7 @@ JUDGE_BACKEND = "monai"  # its encoder gives the Fréchet features (segment.mona
 @dataclass(frozen=True)
 class StudyParams:
     """The parameters that define a study's results (the flow's parameters less where and how it runs: out,
-    parallel, Dask). Meanings: the augment_study docstring and docs/flows.md. Mixes are kept as canonical labels."""
+    parallel, Dask, device, gpus). Meanings: the augment_study docstring and docs/flows.md. Mixes are kept as canonical labels."""
 
     cohort_manifest: str | None = None
     profile: str = "demo"

@@ -108,5 +108,5 @@ def test_params_picked_from_the_flow_signature_are_all_its_result_parameters():
     from flows.study import augment_study
 
     names = set(inspect.signature(augment_study.fn).parameters)
-    assert names - set(StudyParams().as_dict()) == {"out", "parallel", "dask_address", "dask_workers"}
+    assert names - set(StudyParams().as_dict()) == {"out", "parallel", "dask_address", "dask_workers", "device", "gpus"}
     assert StudyParams.pick({"n_real": 3, "out": "x", "parallel": 1}) == StudyParams(n_real=3)
