@@ -252,12 +252,6 @@ def read_case(manifest_path: str | Path, row: pd.Series) -> Case:
     return Case.from_arrays(cf.case_id, vol, lab)
 
 
-def load_case(manifest_path: str | Path, row: pd.Series):
-    """(image Volume, label array uint8) of one case: read_case as a pair, for callers not yet moved to Case."""
-    case = read_case(manifest_path, row)
-    return case.image, case.label_map
-
-
 def select(df: pd.DataFrame, *, source: str | Iterable[str] | None = None, split: str | Iterable[str] | None = None,
            cohort: str | Iterable[str] | None = None) -> pd.DataFrame:
     """Rows whose source, split and cohort are the given value, or one of the given values (None: any)."""

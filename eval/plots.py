@@ -1,7 +1,7 @@
 """The report's figures: Dice by mix, per-case box plots, real-vs-synthetic montages, memorisation histograms.
 
 Each function draws one PNG (matplotlib Figure without pyplot, so no global state: safe in flow threads) and
-writes it atomically. Images are read only through cohort.manifest.load_case (cohort/ owns NIfTI).
+writes it atomically. Images are read only through cohort.manifest.read_case (cohort/ owns NIfTI).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def plot_boxplots(per_case: pd.DataFrame, path: Path, title: str) -> Path:
 def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_samples: int = 2) -> Path | None:
     """Real image vs synthetic samples conditioned on the same mask: 4 modalities + mask, axial slice through
     the tumour centre. None if no synthetic case's parent is a real case of the cohort."""
-    from cohort.manifest import load_case, load_manifest
+    from cohort.manifest import read_case, load_manifest
 
     real = load_manifest(real_manifest).set_index("case_id", drop=False)
     syn = load_manifest(synthetic_manifest)
@@ -89,13 +89,14 @@ def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_sa
         return None
     owner = parents[0]
     samples = syn[syn["parent_case_id"].astype(str) == owner].head(n_samples)
-    rvol, rlab = load_case(real_manifest, real.loc[owner])
+    real_case = read_case(real_manifest, real.loc[owner])
+    rvol, rlab = real_case.image, real_case.label_map
     tumour = np.argwhere(np.isin(rlab, (1, 2, 3)))
     z = int(np.round(tumour[:, 2].mean())) if len(tumour) else rlab.shape[2] // 2
     rows = [(f"real {owner}", rvol, rlab)]
     for _, r in samples.iterrows():
-        v, lab = load_case(synthetic_manifest, r)
-        rows.append((f"synthetic {r['case_id']}", v, lab))
+        sample = read_case(synthetic_manifest, r)
+        rows.append((f"synthetic {r['case_id']}", sample.image, sample.label_map))
     mods = [m for m in MODALITIES if m in rvol.channels]
     fig, axes = _figure(len(rows), len(mods) + 1, (2.2 * (len(mods) + 1), 2.3 * len(rows)))
     for i, (name, vol, lab) in enumerate(rows):

@@ -193,6 +193,39 @@ def _segmentation_section(per_case: pd.DataFrame, test_set: str, out: Path, prim
     return doc, results
 
 
+def findings(paired: pd.DataFrame) -> list[str]:
+    """One sentence per (back end, mix, region): the paired Dice difference with real-only data, and whether it is
+    significant (its 95 % bootstrap CI excludes 0) with its sign. paired: eval.stats.paired_vs_real."""
+    out = []
+    multi = paired["backend"].nunique() > 1 if len(paired) else False
+    for _, r in paired.iterrows():
+        lo, hi, d = float(r["delta_ci_low"]), float(r["delta_ci_high"]), float(r["delta_mean"])
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            verdict = "too few test cases for a confidence interval"
+        elif lo > 0:
+            verdict = "significantly better than real only (95 % CI above 0)"
+        elif hi < 0:
+            verdict = "significantly worse than real only (95 % CI below 0)"
+        else:
+            verdict = "no significant difference from real only (95 % CI includes 0)"
+        who = f"{r['mix']} ({r['backend']})" if multi else str(r["mix"])
+        out.append(f"{who}, {r['region']}: Δ Dice {d:+.3f} [{lo:+.3f}, {hi:+.3f}] vs {r['reference_mix']} — {verdict}.")
+    return out
+
+
+def _findings_section(per_case: pd.DataFrame, test_set: str, seed: int) -> _Blocks:
+    doc = _Blocks()
+    paired = paired_vs_real(per_case[per_case["test_set"].astype(str) == test_set], seed=seed)
+    if len(paired):
+        doc.h(f"What this study found (test set '{test_set}')")
+        seeds = per_case["seed"].nunique()
+        doc.p(f"Paired per test case, seeds averaged per case ({seeds} segmenter seed{'s' if seeds != 1 else ''}); "
+              "significant = the 95 % bootstrap confidence interval of the mean difference excludes 0.")
+        doc.md += [f"- {line}" for line in findings(paired)] + [""]
+        doc.html.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in findings(paired)) + "</ul>")
+    return doc
+
+
 def _montage_section(study: Path, real: Path | None, out: Path) -> _Blocks:
     doc = _Blocks()
     doc.h("Synthetic images: samples (same mask, real vs synthetic)")
@@ -335,6 +368,7 @@ def build_report(study_dir: str | Path, *, seed: int = 0) -> Path:
         doc.p(PHANTOM_NOTE, strong=True)
 
     primary = _primary_test_set(per_case, record)
+    doc += _findings_section(per_case, primary, seed)
     test_sets = [primary, *(ts for ts in dict.fromkeys(per_case["test_set"]) if ts != primary)]
     sections = [_segmentation_section(per_case, ts, out, ts == primary, seed) for ts in test_sets]
     for blocks, _ in sections:

@@ -14,7 +14,7 @@ import pytest
 from cohort.brats import import_brats, import_brats_case
 from cohort.errors import CohortError
 from cohort.fsutil import sha256_file
-from cohort.manifest import append_rows, load_case, load_manifest, validate_manifest
+from cohort.manifest import append_rows, read_case, load_manifest, validate_manifest
 from cohort.nifti import write_array
 from cohort.nnunet import export_nnunet
 from tests.cohort_fakes import write_brats_case
@@ -204,11 +204,11 @@ def test_manifest_path_escaping_the_data_root_refused(cohort_copy, tmp_path):
     assert str(e.value).startswith(str(manifest))
     assert sha256_file(manifest) == before
 
-    # a manifest edited by hand to point outside: validate, load_case and the nnU-Net export all refuse
+    # a manifest edited by hand to point outside: validate, read_case and the nnU-Net export all refuse
     edited = manifest.parent / "edited.csv"
     rows.assign(label=["../outside.nii.gz"] + rows["label"].tolist()[1:]).to_csv(edited, index=False)
     edited_hash = sha256_file(edited)
-    for call in (lambda: validate_manifest(edited), lambda: load_case(edited, load_manifest(edited).iloc[0]),
+    for call in (lambda: validate_manifest(edited), lambda: read_case(edited, load_manifest(edited).iloc[0]),
                  lambda: export_nnunet(edited, tmp_path / "raw", 3, "X", rows["case_id"].tolist(), n_folds=2)):
         with pytest.raises(CohortError) as e:
             call()

@@ -11,7 +11,7 @@ import pytest
 from cohort.brats import assign_split, import_brats
 from cohort.errors import CohortError
 from cohort.fsutil import sha256_file
-from cohort.manifest import load_case, load_manifest, validate_manifest
+from cohort.manifest import read_case, load_manifest, validate_manifest
 from medddpm.cli import main as medddpm_main
 from tests.cohort_fakes import write_brats_case
 
@@ -50,7 +50,8 @@ def test_import_good_cases_and_report_every_bad_one(brats_src, tmp_path):
 
     # BraTS enhancing tumour (4) is our ET (3); brain (4) is derived; NCR/ED unchanged
     src_seg = np.asarray(nib.load(brats_src / GOOD[0] / f"{GOOD[0]}_seg.nii.gz").dataobj)
-    vol, lab = load_case(out / "data_manifest.csv", df.iloc[0])
+    case = read_case(out / "data_manifest.csv", df.iloc[0])
+    vol, lab = case.image, case.label_map
     assert set(np.unique(lab)) == {0, 1, 2, 3, 4}
     assert vol.channels == ("t1", "t1ce", "t2", "flair")
     et_ml_src = (src_seg == 4).sum() * 6.0 ** 3 / 1000

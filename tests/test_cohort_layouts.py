@@ -11,7 +11,7 @@ import pytest
 from cohort.brats import import_brats, import_cohort
 from cohort.errors import CohortError
 from cohort.layouts import detect_layout
-from cohort.manifest import load_case, load_manifest
+from cohort.manifest import read_case, load_manifest
 from medddpm.cli import main as medddpm_main
 from tests.cohort_fakes import NNUNET_MAPS, write_brats_case, write_layout_case
 
@@ -51,7 +51,8 @@ def test_layout_is_detected(sources):
 def test_one_tumour_in_every_convention_lands_as_the_same_voxels(sources, imported):
     rows = {n: load_manifest(m).iloc[0] for n, m in imported.items()}
     ref = rows["brats2021"]
-    vol, lab = load_case(imported["brats2021"], ref)
+    case = read_case(imported["brats2021"], ref)
+    vol, lab = case.image, case.label_map
     assert all((lab == v).sum() > 0 for v in (1, 2, 3))  # NCR, ED and ET all present (the test can fail)
     for name, row in rows.items():
         assert row[FILE_HASHES].tolist() == ref[FILE_HASHES].tolist(), name  # byte-identical label and images
@@ -70,9 +71,11 @@ def test_a_wrong_label_map_gives_other_voxels(sources, tmp_path):
     swap.write_text(json.dumps({"1": "NCR", "2": "ED"}))
     rep = import_cohort(sources["msd"], tmp_path / "swapped", profile="demo", label_map=str(swap))
     assert rep.imported == ["BRATS_007"]
-    _, lab = load_case(rep.manifest, load_manifest(rep.manifest).iloc[0])
+    case = read_case(rep.manifest, load_manifest(rep.manifest).iloc[0])
+    _, lab = case.image, case.label_map
     rep_ok = import_cohort(sources["msd"], tmp_path / "ok", profile="demo")
-    _, lab_ok = load_case(rep_ok.manifest, load_manifest(rep_ok.manifest).iloc[0])
+    case = read_case(rep_ok.manifest, load_manifest(rep_ok.manifest).iloc[0])
+    _, lab_ok = case.image, case.label_map
     assert ((lab == 1) == (lab_ok == 2)).all() and ((lab == 2) == (lab_ok == 1)).all() and (lab_ok == 1).any()
 
 
@@ -120,7 +123,8 @@ def test_brats2024_pediatric_labels_need_a_map(tmp_path):
     assert str(rep.bad[0][1]).startswith(f"{files['seg']}: label values [4]")
     rep = import_cohort(src, tmp_path / "b", profile="demo", label_map="1=ET,2=NCR,3=NCR,4=ED")
     assert rep.imported == ["BraTS-PED-00001-000"]
-    _, lab = load_case(rep.manifest, load_manifest(rep.manifest).iloc[0])
+    case = read_case(rep.manifest, load_manifest(rep.manifest).iloc[0])
+    _, lab = case.image, case.label_map
     assert all((lab == v).any() for v in (1, 2, 3))
 
 

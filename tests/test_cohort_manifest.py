@@ -9,7 +9,7 @@ import pytest
 
 from cohort.errors import CohortError
 from cohort.fsutil import default_mode, sha256_file
-from cohort.manifest import (COLUMNS, append_rows, load_case, load_manifest, make_row, merge_manifests, read_case,
+from cohort.manifest import (COLUMNS, append_rows, load_manifest, make_row, merge_manifests, read_case,
                              resolve, validate_manifest)
 from cohort.nifti import write_array
 from tests.cohort_fakes import TINY_AFFINE, write_mixed_cohort
@@ -36,11 +36,10 @@ def test_round_trip_values_and_voxels(tmp_path):
     assert r["shape"] == "16x20x16" and r["spacing"] == "9x9x9"
     assert r["sha256_flair"] == sha256_file(paths["flair"])
     assert (r["parent_case_id"], r["steps"], r["seed"], r["my_note"]) == ("p7", "50", "3", "kept")
-    vol, lab = load_case(manifest, r)
-    np.testing.assert_array_equal(lab, label)
-    np.testing.assert_allclose(vol.channel("t2"), images["t2"])
-    np.testing.assert_allclose(vol.affine, TINY_AFFINE)
     case = read_case(manifest, r)  # the one case object: image and label Volumes on one grid
+    np.testing.assert_array_equal(case.label_map, label)
+    np.testing.assert_allclose(case.image.channel("t2"), images["t2"])
+    np.testing.assert_allclose(case.image.affine, TINY_AFFINE)
     assert case.case_id == "c1" and case.label.channels == ("label",) and case.image.channels == tuple(images)
     np.testing.assert_array_equal(case.label_map, label)
     assert case.spacing == (9.0, 9.0, 9.0) and case.label.affine.tolist() == case.image.affine.tolist()

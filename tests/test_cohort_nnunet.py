@@ -14,7 +14,7 @@ import pytest
 
 from cohort.errors import CohortError
 from cohort.fsutil import default_mode
-from cohort.manifest import load_case, load_manifest
+from cohort.manifest import read_case, load_manifest
 from cohort.nnunet import export_nnunet, load_case_map
 from tests.cohort_fakes import write_mixed_cohort
 
@@ -51,7 +51,8 @@ def test_export_layout_labels_and_splits(mixed, tmp_path):
 
     # voxels: images identical to the manifest's, tumour labels kept, brain (4) -> background (0)
     df = load_manifest(mixed).set_index("case_id", drop=False)
-    vol, lab = load_case(mixed, df.loc["r001"])
+    case = read_case(mixed, df.loc["r001"])
+    vol, lab = case.image, case.label_map
     out_lab = np.asarray(nib.load(ds / "labelsTr" / "r001.nii.gz").dataobj)
     assert (lab == 4).any() and not (out_lab == 4).any()
     np.testing.assert_array_equal(out_lab, np.where(lab == 4, 0, lab))

@@ -206,3 +206,36 @@ def test_study_record_round_trip_and_bad_file(tmp_path):
     path.write_text(json.dumps({"runs": [{"config": {}}]}))  # a run without its name
     with pytest.raises(CohortError, match="study.json.*runs"):
         StudyRecord.read(tmp_path)
+
+
+def test_report_opens_with_one_finding_per_mix_and_region():
+    """Known paired differences: a clear gain, a clear loss and noise around 0 give the three verdicts."""
+    from eval.report import findings
+    from eval.stats import paired_vs_real
+
+    rng = np.random.default_rng(1)
+    rows = []
+    effects = {"1:0": (8, 0, 0.0), "0:1": (0, 8, -0.2), "1:1": (8, 8, 0.15), "1:2@edited": (8, 16, 0.0)}
+    for mix, (n_r, n_s, eff) in effects.items():
+        for c in range(12):
+            base = 0.5 + 0.02 * c
+            # 1:2@edited: differences of +-0.05 around 0 (mean 0, a CI across 0); the others: small noise
+            d = base + eff + ((0.05 if c % 2 else -0.05) if mix == "1:2@edited" else rng.normal(0, 0.005))
+            rows.append({"run": mix, "mix": mix, "n_real": n_r, "n_synth": n_s, "backend": "monai", "seed": 0,
+                         "test_set": "test", "case_id": f"c{c}", "region": "TC", "dice": d, "hd95": 1.0})
+    lines = findings(paired_vs_real(pd.DataFrame(rows)))
+    assert len(lines) == 3
+    by_mix = {line.split(",")[0]: line for line in lines}
+    delta = lambda line: float(line.split("Δ Dice ")[1].split(" ")[0])  # noqa: E731
+    assert "significantly worse" in by_mix["0:1"] and delta(by_mix["0:1"]) == pytest.approx(-0.2, abs=0.01)
+    assert "significantly better" in by_mix["1:1"] and delta(by_mix["1:1"]) == pytest.approx(0.15, abs=0.01)
+    assert "no significant difference" in by_mix["1:2@edited"]
+
+
+def test_built_report_states_the_findings_first(study):
+    from eval.report import build_report
+
+    md = (build_report(study) / "report.md").read_text()
+    first = md.index("## What this study found (test set 'test')")
+    assert first < md.index("## Dice by training mix")
+    assert md.count("- 0:1, ") == 3 and md.count("- 1:2@edited, ") == 3  # one sentence per mix and region

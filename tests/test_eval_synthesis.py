@@ -82,10 +82,11 @@ def _make_synthetic(tmp_path, toy_cohort, items):
 
 
 def test_memorisation_planted_copy_detected_independent_not(toy_cohort, tmp_path):
-    from cohort.manifest import load_case, load_manifest
+    from cohort.manifest import read_case, load_manifest
 
     df = load_manifest(toy_cohort).set_index("case_id", drop=False)
-    copy_img, copy_lab = load_case(toy_cohort, df.loc["toy_002"])
+    case = read_case(toy_cohort, df.loc["toy_002"])
+    copy_img, copy_lab = case.image, case.label_map
     rng = np.random.default_rng(5)
     planted = copy_img.data + rng.normal(0, 0.01, copy_img.data.shape).astype(np.float32)  # near-copy
     indep = [_toy_volume(100 + k) for k in range(4)]  # fresh patients from the same distribution
@@ -126,13 +127,14 @@ def test_copy_threshold_rules_and_similarity():
 
 
 def test_synthesis_table_rows(toy_cohort, tmp_path):
-    from cohort.manifest import load_case, load_manifest
+    from cohort.manifest import read_case, load_manifest
 
     df = load_manifest(toy_cohort).set_index("case_id", drop=False)
     items, preds = [], {}
     rng = np.random.default_rng(0)
     for parent in ("toy_000", "toy_001"):
-        img, lab = load_case(toy_cohort, df.loc[parent])
+        case = read_case(toy_cohort, df.loc[parent])
+        img, lab = case.image, case.label_map
         for k in range(2):
             noisy = img.data + rng.normal(0, .05, img.data.shape).astype(np.float32)
             items.append((f"syn_{parent}_{k}", parent, noisy, lab))

@@ -107,7 +107,7 @@ def test_same_seed_gives_identical_files(tiny_builds):
 
 
 def test_manifest_rows_and_label_convention(tiny_builds):
-    from cohort.manifest import load_case, validate_manifest
+    from cohort.manifest import read_case, validate_manifest
     from cohort.profiles import get_profile
 
     manifest = tiny_builds[0]
@@ -117,7 +117,8 @@ def test_manifest_rows_and_label_convention(tiny_builds):
     assert set(df["atlas"]) == {"sri24", "mni152", "oasis"}
     prof = get_profile("tiny")
     for _, row in df.iterrows():
-        vol, lab = load_case(manifest, row)
+        case = read_case(manifest, row)
+        vol, lab = case.image, case.label_map
         assert vol.shape == prof.shape and np.allclose(vol.spacing, prof.spacing)
         assert vol.channels == ("t1", "t1ce", "t2", "flair")
         assert set(np.unique(lab).tolist()) <= {0, 1, 2, 3, 4}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cohort.errors import CohortError, ConfigError
-from cohort.manifest import load_case, load_manifest
+from cohort.manifest import read_case, load_manifest
 from cohort.nifti import read_array
 from segment import api, monai_backend
 from segment.config import SegmenterConfig, load_config
@@ -71,7 +71,8 @@ def test_predictions_keep_geometry_and_label_range(trained, toy_cohort, tmp_path
         df = load_manifest(manifest).set_index("case_id", drop=False)
         for cid, path in p.items():
             assert path.name == f"{cid}.nii.gz"
-            vol, _ = load_case(manifest, df.loc[cid])
+            case = read_case(manifest, df.loc[cid])
+            vol, _ = case.image, case.label_map
             lab, aff = read_array(path)
             assert lab.shape == vol.shape and np.allclose(aff, vol.affine, atol=1e-5)
             assert set(np.unique(lab)) <= {0, 1, 2, 3}
@@ -161,8 +162,10 @@ def test_validation_is_real_only(toy_cohort, tmp_path):
 def test_encoder_features(trained, toy_cohort):
     model_dir, _, _ = trained
     df = load_manifest(toy_cohort).set_index("case_id", drop=False)
-    vol0, _ = load_case(toy_cohort, df.loc["toy_000"])
-    vol8, _ = load_case(toy_cohort, df.loc["toy_008"])
+    case = read_case(toy_cohort, df.loc["toy_000"])
+    vol0, _ = case.image, case.label_map
+    case = read_case(toy_cohort, df.loc["toy_008"])
+    vol8, _ = case.image, case.label_map
     loaded = monai_backend.load_model(model_dir)
     f0 = monai_backend.encoder_features(model_dir, vol0)
     assert f0.ndim == 1 and f0.shape[0] == loaded[1].init_filters * 2 ** (len(loaded[1].blocks_down) - 1)
@@ -213,7 +216,8 @@ def test_dynunet_learns_saves_and_gives_encoder_features(toy_cohort, tmp_path):
     assert type(model).__name__ == "DynUNet" and rcfg.network == "dynunet" and rcfg.init_filters == 8
     _, wt_dice = mean_dice(api.predict(model_dir, toy_cohort, TRAIN, tmp_path / "pred"), toy_cohort)
     assert wt_dice > 0.6 and wt_dice > untrained_dice(model_dir, toy_cohort, tmp_path / "base")[1] + 0.3
-    vol, _ = load_case(toy_cohort, load_manifest(toy_cohort).set_index("case_id", drop=False).loc["toy_000"])
+    case = read_case(toy_cohort, load_manifest(toy_cohort).set_index("case_id", drop=False).loc["toy_000"])
+    vol, _ = case.image, case.label_map
     f = monai_backend.encoder_features((model, rcfg), vol)
     assert f.shape == (rcfg.init_filters * 2 ** (len(rcfg.blocks_down) - 1),) and np.isfinite(f).all()
     with pytest.raises(ConfigError, match="unknown MONAI network"):

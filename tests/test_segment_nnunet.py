@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cohort.manifest import load_case, load_manifest
+from cohort.manifest import read_case, load_manifest
 from cohort.nifti import read_array
 from segment import api, nnunet_backend
 from segment.config import NNUNET_BUDGETS, SegmenterConfig
@@ -79,7 +79,8 @@ def test_nnunet_learns_and_keeps_geometry(nn_trained, tmp_path):
     assert trained_lab > base_lab + 0.2, (trained_lab, base_lab)
     df = load_manifest(mixed).set_index("case_id", drop=False)
     for cid, path in preds.items():  # includes odd_000: 15x19x14 voxels, rotated affine
-        vol, _ = load_case(mixed, df.loc[cid])
+        case = read_case(mixed, df.loc[cid])
+        vol, _ = case.image, case.label_map
         lab, aff = read_array(path)
         assert lab.shape == vol.shape and np.allclose(aff, vol.affine, atol=1e-5), cid
         assert set(np.unique(lab)) <= {0, 1, 2, 3}
