@@ -37,6 +37,13 @@ def register(subparsers) -> None:
                                                            "stay fp32")
     p.add_argument("--grad-checkpoint", action="store_true", default=None,
                    help="activation checkpointing: much less GPU memory for ~30 %% more time per step")
+    p.add_argument("--data-workers", type=int, help="DataLoader worker processes reading cases (default: 0 on the "
+                                                     "CPU, 4 on a GPU)")
+    p.add_argument("--cache-rate", type=float, help="share of the training cases kept in RAM (default 0: each case "
+                                                    "is read when used)")
+    p.add_argument("--nproc", type=int, help="train in N processes on this node (one per GPU, or CPU processes): "
+                                             "runs torchrun --standalone --nproc_per_node N; several nodes: "
+                                             "run torchrun yourself (README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -68,7 +75,17 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
+    import os
+
     from .train import train_medddpm
+
+    if (args.nproc or 1) > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside torchrun: start it
+        from cohort.device import resolve_device
+
+        from .distributed import check_nproc, launch
+
+        check_nproc(args.nproc, resolve_device(args.device))
+        return launch(args.nproc, _without_option(args.cli_args, "--nproc"))
 
     overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
                  "grad_accum": args.grad_accum, "loss": args.loss, "checkpoint_every": args.checkpoint_every,
@@ -76,10 +93,25 @@ def _train(args) -> int:
                  "seed": args.seed, "num_threads": args.threads, "warmup_steps": args.warmup_steps,
                  "device": args.device, "precision": args.precision, "grad_checkpoint": args.grad_checkpoint,
                  "sources": tuple(args.sources.split(",")) if args.sources else None,
+                 "data_workers": args.data_workers, "cache_rate": args.cache_rate,
                  "progress": False if args.no_progress else None}
     path = train_medddpm(args.manifest, args.profile, args.out, {k: v for k, v in overrides.items() if v is not None})
-    print(f"generator: {path}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"generator: {path}")
     return 0
+
+
+def _without_option(cli_args: list[str], option: str) -> list[str]:
+    """cli_args without `option VALUE` / `option=VALUE`."""
+    out, skip = [], False
+    for a in cli_args:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def _synthesize(args) -> int:
