@@ -79,14 +79,6 @@ def _train(args) -> int:
 
     from .train import train_medddpm
 
-    if (args.nproc or 1) > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside torchrun: start it
-        from cohort.device import resolve_device
-
-        from .distributed import check_nproc, launch
-
-        check_nproc(args.nproc, resolve_device(args.device))
-        return launch(args.nproc, _without_option(args.cli_args, "--nproc"))
-
     overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
                  "grad_accum": args.grad_accum, "loss": args.loss, "checkpoint_every": args.checkpoint_every,
                  "ema_decay": args.ema_decay, "ema_every": args.ema_every, "ema_start": args.ema_start,
@@ -95,7 +87,19 @@ def _train(args) -> int:
                  "sources": tuple(args.sources.split(",")) if args.sources else None,
                  "data_workers": args.data_workers, "cache_rate": args.cache_rate,
                  "progress": False if args.no_progress else None}
-    path = train_medddpm(args.manifest, args.profile, args.out, {k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if (args.nproc or 1) > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside torchrun: start it
+        from cohort.device import resolve_device
+
+        from .config import get_config
+        from .data import rank_shard
+        from .distributed import check_nproc, launch
+
+        cfg = get_config(args.profile, **overrides)
+        check_nproc(args.nproc, resolve_device(cfg.device))  # one clear error here, not one per process
+        rank_shard(cfg.batch_size, cfg.grad_accum, args.nproc)
+        return launch(args.nproc, _without_option(args.cli_args, "--nproc"))
+    path = train_medddpm(args.manifest, args.profile, args.out, overrides)
     if os.environ.get("RANK", "0") == "0":
         print(f"generator: {path}")
     return 0

@@ -29,7 +29,7 @@ from cohort.threads import torch_threads
 
 from .checkpoint import CONFIG_FILE, GENERATOR_FILE, LOSS_LOG, RANGES_FILE, STATE_FILE, load_state, save_generator
 from .config import MedDDPMConfig, get_config
-from .data import StepBatchSampler, collate_pair, training_dataset, training_rows
+from .data import StepBatchSampler, collate_pair, rank_shard, training_dataset, training_rows
 from .distributed import Ranks, mean_over_ranks, process_group, rank_device, ranks_from_env
 from .network import build_unet
 from .quality import intensity_ranges, save_ranges
@@ -171,8 +171,8 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
     """
     cfg = _as_config(profile, config)
     out = Path(out_dir)
-    grid = _check_settings(cfg)
     ranks = ranks_from_env()
+    grid = _check_settings(cfg, ranks)
     device = rank_device(resolve_device(cfg.device), ranks)
     with torch_threads(cfg.num_threads), process_group(device, ranks):
         rows = training_rows(manifest, cfg)
@@ -188,7 +188,7 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
     return out / GENERATOR_FILE
 
 
-def _check_settings(cfg: MedDDPMConfig):
+def _check_settings(cfg: MedDDPMConfig, ranks: Ranks):
     """The profile's voxel grid, after refusing settings that cannot train."""
     grid = get_profile(cfg.profile)
     if any(s % cfg.downsample_factor for s in grid.shape):
@@ -196,6 +196,7 @@ def _check_settings(cfg: MedDDPMConfig):
                                 f"downsampling factor {cfg.downsample_factor}", kind="bad-config")
     if cfg.warmup_steps >= cfg.steps:
         raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) must be smaller than steps ({cfg.steps})")
+    rank_shard(cfg.batch_size, cfg.grad_accum, ranks.world)  # the processes can share a step's samples
     return grid
 
 

@@ -1,4 +1,5 @@
-"""Med-DDPM training in several processes (DistributedDataParallel, gloo on the CPU) and its step sharding."""
+"""Med-DDPM training at scale: cases streamed through DataLoader workers, and several processes
+(DistributedDataParallel, gloo on the CPU) sharing each step."""
 from __future__ import annotations
 
 import os
@@ -55,6 +56,25 @@ def test_bad_process_counts_are_refused_with_one_clear_error(monkeypatch):
         check_nproc(3, torch.device("cuda"))
     check_nproc(2, torch.device("cuda"))
     check_nproc(3, torch.device("cpu"))  # CPU processes: any number
+
+
+def test_streamed_cases_with_workers_and_a_partial_cache_train_exactly_like_one_process(toy_cohort, tmp_path):
+    import json
+
+    from synth.data import load_items, training_rows
+    from synth.quality import intensity_ranges
+
+    base = {**FAST, "steps": 4, "checkpoint_every": 4, "device": "cpu"}
+    plain = train_medddpm(toy_cohort, "tiny", tmp_path / "plain", base)
+    workers = train_medddpm(toy_cohort, "tiny", tmp_path / "workers", {**base, "data_workers": 2, "cache_rate": 0.5})
+    pd.testing.assert_series_equal(pd.read_csv(plain.parent / LOSS_LOG)["loss"],
+                                   pd.read_csv(workers.parent / LOSS_LOG)["loss"])
+    st_plain, st_workers = load_state(plain.parent / STATE_FILE), load_state(workers.parent / STATE_FILE)
+    assert all(torch.equal(st_plain["model"][k], st_workers["model"][k]) for k in st_plain["model"])
+    # the gate statistics, read one case at a time, are those of all cases loaded at once
+    cfg = get_config("tiny")
+    expected = intensity_ranges(load_items(toy_cohort, cfg, training_rows(toy_cohort, cfg)), cfg.modalities)
+    assert json.loads((plain.parent / "intensity_ranges.json").read_text()) == json.loads(json.dumps(expected))
 
 
 def _free_port() -> int:
