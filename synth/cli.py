@@ -76,6 +76,7 @@ def register(subparsers) -> None:
 
 def _train(args) -> int:
     import os
+    import sys
 
     from .train import train_medddpm
 
@@ -98,7 +99,7 @@ def _train(args) -> int:
         cfg = get_config(args.profile, **overrides)
         check_nproc(args.nproc, resolve_device(cfg.device))  # one clear error here, not one per process
         rank_shard(cfg.batch_size, cfg.grad_accum, args.nproc)
-        return launch(args.nproc, _without_option(args.cli_args, "--nproc"))
+        return launch(args.nproc, _without_option(getattr(args, "cli_args", None) or sys.argv[1:], "--nproc"))
     path = train_medddpm(args.manifest, args.profile, args.out, overrides)
     if os.environ.get("RANK", "0") == "0":
         print(f"generator: {path}")

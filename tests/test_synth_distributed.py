@@ -46,7 +46,8 @@ def test_ranks_share_each_step_and_together_see_the_single_process_batches(batch
     assert sorted(flat[:n]) == list(range(n))
 
 
-def test_bad_process_counts_are_refused_with_one_clear_error(monkeypatch):
+def test_bad_process_counts_are_refused_with_one_clear_error(monkeypatch, capsys, toy_cohort, tmp_path):
+    from medddpm.cli import main
     from synth.distributed import check_nproc
 
     with pytest.raises(ConfigError, match="cannot share an optimizer step of batch_size 1 x grad_accum 2"):
@@ -56,6 +57,11 @@ def test_bad_process_counts_are_refused_with_one_clear_error(monkeypatch):
         check_nproc(3, torch.device("cuda"))
     check_nproc(2, torch.device("cuda"))
     check_nproc(3, torch.device("cpu"))  # CPU processes: any number
+    # the CLI refuses before starting torchrun: the tiny profile's step of 2 x 1 samples cannot go to 3 processes
+    rc = main(["train", "--manifest", str(toy_cohort), "--profile", "tiny", "--out", str(tmp_path / "x"),
+               "--device", "cpu", "--nproc", "3"])
+    assert rc == 2 and "3 processes cannot share" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_streamed_cases_with_workers_and_a_partial_cache_train_exactly_like_one_process(toy_cohort, tmp_path):
