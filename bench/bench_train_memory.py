@@ -4,10 +4,11 @@ all cases held in RAM (cache_rate 1, the earlier behaviour), in one run.
 Writes max(--cases) toy cases (tests/conftest.make_toy_case) at a cohort profile's grid into a temporary folder,
 then trains a few steps on the first n of them, each (n, cache_rate) in its own subprocess, and reads that
 process's peak RSS (ru_maxrss). Data workers 0, so every byte is in the measured process. Default: the
-paper-wholehead grid (128³, t1 only, ~27 MB per transformed case) with a small network (8-16-16 channels, no
-attention) so that a step fits on a CPU; the data, not the network, is what differs between the runs.
+paper-wholehead grid (128³, t1 only, ~27 MB per transformed case) with a small network (8-16-16-16 channels, no
+level attention; MONAI's middle block always has attention, at 1/8 = 16³ tokens here) so that a step fits on a
+CPU; the data, not the network, is what differs between the runs.
 
-    .venv/bin/python bench/bench_train_memory.py --cases 8 64 --steps 2
+    .venv/bin/python bench/bench_train_memory.py --cases 8 64 --steps 1
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SMALL_NETWORK = dict(channels=(8, 16, 16), attention_levels=(False, False, False), norm_num_groups=8,
-                     num_res_blocks=1, batch_size=1, grad_accum=2)
+SMALL_NETWORK = dict(channels=(8, 16, 16, 16), attention_levels=(False, False, False, False), norm_num_groups=8,
+                     num_res_blocks=1, batch_size=1, grad_accum=1)
 
 
 def bench_config(steps: int, cache_rate: float) -> dict:
@@ -77,7 +78,7 @@ def child(manifest: str, out: str, profile: str, steps: int, cache_rate: float) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, nargs=2, default=(8, 64), help="small and large case counts")
-    ap.add_argument("--steps", type=int, default=2, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=1, help="optimizer steps per run")
     ap.add_argument("--profile", default="paper-wholehead", help="synth and cohort profile (modalities, voxel grid)")
     ap.add_argument("--child", nargs=3, metavar=("MANIFEST", "OUT", "CACHE_RATE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
