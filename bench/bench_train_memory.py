@@ -99,9 +99,9 @@ def main() -> None:
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode:
                     sys.exit(done.stderr[-3000:])
-                results[cache_rate, n] = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"cache_rate {cache_rate:.0f}, {n:3d} cases: peak RSS {results[cache_rate, n]['peak_rss_mb']:7.0f}"
-                      f" MB, {results[cache_rate, n]['seconds']:.0f} s", flush=True)
+                r = results[cache_rate, n] = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"cache_rate {cache_rate:.0f}, {n:3d} cases: peak RSS {r['peak_rss_mb']:7.0f} MB, "
+                      f"{r['seconds']:.0f} s", flush=True)
     print()
     print(f"| data | peak RSS, {small} cases | peak RSS, {large} cases | {large} / {small} |")
     print("|---|---|---|---|")
