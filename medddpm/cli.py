@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.cli_args = list(sys.argv[1:] if argv is None else argv)  # what a verb re-running itself (torchrun) passes on
     try:
         rc = args.func(args)
     except MedDDPMError as e:

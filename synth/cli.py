@@ -37,6 +37,13 @@ def register(subparsers) -> None:
                                                            "stay fp32")
     p.add_argument("--grad-checkpoint", action="store_true", default=None,
                    help="activation checkpointing: much less GPU memory for ~30 %% more time per step")
+    p.add_argument("--data-workers", type=int, help="DataLoader worker processes reading cases (default: 0 on the "
+                                                     "CPU, 4 on a GPU)")
+    p.add_argument("--cache-rate", type=float, help="share of the training cases kept in RAM (default 0: each case "
+                                                    "is read when used)")
+    p.add_argument("--nproc", type=int, help="train in N processes on this node (one per GPU, or CPU processes): "
+                                             "runs torchrun --standalone --nproc_per_node N; several nodes: "
+                                             "run torchrun yourself (README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--init-from", help="generator (file or folder, e.g. from import-weights) whose weights and "
                                        "network settings training starts from (fine-tuning)")
@@ -83,6 +90,9 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
+    import os
+    import sys
+
     from .train import train_medddpm
 
     overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
@@ -91,10 +101,37 @@ def _train(args) -> int:
                  "seed": args.seed, "num_threads": args.threads, "warmup_steps": args.warmup_steps,
                  "device": args.device, "precision": args.precision, "grad_checkpoint": args.grad_checkpoint,
                  "sources": tuple(args.sources.split(",")) if args.sources else None,
+                 "data_workers": args.data_workers, "cache_rate": args.cache_rate,
                  "progress": False if args.no_progress else None, "init_from": args.init_from}
-    path = train_medddpm(args.manifest, args.profile, args.out, {k: v for k, v in overrides.items() if v is not None})
-    print(f"generator: {path}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if (args.nproc or 1) > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside torchrun: start it
+        from cohort.device import resolve_device
+
+        from .config import get_config
+        from .data import rank_shard
+        from .distributed import check_nproc, launch
+
+        cfg = get_config(args.profile, **overrides)
+        check_nproc(args.nproc, resolve_device(cfg.device))  # one clear error here, not one per process
+        rank_shard(cfg.batch_size, cfg.grad_accum, args.nproc)
+        return launch(args.nproc, _without_option(getattr(args, "cli_args", None) or sys.argv[1:], "--nproc"))
+    path = train_medddpm(args.manifest, args.profile, args.out, overrides)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"generator: {path}")
     return 0
+
+
+def _without_option(cli_args: list[str], option: str) -> list[str]:
+    """cli_args without `option VALUE` / `option=VALUE`."""
+    out, skip = [], False
+    for a in cli_args:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def _synthesize(args) -> int:

@@ -31,7 +31,7 @@ CONDITION_LABELS: dict[str, tuple[tuple[int, ...], ...]] = {
 # left out of the config hash, so a run can be resumed with more --steps (constant lr) or on another device.
 # With lr_schedule="cosine" the lr horizon is `steps`: a resume checks it separately (synth.train).
 RUNTIME_FIELDS = ("steps", "checkpoint_every", "log_every", "num_threads", "progress", "device", "precision",
-                  "grad_checkpoint")
+                  "grad_checkpoint", "data_workers", "cache_rate")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ARCHITECTURES = ("monai", "authors")
@@ -93,6 +93,8 @@ class MedDDPMConfig:
     log_every: int = 1
     num_threads: int | None = None                 # torch threads inside train/sample calls (None: leave as is)
     progress: bool = True
+    data_workers: int | None = None                # DataLoader worker processes (None: 0 on CPU, 4 on CUDA)
+    cache_rate: float = 0.0                        # share of the cases kept in RAM (0: every case read when used)
 
     def __post_init__(self):
         if self.condition not in CONDITION_CHANNELS:
@@ -117,6 +119,10 @@ class MedDDPMConfig:
                                                            and self.architecture != "authors"):
             raise ConfigError(f"condition_values {self.condition_values!r}: '01', or 'pm1' with the authors "
                               "architecture")
+        if not 0.0 <= self.cache_rate <= 1.0:
+            raise ConfigError(f"cache_rate must be in [0, 1], not {self.cache_rate}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise ConfigError(f"data_workers must be >= 0, not {self.data_workers}")
 
     @property
     def in_channels(self) -> int:

@@ -70,10 +70,83 @@ def training_rows(manifest: str | Path, config: MedDDPMConfig, splits=None) -> p
     return rows.sort_values("case_id")
 
 
-def load_items(manifest: str | Path, config: MedDDPMConfig, rows: pd.DataFrame, shape=None) -> list[dict]:
-    """Load and transform every row once (the cohorts trained here fit in memory; MONAI CacheDataset style)."""
-    from monai.data import CacheDataset
+def training_dataset(manifest: str | Path, config: MedDDPMConfig, rows: pd.DataFrame, shape=None,
+                     cache_rate: float | None = None):
+    """The rows as a MONAI dataset that reads and transforms a case when it is asked for: a plain Dataset, or a
+    CacheDataset holding the first `cache_rate` share of the cases (config.cache_rate by default) in RAM."""
+    from monai.data import CacheDataset, Dataset
 
-    ds = CacheDataset([{"row": r} for _, r in rows.iterrows()], training_transforms(manifest, config, shape),
-                      cache_rate=1.0, num_workers=0, progress=False)
+    data = [{"row": r} for _, r in rows.iterrows()]
+    transform = training_transforms(manifest, config, shape)
+    rate = config.cache_rate if cache_rate is None else cache_rate
+    if rate <= 0:
+        return Dataset(data, transform)
+    return CacheDataset(data, transform, cache_rate=rate, num_workers=0, progress=False)
+
+
+def load_items(manifest: str | Path, config: MedDDPMConfig, rows: pd.DataFrame, shape=None) -> list[dict]:
+    """Every row loaded and transformed, as a list (small held-out sets and tests; training streams instead)."""
+    ds = training_dataset(manifest, config, rows, shape, cache_rate=0.0)
     return [ds[i] for i in range(len(ds))]
+
+
+def collate_pair(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, condition) batches of items; the DataLoader's collate_fn (module level: picklable for workers)."""
+    return (torch.stack([torch.as_tensor(it["image"]) for it in items]),
+            torch.stack([torch.as_tensor(it["condition"]) for it in items]))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """The case order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same cases."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def rank_shard(batch_size: int, grad_accum: int, world: int) -> tuple[int, int]:
+    """(micro-batch size, micro-batches per step) of one of `world` ranks sharing each optimizer step's
+    batch_size * grad_accum samples equally: the largest micro-batch <= batch_size that divides a rank's share.
+    One rank: (batch_size, grad_accum)."""
+    per_step = batch_size * grad_accum
+    if per_step % world:
+        raise ConfigError(f"{world} processes cannot share an optimizer step of batch_size {batch_size} x "
+                          f"grad_accum {grad_accum} = {per_step} samples equally; use a number of processes that "
+                          f"divides {per_step}")
+    share = per_step // world
+    micro = max(d for d in range(1, min(batch_size, share) + 1) if share % d == 0)
+    return micro, share // micro
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Micro-batches of case indices for optimizer steps [start_step, steps) on one rank of `world`.
+
+    The global sample sequence is epoch_order(seed, 0) + epoch_order(seed, 1) + ...; optimizer step s uses its
+    samples [s * per_step, (s + 1) * per_step), and rank r takes the r-th contiguous share of them (a
+    DistributedSampler that shards each step rather than each epoch), so the union over ranks is the
+    single-process step and a resume at any step continues the same sequence."""
+
+    def __init__(self, n_cases: int, seed: int, batch_size: int, grad_accum: int, steps: int, start_step: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.n, self.seed, self.steps, self.start = n_cases, seed, steps, start_step
+        self.per_step = batch_size * grad_accum
+        self.micro, self.accum = rank_shard(batch_size, grad_accum, world)
+        self.share = self.per_step // world
+        self.offset = rank * self.share  # first position of this rank inside a step
+        self._epoch = (-1, [])
+
+    def case_index(self, sample: int) -> int:
+        epoch = sample // self.n
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_order(self.seed, epoch, self.n))
+        return self._epoch[1][sample % self.n]
+
+    def positions(self) -> range:
+        """This rank's positions inside a step (0 .. per_step - 1)."""
+        return range(self.offset, self.offset + self.share)
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            first = step * self.per_step + self.offset
+            for m in range(self.accum):
+                yield [self.case_index(first + m * self.micro + k) for k in range(self.micro)]
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start) * self.accum

@@ -3,13 +3,17 @@ EMA, atomic resumable checkpoints and a loss log.
 
 Every random draw (timesteps, noise) comes from one torch.Generator whose state is checkpointed, and the data
 order is a function of (seed, epoch), so a run killed with SIGKILL and restarted continues the same loss curve.
+Cases stream through a DataLoader (synth.data.StepBatchSampler); under torchrun each process takes its share of
+every step's samples and DistributedDataParallel averages the gradients (synth.distributed).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +29,8 @@ from cohort.threads import torch_threads
 
 from .checkpoint import CONFIG_FILE, GENERATOR_FILE, LOSS_LOG, RANGES_FILE, STATE_FILE, load_state, save_generator
 from .config import MedDDPMConfig, get_config
-from .data import load_items, training_rows
+from .data import StepBatchSampler, collate_pair, rank_shard, training_dataset, training_rows
+from .distributed import Ranks, mean_over_ranks, process_group, rank_device, ranks_from_env
 from .network import build_unet
 from .quality import intensity_ranges, save_ranges
 from .schedulers import make_training_scheduler, model_input
@@ -60,15 +65,6 @@ def diffusion_loss(model, x0, condition, t, noise, scheduler, loss: str = "l1", 
     return F.l1_loss(eps, noise) if loss == "l1" else F.mse_loss(eps, noise)
 
 
-def _batch(items: list[dict], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.stack([torch.as_tensor(items[i]["image"]) for i in idx]),
-            torch.stack([torch.as_tensor(items[i]["condition"]) for i in idx]))
-
-
-def _order(seed: int, epoch: int, n: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-
-
 @torch.no_grad()
 def denoising_loss(model, items: list[dict], config: MedDDPMConfig, seed: int = 1234, n_draws: int = 8) -> float:
     """Mean held-out denoising loss over fixed (t, noise) draws: comparable across models for the same seed.
@@ -79,7 +75,7 @@ def denoising_loss(model, items: list[dict], config: MedDDPMConfig, seed: int = 
     model.eval()
     losses = []
     for it in items:
-        x0, cond = _batch([it], [0])
+        x0, cond = collate_pair([it])
         for _ in range(n_draws):
             t = torch.randint(0, config.timesteps, (1,), generator=g)
             noise = torch.randn(x0.shape, generator=g)
@@ -141,6 +137,26 @@ def _as_config(profile: str, config) -> MedDDPMConfig:
     return get_config(profile, **(config or {}))
 
 
+@dataclass
+class _Run:
+    """What one training process holds: settings, where it runs, the network and its optimisation state."""
+    cfg: MedDDPMConfig
+    out: Path
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    ranks: Ranks
+    net: torch.nn.Module            # the network itself (checkpointed, EMA source)
+    model: torch.nn.Module          # what is called: `net`, or `net` inside DistributedDataParallel
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    rng: torch.Generator
+    sampler: StepBatchSampler
+    cases_hash: str
+    step: int = 0
+    log_rows: list | None = None
+
+
 def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
                   config: MedDDPMConfig | dict | None = None) -> Path:
     """Train (or resume) a Med-DDPM generator; return the path of its EMA weights (generator.safetensors).
@@ -150,6 +166,7 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
     whose settings `config` (a MedDDPMConfig or a dict of overrides such as {"steps": 200}) replaces/overrides.
     out_dir gets config.json, intensity_ranges.json, loss_log.csv, loss_curve.png, checkpoints/last.pt and
     generator.safetensors. Rerunning the same call after an interruption resumes from the last checkpoint.
+    Launched by torchrun (WORLD_SIZE > 1), the processes train one model together and rank 0 writes.
     config.init_from (CLI --init-from): start from that generator's weights, taking its network settings
     (e.g. the authors' imported weights); recorded in config.json with the file's sha256.
     """
@@ -159,113 +176,219 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
 
         cfg = adopt_init_network(cfg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    grid = get_profile(cfg.profile)
-    if any(s % cfg.downsample_factor for s in grid.shape):
-        raise ConfigError(f"profile {cfg.profile} shape {grid.shape} is not divisible by the network's "
-                                f"downsampling factor {cfg.downsample_factor}")
-    if cfg.warmup_steps >= cfg.steps:
-        raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) must be smaller than steps ({cfg.steps})")
-    device = resolve_device(cfg.device)
-    amp_dtype = autocast_dtype(device, cfg.precision)
-    state_path, log_path = out / STATE_FILE, out / LOSS_LOG
-    with torch_threads(cfg.num_threads):
+    ranks = ranks_from_env()
+    grid = _check_settings(cfg, ranks)
+    device = rank_device(resolve_device(cfg.device), ranks)
+    with torch_threads(cfg.num_threads), process_group(device, ranks):
         rows = training_rows(manifest, cfg)
         cases_hash = training_cases_hash(rows)
-        st = load_state(state_path) if state_path.exists() else None
-        if st is not None:
-            _check_resume(state_path, st, cfg, cases_hash)
-        items = load_items(manifest, cfg, rows, shape=grid.shape)
-        if not (out / RANGES_FILE).exists():
-            save_ranges(out / RANGES_FILE, intensity_ranges(items, cfg.modalities))
-
-        torch.manual_seed(cfg.seed)  # initial weights only; every later draw uses `rng`
-        model = build_unet(cfg)
-        init_sha = None
-        if cfg.init_from:
-            from .authors_weights import init_weights
-
-            init_sha = init_weights(model, cfg)
-        model = model.to(device)
-        ema = copy.deepcopy(model).eval().requires_grad_(False)  # fp32 master weights and EMA, whatever amp_dtype
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        # fp16 needs loss scaling; bf16 has fp32's exponent range and does not
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        rng = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws on every device
-        step = 0
-        if st is not None:
-            model.load_state_dict(st["model"])
-            ema.load_state_dict(st["ema"])
-            opt.load_state_dict(st["optimizer"])
-            if "scaler" in st and scaler.is_enabled():
-                scaler.load_state_dict(st["scaler"])
-            rng.set_state(st["rng"])
-            step = int(st["step"])
-        log_rows = [{k: r.get(k, "") for k in LOG_FIELDS} for r in read_csv_log(log_path, "step", step)]
-        atomic_write_text(out / CONFIG_FILE, json.dumps({**cfg.to_dict(), "config_hash": cfg.hash(),
-                                                         "manifest": str(Path(manifest).resolve()),
-                                                         "train_cases": rows["case_id"].tolist(),
-                                                         "training_cases_hash": cases_hash,
-                                                         **({"init_from_sha256": init_sha} if init_sha else {})},
-                                                        indent=1))
-
-        sched = make_training_scheduler(cfg.timesteps, cfg.schedule)
-        n, per_step = len(items), cfg.batch_size * cfg.grad_accum
-
-        def checkpoint():
-            atomic_write_csv(log_path, log_rows, LOG_FIELDS)
-            save_generator(out / GENERATOR_FILE, ema, cfg, step)
-            atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                               "scaler": scaler.state_dict(), "rng": rng.get_state(), "step": step,
-                               "config_hash": cfg.hash(), "config": cfg.to_json(), "lr_horizon": cfg.steps,
-                               "training_cases_hash": cases_hash}, state_path)
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="Med-DDPM train", disable=not cfg.progress,
-                   dynamic_ncols=True)
-        model.train()
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            lr = lr_at(cfg, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for a in range(cfg.grad_accum):
-                start = step * per_step + a * cfg.batch_size
-                idx = [_order(cfg.seed, c // n, n)[c % n] for c in range(start, start + cfg.batch_size)]
-                x0, cond = _batch(items, idx)
-                t = torch.randint(0, cfg.timesteps, (x0.shape[0],), generator=rng)
-                noise = torch.randn(x0.shape, generator=rng)
-                x0, cond, t, noise = (v.to(device) for v in (x0, cond, t, noise))
-                loss = diffusion_loss(model, x0, cond, t, noise, sched, cfg.loss, cfg.channels_last,
-                                      amp_dtype) / cfg.grad_accum
-                scaler.scale(loss).backward()
-                total += float(loss.detach())
-            if not math.isfinite(total):
-                raise RuntimeError(f"{out}: training loss became {total} at step {step + 1}; lower the lr")
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            if step % cfg.ema_every == 0:  # paper: EMA is a copy of the model until ema_start
-                with torch.no_grad():
-                    if step < cfg.ema_start:
-                        ema.load_state_dict(model.state_dict())
-                    else:
-                        for pe, pm in zip(ema.parameters(), model.parameters()):
-                            pe.lerp_(pm, 1.0 - cfg.ema_decay)
-                        for be, bm in zip(ema.buffers(), model.buffers()):
-                            be.copy_(bm)
-            log_rows.append({"step": step, "loss": f"{total:.6f}", "lr": f"{lr:.3g}",
-                             "seconds": f"{time.perf_counter() - t0:.4f}"})
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2g}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint()
-        bar.close()
-        if not (out / GENERATOR_FILE).exists() or not state_path.exists():
-            checkpoint()
-        if log_rows:
-            plot_loss(log_path, out / "loss_curve.png")
+        state = _resume_state(out, cfg, cases_hash)
+        dataset = training_dataset(manifest, cfg, rows, shape=grid.shape)
+        if ranks.main:
+            _write_run_files(out, manifest, cfg, rows, cases_hash, dataset, device)
+        run = _setup(cfg, out, device, ranks, len(dataset), cases_hash, state)
+        _train_steps(run, _batches(dataset, run))
+        if ranks.main:
+            _finish(run)
     return out / GENERATOR_FILE
+
+
+def _check_settings(cfg: MedDDPMConfig, ranks: Ranks):
+    """The profile's voxel grid, after refusing settings that cannot train."""
+    grid = get_profile(cfg.profile)
+    if any(s % cfg.downsample_factor for s in grid.shape):
+        raise CohortError(None, f"profile {cfg.profile} shape {grid.shape} is not divisible by the network's "
+                                f"downsampling factor {cfg.downsample_factor}", kind="bad-config")
+    if cfg.warmup_steps >= cfg.steps:
+        raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) must be smaller than steps ({cfg.steps})")
+    rank_shard(cfg.batch_size, cfg.grad_accum, ranks.world)  # the processes can share a step's samples
+    return grid
+
+
+def _resume_state(out: Path, cfg: MedDDPMConfig, cases_hash: str) -> dict | None:
+    """The last checkpoint (every rank reads the same file), checked against this run's settings; None if new."""
+    state_path = out / STATE_FILE
+    if not state_path.exists():
+        return None
+    st = load_state(state_path)
+    _check_resume(state_path, st, cfg, cases_hash)
+    return st
+
+
+def _write_run_files(out: Path, manifest, cfg: MedDDPMConfig, rows, cases_hash: str, dataset, device) -> None:
+    """config.json, and the quality gate's intensity ranges (once), read one case at a time."""
+    from torch.utils.data import DataLoader
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / RANGES_FILE).exists():
+        cases = DataLoader(dataset, batch_size=None, num_workers=_data_workers(cfg, device))
+        save_ranges(out / RANGES_FILE, intensity_ranges(cases, cfg.modalities))
+    init = {}
+    if cfg.init_from:
+        from cohort.fsutil import sha256_file
+
+        from .checkpoint import resolve_generator
+
+        init = {"init_from_sha256": sha256_file(resolve_generator(cfg.init_from))}
+    atomic_write_text(out / CONFIG_FILE, json.dumps({**cfg.to_dict(), "config_hash": cfg.hash(),
+                                                     "manifest": str(Path(manifest).resolve()),
+                                                     "train_cases": rows["case_id"].tolist(),
+                                                     "training_cases_hash": cases_hash, **init}, indent=1))
+
+
+def _data_workers(cfg: MedDDPMConfig, device: torch.device) -> int:
+    if cfg.data_workers is not None:
+        return cfg.data_workers
+    return 4 if device.type == "cuda" else 0  # a GPU step outruns reading five NIfTI files in the main process
+
+
+def _setup(cfg: MedDDPMConfig, out: Path, device: torch.device, ranks: Ranks, n_cases: int, cases_hash: str,
+           st: dict | None) -> _Run:
+    """Network, EMA, optimizer, loss scaler and random generator: fresh from the seed, or restored from `st`."""
+    torch.manual_seed(cfg.seed)  # initial weights only (the same on every rank); every later draw uses `rng`
+    net = build_unet(cfg)  # with cfg.grad_checkpoint, its blocks are checkpointed (synth.network)
+    if cfg.init_from:
+        from .authors_weights import init_weights
+
+        init_weights(net, cfg)
+    net = net.to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)  # fp32 master weights and EMA, whatever the autocast
+    amp_dtype = autocast_dtype(device, cfg.precision)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    # fp16 needs loss scaling; bf16 has fp32's exponent range and does not
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    rng = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same draws on every device and every rank
+    step = 0
+    if st is not None:
+        net.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["optimizer"])
+        if "scaler" in st and scaler.is_enabled():
+            scaler.load_state_dict(st["scaler"])
+        rng.set_state(st["rng"])
+        step = int(st["step"])
+    model = net
+    if ranks.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    log_rows = ([{k: r.get(k, "") for k in LOG_FIELDS} for r in read_csv_log(out / LOSS_LOG, "step", step)]
+                if ranks.main else [])
+    sampler = StepBatchSampler(n_cases, cfg.seed, cfg.batch_size, cfg.grad_accum, cfg.steps, step,
+                               ranks.rank, ranks.world)
+    return _Run(cfg, out, device, amp_dtype, ranks, net, model, ema, opt, scaler, rng, sampler, cases_hash, step,
+                log_rows)
+
+
+def _batches(dataset, run: _Run):
+    """This rank's micro-batches (image, condition) from the run's step on, read by DataLoader workers."""
+    from torch.utils.data import DataLoader
+
+    return iter(DataLoader(dataset, batch_sampler=run.sampler, collate_fn=collate_pair,
+                           num_workers=_data_workers(run.cfg, run.device), pin_memory=run.device.type == "cuda"))
+
+
+def _step_draws(run: _Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's (timesteps, noise) micro-batches for one optimizer step. Every rank draws the whole step in the
+    single-process order (per micro-batch of batch_size: timesteps, then noise) and keeps its own positions, so
+    the generator stays the same on all ranks and the union of their draws is the single-process step's."""
+    cfg, mine = run.cfg, set(run.sampler.positions())
+    shape = (len(cfg.modalities), *get_profile(cfg.profile).shape)
+    ts, noises = [], []
+    for a in range(cfg.grad_accum):
+        t = torch.randint(0, cfg.timesteps, (cfg.batch_size,), generator=run.rng)
+        noise = torch.randn((cfg.batch_size, *shape), generator=run.rng)
+        for k in range(cfg.batch_size):
+            if a * cfg.batch_size + k in mine:
+                ts.append(t[k])
+                noises.append(noise[k])
+    m = run.sampler.micro
+    return [(torch.stack(ts[i:i + m]), torch.stack(noises[i:i + m])) for i in range(0, len(ts), m)]
+
+
+def _optimizer_step(run: _Run, batches, sched) -> float:
+    """One optimizer step over this rank's micro-batches; the step's mean loss over all ranks."""
+    cfg = run.cfg
+    run.opt.zero_grad(set_to_none=True)
+    draws = _step_draws(run)
+    total = 0.0
+    for i, (t, noise) in enumerate(draws):
+        x0, cond = next(batches)
+        x0, cond, t, noise = (v.to(run.device) for v in (x0, cond, t, noise))
+        # DDP averages gradients over ranks once per step, at the last micro-batch
+        last = i == len(draws) - 1
+        with contextlib.nullcontext() if last or run.model is run.net else run.model.no_sync():
+            loss = diffusion_loss(run.model, x0, cond, t, noise, sched, cfg.loss, cfg.channels_last,
+                                  run.amp_dtype) / len(draws)
+            run.scaler.scale(loss).backward()
+        total += float(loss.detach())
+    total = mean_over_ranks(total, run.ranks, run.device)
+    if not math.isfinite(total):
+        raise RuntimeError(f"{run.out}: training loss became {total} at step {run.step + 1}; lower the lr")
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return total
+
+
+@torch.no_grad()
+def _update_ema(run: _Run) -> None:
+    """Every rank updates its EMA from the same synchronised weights, so all EMAs stay equal without messages.
+    Paper: the EMA is a copy of the model until ema_start."""
+    cfg = run.cfg
+    if run.step % cfg.ema_every:
+        return
+    if run.step < cfg.ema_start:
+        run.ema.load_state_dict(run.net.state_dict())
+        return
+    for pe, pm in zip(run.ema.parameters(), run.net.parameters()):
+        pe.lerp_(pm, 1.0 - cfg.ema_decay)
+    for be, bm in zip(run.ema.buffers(), run.net.buffers()):
+        be.copy_(bm)
+
+
+def _checkpoint(run: _Run) -> None:
+    """Loss log, generator and resumable state, each written atomically (rank 0 only)."""
+    if not run.ranks.main:
+        return
+    cfg = run.cfg
+    atomic_write_csv(run.out / LOSS_LOG, run.log_rows, LOG_FIELDS)
+    save_generator(run.out / GENERATOR_FILE, run.ema, cfg, run.step)
+    atomic_torch_save({"model": run.net.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.opt.state_dict(),
+                       "scaler": run.scaler.state_dict(), "rng": run.rng.get_state(), "step": run.step,
+                       "config_hash": cfg.hash(), "config": cfg.to_json(), "lr_horizon": cfg.steps,
+                       "training_cases_hash": run.cases_hash}, run.out / STATE_FILE)
+
+
+def _train_steps(run: _Run, batches) -> None:
+    """Optimizer steps from run.step to cfg.steps, with EMA updates, the loss log and periodic checkpoints."""
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+    sched = make_training_scheduler(cfg.timesteps, cfg.schedule)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="Med-DDPM train", dynamic_ncols=True,
+               disable=not cfg.progress or not run.ranks.main)
+    run.model.train()
+    while run.step < cfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, run.step)
+        for g in run.opt.param_groups:
+            g["lr"] = lr
+        loss = _optimizer_step(run, batches, sched)
+        run.step += 1
+        _update_ema(run)
+        if run.ranks.main:
+            run.log_rows.append({"step": run.step, "loss": f"{loss:.6f}", "lr": f"{lr:.3g}",
+                                 "seconds": f"{time.perf_counter() - t0:.4f}"})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
+        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+            _checkpoint(run)
+    bar.close()
+
+
+def _finish(run: _Run) -> None:
+    """A run resumed at its last step still leaves its generator, state and loss curve."""
+    if not (run.out / GENERATOR_FILE).exists() or not (run.out / STATE_FILE).exists():
+        _checkpoint(run)
+    if run.log_rows:
+        plot_loss(run.out / LOSS_LOG, run.out / "loss_curve.png")
