@@ -39,9 +39,8 @@ def segmenter_step_cost(backend: str, seg_profile: str, grid: tuple[int, int, in
     (segment.config) on a DynUNet shaped like nnU-Net's 3d_fullres plan for BraTS (6 stages, 32-320 filters,
     128^3 patches or the whole volume if smaller, batch 2) — nnU-Net plans its own network per dataset, so this
     is an estimate of its size, not its plan."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from segment.config import SegmenterConfig
+    from synth.costs import forward_backward_cost
 
     cfg = SegmenterConfig(backend=backend, profile=seg_profile).resolved()
     if backend == "monai":
@@ -62,19 +61,9 @@ def segmenter_step_cost(backend: str, seg_profile: str, grid: tuple[int, int, in
             net = DynUNet(3, in_channels, 4, [3] * levels, [1] + [2] * (levels - 1), [2] * (levels - 1),
                           filters=[min(32 * 2 ** i, 320) for i in range(levels)], norm_name="instance")
         what = f"nnU-Net-like U-Net at {patch}, batch {batch}"
-    x = torch.zeros((batch, in_channels, *patch), device="meta")
-    saved = [0]
-
-    def pack(tn):
-        saved[0] += tn.numel() * tn.element_size()
-        return tn
-
-    with FlopCounterMode(display=False) as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tn: tn):
-            out = net(x)
-        (out[0] if isinstance(out, (list, tuple)) else out).float().mean().backward()
+    flops, saved = forward_backward_cost(net, torch.zeros((batch, in_channels, *patch), device="meta"))
     params = sum(p.numel() for p in net.parameters())
-    return counter.get_total_flops(), params * 16 + saved[0], iters, what
+    return flops, params * 16 + saved, iters, what
 
 
 def plan_study(profile: str, n_real: int, n_test: int, mixes, backends, seeds, *, medddpm_steps: int | None = None,

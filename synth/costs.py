@@ -40,14 +40,12 @@ def _shape(cfg: MedDDPMConfig, batch: int):
     return (batch, cfg.in_channels, *get_profile(cfg.profile).shape)
 
 
-def train_step_cost(cfg: MedDDPMConfig, *, half_precision: bool = False, grad_checkpoint: bool = False) -> StepCost:
-    """One optimizer step: forward + backward of batch_size x grad_accum volumes."""
+def forward_backward_cost(net: torch.nn.Module, *inputs: torch.Tensor) -> tuple[float, int]:
+    """(FLOPs, bytes of the tensors autograd saves for the backward pass) of one forward + backward of ``net`` on
+    ``inputs`` (meta tensors: shapes only). A network returning several outputs (deep supervision) is scored on
+    the first."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = _meta_network(cfg)
-    n_params = sum(p.numel() for p in net.parameters())
-    x = torch.zeros(_shape(cfg, cfg.batch_size), device="meta")
-    t = torch.zeros(cfg.batch_size, dtype=torch.long, device="meta")
     saved = [0]
 
     def pack(tn):
@@ -56,15 +54,24 @@ def train_step_cost(cfg: MedDDPMConfig, *, half_precision: bool = False, grad_ch
 
     with FlopCounterMode(display=False) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tn: tn):
-            out = net(x, t)
-        out.abs().mean().backward()
-    activations = saved[0] * (0.5 if half_precision else 1.0)
+            out = net(*inputs)
+        (out[0] if isinstance(out, (list, tuple)) else out).float().abs().mean().backward()
+    return counter.get_total_flops(), saved[0]
+
+
+def train_step_cost(cfg: MedDDPMConfig, *, half_precision: bool = False, grad_checkpoint: bool = False) -> StepCost:
+    """One optimizer step: forward + backward of batch_size x grad_accum volumes."""
+    net = _meta_network(cfg)
+    n_params = sum(p.numel() for p in net.parameters())
+    x = torch.zeros(_shape(cfg, cfg.batch_size), device="meta")
+    t = torch.zeros(cfg.batch_size, dtype=torch.long, device="meta")
+    flops, saved = forward_backward_cost(net, x, t)
+    activations = saved * (0.5 if half_precision else 1.0)
     if grad_checkpoint:
         # kept: the blocks' inputs and outputs (~ one tensor per block); recomputed at a time: the largest block
         blocks = len(getattr(net, "down_blocks", [])) + len(getattr(net, "up_blocks", [])) + 1
         activations = activations / blocks * 2
-    return StepCost(counter.get_total_flops() * cfg.grad_accum, n_params * TRAIN_BYTES_PER_PARAM + activations,
-                    n_params)
+    return StepCost(flops * cfg.grad_accum, n_params * TRAIN_BYTES_PER_PARAM + activations, n_params)
 
 
 def sample_step_cost(cfg: MedDDPMConfig, batch: int = 1) -> StepCost:

@@ -11,6 +11,18 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread inside a test (restored afterwards): CI's 2 cores are shared by parallel jobs,
+    and two spinning OpenMP threads per job make small convolutions many times slower."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def make_toy_case(rng: np.random.Generator, shape=(16, 20, 16)):
     """One case: ellipsoid brain (label 4) holding a spherical tumour (NCR core, ET rim, ED halo).
 

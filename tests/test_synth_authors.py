@@ -27,12 +27,7 @@ needs_fixtures = pytest.mark.skipif(
 GRID = Profile("tiny16", (16, 16, 16), (9.0, 9.0, 9.0), MODALITIES, "tests of 5-level networks")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the machine is shared, 2 threads thrash
 
 
 @pytest.fixture

@@ -14,12 +14,7 @@ from synth.network import build_unet, condition_from_label, count_parameters
 from synth.schedulers import make_sampler, make_training_scheduler, run_sampler, sample, sampling_timesteps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: one thread is faster than two under load
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the machine is shared, 2 threads thrash
 
 
 @pytest.mark.parametrize("profile,in_ch,out_ch,shape", [

@@ -27,12 +27,7 @@ from synth.train import denoising_loss, train_medddpm
 FAST = {"num_threads": 1, "progress": False}  # one thread: the machine is shared, two threads thrash
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the machine is shared, 2 threads thrash
 
 
 @pytest.fixture(scope="module")
