@@ -1,7 +1,7 @@
 """Quality-gate calibration on the phantom: the gate learnt from the real training cases must pass held-out real
 cases (target >= 95 %) and fail the same cases with added Gaussian noise (sd 0.2) or a grey background.
 
-    .venv/bin/python bench/bench_quality_gate.py --work /tmp/gate --cases 48 --profile demo
+    .venv/bin/python bench/bench_quality_gate.py --work /tmp/gate --cases 48 --profile demo [--n-train 8]
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=int, default=48)
     ap.add_argument("--profile", default="demo")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, help="learn the gate from the first N training cases only (the study's "
+                                                "data-scarce regime uses 8)")
     a = ap.parse_args(argv)
 
     from cohort.phantom import build_phantom_cohort
@@ -30,7 +32,7 @@ def main(argv=None) -> int:
     manifest = build_phantom_cohort(Path(a.work) / "cohort", n_cases=a.cases, seed=a.seed, profile=a.profile,
                                     progress=False)
     cfg = get_config(a.profile if a.profile in ("tiny", "demo") else "demo")
-    train = load_items(manifest, cfg, training_rows(manifest, cfg))
+    train = load_items(manifest, cfg, training_rows(manifest, cfg))[:a.n_train]
     held = load_items(manifest, cfg, training_rows(manifest, cfg, splits=("val", "test")))
     gate = intensity_ranges(train, cfg.modalities)
     rng = np.random.default_rng(0)

@@ -9,9 +9,11 @@ cases (stored beside the generator at training time as intensity_ranges.json):
    every median in place, raises it (added noise of sd 0.2 fails; real images pass).
 
 Envelope of a statistic (as MAISI: mean ± k·sd, widened to the observed range): [min(lo, mean - k sd) - margin,
-max(hi, mean + k sd) + margin] over the training cases' values, with k = 3 and margin = 0.05 (intensities are in the
-generator's [-1, 1] space). With k = 3 a held-out real case falls outside one of its ~30 envelopes rarely: on the
-demo phantom 100 % of held-out real cases pass (docs/benchmarks.md; test: tests/test_synth_quality.py).
+max(hi, mean + k sd) + margin] over the training cases' values, margin 0.05 for intensities (the generator's
+[-1, 1] space) and 10 % (relative) for the texture. k is a normal tolerance factor: the interval that covers 99 %
+of real cases with 95 % confidence from n training cases (4.9 for the study's 8 cases, 3.4 for 30), so a held-out
+real case falls outside one of its ~30 envelopes rarely (on the demo phantom 100 % pass with 30 training cases
+and with 8: docs/benchmarks.md; test: tests/test_synth_quality.py).
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ from cohort.labels import BACKGROUND, LABEL_NAMES
 GATE_FORMAT = "medddpm-gate-v2"
 MIN_VOXELS = 5  # labels smaller than this in a mask are not judged (their median is too noisy)
 GATED_LABELS = (1, 2, 3, 4)  # tissue labels, as MAISI gates organs; background has its own check
-K_SIGMA = 3.0
-MARGIN = 0.05
+COVERAGE, CONFIDENCE = 0.99, 0.95  # the envelope covers 99 % of real cases, with 95 % confidence
+MARGIN = 0.05          # intensity units ([-1, 1] space) around the median and background envelopes
+TEXTURE_MARGIN = 0.10  # relative (10 %) around the texture envelope: a noise level has no absolute scale
 
 
 def texture(channel: np.ndarray, label: np.ndarray) -> float:
@@ -89,9 +92,26 @@ def intensity_ranges(items: list[dict], modalities: tuple[str, ...]) -> dict:
             "texture": {m: _summary(xs) for m, xs in acc["texture"].items()}}
 
 
-def envelope(stat: dict, k: float = K_SIGMA, margin: float = MARGIN) -> tuple[float, float]:
-    return (min(stat["min"], stat["mean"] - k * stat["sd"]) - margin,
-            max(stat["max"], stat["mean"] + k * stat["sd"]) + margin)
+def tolerance_factor(n: int, coverage: float = COVERAGE, confidence: float = CONFIDENCE) -> float:
+    """k of the normal tolerance interval mean ± k·sd that covers ``coverage`` of the population with
+    ``confidence``, estimated from n cases (Howe 1969): z_((1+p)/2) · sqrt((n-1)(1+1/n) / chi2_(1-conf; n-1)).
+    It grows as n shrinks (n = 8: 4.9; 30: 3.4), so 8 training cases give a wide enough envelope."""
+    from scipy.stats import chi2, norm
+
+    if n < 2:
+        return float("inf")
+    return float(norm.ppf((1 + coverage) / 2) * np.sqrt((n - 1) * (1 + 1 / n) / chi2.ppf(1 - confidence, n - 1)))
+
+
+def envelope(stat: dict, k: float | None = None, margin: float = MARGIN, relative: bool = False
+             ) -> tuple[float, float]:
+    """[min(observed min, mean - k sd), max(observed max, mean + k sd)], widened by ``margin`` (intensity units),
+    or, ``relative``, scaled by 1 -/+ margin (for a spread, whose scale is the image's own). k None: the tolerance
+    factor for the statistic's number of training cases (first-format files, n = 0: the observed range)."""
+    if k is None:
+        k = tolerance_factor(stat["n"]) if stat.get("n", 0) >= 2 else 0.0
+    lo, hi = min(stat["min"], stat["mean"] - k * stat["sd"]), max(stat["max"], stat["mean"] + k * stat["sd"])
+    return (lo * (1 - margin), hi * (1 + margin)) if relative else (lo - margin, hi + margin)
 
 
 def save_ranges(path: str | Path, ranges: dict) -> None:
@@ -128,7 +148,7 @@ def load_gate_ranges(path: str | Path, imported: bool) -> dict | None:
 
 
 def check_sample(image: np.ndarray, label: np.ndarray, ranges: dict | None, modalities: tuple[str, ...],
-                 margin: float = MARGIN, k: float = K_SIGMA) -> list[str]:
+                 margin: float = MARGIN, k: float | None = None) -> list[str]:
     """Failed checks of one sample (empty list = pass), each "<check> <label>/<modality>: <value> outside
     [<low>, <high>]". image: (C, X, Y, Z) in model space; label: (X, Y, Z). ranges None (an imported generator
     without ranges): nothing is judged."""
@@ -140,7 +160,7 @@ def check_sample(image: np.ndarray, label: np.ndarray, ranges: dict | None, moda
     def judge(check: str, where: str, value: float, stat: dict | None) -> None:
         if stat is None:
             return
-        lo, hi = envelope(stat, k, margin)
+        lo, hi = envelope(stat, k, TEXTURE_MARGIN, relative=True) if check == "texture" else envelope(stat, k, margin)
         if not lo <= value <= hi:
             failures.append(f"{check} {where}: {value:.3f} outside [{lo:.3f}, {hi:.3f}]")
 
