@@ -94,7 +94,8 @@ class MedDDPMConfig:
     num_threads: int | None = None                 # torch threads inside train/sample calls (None: leave as is)
     progress: bool = True
     data_workers: int | None = None                # DataLoader worker processes (None: 0 on CPU, 4 on CUDA)
-    cache_rate: float = 0.0                        # share of the cases kept in RAM (0: every case read when used)
+    cache_rate: float = 0.0                        # share of the cases kept in RAM (0: every case read when used;
+                                                   # tiny/demo: 1, their cohorts are a few MB)
 
     def __post_init__(self):
         if self.condition not in CONDITION_CHANNELS:
@@ -179,14 +180,14 @@ PROFILES: dict[str, MedDDPMConfig] = {
     # ~300 steps (about 25 s on one quiet core) learn the label -> contrast mapping.
     "tiny": MedDDPMConfig(profile="tiny", channels=(8, 16, 16), attention_levels=(False, False, True),
                           norm_num_groups=8, lr=3e-3, batch_size=2, grad_accum=1, ema_decay=0.9, ema_every=1,
-                          ema_start=100, steps=300, checkpoint_every=50),
+                          ema_start=100, steps=300, checkpoint_every=50, cache_rate=1.0),
     # CPU demo: 32x40x32, three downsamplings (attention at 1/8 like the paper). 8..64 channels keep a training
     # step near 17 GFLOP (batch 2), so ~700 steps fit the demo's ~6 minutes on 2 quiet cores; high lr with cosine
     # decay and a short EMA make those steps enough for the phantom's contrasts. bf16 autocast: see benchmarks.md.
     "demo": MedDDPMConfig(profile="demo", channels=(8, 16, 32, 64), attention_levels=(False, False, False, True),
                           norm_num_groups=8, lr=2e-3, lr_schedule="cosine", lr_min=2e-4, batch_size=2,
                           grad_accum=1, ema_decay=0.99, ema_every=1, ema_start=200, steps=700,
-                          checkpoint_every=100),
+                          checkpoint_every=100, cache_rate=1.0),
     "paper-wholehead": MedDDPMConfig(profile="paper-wholehead", modalities=("t1",), condition="wholehead",
                                      num_res_blocks=1, **PAPER),
     "paper-brats": MedDDPMConfig(profile="paper-brats", modalities=("t1", "t1ce", "t2", "flair"), condition="brats",

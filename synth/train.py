@@ -197,8 +197,8 @@ def _check_settings(cfg: MedDDPMConfig, ranks: Ranks):
     """The profile's voxel grid, after refusing settings that cannot train."""
     grid = get_profile(cfg.profile)
     if any(s % cfg.downsample_factor for s in grid.shape):
-        raise CohortError(None, f"profile {cfg.profile} shape {grid.shape} is not divisible by the network's "
-                                f"downsampling factor {cfg.downsample_factor}", kind="bad-config")
+        raise ConfigError(f"profile {cfg.profile} shape {grid.shape} is not divisible by the network's "
+                          f"downsampling factor {cfg.downsample_factor}")
     if cfg.warmup_steps >= cfg.steps:
         raise ConfigError(f"warmup_steps ({cfg.warmup_steps}) must be smaller than steps ({cfg.steps})")
     rank_shard(cfg.batch_size, cfg.grad_accum, ranks.world)  # the processes can share a step's samples
