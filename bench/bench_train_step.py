@@ -6,6 +6,8 @@ Prints a table of median step time, peak RSS, ratios to the baseline, first/last
 and achieved GFLOP/s against this machine's measured fp32 matmul peak.
 
     .venv/bin/python bench/bench_train_step.py --profile demo --steps 12
+    .venv/bin/python bench/bench_train_step.py --profile paper-wholehead --grid 48 --steps 4 --warmup 2 \
+        --variants "channels_last_3d;SDPA attention;torch.compile max-autotune-no-cudagraphs"
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ VARIANTS = {
     "bf16 + channels_last_3d": dict(bf16=True, channels_last=True),
     "SDPA attention": dict(flash_attention=True),
     "torch.compile": dict(compile=True),
+    "torch.compile max-autotune-no-cudagraphs": dict(compile="max-autotune-no-cudagraphs"),
+    "channels_last_3d + SDPA attention": dict(channels_last=True, flash_attention=True),
     "fused Adam": dict(fused_adam=True),
     "1 thread + channels_last_3d": dict(threads=1, channels_last=True),
     "1 thread + bf16": dict(threads=1, bf16=True),
@@ -55,7 +59,7 @@ def _batch(cfg, shape, batch_size):
     return torch.stack(imgs), torch.stack(conds)
 
 
-def run_variant(profile: str, name: str, steps: int, warmup: int) -> dict:
+def run_variant(profile: str, name: str, steps: int, warmup: int, grid: int | None = None) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,11 +73,11 @@ def run_variant(profile: str, name: str, steps: int, warmup: int) -> dict:
     threads, cl, bf16, comp, flash, fused = (o[k] for k in BASELINE)
     torch.set_num_threads(threads)
     cfg = get_config(profile).replace(channels_last=cl, precision="bf16" if bf16 else "fp32", use_flash_attention=flash)
-    shape = get_profile(cfg.profile).shape
+    shape = (grid,) * 3 if grid else get_profile(cfg.profile).shape
     torch.manual_seed(0)
     model = build_unet(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused or None)
-    fwd = torch.compile(model) if comp else model
+    fwd = (torch.compile(model, mode=comp) if isinstance(comp, str) else torch.compile(model)) if comp else model
     sched = make_training_scheduler(cfg.timesteps)
     x0, cond = _batch(cfg, shape, cfg.batch_size)
     g = torch.Generator().manual_seed(0)
@@ -128,10 +132,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variants", default="all", help="semicolon-separated subset of: " + "; ".join(VARIANTS))
     ap.add_argument("--timeout", type=float, default=900, help="seconds per variant (torch.compile is slow)")
+    ap.add_argument("--grid", type=int, help="cubic grid edge instead of the profile's grid (e.g. 48 for the "
+                                             "paper-wholehead network at 48^3)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
-        print(json.dumps(run_variant(args.profile, args._child, args.steps, args.warmup)))
+        print(json.dumps(run_variant(args.profile, args._child, args.steps, args.warmup, args.grid)))
         return
     names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(";")]
     if not names[0].startswith("baseline"):
@@ -139,7 +145,7 @@ def main() -> None:
     results = []
     for name in names:
         cmd = [sys.executable, __file__, "--profile", args.profile, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--_child", name]
+               "--warmup", str(args.warmup), "--_child", name] + (["--grid", str(args.grid)] if args.grid else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -153,7 +159,7 @@ def main() -> None:
         print(f"  done: {name}", file=sys.stderr)
     peak = matmul_peak_gflops()
     base = results[0]
-    print(f"profile {args.profile}, {args.steps} timed steps per variant; fp32 matmul peak (2 threads, 2048^2): "
+    print(f"profile {args.profile}{f' at {args.grid}^3' if args.grid else ''}, {args.steps} timed steps per variant; fp32 matmul peak (2 threads, 2048^2): "
           f"{peak:.1f} GFLOP/s; training-step FLOPs (fwd+bwd): {base['flops'] / 1e9:.2f} GFLOP")
     print(f"| variant | step s (median) | x baseline time | peak RSS GB | x baseline RSS | loss first->last third "
           f"| warm-up s |")
