@@ -221,8 +221,9 @@ def _findings_section(per_case: pd.DataFrame, test_set: str, seed: int) -> _Bloc
         seeds = per_case["seed"].nunique()
         doc.p(f"Paired per test case, seeds averaged per case ({seeds} segmenter seed{'s' if seeds != 1 else ''}); "
               "significant = the 95 % bootstrap confidence interval of the mean difference excludes 0.")
-        doc.md += [f"- {line}" for line in findings(paired)] + [""]
-        doc.html.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in findings(paired)) + "</ul>")
+        lines = findings(paired)
+        doc.md += [f"- {line}" for line in lines] + [""]
+        doc.html.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
     return doc
 
 

@@ -70,14 +70,14 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     Masks: rows of `masks_manifest` with source in `sources` (real rows use their label; source=mask rows are
     edited masks) and split in `splits`, sorted by case id and used round-robin. Each synthetic case gets seed
     case_seed(seed, index, attempt); its mask is written unchanged on the same grid as the image. Rows record
-    device: where to run the generator (auto = CUDA when present); the seeded noise is drawn on the CPU, so a
-    seed gives the same sample on any device up to float error.
     parent_case_id (the mask's case id), mask_edit, mask_source, origin_case_id (the real case at the root),
     generator_checkpoint (sha256), sampler, steps, seed, quality_gate (pass|fail; unchecked for an imported
     generator without intensity ranges) and attempts.
     Quality gate (synth.quality: per-label medians, background, texture): a failing sample is redrawn with a new
     seed up to `max_retries` times; cases still failing are kept and marked quality_gate=fail. quality_report.csv
     lists every attempt with each failed check, its measured value and the allowed range.
+    device: where to run the generator (auto = CUDA when present); the seeded noise is drawn on the CPU, so a
+    seed gives the same sample on any device up to float error.
     shard: (k, n) = this process makes the cases whose index i has i % n == k, into out_dir/data_manifest.shard-k-of-n.csv
     (several processes, GPUs or Dask workers then share one out_dir without touching each other's files);
     "auto" takes k, n from torchrun's RANK / WORLD_SIZE (and, with device auto, the GPU from LOCAL_RANK).
@@ -108,8 +108,9 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
         old = pd.read_csv(report_file)
         report_rows = old[old["case_id"].isin(done)].to_dict("records") if len(old) else []
 
+    indices = range(count) if shard is None else range(shard[0], count, shard[1])  # this process's cases
     jobs = []
-    for i in (range(count) if shard is None else range(shard[0], count, shard[1])):
+    for i in indices:
         row = rows.iloc[i % len(rows)]
         cid = f"{case_prefix}{i:05d}_{row['case_id']}"
         if cid not in done:
@@ -117,8 +118,7 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
 
     from tqdm.auto import tqdm
 
-    mine = count if shard is None else len(range(shard[0], count, shard[1]))
-    bar = tqdm(total=mine, initial=mine - len(jobs), desc=f"synthesize ({sampler}, {steps} steps)",
+    bar = tqdm(total=len(indices), initial=len(indices) - len(jobs), desc=f"synthesize ({sampler}, {steps} steps)",
                disable=not progress, dynamic_ncols=True)
     with torch_threads(num_threads):
         for b in range(0, len(jobs), batch_size):
