@@ -107,6 +107,10 @@ def train_segmenters(study_dir: str, manifest: FileRef, jobs: list[dict], test_s
     what a training and a prediction ask of a Dask worker (GPU_RESOURCE to fan out one per GPU).
 
     Returns one {"run", "model": FileRef, "evals": [FileRef per test set]} per job."""
+    import eval.segmentation  # noqa: F401  (imported here, with the back ends: MONAI's import is not thread-safe)
+    from segment.api import preload
+
+    preload(sorted({job["config"]["backend"] for job in jobs}))
     study = Path(study_dir)
     train_t, predict_t, eval_t = (bound(t, study).with_options(refresh_cache=refresh)
                                   for t in (tasks.train_segmenter, tasks.predict, tasks.evaluate))

@@ -27,9 +27,24 @@ MODEL_FILES = ("config.json", "training_data.json", "train_log.csv", "model.safe
 RECORDED_PACKAGES = ("torch", "monai", "nnunetv2")
 
 
+# what training, prediction and evaluation import lazily from MONAI
+MONAI_MODULES = ("monai.networks.nets", "monai.transforms", "monai.inferers", "monai.losses", "monai.metrics",
+                 "monai.apps")
+
+
 def backend(name: str) -> ModuleType:
     """The back-end module registered under name (imported on first use: nnU-Net is slow to import)."""
     return importlib.import_module(BACKEND_MODULES[name])
+
+
+def preload(backends: Sequence[str]) -> None:
+    """Import the named back ends and MONAI in the calling thread, before trainings and predictions run in threads.
+    MONAI's first import is not thread-safe: a second thread importing it meanwhile sees half-initialised modules
+    (``cannot import name ... from partially initialized module 'monai.config'``, then ``KeyError: 'monai'``)."""
+    for name in MONAI_MODULES:
+        importlib.import_module(name)
+    for name in backends:
+        backend(name)
 
 
 def is_trained(model_dir: str | Path) -> bool:

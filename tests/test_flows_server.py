@@ -154,8 +154,9 @@ def _run_deployment(env, watch: bool, params: dict | None = None) -> str:
     return m.group(1)
 
 
-def _task_states(env, flow_run_id: str) -> tuple[str, list[str]]:
-    """(flow run state type, state names of every task run of the run and of its subflow runs)."""
+def _task_states(env, flow_run_id: str, details: bool = False) -> tuple[str, list[str]]:
+    """(flow run state type, state names of every task run of the run and of its subflow runs); details: instead
+    "name: state: message" of each task run that neither completed nor was cached."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -169,10 +170,22 @@ def _task_states(env, flow_run_id: str) -> tuple[str, list[str]]:
             trs = await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
             wrappers = {s.parent_task_run_id for s in subs}  # the task run standing for a subflow call
             state = run.state.type.value if run.state else "SCHEDULED"  # a just-created run may have no state yet
-            return state, [t.state.name for t in trs if t.id not in wrappers and t.state]
+            kept = [t for t in trs if t.id not in wrappers and t.state]
+            if details:
+                return state, [f"{t.name}: {t.state.name}: {t.state.message}" for t in kept
+                               if t.state.name not in ("Completed", "Cached")]
+            return state, [t.state.name for t in kept]
 
     with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
         return asyncio.run(go())
+
+
+def _why(served, flow_run_id: str) -> str:
+    """What to print when a run did not complete: its unfinished task runs with their messages, the serve log's
+    end."""
+    _, unfinished = _task_states(served["env"], flow_run_id, details=True)
+    log = (served["root"] / "serve.log").read_text(errors="replace")
+    return "\n".join(unfinished) + "\n--- serve.log (end) ---\n" + log[-6000:]
 
 
 def _kill_flow_run_processes(serve: subprocess.Popen) -> int:
@@ -206,7 +219,7 @@ def test_deployment_run_killed_resumes_then_fully_cached(served):
     # 2. the next run resumes: finished work is reused from the cache, the rest runs, the report is written
     run2 = _run_deployment(env, watch=True)
     state2, tasks2 = _task_states(env, run2)
-    assert state2 == "COMPLETED", (state2, tasks2)
+    assert state2 == "COMPLETED", (state2, tasks2, _why(served, run2))
     assert "Cached" in tasks2 and "Completed" in tasks2, tasks2
     report = study / "report" / "report.md"
     assert report.exists() and "Dice" in report.read_text()
@@ -235,7 +248,7 @@ def test_deployment_run_killed_resumes_then_fully_cached(served):
     # 3. a rerun of the finished study executes no task and rewrites no file
     run3 = _run_deployment(env, watch=True)
     state3, tasks3 = _task_states(env, run3)
-    assert state3 == "COMPLETED"
+    assert state3 == "COMPLETED", (state3, _why(served, run3))
     assert tasks3 and set(tasks3) == {"Cached"}, tasks3
     changed = [str(p) for p, t in mtimes.items() if p.stat().st_mtime_ns != t]
     assert not changed, changed
@@ -286,5 +299,5 @@ def test_deployment_after_a_cli_study_completes_from_the_cache(served):
 
     run = _run_deployment(env, watch=True, params=params)
     state, task_states = _task_states(env, run)
-    assert state == "COMPLETED", (state, task_states)
+    assert state == "COMPLETED", (state, task_states, _why(served, run))
     assert task_states and set(task_states) == {"Cached"}, task_states

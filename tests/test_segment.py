@@ -222,3 +222,29 @@ def test_dynunet_learns_saves_and_gives_encoder_features(toy_cohort, tmp_path):
     assert f.shape == (rcfg.init_filters * 2 ** (len(rcfg.blocks_down) - 1),) and np.isfinite(f).all()
     with pytest.raises(ConfigError, match="unknown MONAI network"):
         SegmenterConfig(network="vnet").resolved()
+
+
+def test_preload_imports_everything_that_threads_would_import(toy_cohort, tmp_path):
+    """Regression: the study's first segmenter training and a prediction, started in two threads of a fresh
+    process, imported MONAI at the same time and one failed on a half-initialised module (KeyError: 'monai').
+    After segment.api.preload, a training, a prediction and the evaluation import no MONAI module of their own."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import eval.segmentation
+from segment import api
+from segment.config import SegmenterConfig
+api.preload(["monai"])
+before = {{m for m in sys.modules if m.split(".")[0] == "monai"}}
+cfg = SegmenterConfig(profile="tiny", seed=0, epochs=1, iters_per_epoch=1)
+model = api.train({str(toy_cohort)!r}, ["toy_000", "toy_001"], {str(tmp_path / "m")!r}, cfg)
+preds = api.predict(model, {str(toy_cohort)!r}, ["toy_006"], {str(tmp_path / "p")!r})
+eval.segmentation.evaluate_predictions(preds, {str(toy_cohort)!r})
+new = sorted(m for m in sys.modules if m.split(".")[0] == "monai" and m not in before)
+print("NEW", new)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "NEW []" in out.stdout, out.stdout[-3000:]
