@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         lab = np.asarray(it["label"])[0]
         cond = it["condition"][None].repeat(a.samples_per_mask, 1, 1, 1, 1)
         x = sample(model, sampler, cond, cfg.out_channels, defaults.STEPS,
-                   [1000 * i + k for k in range(a.samples_per_mask)]).numpy()
+                   [1000 * i + k for k in range(a.samples_per_mask)], prediction=cfg.prediction).numpy()
         for k in range(len(x)):
             new = check_sample(x[k], lab, stats, cfg.modalities)
             rows.append({"case": it["case_id"], "new_gate_pass": not new, "first_gate_pass":

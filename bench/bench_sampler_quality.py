@@ -37,7 +37,8 @@ def main() -> None:
     base = None
     for name, steps, eta in RUNS:
         t0 = time.perf_counter()
-        x = sample(model, make_sampler(name, eta=eta), item["condition"][None], real.shape[0], steps, [0])[0].numpy()
+        x = sample(model, make_sampler(name, eta=eta), item["condition"][None], real.shape[0], steps, [0],
+                   prediction=cfg.prediction)[0].numpy()
         dt = time.perf_counter() - t0
         base = base or dt
         corr = np.corrcoef(x.ravel(), real.ravel())[0, 1]

@@ -338,6 +338,36 @@ def _reproducibility_section(record: StudyRecord | None) -> _Blocks:
     return doc
 
 
+def generator_note(study: Path, record: StudyRecord | None) -> str | None:
+    """One paragraph on where the study's Med-DDPM came from and which real cases it saw (from the training run's
+    own config.json), or None for a study without synthetic data."""
+    params = record.parameters if record is not None else {}
+    if record is not None and record.checkpoint is None:
+        return None
+    if params.get("medddpm_checkpoint"):
+        return (f"Med-DDPM: the given checkpoint {params['medddpm_checkpoint']} (not trained by this study; which real "
+                "cases it saw is not known here).")
+    cfg_file = study / "medddpm" / "config.json"
+    if not cfg_file.exists():
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    n, steps = len(cfg.get("train_cases", [])), cfg.get("steps")
+    seen = ("the study's selected real training cases, the same ones the real-only segmenters train on"
+            if params.get("medddpm_on", "selected") == "selected" else "every real training case of the cohort")
+    if cfg.get("init_from"):
+        card = Path(cfg["init_from"]).with_suffix(".json")
+        origin = ""
+        if card.exists():
+            c = json.loads(card.read_text())
+            pc = c.get("pretrain_cohort", {})
+            origin = (f", pre-trained for {c.get('steps')} steps on {c.get('train_cases')} phantom training cases "
+                      f"drawn with cohort seed {pc.get('seed')} (none of them is a case of this study)")
+        return (f"Med-DDPM: fine-tuned for {steps} steps on {n} real cases ({seen}), starting from "
+                f"{Path(cfg['init_from']).name}{origin}. The synthetic cases therefore also carry what the generator "
+                "learnt from those other phantom cases, as they would from the authors' published BraTS weights.")
+    return f"Med-DDPM: trained from scratch for {steps} steps on {n} real cases ({seen})."
+
+
 def build_report(study_dir: str | Path, *, seed: int = 0) -> Path:
     """Build STUDY/report/ from the files listed in this module's docstring; returns the report folder.
 
@@ -367,6 +397,9 @@ def build_report(study_dir: str | Path, *, seed: int = 0) -> Path:
     doc.p(f"Study folder: {study.resolve()}. Real cohort: {', '.join(cohorts) or 'unknown'}.")
     if PHANTOM_COHORT in cohorts:
         doc.p(PHANTOM_NOTE, strong=True)
+    note = generator_note(study, record)
+    if note:
+        doc.p(note)
 
     primary = _primary_test_set(per_case, record)
     doc += _findings_section(per_case, primary, seed)

@@ -62,12 +62,16 @@ def register(subparsers) -> None:
     p.add_argument("--mixes", help="comma list of R:S[@real|@edited], default 1:0,0:1,1:1,1:2@edited")
     p.add_argument("--n-real", type=int, help="real training cases per mix (data-scarce regime; default 8)")
     p.add_argument("--backends", help="comma list of segmenter back ends: monai, nnunet (default monai)")
-    p.add_argument("--seeds", help="comma list of segmenter seeds (default 0,1)")
+    p.add_argument("--seeds", help="comma list of segmenter seeds (default 0,1,2)")
     p.add_argument("--network", choices=("segresnet", "dynunet"),
-                   help="MONAI segmenter network (default segresnet; dynunet learns TC/ET better, 2x the time per step)")
+                   help="MONAI segmenter network (default: dynunet at demo; segresnet is 2x faster per step but "
+                        "collapsed TC/ET on the phantom)")
     p.add_argument("--external-test", dest="external_test_manifest",
                    help="another real cohort (same profile) evaluated too, reported as its own test set")
     p.add_argument("--checkpoint", dest="medddpm_checkpoint", help="reuse this Med-DDPM checkpoint (no training)")
+    p.add_argument("--medddpm-init", help="what Med-DDPM starts from: shipped (default: fine-tune the project's "
+                                          "pre-trained generator of the profile, synth/pretrained.py), scratch, or a "
+                                          "generator file to fine-tune")
     p.add_argument("--sampler", help=f"synthesis sampler (default {defaults.SAMPLER})")
     p.add_argument("--steps", dest="sampling_steps", type=int, help=f"sampling steps (default {defaults.STEPS})")
     p.add_argument("--parallel", type=int, help="segmenter trainings at once in threads (default 2)")
@@ -101,7 +105,7 @@ def register(subparsers) -> None:
 def _study(args) -> int:
     params = read_params(args.params)
     given = {k: getattr(args, k) for k in ("cohort_manifest", "profile", "n_cases", "n_real", "external_test_manifest",
-                                           "medddpm_checkpoint", "sampler", "sampling_steps", "parallel",
+                                           "medddpm_checkpoint", "medddpm_init", "sampler", "sampling_steps", "parallel",
                                            "dask_address", "dask_workers", "device", "gpus")}
     given.update(mixes=_csv(args.mixes), backends=_csv(args.backends), seeds=_csv(args.seeds, int))
     params.update({k: v for k, v in given.items() if v is not None})

@@ -40,11 +40,12 @@ class StudyParams:
     mixes: list[str] = field(default_factory=lambda: list(DEFAULT_MIXES))
     n_real: int = 8
     backends: list[str] = field(default_factory=lambda: ["monai"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     external_test_manifest: str | None = None
     medddpm_checkpoint: str | None = None
     medddpm_config: dict = field(default_factory=dict)
     medddpm_on: str = "selected"
+    medddpm_init: str = "shipped"
     sampler: str = SAMPLER
     sampling_steps: int = STEPS
     synth_seed: int = 0

@@ -168,11 +168,12 @@ def augment_study(
     mixes: list[str] = list(DEFAULT_MIXES),
     n_real: int = 8,
     backends: list[str] = ["monai"],
-    seeds: list[int] = [0, 1],
+    seeds: list[int] = [0, 1, 2],
     external_test_manifest: str | None = None,
     medddpm_checkpoint: str | None = None,
     medddpm_config: dict | None = None,
     medddpm_on: str = "selected",
+    medddpm_init: str = "shipped",
     sampler: str = SAMPLER,
     sampling_steps: int = STEPS,
     synth_seed: int = 0,
@@ -193,6 +194,9 @@ def augment_study(
     evaluated too (test_set = its cohort name). medddpm_checkpoint: reuse a trained model instead of training.
     medddpm_config / segmenter_config: overrides of the libraries' profile defaults. medddpm_on: "selected"
     (Med-DDPM sees only the n_real cases, the honest data-scarce setting) or "all" (every real training case).
+    medddpm_init: what Med-DDPM starts from: "shipped" (default: fine-tune the generator the project ships for the
+    profile, pre-trained on phantom cases that are not this study's, synth/pretrained.py; from scratch where none
+    ships, e.g. tiny), "scratch", or a generator file to fine-tune (e.g. the authors' imported weights).
     sampler / sampling_steps: synth's sampler (ddpm, ddim, dpmpp2m). gate_failures: what to do with synthetic
     cases that still fail synth's quality gate after its redraws: "fill" (default) uses cases that passed first
     and failures only where a mix needs more, counted in study.json and the log; "exclude" never uses them (the
@@ -267,8 +271,19 @@ def generator(study: Path, plan: StudyPlan, cohort: FileRef, selected: FileRef,
         return ref(params.medddpm_checkpoint)
     train_on = selected if plan.generator_train_ids is not None else cohort
     stages["medddpm"] = fresh(tasks.train_medddpm, study, train_on, params.profile, str(study / "medddpm"),
-                              {**params.medddpm_config, **(runtime or {})})
+                              {**generator_init(params), **params.medddpm_config, **(runtime or {})})
     return stages["medddpm"]
+
+
+def generator_init(params: StudyParams) -> dict:
+    """Med-DDPM config overrides for params.medddpm_init: {} from scratch, else the fine-tuning recipe of
+    synth.pretrained with init_from (the shipped generator of the profile, or the given file)."""
+    from synth.pretrained import fine_tune_config, shipped_generator
+
+    if params.medddpm_init == "scratch":
+        return {}
+    init = shipped_generator(params.profile) if params.medddpm_init == "shipped" else ref(params.medddpm_init).p
+    return fine_tune_config(params.profile, init) if init is not None else {}
 
 
 def synthetic_pools(study: Path, plan: StudyPlan, checkpoint: FileRef | None, selected: FileRef,

@@ -24,10 +24,11 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="model directory to create (or resume)")
     p.add_argument("--backend", choices=BACKENDS, default="monai", help="default: monai")
     p.add_argument("--profile", choices=SEG_PROFILES, default="demo",
-                   help="budget: tiny (tests), demo (CPU, about a minute), paper (nnU-Net default budget)")
+                   help="budget: tiny (tests), demo (CPU, about 2 minutes), paper (nnU-Net default budget)")
     p.add_argument("--network", choices=NETWORKS, default=None,
-                   help="MONAI network (default segresnet; dynunet is nnU-Net-like and learns the tumour core better "
-                        "on the phantom, at 2x the time per step)")
+                   help="MONAI network (default: dynunet at demo, segresnet at tiny/paper; dynunet is nnU-Net-like and "
+                        "learns the tumour core on the phantom where the small segresnet collapses it, at 2x the time "
+                        "per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs (MONAI)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: leave torch's setting)")

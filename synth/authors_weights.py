@@ -212,7 +212,8 @@ def write_ranges_from_manifest(manifest: str | Path, cfg: MedDDPMConfig, path: s
 # Network fields a fine-tuning run takes from its --init-from generator (everything that shapes the state dict or
 # the meaning of its inputs/outputs); the recipe (lr, steps, EMA, ...) and the grid stay the training profile's.
 NETWORK_FIELDS = ("architecture", "channels", "attention_levels", "num_res_blocks", "norm_num_groups",
-                  "num_head_channels", "condition_values", "modalities", "condition", "timesteps", "schedule")
+                  "num_head_channels", "condition_values", "modalities", "condition", "timesteps", "schedule",
+                  "prediction")
 
 
 def adopt_init_network(cfg: MedDDPMConfig) -> MedDDPMConfig:

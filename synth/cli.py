@@ -7,7 +7,7 @@ def register(subparsers) -> None:
 
     from . import defaults
     from .config import LR_SCHEDULES, PRECISIONS, PROFILES
-    from .schedulers import SAMPLERS
+    from .schedulers import SAMPLERS, SPACINGS
 
     p = subparsers.add_parser(
         "train", help="train (or resume) the Med-DDPM mask-conditioned diffusion model",
@@ -58,15 +58,19 @@ def register(subparsers) -> None:
     s.add_argument("--masks", required=True, help="manifest with the conditioning masks (real or source=mask rows)")
     s.add_argument("--count", type=int, required=True, help="number of synthetic cases")
     s.add_argument("--sampler", choices=SAMPLERS, default=defaults.SAMPLER,
-                   help=f"ddpm (the paper's, with 250 steps), ddim or dpmpp2m (default {defaults.SAMPLER})")
+                   help=f"ddpm (the paper's, with 250 steps), ddim, dpmpp2m or dpmpp2m-sde (default "
+                        f"{defaults.SAMPLER})")
     s.add_argument("--steps", type=int, default=defaults.STEPS,
                    help=f"sampling steps, 1-250 (default {defaults.STEPS}; the paper: ddpm with 250)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0, help="base seed")
     s.add_argument("--eta", type=float, default=defaults.ETA,
-                   help=f"DDIM eta (default {defaults.ETA:g}): 1 adds fresh noise each step (the respaced ancestral "
-                        "chain), which kept the under-trained demo model's samples as good as 250-step DDPM; "
-                        "0 = deterministic ODE (docs/medddpm.md)")
+                   help=f"eta of ddim and dpmpp2m-sde (default {defaults.ETA:g}): 1 adds fresh noise each step (ddim: "
+                        "the respaced ancestral chain; dpmpp2m-sde: the reverse SDE); 0 = deterministic ODE "
+                        "(docs/medddpm.md)")
+    s.add_argument("--spacing", choices=SPACINGS, default=defaults.SPACING,
+                   help=f"timestep spacing (default {defaults.SPACING}): leading = every T/n steps; quadratic and "
+                        "logsnr end at t = 0 and suit few steps (docs/benchmarks.md, sampler table)")
     s.add_argument("--device", default="auto", help=f"where to sample: {DEVICE_HELP} (default auto)")
     s.add_argument("--shard", help="K/N: make only cases i with i %% N == K, into data_manifest.shard-K-of-N.csv of "
                                    "the same --out (one process per GPU or node); 'auto' = torchrun's RANK/WORLD_SIZE "
@@ -139,7 +143,7 @@ def _synthesize(args) -> int:
 
     splits = None if args.splits == "all" else tuple(args.splits.split(","))
     path = synthesize_cohort(args.checkpoint, args.masks, args.out, args.count, args.sampler, args.steps, args.seed,
-                             eta=args.eta, batch_size=args.batch_size, splits=splits, max_retries=args.max_retries,
+                             eta=args.eta, spacing=args.spacing, batch_size=args.batch_size, splits=splits, max_retries=args.max_retries,
                              num_threads=args.threads, progress=not args.no_progress, device=args.device,
                              shard=_shard(args.shard))
     print(f"manifest: {path}")

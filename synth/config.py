@@ -37,7 +37,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ARCHITECTURES = ("monai", "authors")
 # Fields added after configs were first hashed: left out of the hash while at their default, so the hashes (and
 # resumable runs) of existing configs do not change.
-HASH_IF_SET = {"architecture": "monai", "condition_values": "01", "init_from": None}
+HASH_IF_SET = {"architecture": "monai", "condition_values": "01", "init_from": None, "prediction": "epsilon"}
+PREDICTIONS = ("epsilon", "v")
 # Hashed fields that were removed, with the value every earlier config had: kept in the hash for the same reason.
 HASH_REMOVED = {"autocast_bf16": False}
 # keys of configs written by earlier versions, read as their present meaning
@@ -68,6 +69,10 @@ class MedDDPMConfig:
     # diffusion
     timesteps: int = 250
     schedule: str = "cosine"
+    # what the network predicts: "epsilon" (the paper) or "v" (√ᾱ·ε − √(1−ᾱ)·x0, Salimans & Ho 2022; the demo
+    # profile only, a documented deviation: with ε the x̂0 of the first sampling steps is ε̂'s error amplified
+    # by 1/√ᾱ ≈ 10⁴, and a briefly trained network keeps that error to the end, docs/medddpm.md)
+    prediction: str = "epsilon"
     loss: str = "l1"                               # l1 (paper) | l2
     # optimisation
     lr: float = 1e-5
@@ -107,6 +112,8 @@ class MedDDPMConfig:
                               f"norm_num_groups={self.norm_num_groups}")
         if self.loss not in ("l1", "l2"):
             raise ConfigError(f"loss must be 'l1' or 'l2', not {self.loss!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"unknown prediction {self.prediction!r}; known {PREDICTIONS}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; known {LR_SCHEDULES} (warm-up: "
                               "warmup_steps / --warmup-steps, with either)")
@@ -184,8 +191,9 @@ PROFILES: dict[str, MedDDPMConfig] = {
     # CPU demo: 32x40x32, three downsamplings (attention at 1/8 like the paper). 8..64 channels keep a training
     # step near 17 GFLOP (batch 2), so ~700 steps fit the demo's ~6 minutes on 2 quiet cores; high lr with cosine
     # decay and a short EMA make those steps enough for the phantom's contrasts. bf16 autocast: see benchmarks.md.
+    # v-prediction (a deviation from the paper's ε, demo only): see the prediction field.
     "demo": MedDDPMConfig(profile="demo", channels=(8, 16, 32, 64), attention_levels=(False, False, False, True),
-                          norm_num_groups=8, lr=2e-3, lr_schedule="cosine", lr_min=2e-4, batch_size=2,
+                          norm_num_groups=8, prediction="v", lr=2e-3, lr_schedule="cosine", lr_min=2e-4, batch_size=2,
                           grad_accum=1, ema_decay=0.99, ema_every=1, ema_start=200, steps=700,
                           checkpoint_every=100, cache_rate=1.0),
     "paper-wholehead": MedDDPMConfig(profile="paper-wholehead", modalities=("t1",), condition="wholehead",

@@ -8,3 +8,4 @@ under-trained denoiser better than the deterministic eta = 0 ODE.
 SAMPLER = "ddim"
 STEPS = 25
 ETA = 1.0
+SPACING = "leading"

@@ -6,6 +6,9 @@ the schedule is a small object, each sampler's update is a stateless function, a
   built from ᾱ_t and ᾱ_prev (not from β_t, which belongs to the single step t -> t-1; diffusers PR #2076).
 - ``ddim``: DDIM (Song et al. 2021) with eta (0 = deterministic ODE, 1 = the respaced ancestral chain's variance).
 - ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022), second-order multistep in log-SNR on the data prediction.
+- ``dpmpp2m-sde``: its stochastic form (SDE-DPM-Solver++(2M), midpoint correction, as in k-diffusion's
+  ``sample_dpmpp_2m_sde``) with eta (1 = the reverse SDE, 0 = dpmpp2m): fresh noise at every step corrects the
+  variance a few coarse deterministic steps lose.
 
 Every sampler takes its previous timestep from the sampling timesteps themselves and its final step goes to
 ᾱ_prev = 1 (the clean image), for every step count n from 1 to T. x̂0 is clamped to [-1, 1] at every step, as the
@@ -26,7 +29,8 @@ from cohort.errors import ConfigError
 
 from . import defaults
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp2m-sde")
+ETA_SAMPLERS = ("ddim", "dpmpp2m-sde")  # the samplers that take eta
 
 
 def make_training_scheduler(timesteps: int = 250, schedule: str = "cosine") -> DDPMScheduler:
@@ -56,14 +60,39 @@ class NoiseSchedule:
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])
 
 
-def sampling_timesteps(T: int, n: int) -> list[int]:
-    """n distinct timesteps from T-1 downwards, evenly spaced by T/n: t_k = round(T-1 - k*T/n).
+SPACINGS = ("leading", "quadratic", "logsnr")
 
-    For n dividing T this is MONAI/DDIM's "leading" spacing (n = 25: 249, 239, ..., 9); n = T gives every step.
-    The step after the last one goes to the clean image (t = -1, ᾱ = 1)."""
-    if not 1 <= int(n) <= T:
+
+def sampling_timesteps(T: int, n: int, spacing: str = "leading", schedule: "NoiseSchedule | None" = None) -> list[int]:
+    """n distinct timesteps from T-1 downwards; the step after the last one goes to the clean image (ᾱ = 1).
+
+    - leading: evenly spaced by T/n, t_k = round(T-1 - k*T/n). For n dividing T this is MONAI/DDIM's "leading"
+      spacing (n = 25: 249, 239, ..., 9); n = T gives every step.
+    - quadratic: t_k = round((T-1)(1 - k/(n-1))²), ending at t = 0 (DDIM's "quad" spacing: dense where little
+      noise is left, so a few steps do not end on one large jump to the clean image).
+    - logsnr: uniform in log-SNR λ = log(√ᾱ/√(1-ᾱ)) from t = T-1 to t = 0 (DPM-Solver's spacing; needs the
+      ``schedule``).
+    Where rounding makes two timesteps equal, the later one moves one step down (they stay distinct)."""
+    n = int(n)
+    if not 1 <= n <= T:
         raise ConfigError(f"sampling steps must be between 1 and {T} (the training timesteps), not {n}")
-    return [int(math.floor(T - 1 - k * T / n + 0.5)) for k in range(int(n))]
+    if spacing not in SPACINGS:
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    if spacing == "leading" or n == 1:
+        return [int(math.floor(T - 1 - k * T / n + 0.5)) for k in range(n)]
+    if spacing == "quadratic":
+        ts = [int(math.floor((T - 1) * (1 - k / (n - 1)) ** 2 + 0.5)) for k in range(n)]
+    else:
+        if schedule is None:
+            raise ConfigError("logsnr spacing needs the noise schedule")
+        lam = 0.5 * torch.log(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))
+        targets = torch.linspace(float(lam[T - 1]), float(lam[0]), n, dtype=torch.float64)
+        ts = [int(torch.argmin((lam - v).abs())) for v in targets]
+    out: list[int] = []
+    for k, t in enumerate(ts):  # distinct and descending, leaving room for the steps still to come
+        t = min(t, out[-1] - 1) if out else t
+        out.append(max(t, n - 1 - k))
+    return out
 
 
 def _x0_and_eps(x: torch.Tensor, eps: torch.Tensor, a_t: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,37 +143,68 @@ def dpmpp2m_update(x, eps, a_t: float, a_prev: float, history=None):
     return (s_p / s_t) * x - al_p * math.expm1(-h) * d, x0, (x0, h)
 
 
+def dpmpp2m_sde_update(x, eps, a_t: float, a_prev: float, eta: float, history=None, noise=None):
+    """One SDE-DPM-Solver++(2M) step t -> t_prev: (x_prev, x̂0, history). With λ = log(α/σ), h = λ_prev - λ_t:
+
+    x_prev = (σ_prev/σ_t) e^{-ηh} x + α_prev (1 - e^{-(1+η)h}) D + σ_prev √(1 - e^{-2ηh}) z,
+    D = x̂0 + (x̂0 - x̂0_last)/(2r) (midpoint correction; D = x̂0 without history). η = 0 is DPM-Solver++(2M)
+    with the same correction; η = 1 samples the reverse SDE. ``noise`` is needed when eta > 0 and a_prev < 1."""
+    x0, _ = _x0_and_eps(x, eps, a_t)
+    if a_prev >= 1.0:
+        return x0, x0, None
+    s_t, s_p = math.sqrt(1 - a_t), math.sqrt(1 - a_prev)
+    al_p = math.sqrt(a_prev)
+    h = math.log(al_p / s_p) - math.log(math.sqrt(a_t) / s_t)
+    d = x0
+    if history is not None:
+        last_x0, last_h = history
+        d = x0 + (x0 - last_x0) * (h / last_h) / 2
+    out = (s_p / s_t) * math.exp(-eta * h) * x - al_p * math.expm1(-(1 + eta) * h) * d
+    if eta > 0:
+        out = out + s_p * math.sqrt(-math.expm1(-2 * eta * h)) * noise
+    return out, x0, (x0, h)
+
+
 @dataclass(frozen=True)
 class Sampler:
-    """Which update rule to run (``name`` in SAMPLERS), its eta (DDIM only) and the noise schedule."""
+    """Which update rule to run (``name`` in SAMPLERS), its eta (ETA_SAMPLERS only) and the noise schedule."""
 
     name: str
     schedule: NoiseSchedule
     eta: float = 0.0
+    spacing: str = "leading"
 
     @property
     def stochastic(self) -> bool:
-        return self.name == "ddpm" or (self.name == "ddim" and self.eta > 0)
+        return self.name == "ddpm" or (self.name in ETA_SAMPLERS and self.eta > 0)
 
     def label(self) -> str:
-        """How a manifest records the sampler: 'ddim(eta=1)' for stochastic DDIM, else the name."""
-        return f"ddim(eta={self.eta:g})" if self.name == "ddim" and self.eta else self.name
+        """How a manifest records the sampler: 'ddim(eta=1)' for a stochastic eta sampler, else the name; a
+        spacing other than leading is appended ('dpmpp2m-sde(eta=1)/logsnr')."""
+        base = f"{self.name}(eta={self.eta:g})" if self.name in ETA_SAMPLERS and self.eta else self.name
+        return base if self.spacing == "leading" else f"{base}/{self.spacing}"
+
+    def timesteps(self, steps: int) -> list[int]:
+        return sampling_timesteps(self.schedule.T, steps, self.spacing, self.schedule)
 
 
 def make_sampler(name: str = defaults.SAMPLER, timesteps: int = 250, schedule: str = "cosine",
-                 eta: float = defaults.ETA) -> Sampler:
+                 eta: float = defaults.ETA, spacing: str = defaults.SPACING) -> Sampler:
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
     if eta < 0:
         raise ConfigError(f"eta must be >= 0, not {eta}")
-    return Sampler(name, NoiseSchedule.build(timesteps, schedule), float(eta) if name == "ddim" else 0.0)
+    if spacing not in SPACINGS:
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    return Sampler(name, NoiseSchedule.build(timesteps, schedule), float(eta) if name in ETA_SAMPLERS else 0.0,
+                   spacing)
 
 
 def run_sampler(denoise, x: torch.Tensor, sampler: Sampler, steps: int, noise_fn=None) -> torch.Tensor:
     """The sampling loop on a starting noise x: denoise(x, t) -> ε̂; noise_fn() -> a tensor like x (stochastic
     samplers only). Returns x̂ at t = -1 (not clamped; ``sample`` clamps)."""
     sched = sampler.schedule
-    ts = sampling_timesteps(sched.T, steps)
+    ts = sampler.timesteps(steps)
     history = None
     for i, t in enumerate(ts):
         a_t, a_prev = sched.alpha_bar(t), sched.alpha_bar(ts[i + 1] if i + 1 < len(ts) else -1)
@@ -154,6 +214,9 @@ def run_sampler(denoise, x: torch.Tensor, sampler: Sampler, steps: int, noise_fn
             x, _ = ddim_update(x, eps, a_t, a_prev, sampler.eta, None if last or not sampler.eta else noise_fn())
         elif sampler.name == "ddpm":
             x, _ = ddpm_update(x, eps, a_t, a_prev, None if last else noise_fn())
+        elif sampler.name == "dpmpp2m-sde":
+            x, _, history = dpmpp2m_sde_update(x, eps, a_t, a_prev, sampler.eta, history,
+                                               None if last or not sampler.eta else noise_fn())
         else:
             x, _, history = dpmpp2m_update(x, eps, a_t, a_prev, history)
     return x
@@ -169,13 +232,16 @@ def model_input(x: torch.Tensor, condition: torch.Tensor, channels_last: bool = 
 @torch.no_grad()
 def sample(model: torch.nn.Module, sampler: Sampler, condition: torch.Tensor, out_channels: int, steps: int,
            seeds: list[int], *, progress: bool = False, channels_last: bool = False,
-           device: torch.device | str | None = None) -> torch.Tensor:
+           device: torch.device | str | None = None, prediction: str = "epsilon") -> torch.Tensor:
     """Generate one image per condition in a batch; returns (B, out_channels, X, Y, Z) in [-1, 1] on the CPU.
 
     condition: (B, K, X, Y, Z) one-hot masks; seeds: one per sample. Each sample's starting noise and (for
     stochastic samplers) its per-step noise are drawn on the CPU from its own generator and then moved to the
     model's device, so a sample depends only on its seed and condition (not on batch partners, and on CPU and GPU
-    alike up to float error). device: where to run (default: the model's device).
+    alike up to float error). device: where to run (default: the model's device). prediction: what the network
+    predicts (its config's ``prediction``): "epsilon", or "v", turned into ε̂ = √ᾱ·v̂ + √(1−ᾱ)·x_t for the samplers.
+    With "v" the chain runs in float64: at t = T−1 (ᾱ ≈ 1e-8) the samplers' x̂0 = (x − √(1−ᾱ)ε̂)/√ᾱ would lose
+    every digit of √ᾱ·x_t in float32.
     """
     from tqdm.auto import tqdm
 
@@ -185,7 +251,9 @@ def sample(model: torch.nn.Module, sampler: Sampler, condition: torch.Tensor, ou
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     shape = (1, out_channels, *condition.shape[2:])
     draw = lambda: torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)  # noqa: E731
-    x = draw()
+    if prediction not in ("epsilon", "v"):
+        raise ConfigError(f"unknown prediction {prediction!r}; known ('epsilon', 'v')")
+    x = draw().double() if prediction == "v" else draw()
     cond = condition.to(device=device, dtype=torch.float32)
     model.eval()
     bar = tqdm(total=steps, desc=f"sampling ({sampler.label()}, {steps} steps)", disable=not progress, leave=False)
@@ -193,8 +261,12 @@ def sample(model: torch.nn.Module, sampler: Sampler, condition: torch.Tensor, ou
     def denoise(x_t, t):
         bar.update(1)
         tt = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=device)
-        return model(model_input(x_t, cond, channels_last), tt).float().contiguous()
+        out = model(model_input(x_t.float(), cond, channels_last), tt).contiguous().to(x_t.dtype)
+        if prediction == "epsilon":
+            return out
+        a = sampler.schedule.alpha_bar(t)
+        return math.sqrt(a) * out + math.sqrt(1 - a) * x_t
 
-    x = run_sampler(denoise, x, sampler, steps, draw)
+    x = run_sampler(denoise, x, sampler, steps, lambda: draw().to(x.dtype))
     bar.close()
-    return x.clamp(-1.0, 1.0).cpu()
+    return x.clamp(-1.0, 1.0).float().cpu()

@@ -26,7 +26,7 @@ from .checkpoint import RANGES_FILE, load_generator, resolve_generator
 from .network import condition_from_label
 from .quality import check_sample, load_gate_ranges
 from . import defaults
-from .schedulers import make_sampler, sample, sampling_timesteps
+from .schedulers import make_sampler, sample
 
 REPORT_FILE = "quality_report.csv"
 REPORT_HEADER = "case_id,attempt,seed,passed,failures\n"
@@ -58,7 +58,7 @@ def _clean_partial(out: Path) -> None:
 
 def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_dir: str | Path, count: int,
                       sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, seed: int = 0, *,
-                      eta: float = defaults.ETA,
+                      eta: float = defaults.ETA, spacing: str = defaults.SPACING,
                       batch_size: int = 4, sources: tuple[str, ...] = ("real", "mask"),
                       splits: tuple[str, ...] | None = ("train",), case_ids: list[str] | None = None,
                       max_retries: int = 3, gate_margin: float = 0.05, cohort_name: str = "medddpm-synthetic",
@@ -96,8 +96,8 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
 
     model, cfg, meta = load_generator(gen_path)
     model.to(resolve_device(device))  # samples come back to the CPU (synth.schedulers.sample) before writing
-    diffusion_sampler = make_sampler(sampler, cfg.timesteps, cfg.schedule, eta=eta)
-    sampling_timesteps(cfg.timesteps, steps)  # refuses a step count outside 1..T before any work
+    diffusion_sampler = make_sampler(sampler, cfg.timesteps, cfg.schedule, eta=eta, spacing=spacing)
+    diffusion_sampler.timesteps(steps)  # refuses a step count outside 1..T before any work
     gen_hash = sha256_file(gen_path)
     ranges = load_gate_ranges(gen_path.parent / RANGES_FILE, imported=SOURCE_META in meta)
     grid = get_profile(cfg.profile)
@@ -140,7 +140,7 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
             while todo:  # first draw for all, then redraw only the failures with new seeds
                 seeds = [case_seed(seed, batch[k][0], attempts[k]) for k in todo]
                 x = sample(model, diffusion_sampler, cond[todo], cfg.out_channels, steps, seeds,
-                           channels_last=cfg.channels_last).numpy()
+                           channels_last=cfg.channels_last, prediction=cfg.prediction).numpy()
                 still = []
                 for j, k in enumerate(todo):
                     images[k] = x[j]

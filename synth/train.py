@@ -1,4 +1,4 @@
-"""Med-DDPM training: ε-prediction with L1 (or L2) loss on the cosine schedule, Adam, gradient accumulation,
+"""Med-DDPM training: ε-prediction (v-prediction at demo) with L1 (or L2) loss on the cosine schedule, Adam, gradient accumulation,
 EMA, atomic resumable checkpoints and a loss log.
 
 Every random draw (timesteps, noise) comes from one torch.Generator whose state is checkpointed, and the data
@@ -54,15 +54,17 @@ def lr_at(config: MedDDPMConfig, step: int) -> float:
 
 
 def diffusion_loss(model, x0, condition, t, noise, scheduler, loss: str = "l1", channels_last=False,
-                   amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Loss between the true noise and the network's prediction from concat(x_t, condition).
+                   amp_dtype: torch.dtype | None = None, prediction: str = "epsilon") -> torch.Tensor:
+    """Loss between the network's prediction from concat(x_t, condition) and its target: the noise (prediction
+    "epsilon") or the velocity √ᾱ·ε − √(1−ᾱ)·x0 (prediction "v", MONAI's get_velocity).
 
     All tensors on the model's device; amp_dtype: autocast dtype (None = fp32), weights stay fp32."""
     xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
     with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        eps = model(model_input(xt, condition, channels_last), t)
-    eps = eps.float()
-    return F.l1_loss(eps, noise) if loss == "l1" else F.mse_loss(eps, noise)
+        out = model(model_input(xt, condition, channels_last), t)
+    out = out.float()
+    target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    return F.l1_loss(out, target) if loss == "l1" else F.mse_loss(out, target)
 
 
 @torch.no_grad()
@@ -80,7 +82,7 @@ def denoising_loss(model, items: list[dict], config: MedDDPMConfig, seed: int = 
             t = torch.randint(0, config.timesteps, (1,), generator=g)
             noise = torch.randn(x0.shape, generator=g)
             losses.append(float(diffusion_loss(model, *(v.to(device) for v in (x0, cond, t, noise)), sched,
-                                               config.loss)))
+                                               config.loss, prediction=config.prediction)))
     return float(np.mean(losses))
 
 
@@ -319,7 +321,7 @@ def _optimizer_step(run: _Run, batches, sched) -> float:
         last = i == len(draws) - 1
         with contextlib.nullcontext() if last or run.model is run.net else run.model.no_sync():
             loss = diffusion_loss(run.model, x0, cond, t, noise, sched, cfg.loss, cfg.channels_last,
-                                  run.amp_dtype) / len(draws)
+                                  run.amp_dtype, cfg.prediction) / len(draws)
             run.scaler.scale(loss).backward()
         total += float(loss.detach())
     total = mean_over_ranks(total, run.ranks, run.device)

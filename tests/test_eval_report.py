@@ -239,3 +239,27 @@ def test_built_report_states_the_findings_first(study):
     first = md.index("## What this study found (test set 'test')")
     assert first < md.index("## Dice by training mix")
     assert md.count("- 0:1, ") == 3 and md.count("- 1:2@edited, ") == 3  # one sentence per mix and region
+
+
+def test_report_says_where_the_generator_came_from_and_what_it_saw(tmp_path):
+    """The generator paragraph reads the training run's own config.json: fine-tuned from a shipped generator (with
+    its card's pre-training cohort) or trained from scratch, on the selected cases or on all of them."""
+    from eval.records import CheckpointRecord, StudyRecord
+    from eval.report import generator_note
+
+    init = tmp_path / "shipped.safetensors"
+    init.with_suffix(".json").write_text(json.dumps({"steps": 4000, "train_cases": 100,
+                                                     "pretrain_cohort": {"seed": 1000}}))
+    (tmp_path / "medddpm").mkdir()
+    cfg = {"steps": 300, "train_cases": [f"c{i}" for i in range(8)], "init_from": str(init)}
+    (tmp_path / "medddpm" / "config.json").write_text(json.dumps(cfg))
+    record = StudyRecord(parameters={"medddpm_on": "selected"}, checkpoint=CheckpointRecord(path="g", sha256="0"))
+    note = generator_note(tmp_path, record)
+    assert "fine-tuned for 300 steps on 8 real cases" in note and "selected" in note
+    assert "4000 steps on 100 phantom training cases drawn with cohort seed 1000" in note
+    cfg.pop("init_from")
+    (tmp_path / "medddpm" / "config.json").write_text(json.dumps(cfg))
+    all_record = StudyRecord(parameters={"medddpm_on": "all"}, checkpoint=CheckpointRecord(path="g", sha256="0"))
+    assert generator_note(tmp_path, all_record).startswith("Med-DDPM: trained from scratch for 300 steps on 8 real "
+                                                           "cases (every real training case")
+    assert generator_note(tmp_path, StudyRecord(parameters={})) is None  # no synthetic data, no paragraph

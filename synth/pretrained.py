@@ -1,0 +1,50 @@
+"""Generators shipped with the project, to fine-tune instead of training from scratch (``--init-from``).
+
+Two cores cannot train a Med-DDPM whose samples show anatomy within the demo study's few minutes. Users of the
+paper profiles start from the authors' published weights (``medddpm import-weights``); the demo study does the
+same with a small generator pre-trained once on a larger phantom cohort. The phantom cases it saw are drawn with
+another seed (PRETRAIN_COHORT) than the study's cohort, so none of them is a study case: the study's test cases
+stay unseen. Each shipped file has a JSON card beside it with the exact commands, the training cases' hash and
+the measured time (the card is what ``shipped_generator`` checks).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cohort.errors import CohortError, ConfigError
+from cohort.fsutil import sha256_file
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
+# cohort profile -> file name of its shipped generator (its card: the same name with .json)
+SHIPPED = {"demo": "demo-phantom-v1.safetensors"}
+# the phantom cohort the demo generator was pre-trained on: not the study's (cohort seed 0)
+PRETRAIN_COHORT = dict(n_cases=160, seed=1000, profile="demo")
+# fine-tuning on a study's cases: short, low learning rate, EMA from the start (the pre-trained weights are
+# already good; a high rate would undo them on 8 cases)
+FINE_TUNE = {"demo": dict(steps=300, lr=2e-4, lr_schedule="cosine", lr_min=2e-5, warmup_steps=0, ema_decay=0.99,
+                          ema_start=0, checkpoint_every=100)}
+
+
+def shipped_generator(profile: str) -> Path | None:
+    """The shipped generator of a cohort profile (None if the project ships none), checked against its card."""
+    name = SHIPPED.get(profile)
+    if name is None:
+        return None
+    path = SHIPPED_DIR / name
+    card = path.with_suffix(".json")
+    if not path.exists() or not card.exists():
+        raise CohortError(path, f"the shipped generator or its card {card.name} is missing from this checkout",
+                          kind="missing-file")
+    want = json.loads(card.read_text())["sha256"]
+    if sha256_file(path) != want:
+        raise CohortError(path, f"the shipped generator does not match the sha256 in its card {card.name}",
+                          kind="bad-checkpoint")
+    return path
+
+
+def fine_tune_config(profile: str, init: str | Path) -> dict:
+    """The Med-DDPM config overrides that fine-tune ``init`` on a study's cases."""
+    if profile not in FINE_TUNE:
+        raise ConfigError(f"no fine-tuning recipe for profile {profile!r}; known: {sorted(FINE_TUNE)}")
+    return {**FINE_TUNE[profile], "init_from": str(init)}
