@@ -183,6 +183,17 @@ def read_cases(manifest: str | Path, case_ids: Iterable[str] | None = None, *, s
     return df.reset_index(drop=True), cases
 
 
+def _disjoint_real_cases(manifest: str | Path, reference_ids: Iterable[str] | None, n: int) -> list[Case]:
+    """Up to n real training cases of the manifest that are not in the reference set (sorted by case id)."""
+    from cohort.manifest import load_manifest, select
+
+    if reference_ids is None:  # the reference is every real training case: nothing is left to compare with
+        return []
+    ref = {str(c) for c in reference_ids}
+    ids = sorted(c for c in select(load_manifest(manifest), source="real", split="train")["case_id"] if c not in ref)
+    return read_cases(manifest, ids[:n], source="real")[1] if ids else []
+
+
 def mask_key(row: pd.Series) -> str:
     """Identity of the conditioning mask of a synthetic row: parent_case_id plus mask_edit (if any)."""
     edit = row.get("mask_edit")
@@ -302,4 +313,13 @@ def synthesis_table(real_manifest: str | Path, synthetic_manifest: str | Path, *
             note += " (fewer images than features: covariance rank-deficient, value unstable)"
         rows.append(_row(synthetic_id, "frechet_distance", value=frechet_distance(fr, fs), reference="real images",
                          feature_extractor=feature_extractor, settings=note))
+        # the floor that makes the number readable: the same distance between the reference real set and as many
+        # other real training cases (disjoint from it), same extractor
+        floor_cases = _disjoint_real_cases(real_manifest, real_case_ids, len(real_vols))
+        if len(floor_cases) >= 2:
+            fo = features([c.image for c in floor_cases], "real (disjoint)")
+            rows.append(_row(synthetic_id, "frechet_distance_real_floor", value=frechet_distance(fr, fo),
+                             reference="other real training cases", feature_extractor=feature_extractor,
+                             settings=f"MONAI FIDMetric; {len(fr)} real vs {len(fo)} other real, {fr.shape[1]} "
+                                      "features (the value two real sets of this size differ by)"))
     return pd.DataFrame(rows, columns=list(SYNTHESIS_COLUMNS))

@@ -59,7 +59,7 @@ def register(subparsers) -> None:
                                                             "(default: build the embedded phantom cohort)")
     p.add_argument("--profile", help="cohort/model profile: tiny, demo (default), paper-brats, paper-wholehead")
     p.add_argument("--cases", dest="n_cases", type=int, help="phantom cohort size (default 48)")
-    p.add_argument("--mixes", help="comma list of R:S[@real|@edited], default 1:0,0:1,1:1,1:2@edited")
+    p.add_argument("--mixes", help="comma list of R:S[@real|@edited], default 1:0,0:1,1:2@edited")
     p.add_argument("--n-real", type=int, help="real training cases per mix (data-scarce regime; default 8)")
     p.add_argument("--backends", help="comma list of segmenter back ends: monai, nnunet (default monai)")
     p.add_argument("--seeds", help="comma list of segmenter seeds (default 0,1,2)")

@@ -263,3 +263,13 @@ def test_report_says_where_the_generator_came_from_and_what_it_saw(tmp_path):
     assert generator_note(tmp_path, all_record).startswith("Med-DDPM: trained from scratch for 300 steps on 8 real "
                                                            "cases (every real training case")
     assert generator_note(tmp_path, StudyRecord(parameters={})) is None  # no synthetic data, no paragraph
+
+
+def test_synthetic_only_ratio_sentence():
+    from eval.report import synthetic_only_ratio
+
+    rows = [dict(mix=m, region=r, dice=d) for m, r, d in
+            [("1:0", "WT", 0.8), ("1:0", "TC", 0.6), ("0:1", "WT", 0.4), ("0:1", "TC", 0.6), ("1:1", "WT", 0.9)]]
+    text = synthetic_only_ratio(pd.DataFrame(rows))
+    assert "WT 0.400/0.800 = 0.50×" in text and "TC 0.600/0.600 = 1.00×" in text
+    assert synthetic_only_ratio(pd.DataFrame(rows[:2])) is None  # no synthetic-only mix

@@ -158,5 +158,15 @@ def test_synthesis_table_rows(toy_cohort, tmp_path):
     assert m.loc[("ms_ssim_within_mask", ""), "value"] > m.loc[("ms_ssim_across_masks", ""), "value"]
     assert m.loc[("frechet_distance", ""), "feature_extractor"] == "channel means (test)"
     assert (t["feature_extractor"] != "").all()
+    assert ("frechet_distance_real_floor", "") not in m.index  # reference = every real training case: no floor
+    # against two named real cases, the floor compares them with two other real training cases, on the same features
+    ref = ["toy_000", "toy_001"]
+    t2 = synthesis_table(toy_cohort, man, synthetic_id="s1", real_case_ids=ref, feature_fn=feats,
+                         feature_extractor="channel means (test)", max_pairs=50).set_index(["metric", "region"])
+    from eval.synthesis import frechet_distance, read_cases
+    others = sorted(set(df.index[(df["source"] == "real") & (df["split"] == "train")]) - set(ref))[:2]
+    fr = np.stack([feats(c.image) for c in read_cases(toy_cohort, ref)[1]])
+    fo = np.stack([feats(c.image) for c in read_cases(toy_cohort, others)[1]])
+    assert t2.loc[("frechet_distance_real_floor", ""), "value"] == pytest.approx(frechet_distance(fr, fo))
     with pytest.raises(ValueError, match="feature_extractor"):
         synthesis_table(toy_cohort, man, synthetic_id="s1", feature_fn=feats)
