@@ -48,6 +48,7 @@ def main(argv=None) -> int:
 
     from cohort.manifest import load_manifest, merge_manifests, select
     from cohort.selection import write_training_selection
+    from cohort.staging import stage_cohort
     from eval.segmentation import evaluate_predictions
     from segment.api import predict, train
     from segment.config import SegmenterConfig
@@ -55,8 +56,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    selected = write_training_selection(args.cohort, args.n_real, 0)
-    test_ids = select(load_manifest(args.cohort), source="real", split="test")["case_id"].tolist()
+    cohort = stage_cohort(args.cohort, work / "cohort")  # under work/: a merged manifest may not leave its root
+    selected = write_training_selection(cohort, args.n_real, 0)
+    test_ids = select(load_manifest(cohort), source="real", split="test")["case_id"].tolist()
     rows = []
     base = None
     for spec in args.runs:
@@ -69,8 +71,8 @@ def main(argv=None) -> int:
         per_volume = (time.perf_counter() - t0) / args.n_real
         synth = load_manifest(pool)
         passed = float((synth["quality_gate"] == "pass").mean())
-        merged = work / tag / "merged.csv"
-        merge_manifests([Path(args.cohort), pool], merged)
+        merged = work / f"merged-{tag}.csv"
+        merge_manifests([cohort, pool], merged)
         scores = []
         for seed in args.seeds:
             cfg = SegmenterConfig(profile="demo", seed=seed, device="cpu", **json.loads(args.segmenter))

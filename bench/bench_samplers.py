@@ -51,7 +51,8 @@ def main() -> None:
     for spec in args.runs.split(","):
         name, steps = spec.split(":")
         t0 = time.perf_counter()
-        sample(model, make_sampler(name), cond, cfg.out_channels, int(steps), list(range(args.batch)))
+        sample(model, make_sampler(name), cond, cfg.out_channels, int(steps), list(range(args.batch)),
+               prediction=cfg.prediction)
         rows.append((name, int(steps), (time.perf_counter() - t0) / args.batch))
         print(f"  done: {spec}", file=sys.stderr)
     ref = rows[0][2]
