@@ -40,7 +40,7 @@ def main(argv=None) -> int:
              *TRAIN_ARGS]
     t0 = time.perf_counter()
     for cmd in (build, train):
-        subprocess.run(cmd, check=True, env=dict(__import__("os").environ))
+        subprocess.run(cmd, check=True)
     gen = work / "gen"
     run = json.loads((gen / "config.json").read_text())
     dest = SHIPPED_DIR / SHIPPED["demo"]

@@ -127,15 +127,20 @@ def _our_label(value: str, what: str) -> int:
                       kind="bad-mapping")
 
 
+def _user_key(user: dict[str, str], value: int, name: str) -> str | None:
+    """The key of a user's channel or label map that names a declared (value, name): the value or the exact name,
+    else the name up to case and punctuation (_norm); None if the user did not map it."""
+    key = next((k for k in (str(value), name) if k in user), None)
+    return key if key is not None else next((k for k in user if _norm(k) == _norm(name)), None)
+
+
 def resolve_channels(declared: dict[int, str], user: dict[str, str], modalities, where) -> dict[str, int]:
     """Our modality -> source channel index, from the declared channel names and the user's overrides
     (keyed by channel index or name). Refuses an unrecognised, unmapped channel and a missing modality."""
     ours: dict[str, int] = {}
     used_keys = set()
     for idx, name in sorted(declared.items()):
-        key = next((k for k in (str(idx), name) if k in user), None)
-        if key is None:
-            key = next((k for k in user if _norm(k) == _norm(name)), None)
+        key = _user_key(user, idx, name)
         if key is not None:
             used_keys.add(key)
             m = _our_modality(user[key], f"channel map {key}={user[key]}")
@@ -167,9 +172,7 @@ def resolve_labels(declared: dict[int, str], user: dict[str, str], where) -> dic
     out: dict[int, int] = {}
     used_keys = set()
     for value, name in sorted(declared.items()):
-        key = next((k for k in (str(value), name) if k in user), None)
-        if key is None:
-            key = next((k for k in user if _norm(k) == _norm(name)), None)
+        key = _user_key(user, value, name)
         if key is not None:
             used_keys.add(key)
             out[value] = _our_label(user[key], f"label map {key}={user[key]}")

@@ -228,14 +228,15 @@ def synthetic_only_ratio(per_case: pd.DataFrame) -> str | None:
 
 def _findings_section(per_case: pd.DataFrame, test_set: str, seed: int) -> _Blocks:
     doc = _Blocks()
-    paired = paired_vs_real(per_case[per_case["test_set"].astype(str) == test_set], seed=seed)
+    rows = per_case[per_case["test_set"].astype(str) == test_set]
+    paired = paired_vs_real(rows, seed=seed)
     if len(paired):
         doc.h(f"What this study found (test set '{test_set}')")
         seeds = per_case["seed"].nunique()
         doc.p(f"Paired per test case, seeds averaged per case ({seeds} segmenter seed{'s' if seeds != 1 else ''}); "
               "significant = the 95 % bootstrap confidence interval of the mean difference excludes 0.")
         lines = findings(paired)
-        ratio = synthetic_only_ratio(per_case[per_case["test_set"].astype(str) == test_set])
+        ratio = synthetic_only_ratio(rows)
         if ratio:
             lines.append(ratio)
         doc.md += [f"- {line}" for line in lines] + [""]

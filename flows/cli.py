@@ -105,8 +105,8 @@ def register(subparsers) -> None:
 def _study(args) -> int:
     params = read_params(args.params)
     given = {k: getattr(args, k) for k in ("cohort_manifest", "profile", "n_cases", "n_real", "external_test_manifest",
-                                           "medddpm_checkpoint", "medddpm_init", "sampler", "sampling_steps", "parallel",
-                                           "dask_address", "dask_workers", "device", "gpus")}
+                                           "medddpm_checkpoint", "medddpm_init", "sampler", "sampling_steps",
+                                           "parallel", "dask_address", "dask_workers", "device", "gpus")}
     given.update(mixes=_csv(args.mixes), backends=_csv(args.backends), seeds=_csv(args.seeds, int))
     params.update({k: v for k, v in given.items() if v is not None})
     if args.network:

@@ -143,9 +143,9 @@ def _synthesize(args) -> int:
 
     splits = None if args.splits == "all" else tuple(args.splits.split(","))
     path = synthesize_cohort(args.checkpoint, args.masks, args.out, args.count, args.sampler, args.steps, args.seed,
-                             eta=args.eta, spacing=args.spacing, batch_size=args.batch_size, splits=splits, max_retries=args.max_retries,
-                             num_threads=args.threads, progress=not args.no_progress, device=args.device,
-                             shard=_shard(args.shard))
+                             eta=args.eta, spacing=args.spacing, batch_size=args.batch_size, splits=splits,
+                             max_retries=args.max_retries, num_threads=args.threads, progress=not args.no_progress,
+                             device=args.device, shard=_shard(args.shard))
     print(f"manifest: {path}")
     return 0
 

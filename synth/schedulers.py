@@ -7,8 +7,8 @@ the schedule is a small object, each sampler's update is a stateless function, a
 - ``ddim``: DDIM (Song et al. 2021) with eta (0 = deterministic ODE, 1 = the respaced ancestral chain's variance).
 - ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022), second-order multistep in log-SNR on the data prediction.
 - ``dpmpp2m-sde``: its stochastic form (SDE-DPM-Solver++(2M), midpoint correction, as in k-diffusion's
-  ``sample_dpmpp_2m_sde``) with eta (1 = the reverse SDE, 0 = dpmpp2m): fresh noise at every step corrects the
-  variance a few coarse deterministic steps lose.
+  ``sample_dpmpp_2m_sde``; the same ``dpmpp2m_update`` with eta > 0) with eta (1 = the reverse SDE, 0 = dpmpp2m):
+  fresh noise at every step corrects the variance a few coarse deterministic steps lose.
 
 Every sampler takes its previous timestep from the sampling timesteps themselves and its final step goes to
 ᾱ_prev = 1 (the clean image), for every step count n from 1 to T. x̂0 is clamped to [-1, 1] at every step, as the
@@ -124,11 +124,15 @@ def ddpm_update(x, eps, a_t: float, a_prev: float, noise=None):
     return (mean + math.sqrt(var) * noise if var > 0 else mean), x0
 
 
-def dpmpp2m_update(x, eps, a_t: float, a_prev: float, history=None):
-    """One DPM-Solver++(2M) step t -> t_prev: (x_prev, x̂0, history for the next step).
+def dpmpp2m_update(x, eps, a_t: float, a_prev: float, history=None, eta: float = 0.0, noise=None):
+    """One DPM-Solver++(2M) step t -> t_prev (eta > 0: its stochastic form, SDE-DPM-Solver++(2M)):
+    (x_prev, x̂0, history for the next step). With λ = log(α/σ), h = λ_prev - λ_t:
 
-    x_prev = (σ_prev/σ_t) x - α_prev (e^{-h} - 1) D with D = (1 + 1/(2r)) x̂0 - 1/(2r) x̂0_last, r = h_last/h;
-    first order (D = x̂0) when there is no history. The final step (σ_prev = 0) returns x̂0."""
+    x_prev = (σ_prev/σ_t) e^{-ηh} x - α_prev (e^{-(1+η)h} - 1) D + σ_prev √(1 - e^{-2ηh}) z,
+    D = (1 + 1/(2r)) x̂0 - 1/(2r) x̂0_last with r = h_last/h; first order (D = x̂0) when there is no history.
+    eta = 0 is DPM-Solver++(2M); eta = 1 samples the reverse SDE (k-diffusion's ``sample_dpmpp_2m_sde`` with the
+    midpoint correction, written for the VP schedule). ``noise`` is needed when eta > 0 and a_prev < 1. The final
+    step (σ_prev = 0) returns x̂0."""
     x0, _ = _x0_and_eps(x, eps, a_t)
     if a_prev >= 1.0:
         return x0, x0, None
@@ -140,25 +144,6 @@ def dpmpp2m_update(x, eps, a_t: float, a_prev: float, history=None):
         last_x0, last_h = history
         r = last_h / h
         d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * last_x0
-    return (s_p / s_t) * x - al_p * math.expm1(-h) * d, x0, (x0, h)
-
-
-def dpmpp2m_sde_update(x, eps, a_t: float, a_prev: float, eta: float, history=None, noise=None):
-    """One SDE-DPM-Solver++(2M) step t -> t_prev: (x_prev, x̂0, history). With λ = log(α/σ), h = λ_prev - λ_t:
-
-    x_prev = (σ_prev/σ_t) e^{-ηh} x + α_prev (1 - e^{-(1+η)h}) D + σ_prev √(1 - e^{-2ηh}) z,
-    D = x̂0 + (x̂0 - x̂0_last)/(2r) (midpoint correction; D = x̂0 without history). η = 0 is DPM-Solver++(2M)
-    with the same correction; η = 1 samples the reverse SDE. ``noise`` is needed when eta > 0 and a_prev < 1."""
-    x0, _ = _x0_and_eps(x, eps, a_t)
-    if a_prev >= 1.0:
-        return x0, x0, None
-    s_t, s_p = math.sqrt(1 - a_t), math.sqrt(1 - a_prev)
-    al_p = math.sqrt(a_prev)
-    h = math.log(al_p / s_p) - math.log(math.sqrt(a_t) / s_t)
-    d = x0
-    if history is not None:
-        last_x0, last_h = history
-        d = x0 + (x0 - last_x0) * (h / last_h) / 2
     out = (s_p / s_t) * math.exp(-eta * h) * x - al_p * math.expm1(-(1 + eta) * h) * d
     if eta > 0:
         out = out + s_p * math.sqrt(-math.expm1(-2 * eta * h)) * noise
@@ -214,11 +199,9 @@ def run_sampler(denoise, x: torch.Tensor, sampler: Sampler, steps: int, noise_fn
             x, _ = ddim_update(x, eps, a_t, a_prev, sampler.eta, None if last or not sampler.eta else noise_fn())
         elif sampler.name == "ddpm":
             x, _ = ddpm_update(x, eps, a_t, a_prev, None if last else noise_fn())
-        elif sampler.name == "dpmpp2m-sde":
-            x, _, history = dpmpp2m_sde_update(x, eps, a_t, a_prev, sampler.eta, history,
-                                               None if last or not sampler.eta else noise_fn())
-        else:
-            x, _, history = dpmpp2m_update(x, eps, a_t, a_prev, history)
+        else:  # dpmpp2m (eta 0, make_sampler) and dpmpp2m-sde
+            x, _, history = dpmpp2m_update(x, eps, a_t, a_prev, history, sampler.eta,
+                                           None if last or not sampler.eta else noise_fn())
     return x
 
 

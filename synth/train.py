@@ -1,5 +1,5 @@
-"""Med-DDPM training: ε-prediction (v-prediction at demo) with L1 (or L2) loss on the cosine schedule, Adam, gradient accumulation,
-EMA, atomic resumable checkpoints and a loss log.
+"""Med-DDPM training: ε-prediction (v-prediction at demo) with L1 (or L2) loss on the cosine schedule, Adam,
+gradient accumulation, EMA, atomic resumable checkpoints and a loss log.
 
 Every random draw (timesteps, noise) comes from one torch.Generator whose state is checkpointed, and the data
 order is a function of (seed, epoch), so a run killed with SIGKILL and restarted continues the same loss curve.

@@ -1,4 +1,5 @@
-"""The generator the project ships for the demo study (synth/pretrained.py): intact, trained, fine-tuned by the study."""
+"""The generator the project ships for the demo study (synth/pretrained.py): intact, trained, and fine-tuned by the
+study."""
 from __future__ import annotations
 
 import json
