@@ -71,7 +71,7 @@ class MedDDPMConfig:
     schedule: str = "cosine"
     # what the network predicts: "epsilon" (the paper) or "v" (√ᾱ·ε − √(1−ᾱ)·x0, Salimans & Ho 2022; the demo
     # profile only, a documented deviation: with ε the x̂0 of the first sampling steps is ε̂'s error amplified
-    # by 1/√ᾱ ≈ 10⁴, and a briefly trained network keeps that error to the end, docs/medddpm.md)
+    # by 1/√ᾱ ≈ 5·10³, and a briefly trained network keeps that error to the end, docs/medddpm.md)
     prediction: str = "epsilon"
     loss: str = "l1"                               # l1 (paper) | l2
     # optimisation
