@@ -114,9 +114,13 @@ def train_segmenters(study_dir: str, manifest: FileRef, jobs: list[dict], test_s
     study = Path(study_dir)
     train_t, predict_t, eval_t = (bound(t, study).with_options(refresh_cache=refresh)
                                   for t in (tasks.train_segmenter, tasks.predict, tasks.evaluate))
+    # Every training is submitted before any prediction: a task whose inputs are futures waits for them inside a
+    # worker thread, so a prediction queued right behind its own training held the second worker idle and the
+    # trainings ran one at a time (the default study's 9 trainings took 1078 s on 2 threads instead of ~600 s).
+    models = [gpu_submit(train_t, manifest, job["case_ids"], job["model_dir"], job["config"], resources=resources)
+              for job in jobs]
     pending = []
-    for job in jobs:
-        model = gpu_submit(train_t, manifest, job["case_ids"], job["model_dir"], job["config"], resources=resources)
+    for job, model in zip(jobs, models):
         evals = []
         for ts in test_sets:
             pred_dir = study / "predictions" / (job["run"] if ts["name"] == "test" else f"{job['run']}--{ts['name']}")

@@ -190,6 +190,43 @@ def test_segmenter_fan_out_on_a_dask_local_cluster(harness, tmp_path, toy_cohort
     assert json.loads((tmp_path / "segmenters" / "r1" / "config.json").read_text())["train_ids"] == train_ids
 
 
+def test_two_worker_threads_train_two_segmenters_at_once(harness, tmp_path, toy_cohort, monkeypatch):
+    """With parallel=2 the trainings overlap in time: a prediction waiting for its training must not hold the
+    second worker (it did, and the default study's trainings ran one after another)."""
+    import threading
+    import time
+    from pathlib import Path
+
+    import segment.api
+    from cohort.manifest import load_manifest, select
+    from flows.study import segmenter_task_runner, train_segmenters
+
+    spans, real_train = {}, segment.api.train
+
+    def timed_train(manifest, case_ids, out_dir, config):
+        start = time.monotonic()
+        time.sleep(1.0)  # longer than a thread hand-over, so that overlapping trainings must overlap here
+        out = real_train(manifest, case_ids, out_dir, config)
+        spans[Path(out_dir).name] = (start, time.monotonic(), threading.get_ident())
+        return out
+
+    monkeypatch.setattr(segment.api, "train", timed_train)
+    df = load_manifest(toy_cohort)
+    train_ids = select(df, split="train")["case_id"].tolist()[:3]
+    test_ids = select(df, split="test")["case_id"].tolist()
+    man = ref(toy_cohort)
+    jobs = [{"run": f"r1-s0-monai-s{seed}", "case_ids": train_ids, "model_dir": str(tmp_path / "segmenters" / f"s{seed}"),
+             "config": {"profile": "tiny", "backend": "monai", "seed": seed, "epochs": 1, "iters_per_epoch": 2},
+             "columns": {"run": f"r1-s0-monai-s{seed}", "mix": "1:0", "n_real": 3, "n_synth": 0, "backend": "monai",
+                         "seed": seed}} for seed in (0, 1)]
+    runner = segmenter_task_runner(None, dask_workers=0, parallel=2)
+    out = train_segmenters.with_options(task_runner=runner)(str(tmp_path), man, jobs,
+                                                            [{"name": "test", "manifest": man, "case_ids": test_ids}])
+    assert [r["run"] for r in out] == [j["run"] for j in jobs] and all(r["evals"][0].p.exists() for r in out)
+    (start0, end0, thread0), (start1, end1, thread1) = spans["s0"], spans["s1"]
+    assert thread0 != thread1 and start1 < end0 and start0 < end1, spans
+
+
 def _gpu_probe_task():
     from prefect import task
 
