@@ -7,19 +7,24 @@ For each run (name:steps[:eta[:spacing]]) it synthesises one case per selected r
 selection: cohort.selection, n_real cases, seed 0) with synth.synthesize_cohort (no redraws, so the gate column is
 the first-draw pass rate), trains the study's default segmenter on those synthetic cases alone (as the study's
 0:1 mix does) for each seed, and scores it on the cohort's real test split with eval.segmentation. Prints one row
-per run with its wall seconds per volume and the ratio to the first run, the gate pass rate and mean Dice per
-region. Everything is resumable under --work (synthesis and training both resume).
+per run with its wall seconds per volume and the ratio to the first run, the gate pass rate, the mean MS-SSIM
+across masks (eval.synthesis, as the study's report; the real cases' value is printed once) and mean Dice per
+region with its spread over seeds (--seeds with no value skips the segmenters). Synthesis runs first, alone;
+then --jobs trainings at once, one torch thread each. Everything is resumable under --work.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_segmenter_recipe import one_run  # noqa: E402  (one segmenter: train, predict, score; resumable)
 
 DEFAULT_RUNS = ["ddpm:250", "ddim:25:1", "ddim:10:1", "dpmpp2m:10:0:logsnr", "dpmpp2m-sde:10:1:logsnr",
                 "dpmpp2m:10:0:quadratic"]
@@ -36,10 +41,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cohort", required=True, help="the real cohort's data_manifest.csv (the study's)")
     ap.add_argument("--work", required=True)
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--n-real", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--segmenter", default="{}", help="JSON overrides of the segmenter config")
+    ap.add_argument("--jobs", type=int, default=2, help="segmenter trainings at once (processes, 1 thread each)")
     args = ap.parse_args(argv)
 
     import json
@@ -49,9 +55,7 @@ def main(argv=None) -> int:
     from cohort.manifest import load_manifest, merge_manifests, select
     from cohort.selection import write_training_selection
     from cohort.staging import stage_cohort
-    from eval.segmentation import evaluate_predictions
-    from segment.api import predict, train
-    from segment.config import SegmenterConfig
+    from eval.synthesis import synthesis_table
     from synth.synthesize import synthesize_cohort
 
     torch.set_num_threads(args.threads)
@@ -59,31 +63,43 @@ def main(argv=None) -> int:
     cohort = stage_cohort(args.cohort, work / "cohort")  # under work/: a merged manifest may not leave its root
     selected = write_training_selection(cohort, args.n_real, 0)
     test_ids = select(load_manifest(cohort), source="real", split="test")["case_id"].tolist()
-    rows = []
-    base = None
-    for spec in args.runs:
+    rows, merged_of, synth_ids = [], {}, {}
+    for spec in args.runs:  # synthesis first, alone on the machine, so that its seconds are clean
         name, steps, eta, spacing = parse_run(spec)
         tag = spec.replace(":", "_")
         t0 = time.perf_counter()
         pool = synthesize_cohort(args.generator, selected, work / tag / "synthetic", args.n_real, name, steps, 0,
                                  eta=eta, spacing=spacing, max_retries=0, num_threads=args.threads, progress=False,
                                  cohort_name=f"bench-{tag}", device="cpu")
-        per_volume = (time.perf_counter() - t0) / args.n_real
+        per_volume = (time.perf_counter() - t0) / args.n_real  # ~0 when resumed: time a fresh --work
         synth = load_manifest(pool)
-        passed = float((synth["quality_gate"] == "pass").mean())
-        merged = work / f"merged-{tag}.csv"
-        merge_manifests([cohort, pool], merged)
-        scores = []
-        for seed in args.seeds:
-            cfg = SegmenterConfig(profile="demo", seed=seed, device="cpu", **json.loads(args.segmenter))
-            model = train(merged, synth["case_id"].tolist(), work / tag / f"seg_s{seed}", cfg)
-            preds = predict(model, merged, test_ids, work / tag / f"pred_s{seed}")
-            scores.append(evaluate_predictions(preds, merged))
-        dice = pd.concat(scores).groupby("region")["dice"].mean()
-        base = base or per_volume
-        rows.append({"run": spec, "s/volume": round(per_volume, 2), "x first": round(base / per_volume, 1),
-                     "gate pass": round(passed, 2), **{r: round(float(dice[r]), 3) for r in ("WT", "TC", "ET")}})
+        merged_of[spec], synth_ids[spec] = work / f"merged-{tag}.csv", synth["case_id"].tolist()
+        merge_manifests([cohort, pool], merged_of[spec])
+        quality = synthesis_table(cohort, pool, synthetic_id=tag, real_case_ids=synth["parent_case_id"].unique())
+        ms_ssim = quality.set_index("metric")["value"]
+        if not rows:
+            print(f"MS-SSIM between the real cases: {ms_ssim['ms_ssim_real']:.3f}", flush=True)
+        rows.append({"run": spec, "s/volume": round(per_volume, 2),
+                     "x first": round(rows[0]["s/volume"] / per_volume, 1) if rows else 1.0,
+                     "gate pass": round(float((synth["quality_gate"] == "pass").mean()), 2),
+                     "MS-SSIM across masks": round(ms_ssim["ms_ssim_across_masks"], 3)})
         print(pd.DataFrame(rows).to_string(index=False), flush=True)
+    # then the segmenters, --jobs at once (one torch thread each): the study's 0:1 mix on each run's samples
+    with ProcessPoolExecutor(args.jobs) as workers:
+        futures = {(spec, seed): workers.submit(one_run, str(merged_of[spec]), synth_ids[spec], test_ids,
+                                                str(work / spec.replace(":", "_") / f"seg_s{seed}"),
+                                                json.loads(args.segmenter), seed)
+                   for spec in args.runs for seed in args.seeds}
+        scores = {key: pd.read_csv(f.result()) for key, f in futures.items()}
+    for row in rows:
+        runs = [scores[(row["run"], seed)] for seed in args.seeds]
+        if runs:
+            per_seed = [r.groupby("region")["dice"].mean() for r in runs]
+            dice = pd.concat(runs).groupby("region")["dice"].mean()
+            for r in ("WT", "TC", "ET"):
+                row[r] = round(float(dice[r]), 3)
+                row[f"{r} sd(seeds)"] = round(float(pd.Series([d[r] for d in per_seed]).std()), 3)
+    print(pd.DataFrame(rows).to_string(index=False), flush=True)
     pd.DataFrame(rows).to_csv(work / "sampler_table.csv", index=False)
     return 0
 

@@ -78,18 +78,35 @@ def _roi_size(cfg: SegmenterConfig, shape: Sequence[int]) -> tuple[int, int, int
 
 
 def train_transforms(cfg: SegmenterConfig):
-    """Light MONAI augmentation: left-right flip, intensity scale/shift; random patches if patch_size is set."""
-    from monai.transforms import (Compose, DivisiblePadd, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd,
+    """MONAI augmentation per cfg.augment; random patches first if patch_size is set.
+
+    light: left-right flip, intensity scale/shift. nnunet: nnU-Net's default pipeline in MONAI transforms (rotation
+    and scaling, Gaussian noise and blur, brightness, contrast, gamma, mirroring on every axis), with nnU-Net's
+    probabilities; it makes a segmenter lean on shapes more than on exact intensities."""
+    from monai.transforms import (Compose, DivisiblePadd, RandAdjustContrastd, RandAffined, RandCropByPosNegLabeld,
+                                  RandFlipd, RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd,
                                   RandShiftIntensityd, SpatialPadd)
 
-    t = [DivisiblePadd(keys=("image", "label"), k=_divisor(cfg), mode="edge")]
+    keys = ("image", "label")
+    t = [DivisiblePadd(keys=keys, k=_divisor(cfg), mode="edge")]
     if cfg.patch_size is not None:
-        t += [SpatialPadd(keys=("image", "label"), spatial_size=cfg.patch_size, mode="edge"),
-              RandCropByPosNegLabeld(keys=("image", "label"), label_key="label", spatial_size=cfg.patch_size,
+        t += [SpatialPadd(keys=keys, spatial_size=cfg.patch_size, mode="edge"),
+              RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.patch_size,
                                      pos=2, neg=1, num_samples=1)]
-    t += [RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
-          RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-          RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)]
+    if cfg.augment == "light":
+        t += [RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+              RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+              RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)]
+    elif cfg.augment == "nnunet":
+        rot = np.deg2rad(30)
+        t += [RandAffined(keys=keys, prob=0.2, rotate_range=(rot, rot, rot), scale_range=(0.3, 0.3, 0.3),
+                          mode=("bilinear", "nearest"), padding_mode="border"),
+              RandGaussianNoised(keys="image", prob=0.1, std=0.1),
+              RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),
+                                  sigma_z=(0.5, 1.0)),
+              RandScaleIntensityd(keys="image", factors=0.25, prob=0.15),
+              RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
+              *(RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(3))]
     return Compose(t)
 
 

@@ -224,6 +224,33 @@ def test_dynunet_learns_saves_and_gives_encoder_features(toy_cohort, tmp_path):
         SegmenterConfig(network="vnet").resolved()
 
 
+def test_nnunet_augmentation_moves_image_and_label_together():
+    """augment="nnunet" rotates/scales image and label with one transform (nearest for the label: labels stay
+    labels), keeps the shape, and changes intensities only of the image; an unknown name is refused."""
+    rng = np.random.default_rng(0)
+    label = np.zeros((1, 16, 20, 16), np.float32)
+    label[0, 4:10, 6:14, 5:11] = 2
+    label[0, 6:8, 8:12, 7:9] = 3
+    image = np.concatenate([label * 0.5 + rng.normal(0, 0.05, label.shape).astype(np.float32)] * 2)
+    cfg = SegmenterConfig(profile="tiny", augment="nnunet").resolved()
+    tf = monai_backend.train_transforms(cfg)
+    moved = 0
+    for seed in range(40):
+        tf.set_random_state(seed)
+        out = tf({"image": image.copy(), "label": label.copy()})
+        img, lab = np.asarray(out["image"]), np.asarray(out["label"])
+        assert img.shape == image.shape and lab.shape == label.shape
+        assert set(np.unique(lab)) <= {0.0, 2.0, 3.0}
+        moved += not np.array_equal(lab, label)
+        core = lab[0] == 3  # the image follows the label: the core stays the brightest structure
+        assert img[0][core].mean() > img[0][lab[0] == 0].mean() + 0.5
+    assert moved >= 20  # flips on 3 axes and affine moves: most draws move the label
+    light = SegmenterConfig(profile="tiny").resolved()
+    assert light.augment == "light" and SegmenterConfig(profile="demo").resolved().augment in ("light", "nnunet")
+    with pytest.raises(ConfigError, match="unknown augmentation"):
+        SegmenterConfig(augment="heavy").resolved()
+
+
 def test_preload_imports_everything_that_threads_would_import(toy_cohort, tmp_path):
     """Regression: the study's first segmenter training and a prediction, started in two threads of a fresh
     process, imported MONAI at the same time and one failed on a half-initialised module (KeyError: 'monai').
