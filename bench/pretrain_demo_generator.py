@@ -1,15 +1,12 @@
-"""Pre-train the demo generator that the project ships (synth/pretrained/, synth.pretrained.SHIPPED["demo"]) and
-write its card. Every step is resumable, so rerunning after an interruption (or after the run finished) only writes
-the card.
+"""Pre-train the demo generator that the project ships (synth/pretrained/demo-phantom-v1.safetensors) and write its
+card. Both steps are resumable, so rerunning after an interruption (or after the run finished) only writes the card.
 
     .venv/bin/python bench/pretrain_demo_generator.py --work /work/pretrain
 
 It builds the phantom cohort synth.pretrained.PRETRAIN_COHORT (160 cases, seed 1000: other draws than a study's
 seed-0 cohort) and trains the demo network on its real training rows with `medddpm train` (two torch threads),
-in two stages: 4000 steps from scratch (gen/, the v1 generator), then 2400 more steps from those weights at a
-lower learning rate (gen2/, v2: a new cosine horizon needs a new run). It copies gen2's generator.safetensors into
-synth/pretrained/ with a JSON card: the commands, the training cases' hash, the steps and the wall time. About 50
-minutes on our 2-core machines (docs/benchmarks.md).
+then copies generator.safetensors into synth/pretrained/ with a JSON card: the commands, the training cases'
+hash, the steps and the wall time. About half an hour on our 2-core machines (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -29,10 +26,6 @@ from synth.pretrained import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR  # noqa: E402
 
 TRAIN_ARGS = ["--profile", "demo", "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
               "--warmup-steps", "200", "--checkpoint-every", "500", "--threads", "2", "--seed", "0", "--no-progress"]
-# stage 2 (v2): from stage 1's EMA weights, lr 1e-3 cosine to the profile's 2e-4, EMA from its first step
-CONTINUE_ARGS = ["--profile", "demo", "--steps", "2400", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps",
-                 "100", "--ema-decay", "0.999", "--ema-start", "0", "--checkpoint-every", "400", "--threads", "2",
-                 "--seed", "1", "--no-progress"]
 
 
 def main(argv=None) -> int:
@@ -45,12 +38,10 @@ def main(argv=None) -> int:
              "--seed", str(PRETRAIN_COHORT["seed"]), "--profile", PRETRAIN_COHORT["profile"]]
     train = [medddpm, "train", "--manifest", str(work / "cohort" / "data_manifest.csv"), "--out", str(work / "gen"),
              *TRAIN_ARGS]
-    cont = [medddpm, "train", "--manifest", str(work / "cohort" / "data_manifest.csv"), "--out", str(work / "gen2"),
-            "--init-from", str(work / "gen" / "generator.safetensors"), *CONTINUE_ARGS]
     t0 = time.perf_counter()
-    for cmd in (build, train, cont):
+    for cmd in (build, train):
         subprocess.run(cmd, check=True)
-    gen = work / "gen2"
+    gen = work / "gen"
     run = json.loads((gen / "config.json").read_text())
     dest = SHIPPED_DIR / SHIPPED["demo"]
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -61,8 +52,7 @@ def main(argv=None) -> int:
                     "anatomy); fine-tuned by the demo study (flows medddpm_init='shipped')",
             "pretrain_cohort": PRETRAIN_COHORT, "train_cases": len(run["train_cases"]),
             "training_cases_hash": run["training_cases_hash"], "config_hash": run["config_hash"],
-            "steps": int(json.loads((work / "gen" / "config.json").read_text())["steps"]) + run["steps"],
-            "commands": [" ".join(["medddpm", *c[1:]]) for c in (build, train, cont)],
+            "steps": run["steps"], "commands": [" ".join(["medddpm", *c[1:]]) for c in (build, train)],
             "last_loss_row": loss[-1], "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(dest.with_suffix(".json"), json.dumps(card, indent=1) + "\n")
     print(json.dumps(card, indent=1))
