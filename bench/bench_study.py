@@ -4,8 +4,9 @@
 
 Peak RSS is of the whole process tree (the flow process, Prefect's temporary API server, any worker processes),
 sampled every 0.2 s with psutil and summed over the tree. Prints the targets as ratios (<= 1.0 meets them),
-each stage's share of the first run from study.json, and with --rerun the cached rerun's time as a ratio of the
-first run. Writes the numbers to OUT/bench_study.json.
+each serial stage's share of the first run from study.json (the rest is the segmenter stage, whose runs overlap,
+startup and orchestration; the flow logs the segmenter stage's own wall time), and with --rerun the cached rerun's
+time as a ratio of the first run. Writes the numbers to OUT/bench_study.json.
 """
 from __future__ import annotations
 
@@ -66,8 +67,11 @@ def main(argv=None) -> int:
               "wall_vs_20min_target": round(wall / TARGET_SECONDS, 3),
               "peak_rss_vs_6gib_target": round(peak / TARGET_RSS, 3), "cpu_count": psutil.cpu_count()}
     stages = json.loads((out / "study.json").read_text()).get("wall_seconds", {})
-    result["stage_share_of_wall"] = {k: round(v / wall, 3) for k, v in stages.items()}
-    result["orchestration_and_startup_share"] = round(1 - sum(stages.values()) / wall, 3)
+    # the segmenter runs overlap (two at a time by default): their summed seconds are not a share of the wall time
+    serial = {k: v for k, v in stages.items() if "sum over runs" not in k}
+    result["stage_share_of_wall"] = {k: round(v / wall, 3) for k, v in serial.items()}
+    result["segmenter_runs_summed_vs_wall"] = {k: round(v / wall, 3) for k, v in stages.items() if k not in serial}
+    result["segmenter_stage_startup_and_orchestration_share"] = round(1 - sum(serial.values()) / wall, 3)
     if args.rerun:
         wall2, peak2, rc2 = run_tree(cmd)
         result.update(rerun_wall_seconds=round(wall2, 1), rerun_vs_first=round(wall2 / wall, 3),
