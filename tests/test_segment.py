@@ -246,7 +246,7 @@ def test_nnunet_augmentation_moves_image_and_label_together():
         assert img[0][core].mean() > img[0][lab[0] == 0].mean() + 0.5
     assert moved >= 20  # flips on 3 axes and affine moves: most draws move the label
     light = SegmenterConfig(profile="tiny").resolved()
-    assert light.augment == "light" and SegmenterConfig(profile="demo").resolved().augment in ("light", "nnunet")
+    assert light.augment == "light" and SegmenterConfig(profile="demo").resolved().augment == "light"
     with pytest.raises(ConfigError, match="unknown augmentation"):
         SegmenterConfig(augment="heavy").resolved()
 
