@@ -6,8 +6,9 @@ montage.
 Builds (or reuses) the default study's phantom cohort (48 cases, seed 0) under W/cohort, selects its 8 training
 cases as the study does (cohort.selection, seed 0), synthesises one case per mask with no redraws
 (synth.synthesize_cohort, max_retries=0), prints the gate pass rate and each failed check (also in
-W/<tag>/quality_report.csv), and writes W/montage_<tag>.png. The gate uses the intensity ranges beside G.
-docs/benchmarks.md ("Demo generator") used it on the pre-training checkpoints.
+W/<tag>/quality_report.csv), the mean MS-SSIM across masks of the 8 samples next to that of the 8 real images (the
+study's eval.synthesis.diversity with the same settings), and writes W/montage_<tag>.png. The gate uses the
+intensity ranges beside G. docs/benchmarks.md ("Demo generator") used it on the pre-training checkpoints.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     from cohort.phantom import build_phantom_cohort
     from cohort.selection import write_training_selection
     from eval.plots import plot_montage
+    from eval.synthesis import diversity, ms_ssim_settings, read_cases
     from synth.synthesize import synthesize_cohort
 
     work = Path(args.work)
@@ -56,6 +58,11 @@ def main(argv=None) -> int:
     report = pd.read_csv(out / "quality_report.csv")
     for row in report.itertuples():
         print(f"  {row.case_id}: {'pass' if row.passed else row.failures}")
+    settings = ms_ssim_settings(read_cases(manifest, progress=False)[1][0].image.shape)
+    across = {name: diversity([c.image.data for c in read_cases(m, source=src, progress=False)[1]], None,
+                              settings=settings)["across"].mean()
+              for name, m, src in (("synthetic", manifest, "synthetic"), ("real", selected, "real"))}
+    print(f"MS-SSIM across masks: synthetic {across['synthetic']:.4f}, real {across['real']:.4f}")
     plot_montage(cohort, manifest, work / f"montage_{tag}.png")
     return 0
 

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help="volumes per micro-batch")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--loss", choices=("l1", "l2"), help="denoising loss (paper: l1)")
+    p.add_argument("--min-snr-gamma", type=float, help="Min-SNR-γ loss weighting with this γ (e.g. 5; default: "
+                                                       "the profile's, none for the paper profiles)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--ema-decay", type=float, help="EMA decay")
     p.add_argument("--ema-every", type=int, help="steps between EMA updates")
@@ -100,7 +102,8 @@ def _train(args) -> int:
     from .train import train_medddpm
 
     overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
-                 "grad_accum": args.grad_accum, "loss": args.loss, "checkpoint_every": args.checkpoint_every,
+                 "grad_accum": args.grad_accum, "loss": args.loss,
+                 "min_snr_gamma": args.min_snr_gamma, "checkpoint_every": args.checkpoint_every,
                  "ema_decay": args.ema_decay, "ema_every": args.ema_every, "ema_start": args.ema_start,
                  "seed": args.seed, "num_threads": args.threads, "warmup_steps": args.warmup_steps,
                  "device": args.device, "precision": args.precision, "grad_checkpoint": args.grad_checkpoint,

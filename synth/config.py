@@ -37,7 +37,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ARCHITECTURES = ("monai", "authors")
 # Fields added after configs were first hashed: left out of the hash while at their default, so the hashes (and
 # resumable runs) of existing configs do not change.
-HASH_IF_SET = {"architecture": "monai", "condition_values": "01", "init_from": None, "prediction": "epsilon"}
+HASH_IF_SET = {"architecture": "monai", "condition_values": "01", "init_from": None, "prediction": "epsilon",
+               "min_snr_gamma": None}
 PREDICTIONS = ("epsilon", "v")
 # Hashed fields that were removed, with the value every earlier config had: kept in the hash for the same reason.
 HASH_REMOVED = {"autocast_bf16": False}
@@ -74,6 +75,12 @@ class MedDDPMConfig:
     # by 1/√ᾱ ≈ 5·10³, and a briefly trained network keeps that error to the end, docs/medddpm.md)
     prediction: str = "epsilon"
     loss: str = "l1"                               # l1 (paper) | l2
+    # Min-SNR-γ loss weighting (Hang et al. 2023; None = the paper's unweighted loss; the demo profile: 5, a
+    # documented deviation): each sample's loss is weighted so that, measured as error of x̂0, timestep t counts
+    # min(SNR_t, γ) (l2; its square root with l1). Unweighted ε/v losses spend most of a small network's capacity
+    # on the nearly clean timesteps and little on the mid-noise ones where the anatomy is laid down
+    # (docs/medddpm.md deviation 13).
+    min_snr_gamma: float | None = None
     # optimisation
     lr: float = 1e-5
     lr_schedule: str = "constant"                  # constant | cosine (to lr_min at `steps`)
@@ -114,6 +121,8 @@ class MedDDPMConfig:
             raise ConfigError(f"loss must be 'l1' or 'l2', not {self.loss!r}")
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"unknown prediction {self.prediction!r}; known {PREDICTIONS}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ConfigError(f"min_snr_gamma must be > 0 (or None for no weighting), not {self.min_snr_gamma}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; known {LR_SCHEDULES} (warm-up: "
                               "warmup_steps / --warmup-steps, with either)")
@@ -191,11 +200,11 @@ PROFILES: dict[str, MedDDPMConfig] = {
     # CPU demo: 32x40x32, three downsamplings (attention at 1/8 like the paper). 8..64 channels keep a training
     # step near 17 GFLOP (batch 2), so ~700 steps fit the demo's ~6 minutes on 2 quiet cores; high lr with cosine
     # decay and a short EMA make those steps enough for the phantom's contrasts. bf16 autocast: see benchmarks.md.
-    # v-prediction (a deviation from the paper's ε, demo only): see the prediction field.
+    # v-prediction and Min-SNR-5 weighting (deviations from the paper, demo only): see those fields.
     "demo": MedDDPMConfig(profile="demo", channels=(8, 16, 32, 64), attention_levels=(False, False, False, True),
-                          norm_num_groups=8, prediction="v", lr=2e-3, lr_schedule="cosine", lr_min=2e-4, batch_size=2,
-                          grad_accum=1, ema_decay=0.99, ema_every=1, ema_start=200, steps=700,
-                          checkpoint_every=100, cache_rate=1.0),
+                          norm_num_groups=8, prediction="v", min_snr_gamma=5.0, lr=2e-3, lr_schedule="cosine",
+                          lr_min=2e-4, batch_size=2, grad_accum=1, ema_decay=0.99, ema_every=1, ema_start=200,
+                          steps=700, checkpoint_every=100, cache_rate=1.0),
     "paper-wholehead": MedDDPMConfig(profile="paper-wholehead", modalities=("t1",), condition="wholehead",
                                      num_res_blocks=1, **PAPER),
     "paper-brats": MedDDPMConfig(profile="paper-brats", modalities=("t1", "t1ce", "t2", "flair"), condition="brats",

@@ -53,10 +53,24 @@ def lr_at(config: MedDDPMConfig, step: int) -> float:
     return base
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, prediction: str,
+                    loss: str) -> torch.Tensor:
+    """Per-sample Min-SNR-γ weights (Hang et al. 2023) for timesteps ``t``: with them the loss counts the error of
+    x̂0 at timestep t as min(SNR_t, γ) (SNR = ᾱ/(1−ᾱ)) with l2, and as its square root with l1 (an l1 error of x̂0
+    enters an ε- or v-loss scaled by the square root of the l2 factor). ε-prediction: min(SNR, γ)/SNR; v: min(SNR,
+    γ)/(SNR+1); l1 takes their square roots."""
+    a = alphas_cumprod.to(t.device, torch.float64)[t]
+    snr = a / (1 - a)
+    w = snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
+    return (w.sqrt() if loss == "l1" else w).float()
+
+
 def diffusion_loss(model, x0, condition, t, noise, scheduler, loss: str = "l1", channels_last=False,
-                   amp_dtype: torch.dtype | None = None, prediction: str = "epsilon") -> torch.Tensor:
+                   amp_dtype: torch.dtype | None = None, prediction: str = "epsilon",
+                   min_snr_gamma: float | None = None) -> torch.Tensor:
     """Loss between the network's prediction from concat(x_t, condition) and its target: the noise (prediction
-    "epsilon") or the velocity √ᾱ·ε − √(1−ᾱ)·x0 (prediction "v", MONAI's get_velocity).
+    "epsilon") or the velocity √ᾱ·ε − √(1−ᾱ)·x0 (prediction "v", MONAI's get_velocity). ``min_snr_gamma``: weight
+    each sample's loss by min_snr_weights (None: unweighted, the paper).
 
     All tensors on the model's device; amp_dtype: autocast dtype (None = fp32), weights stay fp32."""
     xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
@@ -64,7 +78,11 @@ def diffusion_loss(model, x0, condition, t, noise, scheduler, loss: str = "l1", 
         out = model(model_input(xt, condition, channels_last), t)
     out = out.float()
     target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
-    return F.l1_loss(out, target) if loss == "l1" else F.mse_loss(out, target)
+    if min_snr_gamma is None:
+        return F.l1_loss(out, target) if loss == "l1" else F.mse_loss(out, target)
+    per_voxel = F.l1_loss(out, target, reduction="none") if loss == "l1" else F.mse_loss(out, target, reduction="none")
+    w = min_snr_weights(scheduler.alphas_cumprod, t, min_snr_gamma, prediction, loss)
+    return (per_voxel.flatten(1).mean(1) * w).mean()
 
 
 @torch.no_grad()
@@ -82,7 +100,8 @@ def denoising_loss(model, items: list[dict], config: MedDDPMConfig, seed: int = 
             t = torch.randint(0, config.timesteps, (1,), generator=g)
             noise = torch.randn(x0.shape, generator=g)
             losses.append(float(diffusion_loss(model, *(v.to(device) for v in (x0, cond, t, noise)), sched,
-                                               config.loss, prediction=config.prediction)))
+                                               config.loss, prediction=config.prediction,
+                                               min_snr_gamma=config.min_snr_gamma)))
     return float(np.mean(losses))
 
 
@@ -321,7 +340,7 @@ def _optimizer_step(run: _Run, batches, sched) -> float:
         last = i == len(draws) - 1
         with contextlib.nullcontext() if last or run.model is run.net else run.model.no_sync():
             loss = diffusion_loss(run.model, x0, cond, t, noise, sched, cfg.loss, cfg.channels_last,
-                                  run.amp_dtype, cfg.prediction) / len(draws)
+                                  run.amp_dtype, cfg.prediction, cfg.min_snr_gamma) / len(draws)
             run.scaler.scale(loss).backward()
         total += float(loss.detach())
     total = mean_over_ranks(total, run.ranks, run.device)

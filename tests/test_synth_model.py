@@ -154,6 +154,56 @@ def test_v_training_target_is_the_velocity():
     assert float(diffusion_loss(Fixed(), x0, torch.zeros_like(x0), t, noise, sched)) > 0.1  # ε target differs
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("loss", ["l1", "l2"])
+def test_min_snr_loss_counts_the_clean_image_error_as_min_snr_gamma(prediction, loss):
+    """A network whose output implies x̂0 = x0 + δ: with Min-SNR-γ its loss is min(SNR_t, γ)·δ² (l2) or
+    √min(SNR_t, γ)·|δ| (l1) at every t, whichever the prediction; unweighted it would be SNR·δ² (ε) or
+    (SNR+1)·δ² (v), which differ by orders of magnitude between t = 0 and t = T-1."""
+    from synth.schedulers import make_training_scheduler
+    from synth.train import diffusion_loss
+
+    sched, gamma, delta = make_training_scheduler(250, "cosine"), 5.0, 0.1
+    g = torch.Generator().manual_seed(0)
+    for t_value in (0, 40, 120, 249):  # SNR from ~10⁴ to ~10⁻⁸: both sides of γ
+        x0, noise = torch.rand((1, 1, 4, 4, 4), generator=g) * 2 - 1, torch.randn((1, 1, 4, 4, 4), generator=g)
+        t = torch.tensor([t_value])
+        a = sched.alphas_cumprod[t].double().view(-1, 1, 1, 1, 1)
+        x0_hat = x0.double() + delta
+        xt = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
+        out = ((xt - a.sqrt() * x0_hat) / (1 - a).sqrt() if prediction == "epsilon"
+               else (a.sqrt() * xt - x0_hat) / (1 - a).sqrt())  # the ε̂ or v̂ whose x̂0 is x0 + δ
+
+        class Fixed(torch.nn.Module):
+            def forward(self, inp, tt):
+                return out.float()
+
+        got = float(diffusion_loss(Fixed(), x0, torch.zeros_like(x0), t, noise, sched, loss, prediction=prediction,
+                                   min_snr_gamma=gamma))
+        snr = float(a / (1 - a))
+        want = min(snr, gamma) * delta ** 2 if loss == "l2" else min(snr, gamma) ** 0.5 * delta
+        assert got == pytest.approx(want, rel=2e-3), (t_value, snr)
+
+
+def test_min_snr_gamma_is_validated_and_leaves_unset_hashes_alone():
+    """A config written before the field existed (the shipped v1 generator's) keeps its recorded hash."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    v1 = Path(__file__).resolve().parents[1] / "synth" / "pretrained" / "demo-phantom-v1.safetensors"
+    with safe_open(str(v1), "pt") as f:
+        meta = f.metadata()
+    assert "min_snr_gamma" not in json.loads(meta["config"])
+    old = MedDDPMConfig.from_dict(json.loads(meta["config"]))
+    assert old.min_snr_gamma is None and old.hash() == meta["config_hash"]
+    assert old.hash() != old.replace(min_snr_gamma=5.0).hash() != old.replace(min_snr_gamma=2.0).hash()
+    cfg = get_config("demo")
+    with pytest.raises(ConfigError, match="min_snr_gamma"):
+        cfg.replace(min_snr_gamma=0.0)
+
+
 @pytest.mark.parametrize("spacing", ["quadratic", "logsnr"])
 @pytest.mark.parametrize("name,eta", SAMPLER_SPECS)
 @pytest.mark.parametrize("steps", (1, 2, 7, 10, 25, 250))
