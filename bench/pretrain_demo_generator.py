@@ -1,12 +1,19 @@
-"""Pre-train the demo generator that the project ships (synth/pretrained/demo-phantom-v1.safetensors) and write its
-card. Both steps are resumable, so rerunning after an interruption (or after the run finished) only writes the card.
+"""Pre-train the demo generator that the project ships (synth/pretrained.SHIPPED["demo"]) and write its card. Every
+run is resumable, so rerunning after an interruption (or after the runs finished) only writes the card.
 
-    .venv/bin/python bench/pretrain_demo_generator.py --work /work/pretrain
+    .venv/bin/python bench/pretrain_demo_generator.py --work /work/pretrain [--from-scratch]
 
 It builds the phantom cohort synth.pretrained.PRETRAIN_COHORT (160 cases, seed 1000: other draws than a study's
-seed-0 cohort) and trains the demo network on its real training rows with `medddpm train` (two torch threads),
-then copies generator.safetensors into synth/pretrained/ with a JSON card: the commands, the training cases'
-hash, the steps and the wall time. About half an hour on our 2-core machines (docs/benchmarks.md).
+seed-0 cohort) and trains the demo network on its real training rows with `medddpm train` (two torch threads):
+
+- v1 (synth/pretrained/demo-phantom-v1.safetensors, kept as v2's starting point): 4000 steps from scratch with the
+  paper's unweighted loss (V1_ARGS; about 30 minutes).
+- v2 (shipped): v1 trained further with Min-SNR-5 loss weighting, in the runs of V2_STAGES, each starting from the
+  previous run's generator (about 50 minutes). By default the first run starts from the v1 file in the checkout;
+  --from-scratch retrains v1 first.
+
+Then it copies the last generator into synth/pretrained/ with a JSON card: the commands, the training cases' hash,
+the steps and the wall time (docs/benchmarks.md, "Demo generator").
 """
 from __future__ import annotations
 
@@ -24,35 +31,54 @@ sys.path.insert(0, str(REPO))
 from cohort.fsutil import atomic_write_text, sha256_file  # noqa: E402
 from synth.pretrained import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR  # noqa: E402
 
-TRAIN_ARGS = ["--profile", "demo", "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
-              "--warmup-steps", "200", "--checkpoint-every", "500", "--threads", "2", "--seed", "0", "--no-progress"]
+V1_FILE = SHIPPED_DIR / "demo-phantom-v1.safetensors"
+V1_ARGS = ["--profile", "demo", "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
+           "--warmup-steps", "200", "--checkpoint-every", "500", "--threads", "2", "--seed", "0", "--no-progress"]
+_STAGE = ["--profile", "demo", "--min-snr-gamma", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps",
+          "100", "--ema-decay", "0.999", "--ema-start", "0", "--checkpoint-every", "400", "--threads", "2", "--seed",
+          "1", "--no-progress"]
+# (run folder, its arguments): each run starts from the previous run's generator (the first from v1)
+V2_STAGES = [("snr5", ["--steps", "1600", *_STAGE]), ("snr5b", ["--steps", "3200", *_STAGE]),
+             ("snr5c", ["--steps", "3200", *_STAGE]), ("snr5d", ["--steps", "3200", *_STAGE])]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", required=True, help="working folder (cohort/, gen/)")
+    ap.add_argument("--work", required=True, help="working folder (cohort/ and one folder per training run)")
+    ap.add_argument("--from-scratch", action="store_true", help="retrain v1 too instead of starting from its file")
     args = ap.parse_args(argv)
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     medddpm = str(Path(sys.executable).parent / "medddpm")
-    build = [medddpm, "build-phantom", "--out", str(work / "cohort"), "--cases", str(PRETRAIN_COHORT["n_cases"]),
-             "--seed", str(PRETRAIN_COHORT["seed"]), "--profile", PRETRAIN_COHORT["profile"]]
-    train = [medddpm, "train", "--manifest", str(work / "cohort" / "data_manifest.csv"), "--out", str(work / "gen"),
-             *TRAIN_ARGS]
+    manifest = str(work / "cohort" / "data_manifest.csv")
+    commands = [[medddpm, "build-phantom", "--out", str(work / "cohort"), "--cases",
+                 str(PRETRAIN_COHORT["n_cases"]), "--seed", str(PRETRAIN_COHORT["seed"]), "--profile",
+                 PRETRAIN_COHORT["profile"]]]
+    init = V1_FILE.relative_to(REPO)  # as the runs were made (the path is part of a run's config hash)
+    if args.from_scratch:
+        commands.append([medddpm, "train", "--manifest", manifest, "--out", str(work / "v1"), *V1_ARGS])
+        init = work / "v1" / "generator.safetensors"
+    for name, stage_args in V2_STAGES:
+        commands.append([medddpm, "train", "--manifest", manifest, "--out", str(work / name), "--init-from",
+                         str(init), *stage_args])
+        init = work / name / "generator.safetensors"
     t0 = time.perf_counter()
-    for cmd in (build, train):
-        subprocess.run(cmd, check=True)
-    gen = work / "gen"
-    run = json.loads((gen / "config.json").read_text())
+    for cmd in commands:
+        subprocess.run(cmd, check=True, cwd=REPO)
+    last = init.parent
+    run = json.loads((last / "config.json").read_text())
     dest = SHIPPED_DIR / SHIPPED["demo"]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(gen / "generator.safetensors", dest)
-    loss = (gen / "loss_log.csv").read_text().splitlines()
+    shutil.copyfile(last / "generator.safetensors", dest)
+    loss = (last / "loss_log.csv").read_text().splitlines()
+    v1_card = json.loads(V1_FILE.with_suffix(".json").read_text())
     card = {"file": dest.name, "sha256": sha256_file(dest), "profile": "demo",
             "what": "Med-DDPM demo network (EMA weights) pre-trained on SIMULATED-tumour phantom cases (real atlas "
                     "anatomy); fine-tuned by the demo study (flows medddpm_init='shipped')",
             "pretrain_cohort": PRETRAIN_COHORT, "train_cases": len(run["train_cases"]),
             "training_cases_hash": run["training_cases_hash"], "config_hash": run["config_hash"],
-            "steps": run["steps"], "commands": [" ".join(["medddpm", *c[1:]]) for c in (build, train)],
+            "steps": int(v1_card["steps"]) + sum(int(a[1]) for _, a in V2_STAGES),
+            "starts_from": {"file": V1_FILE.name, "sha256": v1_card["sha256"], "commands": v1_card["commands"]},
+            "commands": [" ".join(["medddpm", *c[1:]]) for c in commands],
             "last_loss_row": loss[-1], "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(dest.with_suffix(".json"), json.dumps(card, indent=1) + "\n")
     print(json.dumps(card, indent=1))
