@@ -7,8 +7,9 @@ Builds (or reuses) the default study's phantom cohort (48 cases, seed 0) under W
 cases as the study does (cohort.selection, seed 0), synthesises one case per mask with no redraws
 (synth.synthesize_cohort, max_retries=0), prints the gate pass rate and each failed check (also in
 W/<tag>/quality_report.csv), the mean MS-SSIM across masks of the 8 samples next to that of the 8 real images (the
-study's eval.synthesis.diversity with the same settings), and writes W/montage_<tag>.png. The gate uses the
-intensity ranges beside G. docs/benchmarks.md ("Demo generator") used it on the pre-training checkpoints.
+study's eval.synthesis.diversity with the same settings), the memorisation summary of the study's report
+(eval.memorisation: each sample's similarity to its mask's owner, to the mask alone, and the share beyond it), and
+writes W/montage_<tag>.png. The gate uses the intensity ranges beside G. docs/benchmarks.md ("Demo generator") used it on the pre-training checkpoints.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     from cohort.manifest import load_manifest
     from cohort.phantom import build_phantom_cohort
     from cohort.selection import write_training_selection
+    from eval.memorisation import memorisation_table, summarise
     from eval.plots import plot_montage
     from eval.synthesis import diversity, ms_ssim_settings, read_cases
     from synth.synthesize import synthesize_cohort
@@ -58,11 +60,16 @@ def main(argv=None) -> int:
     report = pd.read_csv(out / "quality_report.csv")
     for row in report.itertuples():
         print(f"  {row.case_id}: {'pass' if row.passed else row.failures}")
-    settings = ms_ssim_settings(read_cases(manifest, progress=False)[1][0].image.shape)
-    across = {name: diversity([c.image.data for c in read_cases(m, source=src, progress=False)[1]], None,
-                              settings=settings)["across"].mean()
+    images = {name: [c.image for c in read_cases(m, source=src, progress=False)[1]]
               for name, m, src in (("synthetic", manifest, "synthetic"), ("real", selected, "real"))}
+    settings = ms_ssim_settings(images["synthetic"][0].shape)
+    across = {name: diversity([v.data for v in vols], None, settings=settings)["across"].mean()
+              for name, vols in images.items()}
     print(f"MS-SSIM across masks: synthetic {across['synthetic']:.4f}, real {across['real']:.4f}")
+    mem = summarise(memorisation_table(cohort, manifest, synthetic_id=tag, train_ids=load_manifest(selected)["case_id"],
+                                       progress=False)).iloc[0]
+    print(f"memorisation (the study's table): owner similarity median {mem.owner_similarity_median:.3f}, mask alone "
+          f"{mem.mask_similarity_median:.3f}, beyond the mask {mem.frac_beyond_mask:.2f}")
     plot_montage(cohort, manifest, work / f"montage_{tag}.png")
     return 0
 

@@ -78,9 +78,10 @@ def diffusion_loss(model, x0, condition, t, noise, scheduler, loss: str = "l1", 
         out = model(model_input(xt, condition, channels_last), t)
     out = out.float()
     target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    loss_fn = F.l1_loss if loss == "l1" else F.mse_loss
     if min_snr_gamma is None:
-        return F.l1_loss(out, target) if loss == "l1" else F.mse_loss(out, target)
-    per_voxel = F.l1_loss(out, target, reduction="none") if loss == "l1" else F.mse_loss(out, target, reduction="none")
+        return loss_fn(out, target)
+    per_voxel = loss_fn(out, target, reduction="none")
     w = min_snr_weights(scheduler.alphas_cumprod, t, min_snr_gamma, prediction, loss)
     return (per_voxel.flatten(1).mean(1) * w).mean()
 
