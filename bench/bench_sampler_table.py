@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_sampler_table.py --generator G --cohort C/data_manifest.csv --work W \\
         [--runs ddpm:250 ddim:25:1 dpmpp2m:10:0:logsnr ...] [--seeds 0 1] [--n-real 8]
 
-For each run (name:steps[:eta[:spacing]]) it synthesises one case per selected real training case (the study's
+For each run (name:steps[:eta[:spacing[:analytic]]]; analytic = Analytic-DPM's variance) it synthesises one case per selected real training case (the study's
 selection: cohort.selection, n_real cases, seed 0) with synth.synthesize_cohort (no redraws, so the gate column is
 the first-draw pass rate), trains the study's default segmenter on those synthetic cases alone (as the study's
 0:1 mix does) for each seed, and scores it on the cohort's real test split with eval.segmentation. Prints one row
@@ -30,9 +30,11 @@ DEFAULT_RUNS = ["ddpm:250", "ddim:25:1", "ddim:10:1", "dpmpp2m:10:0:logsnr", "dp
                 "dpmpp2m:10:0:quadratic"]
 
 
-def parse_run(spec: str) -> tuple[str, int, float, str]:
-    name, steps, eta, spacing = (spec.split(":") + [None, None])[:4]
-    return name, int(steps), float(eta or 0), spacing or "leading"
+def parse_run(spec: str) -> tuple[str, int, float, str, bool]:
+    name, steps, eta, spacing, variance = (spec.split(":") + [None, None, None])[:5]
+    if variance not in (None, "", "analytic"):
+        raise SystemExit(f"{spec}: the fifth field is 'analytic' or empty, not {variance!r}")
+    return name, int(steps), float(eta or 0), spacing or "leading", variance == "analytic"
 
 
 def main(argv=None) -> int:
@@ -65,11 +67,11 @@ def main(argv=None) -> int:
     test_ids = select(load_manifest(cohort), source="real", split="test")["case_id"].tolist()
     rows, merged_of, synth_ids = [], {}, {}
     for spec in args.runs:  # synthesis first, alone on the machine, so that its seconds are clean
-        name, steps, eta, spacing = parse_run(spec)
+        name, steps, eta, spacing, analytic = parse_run(spec)
         tag = spec.replace(":", "_")
         t0 = time.perf_counter()
         pool = synthesize_cohort(args.generator, selected, work / tag / "synthetic", args.n_real, name, steps, 0,
-                                 eta=eta, spacing=spacing, max_retries=0, num_threads=args.threads, progress=False,
+                                 eta=eta, spacing=spacing, analytic=analytic, max_retries=0, num_threads=args.threads, progress=False,
                                  cohort_name=f"bench-{tag}", device="cpu")
         per_volume = (time.perf_counter() - t0) / args.n_real  # ~0 when resumed: time a fresh --work
         synth = load_manifest(pool)

@@ -1,6 +1,8 @@
 """CLI verbs of this package (registered by medddpm.cli): train, synthesize."""
 from __future__ import annotations
 
+import argparse
+
 
 def register(subparsers) -> None:
     from cohort.device import DEVICE_HELP
@@ -73,6 +75,10 @@ def register(subparsers) -> None:
     s.add_argument("--spacing", choices=SPACINGS, default=defaults.SPACING,
                    help=f"timestep spacing (default {defaults.SPACING}): leading = every T/n steps; quadratic and "
                         "logsnr end at t = 0 and suit few steps (docs/benchmarks.md, sampler table)")
+    s.add_argument("--analytic-variance", action=argparse.BooleanOptionalAction, default=defaults.ANALYTIC,
+                   help="ddpm and ddim: add Analytic-DPM's x0-uncertainty term to each step's variance (Bao et al. "
+                        "2022), which few-step chains otherwise lose (default "
+                        f"{'on' if defaults.ANALYTIC else 'off'}; docs/medddpm.md)")
     s.add_argument("--device", default="auto", help=f"where to sample: {DEVICE_HELP} (default auto)")
     s.add_argument("--shard", help="K/N: make only cases i with i %% N == K, into data_manifest.shard-K-of-N.csv of "
                                    "the same --out (one process per GPU or node); 'auto' = torchrun's RANK/WORLD_SIZE "
@@ -146,7 +152,8 @@ def _synthesize(args) -> int:
 
     splits = None if args.splits == "all" else tuple(args.splits.split(","))
     path = synthesize_cohort(args.checkpoint, args.masks, args.out, args.count, args.sampler, args.steps, args.seed,
-                             eta=args.eta, spacing=args.spacing, batch_size=args.batch_size, splits=splits,
+                             eta=args.eta, spacing=args.spacing, analytic=args.analytic_variance,
+                             batch_size=args.batch_size, splits=splits,
                              max_retries=args.max_retries, num_threads=args.threads, progress=not args.no_progress,
                              device=args.device, shard=_shard(args.shard))
     print(f"manifest: {path}")

@@ -9,3 +9,4 @@ SAMPLER = "ddim"
 STEPS = 25
 ETA = 1.0
 SPACING = "leading"
+ANALYTIC = False

@@ -59,7 +59,7 @@ def _clean_partial(out: Path) -> None:
 def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_dir: str | Path, count: int,
                       sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, seed: int = 0, *,
                       eta: float = defaults.ETA, spacing: str = defaults.SPACING,
-                      batch_size: int = 4, sources: tuple[str, ...] = ("real", "mask"),
+                      analytic: bool = defaults.ANALYTIC, batch_size: int = 4, sources: tuple[str, ...] = ("real", "mask"),
                       splits: tuple[str, ...] | None = ("train",), case_ids: list[str] | None = None,
                       max_retries: int = 3, gate_margin: float = 0.05, cohort_name: str = "medddpm-synthetic",
                       case_prefix: str = "syn", num_threads: int | None = None, progress: bool = True,
@@ -96,7 +96,8 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
 
     model, cfg, meta = load_generator(gen_path)
     model.to(resolve_device(device))  # samples come back to the CPU (synth.schedulers.sample) before writing
-    diffusion_sampler = make_sampler(sampler, cfg.timesteps, cfg.schedule, eta=eta, spacing=spacing)
+    diffusion_sampler = make_sampler(sampler, cfg.timesteps, cfg.schedule, eta=eta, spacing=spacing,
+                                     analytic=analytic)
     diffusion_sampler.timesteps(steps)  # refuses a step count outside 1..T before any work
     gen_hash = sha256_file(gen_path)
     ranges = load_gate_ranges(gen_path.parent / RANGES_FILE, imported=SOURCE_META in meta)
