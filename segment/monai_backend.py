@@ -32,7 +32,10 @@ from .data import N_CLASSES, load_cases, normalise
 LOG_COLUMNS = ("epoch", "train_loss", "val_dice", "lr", "seconds")
 
 
-_INIT_LOCK = threading.Lock()  # seeding + building a network touches torch's global RNG
+# Seeding + building a network, and each epoch's reseed, touch torch's global RNG, which every thread shares: with
+# trainings in parallel threads (the study's default) an unguarded reseed in one training landed inside another's
+# network init, so that training's initial weights, and its Dice, depended on timing (docs/benchmarks.md).
+_INIT_LOCK = threading.Lock()
 
 
 def build_network(cfg: SegmenterConfig, in_channels: int) -> torch.nn.Module:
@@ -136,11 +139,20 @@ def _val_dice(model, cfg, cases: list[Case]) -> float:
 
 
 def _save_safetensors(model: torch.nn.Module, path: Path) -> None:
-    # save_model, not save_file: DynUNet's state dict names each weight twice (skip_layers aliases)
-    from safetensors.torch import save_model
+    """The weights, byte-identical for identical weights. DynUNet's state dict names each weight twice
+    (skip_layers aliases): each tensor is kept once, under its first name in sorted order, which
+    safetensors' load_model maps back. (save_model drops the aliases too, but records them in a header map that
+    safetensors writes in a random order, so the same weights gave a different file, and hash, at every save.)"""
+    from safetensors.torch import save_file
 
+    tensors, seen = {}, set()
+    for name, t in sorted(model.state_dict().items()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            tensors[name] = t.detach().contiguous()
     with atomic_path(path) as tmp:
-        save_model(model, str(tmp), force_contiguous=True)
+        save_file(tensors, str(tmp))
 
 
 def _save_resume(path: Path, state: dict) -> None:
@@ -177,7 +189,8 @@ def _train_epoch(model, opt, loss_fn, tfm, cases: list[Case], cfg: SegmenterConf
 
     All randomness is derived from (seed, epoch): a resumed run replays the same stream.
     """
-    torch.manual_seed(cfg.seed * 100_003 + epoch)
+    with _INIT_LOCK:  # not inside another thread's network init
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
     tfm.set_random_state(seed=(cfg.seed * 100_003 + epoch) % (2 ** 32))
     rng = np.random.default_rng([cfg.seed, epoch])
     n = cfg.iters_per_epoch * cfg.batch_size
