@@ -3,14 +3,15 @@
     .venv/bin/python bench/bench_sampler_table.py --generator G --cohort C/data_manifest.csv --work W \\
         [--runs ddpm:250 ddim:25:1 dpmpp2m:10:0:logsnr ...] [--seeds 0 1] [--n-real 8]
 
-For each run (name:steps[:eta[:spacing[:analytic]]]; analytic = Analytic-DPM's variance) it synthesises one case per selected real training case (the study's
-selection: cohort.selection, n_real cases, seed 0) with synth.synthesize_cohort (no redraws, so the gate column is
-the first-draw pass rate), trains the study's default segmenter on those synthetic cases alone (as the study's
-0:1 mix does) for each seed, and scores it on the cohort's real test split with eval.segmentation. Prints one row
-per run with its wall seconds per volume and the ratio to the first run, the gate pass rate, the mean MS-SSIM
-across masks (eval.synthesis, as the study's report; the real cases' value is printed once) and mean Dice per
-region with its spread over seeds (--seeds with no value skips the segmenters). Synthesis runs first, alone;
-then --jobs trainings at once, one torch thread each. Everything is resumable under --work.
+For each run (name:steps[:eta[:spacing[:analytic]]]; analytic = Analytic-DPM's variance) it synthesises one case per
+selected real training case (the study's selection: cohort.selection, n_real cases, seed 0) with
+synth.synthesize_cohort (no redraws, so the gate column is the first-draw pass rate), trains the study's default
+segmenter on those synthetic cases alone (as the study's 0:1 mix does) for each seed, and scores it on the cohort's
+real test split with eval.segmentation. Prints one row per run with its wall seconds per volume and the ratio to the
+first run, the gate pass rate, the mean MS-SSIM across masks (eval.synthesis, as the study's report; the real cases'
+value is printed once) and mean Dice per region with its spread over seeds (--seeds with no value skips the
+segmenters). Synthesis runs first, alone; then --jobs trainings at once, one torch thread each. Everything is
+resumable under --work.
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def main(argv=None) -> int:
         tag = spec.replace(":", "_")
         t0 = time.perf_counter()
         pool = synthesize_cohort(args.generator, selected, work / tag / "synthetic", args.n_real, name, steps, 0,
-                                 eta=eta, spacing=spacing, analytic=analytic, max_retries=0, num_threads=args.threads, progress=False,
-                                 cohort_name=f"bench-{tag}", device="cpu")
+                                 eta=eta, spacing=spacing, analytic=analytic, max_retries=0,
+                                 num_threads=args.threads, progress=False, cohort_name=f"bench-{tag}", device="cpu")
         per_volume = (time.perf_counter() - t0) / args.n_real  # ~0 when resumed: time a fresh --work
         synth = load_manifest(pool)
         merged_of[spec], synth_ids[spec] = work / f"merged-{tag}.csv", synth["case_id"].tolist()
