@@ -180,8 +180,9 @@ def _segmentation_section(per_case: pd.DataFrame, test_set: str, out: Path, prim
     slug = "" if primary else "_" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in test_set)
     doc.h(f"Dice by training mix — test set '{test_set}'" + ("" if primary else " (external)"))
     doc.p("Rows: training mixes (real only, synthetic only, real + synthetic at each ratio). Cells: mean ± sd over "
-          "test cases and seeds [bootstrap 95% CI over test cases, seeds averaged per case]. Δ: paired difference "
-          "with the real-only mix, per test case [bootstrap 95% CI]. Empty regions: both empty → Dice 1, HD95 0; "
+          "test cases and seeds [95% CI of a bootstrap over test cases and segmenter seeds]. Δ: paired difference "
+          "with the real-only mix, per test case, seeds averaged per case [95% CI, same bootstrap: test cases "
+          "resampled in pairs, each mix's seeds on their own]. Empty regions: both empty → Dice 1, HD95 0; "
           "one empty → Dice 0, HD95 = image diagonal.")
     for be in dict.fromkeys(agg["backend"]):
         doc.h(f"Segmenter backend: {be}", 3)
@@ -234,7 +235,9 @@ def _findings_section(per_case: pd.DataFrame, test_set: str, seed: int) -> _Bloc
         doc.h(f"What this study found (test set '{test_set}')")
         seeds = per_case["seed"].nunique()
         doc.p(f"Paired per test case, seeds averaged per case ({seeds} segmenter seed{'s' if seeds != 1 else ''}); "
-              "significant = the 95 % bootstrap confidence interval of the mean difference excludes 0.")
+              "significant = the 95 % confidence interval of the mean difference excludes 0, from a bootstrap "
+              "over test cases and each mix's segmenter seeds, so a verdict accounts for training noise as well "
+              "as for the choice of test cases (eval.stats.case_seed_ci; with few seeds it is still optimistic).")
         lines = findings(paired)
         ratio = synthetic_only_ratio(rows)
         if ratio:

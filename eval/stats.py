@@ -1,11 +1,17 @@
 """Aggregation of per-case scores: mean ± sd over cases and seeds, seeded bootstrap 95 % CIs, and the paired
 comparison of every training mix with real-only data (paired by test case).
 
-Statistical unit: the test case. Seeds of one mix are first averaged per case, so the bootstrap resamples
-cases (a seed is not an independent test image); ``sd`` is still over every (case, seed) value and
-``sd_seeds`` is the spread of the per-seed means (training noise).
-Bootstrap: scipy.stats.bootstrap, percentile method, seeded (BCa is undefined for the constant samples that
-perfect Dice produces).
+Two sources of noise: which test cases were drawn, and which segmenter seeds were trained. The point estimate is
+the mean over test cases of each case's mean over seeds. Its CI is a two-level bootstrap (``case_seed_ci``): each
+resample draws test cases with replacement (shared by the two sides of a paired difference, so pairing by case is
+kept) and, independently for each mix, that mix's segmenter seeds with replacement. A bootstrap over cases alone
+treats the trained segmenters as fixed, so with 8 real training cases one unlucky real-only seed could make a
+difference "significant" in one seed set and reverse in the next (issue 12). With one seed per mix it reduces to
+the bootstrap over cases. ``sd`` is over every (case, seed) value and ``sd_seeds`` is the spread of the per-seed
+means (training noise).
+Bootstrap: percentile method, seeded (BCa is undefined for the constant samples that perfect Dice produces).
+``bootstrap_ci`` (one level, scipy.stats.bootstrap) serves samples without seeds; the two-level resampling is
+written here because scipy's bootstrap resamples one level only.
 """
 from __future__ import annotations
 
@@ -67,8 +73,56 @@ def _case_means(g: pd.DataFrame, metric: str) -> pd.Series:
     return g.groupby("case_id")[metric].mean()
 
 
+def _case_by_seed(g: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Test cases × seeds table of ``metric`` (mean if a (case, seed) appears twice; NaN where one is missing)."""
+    return g.pivot_table(index="case_id", columns="seed", values=metric, aggfunc="mean", dropna=False)
+
+
+def case_seed_ci(tables, signs=None, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
+                 chunk: int = 250) -> tuple[float, float]:
+    """Two-level percentile bootstrap CI of  Σ_k sign_k · mean over cases of (mean over seeds of tables[k]).
+
+    tables: 2-D arrays, cases × seeds, rows in the same case order (the cases are paired across tables); each may
+    have its own seeds. Every resample draws the case rows once for all tables and each table's seed columns on
+    their own (seeds of different mixes train on different data: they are not paired). NaN entries (a missing
+    (case, seed)) are skipped in the means. signs: default +1 each; (+1, −1) gives a paired difference.
+    Same seed -> same CI. Fewer than 2 cases with a value: (nan, nan); no variation at all: (v, v).
+    """
+    tables = [np.asarray(t, dtype=float) for t in tables]
+    signs = [1.0] * len(tables) if signs is None else [float(x) for x in signs]
+    if len({t.shape[0] for t in tables}) != 1 or len(signs) != len(tables) or any(t.ndim != 2 for t in tables):
+        raise ValueError("case_seed_ci: tables must be 2-D with the same cases (rows), one sign per table")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: a case without a value
+        per_case = sum(sg * np.nanmean(t, axis=1) for sg, t in zip(signs, tables))
+        keep = np.isfinite(per_case)
+        tables = [t[keep] for t in tables]
+        n = int(keep.sum())
+        if n < 2:
+            return float("nan"), float("nan")
+        if all(np.nanmax(t) == np.nanmin(t) for t in tables):
+            v = float(per_case[keep].mean())
+            return v, v
+        rng = np.random.default_rng(seed)
+        stats = []
+        for start in range(0, n_resamples, chunk):
+            b = min(chunk, n_resamples - start)
+            rows = rng.integers(0, n, size=(b, n))
+            total = np.zeros((b, n))
+            for sg, t in zip(signs, tables):
+                cols = rng.integers(0, t.shape[1], size=(b, t.shape[1]))
+                drawn = t[rows[:, :, None], cols[:, None, :]]            # (b, n cases, k seeds)
+                total += sg * np.nanmean(drawn, axis=2)
+            stats.append(np.nanmean(total, axis=1))
+        stats = np.concatenate(stats)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.nanquantile(stats, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def aggregate(per_case: pd.DataFrame, *, metrics=METRICS, seed: int = 0, n_resamples: int = 2000) -> pd.DataFrame:
-    """Mean ± sd over cases and seeds with a bootstrap CI over cases, per (mix, backend, test set, region).
+    """Mean ± sd over cases and seeds with a bootstrap CI over cases and seeds, per (mix, backend, test set,
+    region).
 
     per_case: rows of results/per_case.csv (needs RUN_KEYS, seed, case_id, region and the metric columns).
     Returns columns RUN_KEYS + region, kind, n_cases, n_seeds, and for each metric m:
@@ -82,11 +136,11 @@ def aggregate(per_case: pd.DataFrame, *, metrics=METRICS, seed: int = 0, n_resam
         row["n_seeds"] = int(g["seed"].nunique())
         for m in metrics:
             vals = g[m].astype(float)
-            row[f"{m}_mean"] = float(vals.mean())
+            row[f"{m}_mean"] = float(_case_means(g, m).mean())
             row[f"{m}_sd"] = float(vals.std(ddof=1)) if vals.notna().sum() > 1 else float("nan")
             seed_means = g.groupby("seed")[m].mean()
             row[f"{m}_sd_seeds"] = float(seed_means.std(ddof=1)) if len(seed_means) > 1 else float("nan")
-            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = bootstrap_ci(_case_means(g, m).to_numpy(), seed=seed,
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = case_seed_ci([_case_by_seed(g, m).to_numpy()], seed=seed,
                                                                    n_resamples=n_resamples)
         rows.append(row)
     out = pd.DataFrame(rows)
@@ -105,13 +159,14 @@ def reference_run(runs: pd.DataFrame, n_real: int) -> pd.Series | None:
 
 def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", seed: int = 0,
                    n_resamples: int = 2000) -> pd.DataFrame:
-    """Paired difference (mix − real only) of ``metric`` per test case, with a bootstrap CI over cases.
+    """Paired difference (mix − real only) of ``metric`` per test case, with a two-level bootstrap CI over test
+    cases and each side's segmenter seeds (``case_seed_ci``).
 
     Pairing: same backend, test set, region and test case; each side is first averaged over its seeds.
     The reference is the real-only mix with the same n_real, else the real-only mix with most real cases.
     Returns columns RUN_KEYS + region, reference_mix, n_pairs, delta_mean, delta_ci_low, delta_ci_high,
-    frac_improved (share of cases where the mix is better), p_wilcoxon (two-sided signed-rank; NaN if < 2 pairs
-    or all differences 0).
+    frac_improved (share of cases where the mix is better), p_wilcoxon (two-sided signed-rank over the per-case
+    differences, seeds averaged: it treats the trained segmenters as fixed; NaN if < 2 pairs or all differences 0).
     """
     from scipy.stats import wilcoxon
 
@@ -125,12 +180,16 @@ def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", seed: int = 
         sel = lambda r: per_case[(per_case[list(RUN_KEYS)] == r[list(RUN_KEYS)].values).all(axis=1)]  # noqa: E731
         mine, theirs = sel(run), sel(ref)
         for region in mine["region"].unique():
-            a = _case_means(mine[mine["region"] == region], metric)
-            b = _case_means(theirs[theirs["region"] == region], metric)
+            a = _case_by_seed(mine[mine["region"] == region], metric)
+            b = _case_by_seed(theirs[theirs["region"] == region], metric)
             common = a.index.intersection(b.index)
-            d = (a[common] - b[common]).to_numpy(dtype=float)
-            d = d[np.isfinite(d)]
-            lo, hi = bootstrap_ci(d, seed=seed, n_resamples=n_resamples)
+            a, b = a.loc[common].to_numpy(dtype=float), b.loc[common].to_numpy(dtype=float)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                d = np.nanmean(a, axis=1) - np.nanmean(b, axis=1)
+            paired_rows = np.isfinite(d)
+            d = d[paired_rows]
+            lo, hi = case_seed_ci([a[paired_rows], b[paired_rows]], (1, -1), seed=seed, n_resamples=n_resamples)
             better = d > 0 if metric == "dice" else d < 0  # lower HD95 is better
             p = float("nan")
             if len(d) >= 2 and np.any(d != 0):

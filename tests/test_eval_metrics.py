@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from eval.segmentation import dice_hd95, evaluate_predictions, image_diagonal_mm, region_dice, region_scores
-from eval.stats import aggregate, bootstrap_ci, paired_vs_real
+from eval.stats import aggregate, bootstrap_ci, case_seed_ci, paired_vs_real
 
 
 def _box(shape, lo, hi):
@@ -134,6 +134,65 @@ def test_bootstrap_ci_centre_and_coverage():
     assert bootstrap_ci([0.9, 0.9, 0.9]) == (0.9, 0.9)
     assert all(np.isnan(bootstrap_ci([0.5])))
 
+
+def test_case_seed_ci_with_one_seed_is_the_bootstrap_over_cases():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.7, 0.1, 60)
+    lo, hi = case_seed_ci([x[:, None]], seed=0)
+    ref_lo, ref_hi = bootstrap_ci(x, seed=0)
+    assert lo == pytest.approx(ref_lo, abs=0.004) and hi == pytest.approx(ref_hi, abs=0.004)
+    assert case_seed_ci([x[:, None]], seed=3) == case_seed_ci([x[:, None]], seed=3)          # seeded
+    assert case_seed_ci([np.full((5, 3), 0.9)]) == (0.9, 0.9)
+    assert all(np.isnan(case_seed_ci([np.array([[0.5, 0.6]])])))
+    with pytest.raises(ValueError, match="same cases"):
+        case_seed_ci([np.zeros((4, 3)), np.zeros((5, 3))], (1, -1))
+
+
+def _study_with_seed_noise(rng, effect, seed_sd, n_cases=12, n_seeds=3):
+    """Cases × seeds Dice of a reference and a mix: shared case difficulty, one offset per trained segmenter
+    (seed_sd: training noise that shifts every test case), small case × seed noise."""
+    base = rng.uniform(0.5, 0.9, n_cases)[:, None]
+    ref = base + rng.normal(0, seed_sd, (1, n_seeds)) + rng.normal(0, 0.02, (n_cases, n_seeds))
+    mix = base + effect + rng.normal(0, seed_sd, (1, n_seeds)) + rng.normal(0, 0.02, (n_cases, n_seeds))
+    return mix, ref
+
+
+def test_paired_ci_counts_segmenter_seed_noise():
+    """With training noise and no true effect, a bootstrap over test cases alone calls most differences
+    significant (the trained segmenters are treated as fixed); resampling seeds too keeps that rare. A true effect
+    well above the seed noise stays significant."""
+    rng = np.random.default_rng(0)
+    false_case_only = false_two_level = 0
+    for r in range(100):
+        mix, ref = _study_with_seed_noise(rng, 0.0, 0.05)
+        d = mix.mean(1) - ref.mean(1)
+        lo, hi = bootstrap_ci(d, seed=r, n_resamples=500)
+        false_case_only += lo > 0 or hi < 0
+        lo, hi = case_seed_ci([mix, ref], (1, -1), seed=r, n_resamples=500)
+        false_two_level += lo > 0 or hi < 0
+    assert false_case_only >= 60 and false_two_level <= 25
+    mix, ref = _study_with_seed_noise(rng, 0.3, 0.05)
+    assert case_seed_ci([mix, ref], (1, -1), seed=0)[0] > 0
+
+
+def test_paired_vs_real_resamples_each_mix_seeds():
+    """The per_case.csv route: one real-only seed far below the others must widen the CI of every Δ against it."""
+    rng = np.random.default_rng(4)
+    rows = []
+    for mix, n_r, n_s, offsets in (("1:0", 8, 0, (-0.15, 0.0, 0.03)), ("0:1", 0, 8, (0.0, 0.0, 0.0))):
+        for seed, off in enumerate(offsets):
+            for c in range(12):
+                rows.append({"run": f"{mix}-s{seed}", "mix": mix, "n_real": n_r, "n_synth": n_s, "backend": "monai",
+                             "seed": seed, "test_set": "test", "case_id": f"c{c}", "region": "WT",
+                             "dice": 0.6 + 0.02 * c + off + rng.normal(0, 0.005), "hd95": 1.0})
+    per_case = pd.DataFrame(rows)
+    pv = paired_vs_real(per_case, n_resamples=1000).iloc[0]
+    assert pv["delta_mean"] == pytest.approx(0.04, abs=0.005)
+    # over cases alone the +0.04 is tight (±0.005); with the real-only seeds resampled the CI reaches below 0
+    assert pv["delta_ci_low"] <= 0.0 < pv["delta_ci_high"]
+    agg = aggregate(per_case, n_resamples=1000).set_index("mix")
+    assert agg.loc["1:0", "dice_ci_high"] - agg.loc["1:0", "dice_ci_low"] > \
+        agg.loc["0:1", "dice_ci_high"] - agg.loc["0:1", "dice_ci_low"] + 0.05
 
 def _fake_per_case(rng, effects):
     rows = []
