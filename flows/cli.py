@@ -74,7 +74,9 @@ def register(subparsers) -> None:
                                           "generator file to fine-tune")
     p.add_argument("--sampler", help=f"synthesis sampler (default {defaults.SAMPLER})")
     p.add_argument("--steps", dest="sampling_steps", type=int, help=f"sampling steps (default {defaults.STEPS})")
-    p.add_argument("--parallel", type=int, help="segmenter trainings at once in threads (default 2)")
+    p.add_argument("--parallel", type=int, help="segmenter trainings at once in threads (default: at tiny/demo on "
+                                                       "the CPU enough to keep every core busy, e.g. 3 for 9 "
+                                                       "trainings on 2 cores; otherwise 2)")
     p.add_argument("--dask-address", help="run segmenter trainings on this Dask scheduler (tcp://host:8786)")
     p.add_argument("--dask-workers", type=int, help="run them on a local Dask cluster of N worker processes")
     p.add_argument("--device", help="where Med-DDPM, synthesis and segmenters run: auto (default: CUDA when present), "

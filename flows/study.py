@@ -14,6 +14,8 @@ study executes no task, and a crashed study resumes at the first task that had n
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,41 @@ def train_segmenters(study_dir: str, manifest: FileRef, jobs: list[dict], test_s
             for run, model, evals in pending]
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (a container's or a batch job's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def balanced_pool_size(n_jobs: int, cores: int) -> int:
+    """Equal, single-threaded jobs at once on ``cores`` cores so that the cores stay busy to the end: the count
+    between cores and 2 × cores with the shortest makespan when the running jobs share the cores equally (ties: the
+    smaller). 9 trainings on 2 cores: 3 at a time, 4.5 training times, where 2 at a time take 5 (the ninth runs
+    alone on one core)."""
+    n_jobs, cores = max(1, int(n_jobs)), max(1, int(cores))
+    if n_jobs <= cores:
+        return n_jobs
+    makespan = lambda p: math.ceil(n_jobs / p) * p / cores  # noqa: E731  (rounds × time of one round)
+    return min(range(cores, 2 * cores + 1), key=lambda p: (makespan(p), p))
+
+
+def auto_parallel(jobs: list[dict], cores: int | None = None) -> int:
+    """Segmenter trainings at once in the thread pool when ``parallel`` is 0 (the default). Trainings that use one
+    torch thread on the CPU (the tiny and demo profiles): balanced_pool_size over the available cores. Otherwise
+    (a GPU, nnU-Net, or a profile that uses all of torch's threads): 2."""
+    from segment.config import as_config
+    from cohort.device import resolve_device
+
+    cores = cores or available_cores()
+    configs = [as_config(dict(j["config"])) for j in jobs]
+    # nnU-Net trains in child processes with their own data-augmentation workers: not single-threaded jobs
+    one_thread_on_cpu = all(c.backend == "monai" and c.num_threads == 1 and resolve_device(c.device).type == "cpu"
+                            for c in configs)
+    return balanced_pool_size(len(jobs), cores) if jobs and one_thread_on_cpu else 2
+
+
 def segmenter_task_runner(dask_address: str | None, dask_workers: int, parallel: int, gpus: int = 0):
     """Where the segmenter trainings run: threads (default), a local Dask cluster of dask_workers processes, an
     existing cluster at dask_address, or, with gpus > 0, one Dask worker per GPU (dask_cuda's LocalCUDACluster,
@@ -183,7 +220,7 @@ def augment_study(
     synth_seed: int = 0,
     gate_failures: str = "fill",
     segmenter_config: dict | None = None,
-    parallel: int = 2,
+    parallel: int = 0,
     dask_address: str | None = None,
     dask_workers: int = 0,
     device: str = "auto",
@@ -205,7 +242,8 @@ def augment_study(
     cases that still fail synth's quality gate after its redraws: "fill" (default) uses cases that passed first
     and failures only where a mix needs more, counted in study.json and the log; "exclude" never uses them (the
     study stops if a mix lacks cases); "keep" ignores the gate. parallel: segmenter trainings at once in threads
-    (default 2: one per core of our 2-core machines; each uses one torch thread at tiny/demo); dask_address /
+    (default 0 = auto_parallel: at tiny/demo on the CPU, where each uses one torch thread, enough to keep every core
+    busy to the end, e.g. 3 for 9 trainings on 2 cores; otherwise 2); dask_address /
     dask_workers: run them on Dask. device: where Med-DDPM, synthesis and the segmenters run (auto = CUDA when
     present; cpu, cuda, cuda:N, mps). gpus: fan the segmenter trainings out one per GPU on Dask (each task asks
     for GPU_RESOURCE; with dask_address the workers must declare it: `dask worker ... --resources GPU=1`).
@@ -232,7 +270,8 @@ def augment_study(
     test_sets = [{"name": t.name, "manifest": ref(t.manifest) if t.manifest else manifest, "case_ids": t.case_ids}
                  for t in plan.test_sets]
     trained, segment_seconds = segmenters(study, manifest, jobs, test_sets,
-                                          segmenter_task_runner(dask_address, dask_workers, parallel, gpus),
+                                          segmenter_task_runner(dask_address, dask_workers,
+                                                                parallel or auto_parallel(jobs), gpus),
                                           GPU_RESOURCE if gpus else None)
     per_case = stages["collect"] = fresh(tasks.collect, study, str(study), [e for t in trained for e in t["evals"]])
     quality = synthesis_quality(study, plan, cohort, pools, ordered, trained, stages)
@@ -383,7 +422,8 @@ def publish_artifacts(per_case_csv: Path, report_dir: Path) -> None:
 
     table = dice_by_mix(per_case_csv)
     create_table_artifact(key=TABLE_KEY, table=json.loads(table.to_json(orient="records")),
-                          description="Dice by training mix (mean over test cases and seeds, bootstrap 95% CI)")
+                          description="Dice by training mix (mean over test cases and seeds, 95% CI of a "
+                                      "bootstrap over test cases and seeds)")
     md_file = report_dir / "report.md" if report_dir.is_dir() else report_dir
     text = md_file.read_text() if md_file.exists() else f"Report folder: {report_dir}"
     create_markdown_artifact(key=REPORT_KEY, markdown=text, description=f"augment-study report ({report_dir})")

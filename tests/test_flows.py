@@ -227,6 +227,22 @@ def test_two_worker_threads_train_two_segmenters_at_once(harness, tmp_path, toy_
     assert thread0 != thread1 and start1 < end0 and start0 < end1, spans
 
 
+def test_default_pool_keeps_every_core_busy_to_the_end():
+    """9 single-threaded trainings on 2 cores: 3 at a time (4.5 training times) instead of 2 (5, the ninth alone
+    on one core); counts that divide evenly keep one per core; GPU, nnU-Net or all-core profiles keep 2."""
+    from flows.study import auto_parallel, balanced_pool_size
+
+    assert balanced_pool_size(9, 2) == 3 and balanced_pool_size(8, 2) == 2 and balanced_pool_size(6, 2) == 2
+    assert balanced_pool_size(1, 2) == 1 and balanced_pool_size(3, 2) == 3 and balanced_pool_size(12, 16) == 12
+    assert balanced_pool_size(18, 16) == 18 and balanced_pool_size(33, 16) == 17  # 2 rounds of 17 share 16 cores
+    def job(**cfg):
+        return {"config": {"profile": "demo", "backend": "monai", "seed": 0, "device": "cpu", **cfg}}
+
+    assert auto_parallel([job()] * 9, cores=2) == 3
+    assert auto_parallel([job()] * 9, cores=16) == 9
+    assert auto_parallel([job(profile="paper")] * 9, cores=2) == 2          # torch's all-core default
+    assert auto_parallel([job(backend="nnunet")] * 9, cores=2) == 2
+
 def _gpu_probe_task():
     from prefect import task
 
