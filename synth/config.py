@@ -8,6 +8,7 @@ docs/medddpm.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -45,6 +46,30 @@ HASH_REMOVED = {"autocast_bf16": False}
 # keys of configs written by earlier versions, read as their present meaning
 _LEGACY_KEYS = {"autocast_bf16": lambda v: {"precision": "bf16"} if v else {},
                 "gradient_checkpointing": lambda v: {"grad_checkpoint": bool(v)}}
+
+
+def init_weights_identity(init_from: str) -> str:
+    """'sha256:<hex>' of the generator file ``init_from`` names (the file or its training folder); the path itself
+    where no such file exists (yet)."""
+    from pathlib import Path
+
+    from cohort.errors import CohortError
+
+    from .checkpoint import resolve_generator
+
+    try:
+        p = resolve_generator(init_from).resolve()
+        st = p.stat()
+    except (CohortError, OSError):
+        return str(init_from)
+    return _file_sha256(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:  # cached per (path, mtime, size): hash() is called often
+    from cohort.fsutil import sha256_file
+
+    return "sha256:" + sha256_file(path)
 
 
 @dataclass(frozen=True)
@@ -180,9 +205,12 @@ class MedDDPMConfig:
         return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
     def hash(self) -> str:
-        """sha256 of everything that changes what is learned (runtime fields excluded)."""
+        """sha256 of everything that changes what is learned (runtime fields excluded). init_from counts by the
+        content of the generator file it names, not by its path: a study whose checkout moved still resumes."""
         d = {k: v for k, v in self.to_dict().items()
              if k not in RUNTIME_FIELDS and not (k in HASH_IF_SET and v == HASH_IF_SET[k])}
+        if d.get("init_from"):
+            d["init_from"] = init_weights_identity(d["init_from"])
         d.update(HASH_REMOVED)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
