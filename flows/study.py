@@ -159,8 +159,8 @@ def auto_parallel(jobs: list[dict], cores: int | None = None) -> int:
     """Segmenter trainings at once in the thread pool when ``parallel`` is 0 (the default). Trainings that use one
     torch thread on the CPU (the tiny and demo profiles): balanced_pool_size over the available cores. Otherwise
     (a GPU, nnU-Net, or a profile that uses all of torch's threads): 2."""
-    from segment.config import as_config
     from cohort.device import resolve_device
+    from segment.config import as_config
 
     cores = cores or available_cores()
     configs = [as_config(dict(j["config"])) for j in jobs]

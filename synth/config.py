@@ -51,8 +51,6 @@ _LEGACY_KEYS = {"autocast_bf16": lambda v: {"precision": "bf16"} if v else {},
 def init_weights_identity(init_from: str) -> str:
     """'sha256:<hex>' of the generator file ``init_from`` names (the file or its training folder); the path itself
     where no such file exists (yet)."""
-    from pathlib import Path
-
     from cohort.errors import CohortError
 
     from .checkpoint import resolve_generator

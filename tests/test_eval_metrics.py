@@ -194,6 +194,7 @@ def test_paired_vs_real_resamples_each_mix_seeds():
     assert agg.loc["1:0", "dice_ci_high"] - agg.loc["1:0", "dice_ci_low"] > \
         agg.loc["0:1", "dice_ci_high"] - agg.loc["0:1", "dice_ci_low"] + 0.05
 
+
 def _fake_per_case(rng, effects):
     rows = []
     base = rng.uniform(0.5, 0.8, 20)          # per-case difficulty shared by all mixes (pairing matters)

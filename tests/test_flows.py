@@ -235,6 +235,7 @@ def test_default_pool_keeps_every_core_busy_to_the_end():
     assert balanced_pool_size(9, 2) == 3 and balanced_pool_size(8, 2) == 2 and balanced_pool_size(6, 2) == 2
     assert balanced_pool_size(1, 2) == 1 and balanced_pool_size(3, 2) == 3 and balanced_pool_size(12, 16) == 12
     assert balanced_pool_size(18, 16) == 18 and balanced_pool_size(33, 16) == 17  # 2 rounds of 17 share 16 cores
+
     def job(**cfg):
         return {"config": {"profile": "demo", "backend": "monai", "seed": 0, "device": "cpu", **cfg}}
 
@@ -242,6 +243,7 @@ def test_default_pool_keeps_every_core_busy_to_the_end():
     assert auto_parallel([job()] * 9, cores=16) == 9
     assert auto_parallel([job(profile="paper")] * 9, cores=2) == 2          # torch's all-core default
     assert auto_parallel([job(backend="nnunet")] * 9, cores=2) == 2
+
 
 def _gpu_probe_task():
     from prefect import task

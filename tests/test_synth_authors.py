@@ -333,7 +333,9 @@ def test_fine_tuning_resumes_after_the_init_generator_moved(toy_cohort, tmp_path
     the init file's path) moved, and is refused when the init weights are other ones."""
     import shutil
 
+    from cohort.fsutil import sha256_file
     from medddpm.cli import main
+    from synth.checkpoint import load_generator
     from synth.config import get_config
 
     common = ["train", "--manifest", str(toy_cohort), "--profile", "tiny", "--threads", "1", "--no-progress"]
@@ -349,15 +351,13 @@ def test_fine_tuning_resumes_after_the_init_generator_moved(toy_cohort, tmp_path
     shutil.move(gen, moved)
     assert cfg.replace(init_from=str(moved)).hash() != cfg.replace(init_from=str(gen)).hash()  # gone: by path
     assert main(common + ["--steps", "4", "--out", str(tmp_path / "ft"), "--init-from", str(moved)]) == 0
-    from cohort.fsutil import sha256_file
-    from synth.checkpoint import load_generator
-
     record = pd.read_json(tmp_path / "ft" / "config.json", typ="series")
     assert record["init_from"] == str(moved) and record["init_from_sha256"] == sha256_file(moved)
     assert load_generator(tmp_path / "ft")[2]["step"] == "4"  # resumed to the new --steps
     capsys.readouterr()
     assert main(common + ["--steps", "6", "--out", str(tmp_path / "ft"), "--init-from", str(tmp_path / "other")]) != 0
     assert "checkpoint was trained with a different config" in capsys.readouterr().err
+
 
 def test_init_from_a_generator_of_another_network_is_refused_naming_it(tmp_path):
     """A generator whose weights do not fit the training network gives one clear error."""
