@@ -8,9 +8,13 @@ seed-0 cohort) and trains the demo network on its real training rows with `meddd
 
 - v1 (synth/pretrained/demo-phantom-v1.safetensors, kept as v2's starting point): 4000 steps from scratch with the
   paper's unweighted loss (V1_ARGS; about 30 minutes).
-- v2 (shipped): v1 trained further with Min-SNR-5 loss weighting, in the runs of V2_STAGES, each starting from the
-  previous run's generator (about 50 minutes). By default the first run starts from the v1 file in the checkout;
-  --from-scratch retrains v1 first.
+- v2 (synth/pretrained/demo-phantom-v2.safetensors, kept as v3's starting point): v1 trained further with Min-SNR-5
+  loss weighting, in the runs of V2_STAGES, each starting from the previous run's generator (about 50 minutes).
+- v3 (shipped): v2 trained further with the L2 loss and Min-SNR-5 weighting floored at 1 (V3_STAGES, about 30
+  minutes), the demo profile's loss since 2026-12-02.
+
+By default the first run starts from the v2 file in the checkout; --from v1 reruns v2's stages from the v1 file,
+--from scratch retrains v1 first.
 
 Then it copies the last generator into synth/pretrained/ with a JSON card: the commands, the training cases' hash,
 the steps and the wall time (docs/benchmarks.md, "Demo generator").
@@ -34,18 +38,24 @@ from synth.pretrained import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR  # noqa: E402
 V1_FILE = SHIPPED_DIR / "demo-phantom-v1.safetensors"
 V1_ARGS = ["--profile", "demo", "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
            "--warmup-steps", "200", "--checkpoint-every", "500", "--threads", "2", "--seed", "0", "--no-progress"]
-_STAGE = ["--profile", "demo", "--min-snr-gamma", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps",
+# v2's runs: L1 loss, no floor (the demo profile's loss before v3), spelled out since the profile now differs
+_STAGE = ["--profile", "demo", "--loss", "l1", "--snr-weight-floor", "none", "--min-snr-gamma", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps",
           "100", "--ema-decay", "0.999", "--ema-start", "0", "--checkpoint-every", "400", "--threads", "2", "--seed",
           "1", "--no-progress"]
 # (run folder, its arguments): each run starts from the previous run's generator (the first from v1)
 V2_STAGES = [("snr5", ["--steps", "1600", *_STAGE]), ("snr5b", ["--steps", "3200", *_STAGE]),
              ("snr5c", ["--steps", "3200", *_STAGE]), ("snr5d", ["--steps", "3200", *_STAGE])]
+V2_FILE = SHIPPED_DIR / "demo-phantom-v2.safetensors"
+_L2_STAGE = [*_STAGE[:2], "--loss", "l2", "--snr-weight-floor", "1", *_STAGE[6:]]
+V3_STAGES = [("l2floor", ["--steps", "1600", *_L2_STAGE]), ("l2floorb", ["--steps", "1600", *_L2_STAGE])]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="working folder (cohort/ and one folder per training run)")
-    ap.add_argument("--from-scratch", action="store_true", help="retrain v1 too instead of starting from its file")
+    ap.add_argument("--from", dest="start", choices=("v2", "v1", "scratch"), default="v2",
+                    help="where the chain starts: the v2 file (default: only v3's runs), the v1 file (v2's runs too) "
+                         "or scratch (v1's run too)")
     args = ap.parse_args(argv)
     work = Path(args.work).resolve()
     medddpm = str(Path(sys.executable).parent / "medddpm")
@@ -53,11 +63,13 @@ def main(argv=None) -> int:
     commands = [[medddpm, "build-phantom", "--out", str(work / "cohort"), "--cases",
                  str(PRETRAIN_COHORT["n_cases"]), "--seed", str(PRETRAIN_COHORT["seed"]), "--profile",
                  PRETRAIN_COHORT["profile"]]]
-    init = V1_FILE.relative_to(REPO)  # as the runs were made (the path is part of a run's config hash)
-    if args.from_scratch:
+    init, stages = V2_FILE.relative_to(REPO), V3_STAGES
+    if args.start in ("v1", "scratch"):
+        init, stages = V1_FILE.relative_to(REPO), V2_STAGES + V3_STAGES
+    if args.start == "scratch":
         commands.append([medddpm, "train", "--manifest", manifest, "--out", str(work / "v1"), *V1_ARGS])
         init = work / "v1" / "generator.safetensors"
-    for name, stage_args in V2_STAGES:
+    for name, stage_args in stages:
         commands.append([medddpm, "train", "--manifest", manifest, "--out", str(work / name), "--init-from",
                          str(init), *stage_args])
         init = work / name / "generator.safetensors"
@@ -70,14 +82,15 @@ def main(argv=None) -> int:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(last / "generator.safetensors", dest)
     loss = (last / "loss_log.csv").read_text().splitlines()
-    v1_card = json.loads(V1_FILE.with_suffix(".json").read_text())
+    v2_card = json.loads(V2_FILE.with_suffix(".json").read_text())
     card = {"file": dest.name, "sha256": sha256_file(dest), "profile": "demo",
             "what": "Med-DDPM demo network (EMA weights) pre-trained on SIMULATED-tumour phantom cases (real atlas "
                     "anatomy); fine-tuned by the demo study (flows medddpm_init='shipped')",
             "pretrain_cohort": PRETRAIN_COHORT, "train_cases": len(run["train_cases"]),
             "training_cases_hash": run["training_cases_hash"], "config_hash": run["config_hash"],
-            "steps": int(v1_card["steps"]) + sum(int(a[1]) for _, a in V2_STAGES),
-            "starts_from": {"file": V1_FILE.name, "sha256": v1_card["sha256"], "commands": v1_card["commands"]},
+            "steps": int(v2_card["steps"]) + sum(int(a[1]) for _, a in V3_STAGES),
+            "starts_from": {"file": V2_FILE.name, "sha256": v2_card["sha256"], "commands": v2_card["commands"],
+                            "starts_from": v2_card["starts_from"]},
             "commands": [" ".join(["medddpm", *c[1:]]) for c in commands],
             "last_loss_row": loss[-1], "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(dest.with_suffix(".json"), json.dumps(card, indent=1) + "\n")

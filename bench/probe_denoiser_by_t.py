@@ -1,6 +1,7 @@
 """How well a generator predicts the clean image at each noise level: RMSE of x̂0 inside the brain, per timestep.
 
     .venv/bin/python bench/probe_denoiser_by_t.py --generator G [G2 ...] --work W [--timesteps 249,199,149,99,49,9]
+        [--figure x0hat.png]
 
 On the 8 cases the default study selects from its phantom cohort (48 cases, seed 0; built under W/cohort as
 bench/probe_generator.py does) it noises each image to timestep t with fixed noise (seed 0), asks the network for
@@ -9,7 +10,9 @@ modality) next to
 two baselines that need no network: the voxelwise mean of the 8 images (what a denoiser that ignores x_t could
 reach without the mask) and x_t itself (what a denoiser that ignores the noise reaches at small t). A generator
 whose x̂0 at high t is no better than the mean image has not learned the anatomy its samples are drawn from
-(docs/benchmarks.md, "Demo generator").
+(docs/benchmarks.md, "Demo generator"). --figure also draws x̂0 of the first case at each t (axial slice through its
+tumour, four modalities, one block of rows per generator, all on the [-1, 1] scale): noise the network passes through
+shows as speckle there, where the RMSE only says "worse".
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", required=True)
     ap.add_argument("--timesteps", default="249,199,149,99,49,9")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--figure", help="also write x̂0 of the first case at each t to this PNG")
     args = ap.parse_args(argv)
 
     import torch
@@ -45,7 +49,7 @@ def main(argv=None) -> int:
     rows = None
     names = [Path(g).parent.name if Path(g).name == "generator.safetensors" else Path(g).stem for g in args.generator]
     print("t      " + "  ".join(f"{n[:20]:>20}" for n in names) + "      mean-image    x_t")
-    results = {}
+    results, first_case = {}, {}
     for gen in args.generator:
         model, cfg, _ = load_generator(gen)
         if rows is None:
@@ -66,11 +70,41 @@ def main(argv=None) -> int:
             x0_hat = ((xt - (1 - a) ** 0.5 * out) / a ** 0.5 if cfg.prediction == "epsilon"
                       else a ** 0.5 * xt - (1 - a) ** 0.5 * out).clamp(-1, 1)
             results[(gen, t)] = _rmse(x0_hat, x0, brain)
+            first_case[(gen, t)] = x0_hat[0]
     for t in ts:  # the baselines need no network: once per t
         xt = sched.add_noise(x0, noise, torch.full((len(x0),), t, dtype=torch.long))
         print(f"{t:<6} " + "  ".join(f"{results[(g, t)]:>20.3f}" for g in args.generator)
               + f"  {_rmse(mean_image, x0, brain):>14.3f}  {_rmse(xt, x0, brain):>6.3f}")
+    if args.figure:
+        rows_img = [("real", x0[0])] + [(f"{n[:20]} t={t}", first_case[(g, t)])
+                                         for g, n in zip(args.generator, names) for t in ts]
+        _figure(rows_img, items[0]["label"], cfg.modalities, Path(args.figure))
+        print(f"wrote {args.figure}")
     return 0
+
+
+def _figure(rows, label, modalities, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lab = np.asarray(label).squeeze()
+    tumour = np.argwhere(np.isin(lab, (1, 2, 3)))
+    z = int(round(tumour[:, 2].mean())) if len(tumour) else lab.shape[2] // 2
+    fig, axes = plt.subplots(len(rows), len(modalities), figsize=(1.8 * len(modalities), 1.9 * len(rows)),
+                             squeeze=False)
+    for i, (name, vol) in enumerate(rows):
+        for j, m in enumerate(modalities):
+            ax = axes[i, j]
+            ax.imshow(np.rot90(vol[j, :, :, z].numpy()), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(m if i == 0 else "", fontsize=9)
+        axes[i, 0].set_ylabel(name, fontsize=7)
+    fig.suptitle(f"x̂0 of the first selected case, axial slice z={z}, [-1, 1]", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _rmse(a, b, brain) -> float:

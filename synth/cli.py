@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--loss", choices=("l1", "l2"), help="denoising loss (paper: l1)")
     p.add_argument("--min-snr-gamma", type=float, help="Min-SNR-γ loss weighting with this γ (e.g. 5; default: "
                                                        "the profile's, none for the paper profiles)")
+    p.add_argument("--snr-weight-floor", type=_float_or_none,
+                   help="lower bound of the Min-SNR weight (1: the noisiest steps keep weight 1; 'none': no floor; "
+                        "default: the profile's, 1 at demo)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--ema-decay", type=float, help="EMA decay")
     p.add_argument("--ema-every", type=int, help="steps between EMA updates")
@@ -109,7 +112,9 @@ def _train(args) -> int:
 
     overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
                  "grad_accum": args.grad_accum, "loss": args.loss,
-                 "min_snr_gamma": args.min_snr_gamma, "checkpoint_every": args.checkpoint_every,
+                 "min_snr_gamma": args.min_snr_gamma,
+                 "snr_weight_floor": None if args.snr_weight_floor == "none" else args.snr_weight_floor,
+                 "checkpoint_every": args.checkpoint_every,
                  "ema_decay": args.ema_decay, "ema_every": args.ema_every, "ema_start": args.ema_start,
                  "seed": args.seed, "num_threads": args.threads, "warmup_steps": args.warmup_steps,
                  "device": args.device, "precision": args.precision, "grad_checkpoint": args.grad_checkpoint,
@@ -117,6 +122,11 @@ def _train(args) -> int:
                  "data_workers": args.data_workers, "cache_rate": args.cache_rate,
                  "progress": False if args.no_progress else None, "init_from": args.init_from}
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = overrides
+    if args.snr_weight_floor == "none":  # get_config skips None overrides: unset the profile's floor explicitly
+        from .config import get_config
+
+        config = get_config(args.profile, **overrides).replace(snr_weight_floor=None)
     if (args.nproc or 1) > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside torchrun: start it
         from cohort.device import resolve_device
 
@@ -128,10 +138,14 @@ def _train(args) -> int:
         check_nproc(args.nproc, resolve_device(cfg.device))  # one clear error here, not one per process
         rank_shard(cfg.batch_size, cfg.grad_accum, args.nproc)
         return launch(args.nproc, _without_option(getattr(args, "cli_args", None) or sys.argv[1:], "--nproc"))
-    path = train_medddpm(args.manifest, args.profile, args.out, overrides)
+    path = train_medddpm(args.manifest, args.profile, args.out, config)
     if os.environ.get("RANK", "0") == "0":
         print(f"generator: {path}")
     return 0
+
+
+def _float_or_none(text: str) -> float | str:
+    return "none" if text.lower() == "none" else float(text)
 
 
 def _without_option(cli_args: list[str], option: str) -> list[str]:

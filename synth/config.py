@@ -39,7 +39,7 @@ ARCHITECTURES = ("monai", "authors")
 # Fields added after configs were first hashed: left out of the hash while at their default, so the hashes (and
 # resumable runs) of existing configs do not change.
 HASH_IF_SET = {"architecture": "monai", "condition_values": "01", "init_from": None, "prediction": "epsilon",
-               "min_snr_gamma": None}
+               "min_snr_gamma": None, "snr_weight_floor": None}
 PREDICTIONS = ("epsilon", "v")
 # Hashed fields that were removed, with the value every earlier config had: kept in the hash for the same reason.
 HASH_REMOVED = {"autocast_bf16": False}
@@ -104,6 +104,10 @@ class MedDDPMConfig:
     # on the nearly clean timesteps and little on the mid-noise ones where the anatomy is laid down
     # (docs/medddpm.md deviation 13).
     min_snr_gamma: float | None = None
+    # lower bound of that x̂0 weight (Salimans & Ho 2022's truncated-SNR weighting max(SNR, 1) is floor 1; None = no
+    # floor). Min-SNR alone gives the noisiest timesteps, where the sample's global anatomy is decided, a weight
+    # near SNR ≈ 0, so the network never learns E[x0 | mask] there (docs/benchmarks.md, "SNR floor").
+    snr_weight_floor: float | None = None
     # optimisation
     lr: float = 1e-5
     lr_schedule: str = "constant"                  # constant | cosine (to lr_min at `steps`)
@@ -146,6 +150,10 @@ class MedDDPMConfig:
             raise ConfigError(f"unknown prediction {self.prediction!r}; known {PREDICTIONS}")
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise ConfigError(f"min_snr_gamma must be > 0 (or None for no weighting), not {self.min_snr_gamma}")
+        if self.snr_weight_floor is not None and not (self.snr_weight_floor > 0 and (
+                self.min_snr_gamma is None or self.snr_weight_floor <= self.min_snr_gamma)):
+            raise ConfigError(f"snr_weight_floor must be > 0 and <= min_snr_gamma ({self.min_snr_gamma}), not "
+                              f"{self.snr_weight_floor}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; known {LR_SCHEDULES} (warm-up: "
                               "warmup_steps / --warmup-steps, with either)")
@@ -226,9 +234,11 @@ PROFILES: dict[str, MedDDPMConfig] = {
     # CPU demo: 32x40x32, three downsamplings (attention at 1/8 like the paper). 8..64 channels keep a training
     # step near 17 GFLOP (batch 2), so ~700 steps fit the demo's ~6 minutes on 2 quiet cores; high lr with cosine
     # decay and a short EMA make those steps enough for the phantom's contrasts. bf16 autocast: see benchmarks.md.
-    # v-prediction and Min-SNR-5 weighting (deviations from the paper, demo only): see those fields.
+    # v-prediction, the L2 loss and Min-SNR-5 weighting floored at 1 (deviations from the paper, demo only): see
+    # those fields and docs/medddpm.md deviations 12-14.
     "demo": MedDDPMConfig(profile="demo", channels=(8, 16, 32, 64), attention_levels=(False, False, False, True),
-                          norm_num_groups=8, prediction="v", min_snr_gamma=5.0, lr=2e-3, lr_schedule="cosine",
+                          norm_num_groups=8, prediction="v", loss="l2", min_snr_gamma=5.0, snr_weight_floor=1.0,
+                          lr=2e-3, lr_schedule="cosine",
                           lr_min=2e-4, batch_size=2, grad_accum=1, ema_decay=0.99, ema_every=1, ema_start=200,
                           steps=700, checkpoint_every=100, cache_rate=1.0),
     "paper-wholehead": MedDDPMConfig(profile="paper-wholehead", modalities=("t1",), condition="wholehead",

@@ -53,24 +53,25 @@ def lr_at(config: MedDDPMConfig, step: int) -> float:
     return base
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, prediction: str,
-                    loss: str) -> torch.Tensor:
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float | None, prediction: str,
+                    loss: str, floor: float | None = None) -> torch.Tensor:
     """Per-sample Min-SNR-γ weights (Hang et al. 2023) for timesteps ``t``: with them the loss counts the error of
     x̂0 at timestep t as min(SNR_t, γ) (SNR = ᾱ/(1−ᾱ)) with l2, and as its square root with l1 (an l1 error of x̂0
     enters an ε- or v-loss scaled by the square root of the l2 factor). ε-prediction: min(SNR, γ)/SNR; v: min(SNR,
-    γ)/(SNR+1); l1 takes their square roots."""
+    γ)/(SNR+1); l1 takes their square roots. ``floor``: the x̂0 weight is max(min(SNR, γ), floor) (floor 1 without
+    γ: Salimans & Ho 2022's truncated-SNR weighting); γ None: no cap."""
     a = alphas_cumprod.to(t.device, torch.float64)[t]
     snr = a / (1 - a)
-    w = snr.clamp(max=gamma) / (snr if prediction == "epsilon" else snr + 1)
+    w = snr.clamp(min=floor, max=gamma) / (snr if prediction == "epsilon" else snr + 1)
     return (w.sqrt() if loss == "l1" else w).float()
 
 
 def diffusion_loss(model, x0, condition, t, noise, scheduler, loss: str = "l1", channels_last=False,
                    amp_dtype: torch.dtype | None = None, prediction: str = "epsilon",
-                   min_snr_gamma: float | None = None) -> torch.Tensor:
+                   min_snr_gamma: float | None = None, snr_weight_floor: float | None = None) -> torch.Tensor:
     """Loss between the network's prediction from concat(x_t, condition) and its target: the noise (prediction
     "epsilon") or the velocity √ᾱ·ε − √(1−ᾱ)·x0 (prediction "v", MONAI's get_velocity). ``min_snr_gamma``: weight
-    each sample's loss by min_snr_weights (None: unweighted, the paper).
+    each sample's loss by min_snr_weights, with ``snr_weight_floor`` (both None: unweighted, the paper).
 
     All tensors on the model's device; amp_dtype: autocast dtype (None = fp32), weights stay fp32."""
     xt = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
@@ -79,10 +80,10 @@ def diffusion_loss(model, x0, condition, t, noise, scheduler, loss: str = "l1", 
     out = out.float()
     target = noise if prediction == "epsilon" else scheduler.get_velocity(x0, noise, t)
     loss_fn = F.l1_loss if loss == "l1" else F.mse_loss
-    if min_snr_gamma is None:
+    if min_snr_gamma is None and snr_weight_floor is None:
         return loss_fn(out, target)
     per_voxel = loss_fn(out, target, reduction="none")
-    w = min_snr_weights(scheduler.alphas_cumprod, t, min_snr_gamma, prediction, loss)
+    w = min_snr_weights(scheduler.alphas_cumprod, t, min_snr_gamma, prediction, loss, snr_weight_floor)
     return (per_voxel.flatten(1).mean(1) * w).mean()
 
 
@@ -102,7 +103,8 @@ def denoising_loss(model, items: list[dict], config: MedDDPMConfig, seed: int = 
             noise = torch.randn(x0.shape, generator=g)
             losses.append(float(diffusion_loss(model, *(v.to(device) for v in (x0, cond, t, noise)), sched,
                                                config.loss, prediction=config.prediction,
-                                               min_snr_gamma=config.min_snr_gamma)))
+                                               min_snr_gamma=config.min_snr_gamma,
+                                               snr_weight_floor=config.snr_weight_floor)))
     return float(np.mean(losses))
 
 
@@ -341,7 +343,8 @@ def _optimizer_step(run: _Run, batches, sched) -> float:
         last = i == len(draws) - 1
         with contextlib.nullcontext() if last or run.model is run.net else run.model.no_sync():
             loss = diffusion_loss(run.model, x0, cond, t, noise, sched, cfg.loss, cfg.channels_last,
-                                  run.amp_dtype, cfg.prediction, cfg.min_snr_gamma) / len(draws)
+                                  run.amp_dtype, cfg.prediction, cfg.min_snr_gamma,
+                                  cfg.snr_weight_floor) / len(draws)
             run.scaler.scale(loss).backward()
         total += float(loss.detach())
     total = mean_over_ranks(total, run.ranks, run.device)

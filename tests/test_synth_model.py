@@ -156,16 +156,18 @@ def test_v_training_target_is_the_velocity():
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 @pytest.mark.parametrize("loss", ["l1", "l2"])
-def test_min_snr_loss_counts_the_clean_image_error_as_min_snr_gamma(prediction, loss):
+@pytest.mark.parametrize("gamma,floor", [(5.0, None), (5.0, 1.0), (None, 1.0)])
+def test_min_snr_loss_counts_the_clean_image_error_as_min_snr_gamma(prediction, loss, gamma, floor):
     """A network whose output implies x̂0 = x0 + δ: with Min-SNR-γ its loss is min(SNR_t, γ)·δ² (l2) or
     √min(SNR_t, γ)·|δ| (l1) at every t, whichever the prediction; unweighted it would be SNR·δ² (ε) or
-    (SNR+1)·δ² (v), which differ by orders of magnitude between t = 0 and t = T-1."""
+    (SNR+1)·δ² (v), which differ by orders of magnitude between t = 0 and t = T-1. With a floor the factor is
+    max(min(SNR_t, γ), floor): the noisiest steps (SNR ~10⁻⁸) keep weight `floor` instead of almost none."""
     from synth.schedulers import make_training_scheduler
     from synth.train import diffusion_loss
 
-    sched, gamma, delta = make_training_scheduler(250, "cosine"), 5.0, 0.1
+    sched, delta = make_training_scheduler(250, "cosine"), 0.1
     g = torch.Generator().manual_seed(0)
-    for t_value in (0, 40, 120, 249):  # SNR from ~10⁴ to ~10⁻⁸: both sides of γ
+    for t_value in (0, 40, 120, 200, 249):  # SNR from ~10⁴ to ~10⁻⁸: both sides of γ and of the floor
         x0, noise = torch.rand((1, 1, 4, 4, 4), generator=g) * 2 - 1, torch.randn((1, 1, 4, 4, 4), generator=g)
         t = torch.tensor([t_value])
         a = sched.alphas_cumprod[t].double().view(-1, 1, 1, 1, 1)
@@ -179,9 +181,10 @@ def test_min_snr_loss_counts_the_clean_image_error_as_min_snr_gamma(prediction, 
                 return out.float()
 
         got = float(diffusion_loss(Fixed(), x0, torch.zeros_like(x0), t, noise, sched, loss, prediction=prediction,
-                                   min_snr_gamma=gamma))
+                                   min_snr_gamma=gamma, snr_weight_floor=floor))
         snr = float(a / (1 - a))
-        want = min(snr, gamma) * delta ** 2 if loss == "l2" else min(snr, gamma) ** 0.5 * delta
+        factor = max(min(snr, gamma or math.inf), floor or 0.0)
+        want = factor * delta ** 2 if loss == "l2" else factor ** 0.5 * delta
         assert got == pytest.approx(want, rel=2e-3), (t_value, snr)
 
 
@@ -202,6 +205,11 @@ def test_min_snr_gamma_is_validated_and_leaves_unset_hashes_alone():
     cfg = get_config("demo")
     with pytest.raises(ConfigError, match="min_snr_gamma"):
         cfg.replace(min_snr_gamma=0.0)
+    assert "snr_weight_floor" not in json.loads(meta["config"]) and old.snr_weight_floor is None
+    assert cfg.snr_weight_floor == 1.0 and cfg.hash() != cfg.replace(snr_weight_floor=None).hash()
+    for bad in (0.0, -1.0, 6.0):  # 6 > the demo profile's γ = 5: the bounds would cross
+        with pytest.raises(ConfigError, match="snr_weight_floor"):
+            cfg.replace(snr_weight_floor=bad)
 
 
 @pytest.mark.parametrize("spacing", ["quadratic", "logsnr"])
@@ -412,3 +420,19 @@ def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memor
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     assert ck_bytes < 0.25 * plain_bytes, (ck_bytes, plain_bytes)  # activations for backward: 4x less or better
     assert list(net.state_dict()) == list(build_unet(cfg).state_dict())  # checkpoints keep their keys
+
+
+@pytest.mark.parametrize("flag,want", [([], 1.0), (["--snr-weight-floor", "0.5"], 0.5),
+                                       (["--snr-weight-floor", "none"], None)])
+def test_cli_train_snr_weight_floor_can_be_set_or_removed(monkeypatch, flag, want):
+    """`medddpm train --snr-weight-floor none` trains without the demo profile's floor (how v2's runs are
+    reproduced, bench/pretrain_demo_generator.py); a number replaces it; no flag keeps the profile's 1."""
+    import synth.train
+    from medddpm.cli import main
+
+    seen = []
+    monkeypatch.setattr(synth.train, "train_medddpm",
+                        lambda manifest, profile, out, config: seen.append(config) or "generator.safetensors")
+    assert main(["train", "--manifest", "m.csv", "--out", "o", "--profile", "demo", *flag]) == 0
+    cfg = seen[0] if isinstance(seen[0], MedDDPMConfig) else get_config("demo", **seen[0])
+    assert cfg.snr_weight_floor == want and cfg.loss == "l2" and cfg.min_snr_gamma == 5.0
