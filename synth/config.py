@@ -105,8 +105,8 @@ class MedDDPMConfig:
     # (docs/medddpm.md deviation 13).
     min_snr_gamma: float | None = None
     # lower bound of that x̂0 weight (Salimans & Ho 2022's truncated-SNR weighting max(SNR, 1) is floor 1; None = no
-    # floor). Min-SNR alone gives the noisiest timesteps, where the sample's global anatomy is decided, a weight
-    # near SNR ≈ 0, so the network never learns E[x0 | mask] there (docs/benchmarks.md, "SNR floor").
+    # floor). Min-SNR alone weights the noisiest timesteps, where a sample's global layout is decided, by SNR ≈ 0,
+    # so nothing teaches the network to drop x_t's noise there (docs/medddpm.md deviation 14).
     snr_weight_floor: float | None = None
     # optimisation
     lr: float = 1e-5
