@@ -36,12 +36,14 @@ from cohort.fsutil import atomic_write_text, sha256_file  # noqa: E402
 from synth.pretrained import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR  # noqa: E402
 
 V1_FILE = SHIPPED_DIR / "demo-phantom-v1.safetensors"
-V1_ARGS = ["--profile", "demo", "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
+# v1's run: the paper's unweighted L1 loss (the demo profile's loss then), spelled out since the profile now differs
+V1_ARGS = ["--profile", "demo", "--loss", "l1", "--min-snr-gamma", "none", "--snr-weight-floor", "none",
+           "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
            "--warmup-steps", "200", "--checkpoint-every", "500", "--threads", "2", "--seed", "0", "--no-progress"]
 # v2's runs: L1 loss, no floor (the demo profile's loss before v3), spelled out since the profile now differs
-_STAGE = ["--profile", "demo", "--loss", "l1", "--snr-weight-floor", "none", "--min-snr-gamma", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps",
-          "100", "--ema-decay", "0.999", "--ema-start", "0", "--checkpoint-every", "400", "--threads", "2", "--seed",
-          "1", "--no-progress"]
+_STAGE = ["--profile", "demo", "--loss", "l1", "--snr-weight-floor", "none", "--min-snr-gamma", "5", "--lr", "1e-3",
+          "--lr-schedule", "cosine", "--warmup-steps", "100", "--ema-decay", "0.999", "--ema-start", "0",
+          "--checkpoint-every", "400", "--threads", "2", "--seed", "1", "--no-progress"]
 # (run folder, its arguments): each run starts from the previous run's generator (the first from v1)
 V2_STAGES = [("snr5", ["--steps", "1600", *_STAGE]), ("snr5b", ["--steps", "3200", *_STAGE]),
              ("snr5c", ["--steps", "3200", *_STAGE]), ("snr5d", ["--steps", "3200", *_STAGE])]

@@ -26,8 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help="volumes per micro-batch")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--loss", choices=("l1", "l2"), help="denoising loss (paper: l1)")
-    p.add_argument("--min-snr-gamma", type=float, help="Min-SNR-γ loss weighting with this γ (e.g. 5; default: "
-                                                       "the profile's, none for the paper profiles)")
+    p.add_argument("--min-snr-gamma", type=_float_or_none, help="Min-SNR-γ loss weighting with this γ (e.g. 5; "
+                                                                "'none': unweighted; default: the profile's, none "
+                                                                "for the paper profiles)")
     p.add_argument("--snr-weight-floor", type=_float_or_none,
                    help="lower bound of the Min-SNR weight (1: the noisiest steps keep weight 1; 'none': no floor; "
                         "default: the profile's, 1 at demo)")
@@ -112,7 +113,7 @@ def _train(args) -> int:
 
     overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
                  "grad_accum": args.grad_accum, "loss": args.loss,
-                 "min_snr_gamma": args.min_snr_gamma,
+                 "min_snr_gamma": None if args.min_snr_gamma == "none" else args.min_snr_gamma,
                  "snr_weight_floor": None if args.snr_weight_floor == "none" else args.snr_weight_floor,
                  "checkpoint_every": args.checkpoint_every,
                  "ema_decay": args.ema_decay, "ema_every": args.ema_every, "ema_start": args.ema_start,
@@ -123,10 +124,11 @@ def _train(args) -> int:
                  "progress": False if args.no_progress else None, "init_from": args.init_from}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = overrides
-    if args.snr_weight_floor == "none":  # get_config skips None overrides: unset the profile's floor explicitly
+    unset = {k: None for k in ("min_snr_gamma", "snr_weight_floor") if getattr(args, k) == "none"}
+    if unset:  # get_config skips None overrides: unset the profile's weighting explicitly
         from .config import get_config
 
-        config = get_config(args.profile, **overrides).replace(snr_weight_floor=None)
+        config = get_config(args.profile, **overrides).replace(**unset)
     if (args.nproc or 1) > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside torchrun: start it
         from cohort.device import resolve_device
 

@@ -422,11 +422,13 @@ def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memor
     assert list(net.state_dict()) == list(build_unet(cfg).state_dict())  # checkpoints keep their keys
 
 
-@pytest.mark.parametrize("flag,want", [([], 1.0), (["--snr-weight-floor", "0.5"], 0.5),
-                                       (["--snr-weight-floor", "none"], None)])
-def test_cli_train_snr_weight_floor_can_be_set_or_removed(monkeypatch, flag, want):
+@pytest.mark.parametrize("flag,want", [([], (5.0, 1.0)), (["--snr-weight-floor", "0.5"], (5.0, 0.5)),
+                                       (["--snr-weight-floor", "none"], (5.0, None)),
+                                       (["--min-snr-gamma", "none", "--snr-weight-floor", "none"], (None, None))])
+def test_cli_train_snr_weighting_can_be_set_or_removed(monkeypatch, flag, want):
     """`medddpm train --snr-weight-floor none` trains without the demo profile's floor (how v2's runs are
-    reproduced, bench/pretrain_demo_generator.py); a number replaces it; no flag keeps the profile's 1."""
+    reproduced, bench/pretrain_demo_generator.py), `--min-snr-gamma none` without the weighting (v1's run); a
+    number replaces the profile's value; no flag keeps it."""
     import synth.train
     from medddpm.cli import main
 
@@ -435,4 +437,4 @@ def test_cli_train_snr_weight_floor_can_be_set_or_removed(monkeypatch, flag, wan
                         lambda manifest, profile, out, config: seen.append(config) or "generator.safetensors")
     assert main(["train", "--manifest", "m.csv", "--out", "o", "--profile", "demo", *flag]) == 0
     cfg = seen[0] if isinstance(seen[0], MedDDPMConfig) else get_config("demo", **seen[0])
-    assert cfg.snr_weight_floor == want and cfg.loss == "l2" and cfg.min_snr_gamma == 5.0
+    assert (cfg.min_snr_gamma, cfg.snr_weight_floor) == want and cfg.loss == "l2"
