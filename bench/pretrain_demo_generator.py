@@ -40,15 +40,16 @@ V1_FILE = SHIPPED_DIR / "demo-phantom-v1.safetensors"
 V1_ARGS = ["--profile", "demo", "--loss", "l1", "--min-snr-gamma", "none", "--snr-weight-floor", "none",
            "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
            "--warmup-steps", "200", "--checkpoint-every", "500", "--threads", "2", "--seed", "0", "--no-progress"]
-# v2's runs: L1 loss, no floor (the demo profile's loss before v3), spelled out since the profile now differs
-_STAGE = ["--profile", "demo", "--loss", "l1", "--snr-weight-floor", "none", "--min-snr-gamma", "5", "--lr", "1e-3",
-          "--lr-schedule", "cosine", "--warmup-steps", "100", "--ema-decay", "0.999", "--ema-start", "0",
-          "--checkpoint-every", "400", "--threads", "2", "--seed", "1", "--no-progress"]
+# what every v2/v3 run shares; the loss is spelled out per chain step since the demo profile's default changed
+_STAGE = ["--profile", "demo", "--min-snr-gamma", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps",
+          "100", "--ema-decay", "0.999", "--ema-start", "0", "--checkpoint-every", "400", "--threads", "2", "--seed",
+          "1", "--no-progress"]
+_L1_STAGE = [*_STAGE, "--loss", "l1", "--snr-weight-floor", "none"]  # v2: the demo profile's loss before v3
+_L2_STAGE = [*_STAGE, "--loss", "l2", "--snr-weight-floor", "1"]  # v3
 # (run folder, its arguments): each run starts from the previous run's generator (the first from v1)
-V2_STAGES = [("snr5", ["--steps", "1600", *_STAGE]), ("snr5b", ["--steps", "3200", *_STAGE]),
-             ("snr5c", ["--steps", "3200", *_STAGE]), ("snr5d", ["--steps", "3200", *_STAGE])]
+V2_STAGES = [("snr5", ["--steps", "1600", *_L1_STAGE]), ("snr5b", ["--steps", "3200", *_L1_STAGE]),
+             ("snr5c", ["--steps", "3200", *_L1_STAGE]), ("snr5d", ["--steps", "3200", *_L1_STAGE])]
 V2_FILE = SHIPPED_DIR / "demo-phantom-v2.safetensors"
-_L2_STAGE = [*_STAGE[:2], "--loss", "l2", "--snr-weight-floor", "1", *_STAGE[6:]]
 V3_STAGES = [("l2floor", ["--steps", "1600", *_L2_STAGE]), ("l2floorb", ["--steps", "1600", *_L2_STAGE])]
 
 

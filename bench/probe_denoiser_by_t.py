@@ -89,9 +89,9 @@ def _figure(rows, label, modalities, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    lab = np.asarray(label).squeeze()
-    tumour = np.argwhere(np.isin(lab, (1, 2, 3)))
-    z = int(round(tumour[:, 2].mean())) if len(tumour) else lab.shape[2] // 2
+    from eval.plots import tumour_slice
+
+    z = tumour_slice(np.asarray(label).squeeze())
     fig, axes = plt.subplots(len(rows), len(modalities), figsize=(1.8 * len(modalities), 1.9 * len(rows)),
                              squeeze=False)
     for i, (name, vol) in enumerate(rows):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cohort.fsutil import atomic_path
-from cohort.labels import MODALITIES, REGIONS
+from cohort.labels import MODALITIES, REGIONS, tumour_mask
 
 from .stats import mix_order
 
@@ -76,6 +76,12 @@ def plot_boxplots(per_case: pd.DataFrame, path: Path, title: str) -> Path:
     return _savefig(fig, path)
 
 
+def tumour_slice(label: np.ndarray) -> int:
+    """Axial index through the tumour's centre (the middle slice if the label map has no tumour)."""
+    tumour = np.argwhere(tumour_mask(label))
+    return int(np.round(tumour[:, 2].mean())) if len(tumour) else label.shape[2] // 2
+
+
 def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_samples: int = 2) -> Path | None:
     """Real image vs synthetic samples conditioned on the same mask: 4 modalities + mask, axial slice through
     the tumour centre. None if no synthetic case's parent is a real case of the cohort."""
@@ -91,8 +97,7 @@ def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_sa
     samples = syn[syn["parent_case_id"].astype(str) == owner].head(n_samples)
     real_case = read_case(real_manifest, real.loc[owner])
     rvol, rlab = real_case.image, real_case.label_map
-    tumour = np.argwhere(np.isin(rlab, (1, 2, 3)))
-    z = int(np.round(tumour[:, 2].mean())) if len(tumour) else rlab.shape[2] // 2
+    z = tumour_slice(rlab)
     rows = [(f"real {owner}", rvol, rlab)]
     for _, r in samples.iterrows():
         sample = read_case(synthetic_manifest, r)

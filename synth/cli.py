@@ -113,8 +113,7 @@ def _train(args) -> int:
 
     overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
                  "grad_accum": args.grad_accum, "loss": args.loss,
-                 "min_snr_gamma": None if args.min_snr_gamma == "none" else args.min_snr_gamma,
-                 "snr_weight_floor": None if args.snr_weight_floor == "none" else args.snr_weight_floor,
+                 "min_snr_gamma": args.min_snr_gamma, "snr_weight_floor": args.snr_weight_floor,
                  "checkpoint_every": args.checkpoint_every,
                  "ema_decay": args.ema_decay, "ema_every": args.ema_every, "ema_start": args.ema_start,
                  "seed": args.seed, "num_threads": args.threads, "warmup_steps": args.warmup_steps,
@@ -122,10 +121,11 @@ def _train(args) -> int:
                  "sources": tuple(args.sources.split(",")) if args.sources else None,
                  "data_workers": args.data_workers, "cache_rate": args.cache_rate,
                  "progress": False if args.no_progress else None, "init_from": args.init_from}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    # 'none' unsets the profile's value; get_config skips None overrides, so those fields are replaced afterwards
+    unset = {k: None for k, v in overrides.items() if v == "none"}
+    overrides = {k: v for k, v in overrides.items() if v is not None and k not in unset}
     config = overrides
-    unset = {k: None for k in ("min_snr_gamma", "snr_weight_floor") if getattr(args, k) == "none"}
-    if unset:  # get_config skips None overrides: unset the profile's weighting explicitly
+    if unset:
         from .config import get_config
 
         config = get_config(args.profile, **overrides).replace(**unset)
