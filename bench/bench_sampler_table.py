@@ -10,8 +10,10 @@ segmenter on those synthetic cases alone (as the study's 0:1 mix does) for each 
 real test split with eval.segmentation. Prints one row per run with its wall seconds per volume and the ratio to the
 first run, the gate pass rate, the mean MS-SSIM across masks (eval.synthesis, as the study's report; the real cases'
 value is printed once) and mean Dice per region with its spread over seeds (--seeds with no value skips the
-segmenters). Synthesis runs first, alone; then --jobs trainings at once, one torch thread each. Everything is
-resumable under --work.
+segmenters). With seeds, a second table gives each run's paired Dice difference from the first run per region, with
+the study's two-level bootstrap CI over test cases and seeds, and whether it is non-inferior (CI above -margin) or
+equivalent (CI within +-margin). Synthesis runs first, alone; then --jobs trainings at once, one torch thread each.
+Everything is resumable under --work.
 """
 from __future__ import annotations
 
@@ -38,6 +40,33 @@ def parse_run(spec: str) -> tuple[str, int, float, str, bool]:
     return name, int(steps), float(eta or 0), spacing or "leading", variance == "analytic"
 
 
+def paired_vs_first(rows: list[dict], scores: dict, seeds: list[int], margin: float) -> pd.DataFrame:
+    """Each run's Dice minus the first run's, per region, paired by test case, with the study's two-level bootstrap
+    CI (eval.stats.case_seed_ci: cases resampled jointly, each run's seeds on their own, as the same seed on other
+    samples is a different training). 'non-inferior' = the CI's lower end is above -margin (the first run is the
+    reference, e.g. DDPM-250); 'equivalent' = the whole CI lies within +-margin."""
+    from eval.stats import case_seed_ci
+
+    def case_by_seed(run: str, region: str) -> pd.DataFrame:
+        long = pd.concat(scores[(run, s)].assign(seed=s) for s in seeds)
+        long = long[long["region"] == region]
+        return long.pivot_table(index="case_id", columns="seed", values="dice", aggfunc="mean")
+
+    out = []
+    for row in rows[1:]:
+        for region in ("WT", "TC", "ET"):
+            ref, mine = case_by_seed(rows[0]["run"], region), case_by_seed(row["run"], region)
+            common = ref.index.intersection(mine.index)
+            a, b = mine.loc[common].to_numpy(float), ref.loc[common].to_numpy(float)
+            lo, hi = case_seed_ci([a, b], (1, -1))
+            out.append({"run": row["run"], "vs": rows[0]["run"], "region": region, "n_cases": len(common),
+                        "n_seeds": len(seeds), "delta": round(float(a.mean() - b.mean()), 3),
+                        "ci_low": round(lo, 3), "ci_high": round(hi, 3),
+                        f"non-inferior (margin {margin})": bool(lo > -margin),
+                        f"equivalent (+-{margin})": bool(lo > -margin and hi < margin)})
+    return pd.DataFrame(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--generator", required=True)
@@ -49,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--segmenter", default="{}", help="JSON overrides of the segmenter config")
     ap.add_argument("--jobs", type=int, default=2, help="segmenter trainings at once (processes, 1 thread each)")
+    ap.add_argument("--margin", type=float, default=0.02,
+                    help="Dice margin of the paired comparison with the first run (issue 12's 'within 0.02')")
     args = ap.parse_args(argv)
 
     import json
@@ -103,6 +134,10 @@ def main(argv=None) -> int:
                 row[r] = round(float(dice[r]), 3)
                 row[f"{r} sd(seeds)"] = round(float(pd.Series([d[r] for d in per_seed]).std()), 3)
     print(pd.DataFrame(rows).to_string(index=False), flush=True)
+    if args.seeds and len(rows) > 1:
+        deltas = paired_vs_first(rows, scores, args.seeds, args.margin)
+        print(deltas.to_string(index=False), flush=True)
+        deltas.to_csv(work / "sampler_deltas.csv", index=False)
     pd.DataFrame(rows).to_csv(work / "sampler_table.csv", index=False)
     return 0
 
