@@ -42,25 +42,22 @@ def parse_run(spec: str) -> tuple[str, int, float, str, bool]:
 
 def paired_vs_first(rows: list[dict], scores: dict, seeds: list[int], margin: float) -> pd.DataFrame:
     """Each run's Dice minus the first run's, per region, paired by test case, with the study's two-level bootstrap
-    CI (eval.stats.case_seed_ci: cases resampled jointly, each run's seeds on their own, as the same seed on other
-    samples is a different training). 'non-inferior' = the CI's lower end is above -margin (the first run is the
-    reference, e.g. DDPM-250); 'equivalent' = the whole CI lies within +-margin."""
-    from eval.stats import case_seed_ci
+    CI (eval.stats.paired_case_difference, as the study's report: cases resampled jointly, each run's seeds on
+    their own, as the same seed on other samples is a different training). 'non-inferior' = the CI's lower end is
+    above -margin (the first run is the reference, e.g. DDPM-250); 'equivalent' = the whole CI lies within
+    +-margin."""
+    from eval.stats import paired_case_difference
 
-    def case_by_seed(run: str, region: str) -> pd.DataFrame:
-        long = pd.concat(scores[(run, s)].assign(seed=s) for s in seeds)
-        long = long[long["region"] == region]
-        return long.pivot_table(index="case_id", columns="seed", values="dice", aggfunc="mean")
+    def long(run: str, region: str) -> pd.DataFrame:
+        table = pd.concat(scores[(run, s)].assign(seed=s) for s in seeds)
+        return table[table["region"] == region]
 
     out = []
     for row in rows[1:]:
         for region in ("WT", "TC", "ET"):
-            ref, mine = case_by_seed(rows[0]["run"], region), case_by_seed(row["run"], region)
-            common = ref.index.intersection(mine.index)
-            a, b = mine.loc[common].to_numpy(float), ref.loc[common].to_numpy(float)
-            lo, hi = case_seed_ci([a, b], (1, -1))
-            out.append({"run": row["run"], "vs": rows[0]["run"], "region": region, "n_cases": len(common),
-                        "n_seeds": len(seeds), "delta": round(float(a.mean() - b.mean()), 3),
+            d, lo, hi = paired_case_difference(long(row["run"], region), long(rows[0]["run"], region))
+            out.append({"run": row["run"], "vs": rows[0]["run"], "region": region, "n_cases": len(d),
+                        "n_seeds": len(seeds), "delta": round(float(d.mean()), 3),
                         "ci_low": round(lo, 3), "ci_high": round(hi, 3),
                         f"non-inferior (margin {margin})": bool(lo > -margin),
                         f"equivalent (+-{margin})": bool(lo > -margin and hi < margin)})

@@ -147,6 +147,22 @@ def aggregate(per_case: pd.DataFrame, *, metrics=METRICS, seed: int = 0, n_resam
     return mix_order(out).reset_index(drop=True) if len(out) else out
 
 
+def paired_case_difference(mine: pd.DataFrame, theirs: pd.DataFrame, metric: str = "dice", *, seed: int = 0,
+                           n_resamples: int = 2000) -> tuple[np.ndarray, float, float]:
+    """Per-case difference (mine − theirs) of ``metric``, each side first averaged over its seeds, on the test
+    cases both have a value for, and the two-level bootstrap CI of its mean (``case_seed_ci``: cases resampled in
+    pairs, each side's seeds on their own). mine/theirs: long tables with case_id, seed and ``metric``."""
+    a, b = _case_by_seed(mine, metric), _case_by_seed(theirs, metric)
+    common = a.index.intersection(b.index)
+    a, b = a.loc[common].to_numpy(dtype=float), b.loc[common].to_numpy(dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        d = np.nanmean(a, axis=1) - np.nanmean(b, axis=1)
+    paired_rows = np.isfinite(d)
+    lo, hi = case_seed_ci([a[paired_rows], b[paired_rows]], (1, -1), seed=seed, n_resamples=n_resamples)
+    return d[paired_rows], lo, hi
+
+
 def reference_run(runs: pd.DataFrame, n_real: int) -> pd.Series | None:
     """The real-only configuration a mix is compared with: same n_real if there is one, else the largest."""
     real = runs[(runs["n_synth"].astype(int) == 0) & (runs["n_real"].astype(int) > 0)]
@@ -180,16 +196,8 @@ def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", seed: int = 
         sel = lambda r: per_case[(per_case[list(RUN_KEYS)] == r[list(RUN_KEYS)].values).all(axis=1)]  # noqa: E731
         mine, theirs = sel(run), sel(ref)
         for region in mine["region"].unique():
-            a = _case_by_seed(mine[mine["region"] == region], metric)
-            b = _case_by_seed(theirs[theirs["region"] == region], metric)
-            common = a.index.intersection(b.index)
-            a, b = a.loc[common].to_numpy(dtype=float), b.loc[common].to_numpy(dtype=float)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                d = np.nanmean(a, axis=1) - np.nanmean(b, axis=1)
-            paired_rows = np.isfinite(d)
-            d = d[paired_rows]
-            lo, hi = case_seed_ci([a[paired_rows], b[paired_rows]], (1, -1), seed=seed, n_resamples=n_resamples)
+            d, lo, hi = paired_case_difference(mine[mine["region"] == region], theirs[theirs["region"] == region],
+                                               metric, seed=seed, n_resamples=n_resamples)
             better = d > 0 if metric == "dice" else d < 0  # lower HD95 is better
             p = float("nan")
             if len(d) >= 2 and np.any(d != 0):
