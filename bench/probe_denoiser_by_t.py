@@ -12,7 +12,9 @@ reach without the mask) and x_t itself (what a denoiser that ignores the noise r
 whose x̂0 at high t is no better than the mean image has not learned the anatomy its samples are drawn from
 (docs/benchmarks.md, "Demo generator"). --figure also draws x̂0 of the first case at each t (axial slice through its
 tumour, four modalities, one block of rows per generator, all on the [-1, 1] scale): noise the network passes through
-shows as speckle there, where the RMSE only says "worse".
+shows as speckle there, where the RMSE only says "worse". --cases M --split S --n N uses the first N real cases of
+split S of manifest M instead (no --work): run once with the pre-training cohort's training cases and once with its
+test cases, a generator that fits the cases it was trained on better than unseen ones shows a gap between the two.
 """
 from __future__ import annotations
 
@@ -26,7 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--generator", nargs="+", required=True)
-    ap.add_argument("--work", required=True)
+    ap.add_argument("--work", help="folder for the study's phantom cohort (not needed with --cases)")
+    ap.add_argument("--cases", help="data_manifest.csv to take the cases from instead of the study's 8 selected ones, "
+                                    "e.g. the pre-training cohort's, to compare its training and test cases")
+    ap.add_argument("--split", default="train", help="with --cases: the split whose real cases are used")
+    ap.add_argument("--n", type=int, default=16, help="with --cases: how many of them (the first in the manifest)")
     ap.add_argument("--timesteps", default="249,199,149,99,49,9")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--figure", help="also write x̂0 of the first case at each t to this PNG")
@@ -34,7 +40,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cohort.manifest import load_manifest
+    from cohort.manifest import load_manifest, select
     from cohort.phantom import build_phantom_cohort
     from cohort.selection import write_training_selection
     from synth.checkpoint import load_generator
@@ -42,9 +48,15 @@ def main(argv=None) -> int:
     from synth.schedulers import make_training_scheduler, model_input
 
     torch.set_num_threads(args.threads)
-    work = Path(args.work)
-    cohort = build_phantom_cohort(work / "cohort", n_cases=48, seed=0, profile="demo")
-    selected = write_training_selection(cohort, 8, 0)
+    if args.cases:
+        manifest = args.cases
+        wanted = select(load_manifest(manifest), source="real", split=args.split).iloc[:args.n]
+    elif args.work:
+        cohort = build_phantom_cohort(Path(args.work) / "cohort", n_cases=48, seed=0, profile="demo")
+        manifest = write_training_selection(cohort, 8, 0)
+        wanted = load_manifest(manifest)
+    else:
+        ap.error("give --work (the study's 8 selected cases) or --cases")
     ts = [int(t) for t in args.timesteps.split(",")]
     rows = None
     names = [Path(g).parent.name if Path(g).name == "generator.safetensors" else Path(g).stem for g in args.generator]
@@ -53,8 +65,8 @@ def main(argv=None) -> int:
     for gen in args.generator:
         model, cfg, _ = load_generator(gen)
         if rows is None:
-            rows = load_manifest(selected)
-            items = load_items(selected, cfg, rows)
+            rows = wanted
+            items = load_items(manifest, cfg, rows)
             x0 = torch.stack([it["image"] for it in items])
             cond = torch.stack([it["condition"] for it in items])
             brain = (x0 > x0.amin(dim=(2, 3, 4), keepdim=True) + 1e-3).any(1, keepdim=True)
