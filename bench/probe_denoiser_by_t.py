@@ -50,22 +50,21 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.cases:
         manifest = args.cases
-        wanted = select(load_manifest(manifest), source="real", split=args.split).iloc[:args.n]
+        rows = select(load_manifest(manifest), source="real", split=args.split).iloc[:args.n]
     elif args.work:
         cohort = build_phantom_cohort(Path(args.work) / "cohort", n_cases=48, seed=0, profile="demo")
         manifest = write_training_selection(cohort, 8, 0)
-        wanted = load_manifest(manifest)
+        rows = load_manifest(manifest)
     else:
         ap.error("give --work (the study's 8 selected cases) or --cases")
     ts = [int(t) for t in args.timesteps.split(",")]
-    rows = None
+    items = None  # read with the first generator's config
     names = [Path(g).parent.name if Path(g).name == "generator.safetensors" else Path(g).stem for g in args.generator]
     print("t      " + "  ".join(f"{n[:20]:>20}" for n in names) + "      mean-image    x_t")
     results, first_case = {}, {}
     for gen in args.generator:
         model, cfg, _ = load_generator(gen)
-        if rows is None:
-            rows = wanted
+        if items is None:
             items = load_items(manifest, cfg, rows)
             x0 = torch.stack([it["image"] for it in items])
             cond = torch.stack([it["condition"] for it in items])
