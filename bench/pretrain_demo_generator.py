@@ -1,7 +1,7 @@
 """Pre-train the demo generator that the project ships (synth/pretrained.SHIPPED["demo"]) and write its card. Every
 run is resumable, so rerunning after an interruption (or after the runs finished) only writes the card.
 
-    .venv/bin/python bench/pretrain_demo_generator.py --work /work/pretrain [--from-scratch]
+    .venv/bin/python bench/pretrain_demo_generator.py --work /work/pretrain [--from v3|v2|v1|scratch]
 
 It builds the phantom cohort synth.pretrained.PRETRAIN_COHORT (160 cases, seed 1000: other draws than a study's
 seed-0 cohort) and trains the demo network on its real training rows with `medddpm train` (two torch threads):
@@ -10,11 +10,13 @@ seed-0 cohort) and trains the demo network on its real training rows with `meddd
   paper's unweighted loss (V1_ARGS; about 30 minutes).
 - v2 (synth/pretrained/demo-phantom-v2.safetensors, kept as v3's starting point): v1 trained further with Min-SNR-5
   loss weighting, in the runs of V2_STAGES, each starting from the previous run's generator (about 50 minutes).
-- v3 (shipped): v2 trained further with the L2 loss and Min-SNR-5 weighting floored at 1 (V3_STAGES, about 30
-  minutes), the demo profile's loss since 2026-12-02.
+- v3 (synth/pretrained/demo-phantom-v3.safetensors, kept as v4's starting point): v2 trained further with the L2
+  loss and Min-SNR-5 weighting floored at 1 (V3_STAGES, about 30 minutes), the demo profile's loss since 2026-12-02.
+- v4 (shipped): v3 trained much longer with v3's loss, lr 1e-3 cosine to 1e-5 (V4_STAGES: 12 000 steps, about 80
+  minutes): v3 underfitted its own training cases at high noise (docs/benchmarks.md, "A long stage from v3").
 
-By default the first run starts from the v2 file in the checkout; --from v1 reruns v2's stages from the v1 file,
---from scratch retrains v1 first.
+By default the first run starts from the v3 file in the checkout; --from v2 (or v1) reruns the chain's stages from
+that file, --from scratch retrains v1 first.
 
 Then it copies the last generator into synth/pretrained/ with a JSON card: the commands, the training cases' hash,
 the steps and the wall time (docs/benchmarks.md, "Demo generator").
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cohort.fsutil import atomic_write_text, sha256_file  # noqa: E402
+from cohort.fsutil import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: E402
 from synth.pretrained import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR  # noqa: E402
 
 V1_FILE = SHIPPED_DIR / "demo-phantom-v1.safetensors"
@@ -40,7 +41,7 @@ V1_FILE = SHIPPED_DIR / "demo-phantom-v1.safetensors"
 V1_ARGS = ["--profile", "demo", "--loss", "l1", "--min-snr-gamma", "none", "--snr-weight-floor", "none",
            "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
            "--warmup-steps", "200", "--checkpoint-every", "500", "--threads", "2", "--seed", "0", "--no-progress"]
-# what every v2/v3 run shares; the loss is spelled out per chain step since the demo profile's default changed
+# what every v2/v3/v4 run shares; the loss is spelled out per chain step since the demo profile's default changed
 _STAGE = ["--profile", "demo", "--min-snr-gamma", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps",
           "100", "--ema-decay", "0.999", "--ema-start", "0", "--checkpoint-every", "400", "--threads", "2", "--seed",
           "1", "--no-progress"]
@@ -51,14 +52,21 @@ V2_STAGES = [("snr5", ["--steps", "1600", *_L1_STAGE]), ("snr5b", ["--steps", "3
              ("snr5c", ["--steps", "3200", *_L1_STAGE]), ("snr5d", ["--steps", "3200", *_L1_STAGE])]
 V2_FILE = SHIPPED_DIR / "demo-phantom-v2.safetensors"
 V3_STAGES = [("l2floor", ["--steps", "1600", *_L2_STAGE]), ("l2floorb", ["--steps", "1600", *_L2_STAGE])]
+V3_FILE = SHIPPED_DIR / "demo-phantom-v3.safetensors"
+# v4: the same loss, one long run decaying to a low rate, a new seed (other batches and noise than v3's runs)
+_V4_STAGE = [*_L2_STAGE[:_L2_STAGE.index("--seed")], "--seed", "2", *_L2_STAGE[_L2_STAGE.index("--seed") + 2:]]
+V4_STAGES = [("long", ["--steps", "12000", "--lr-min", "1e-5", "--ema-every", "1", *_V4_STAGE])]
+# --from X: the file the chain starts from and the stages after it, oldest first
+CHAIN = {"scratch": (None, [V2_STAGES, V3_STAGES, V4_STAGES]), "v1": (V1_FILE, [V2_STAGES, V3_STAGES, V4_STAGES]),
+         "v2": (V2_FILE, [V3_STAGES, V4_STAGES]), "v3": (V3_FILE, [V4_STAGES])}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="working folder (cohort/ and one folder per training run)")
-    ap.add_argument("--from", dest="start", choices=("v2", "v1", "scratch"), default="v2",
-                    help="where the chain starts: the v2 file (default: only v3's runs), the v1 file (v2's runs too) "
-                         "or scratch (v1's run too)")
+    ap.add_argument("--from", dest="start", choices=tuple(CHAIN), default="v3",
+                    help="where the chain starts: the v3 file (default: only v4's run), the v2 or v1 file (the later "
+                         "versions' runs too) or scratch (v1's run too)")
     args = ap.parse_args(argv)
     work = Path(args.work).resolve()
     medddpm = str(Path(sys.executable).parent / "medddpm")
@@ -66,13 +74,12 @@ def main(argv=None) -> int:
     commands = [[medddpm, "build-phantom", "--out", str(work / "cohort"), "--cases",
                  str(PRETRAIN_COHORT["n_cases"]), "--seed", str(PRETRAIN_COHORT["seed"]), "--profile",
                  PRETRAIN_COHORT["profile"]]]
-    init, stages = V2_FILE.relative_to(REPO), V3_STAGES
-    if args.start in ("v1", "scratch"):
-        init, stages = V1_FILE.relative_to(REPO), V2_STAGES + V3_STAGES
-    if args.start == "scratch":
+    init, versions = CHAIN[args.start]
+    if init is None:
         commands.append([medddpm, "train", "--manifest", manifest, "--out", str(work / "v1"), *V1_ARGS])
         init = work / "v1" / "generator.safetensors"
-    for name, stage_args in stages:
+    init = init.relative_to(REPO) if init.is_relative_to(REPO) else init
+    for name, stage_args in (stage for stages in versions for stage in stages):
         commands.append([medddpm, "train", "--manifest", manifest, "--out", str(work / name), "--init-from",
                          str(init), *stage_args])
         init = work / name / "generator.safetensors"
@@ -83,19 +90,21 @@ def main(argv=None) -> int:
     run = json.loads((last / "config.json").read_text())
     dest = SHIPPED_DIR / SHIPPED["demo"]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(last / "generator.safetensors", dest)
+    atomic_write_bytes(dest, (last / "generator.safetensors").read_bytes())  # never a half-copied shipped file
     loss = (last / "loss_log.csv").read_text().splitlines()
-    v2_card = json.loads(V2_FILE.with_suffix(".json").read_text())
+    prev_card = json.loads(V3_FILE.with_suffix(".json").read_text())  # the version v4's stage starts from
+    train_seconds = sum(float(row.split(",")[3]) for name, _ in V4_STAGES
+                        for row in (work / name / "loss_log.csv").read_text().splitlines()[1:])
     card = {"file": dest.name, "sha256": sha256_file(dest), "profile": "demo",
             "what": "Med-DDPM demo network (EMA weights) pre-trained on SIMULATED-tumour phantom cases (real atlas "
                     "anatomy); fine-tuned by the demo study (flows medddpm_init='shipped')",
             "pretrain_cohort": PRETRAIN_COHORT, "train_cases": len(run["train_cases"]),
             "training_cases_hash": run["training_cases_hash"], "config_hash": run["config_hash"],
-            "steps": int(v2_card["steps"]) + sum(int(a[1]) for _, a in V3_STAGES),
-            "starts_from": {"file": V2_FILE.name, "sha256": v2_card["sha256"], "commands": v2_card["commands"],
-                            "starts_from": v2_card["starts_from"]},
+            "steps": int(prev_card["steps"]) + sum(int(a[1]) for _, a in V4_STAGES),
+            "starts_from": {k: prev_card[k] for k in ("file", "sha256", "steps", "commands", "starts_from")},
             "commands": [" ".join(["medddpm", *c[1:]]) for c in commands],
-            "last_loss_row": loss[-1], "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}
+            "last_loss_row": loss[-1], "stage_train_seconds": round(train_seconds, 1),
+            "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(dest.with_suffix(".json"), json.dumps(card, indent=1) + "\n")
     print(json.dumps(card, indent=1))
     return 0

@@ -2,6 +2,7 @@
 montage.
 
     .venv/bin/python bench/probe_generator.py --generator G --work W [--sampler ddim --steps 25 --eta 1 --spacing leading]
+        [--masks selected|test]
 
 Builds (or reuses) the default study's phantom cohort (48 cases, seed 0) under W/cohort, selects its 8 training
 cases as the study does (cohort.selection, seed 0), synthesises one case per mask with no redraws
@@ -9,7 +10,10 @@ cases as the study does (cohort.selection, seed 0), synthesises one case per mas
 W/<tag>/quality_report.csv), the mean MS-SSIM across masks of the 8 samples next to that of the 8 real images (the
 study's eval.synthesis.diversity with the same settings), the memorisation summary of the study's report
 (eval.memorisation: each sample's similarity to its mask's owner, to the mask alone, and the share beyond it), and
-writes W/montage_<tag>.png. The gate uses the intensity ranges beside G. docs/benchmarks.md ("Demo generator") used it on the pre-training checkpoints.
+writes W/montage_<tag>.png. The gate uses the intensity ranges beside G. --masks test takes the masks (and owners)
+of the cohort's first 8 test cases instead, which no study generator is fine-tuned on: the gap between the two
+owner similarities of a fine-tuned generator is what fine-tuning on the selected cases added. docs/benchmarks.md
+("Demo generator") used it on the pre-training checkpoints.
 """
 from __future__ import annotations
 
@@ -32,11 +36,13 @@ def main(argv=None) -> int:
     ap.add_argument("--eta", type=float, default=1.0)
     ap.add_argument("--spacing", default="leading")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--masks", choices=("selected", "test"), default="selected",
+                    help="the study's 8 selected training cases (default) or the cohort's first 8 test cases")
     args = ap.parse_args(argv)
 
     import pandas as pd
 
-    from cohort.manifest import load_manifest
+    from cohort.manifest import load_manifest, select, write_manifest
     from cohort.phantom import build_phantom_cohort
     from cohort.selection import write_training_selection
     from eval.memorisation import memorisation_table, summarise
@@ -48,12 +54,18 @@ def main(argv=None) -> int:
     tag = args.tag or f"{args.sampler}_{args.steps}_{args.eta:g}_{args.spacing}"
     cohort = build_phantom_cohort(work / "cohort", n_cases=48, seed=0, profile="demo")
     selected = write_training_selection(cohort, 8, 0)
+    owners = selected
+    if args.masks == "test":
+        owners = cohort.parent / "test_first8.csv"  # beside the cohort's manifest: its relative paths stay valid
+        write_manifest(select(load_manifest(cohort), source="real", split="test").sort_values("case_id").head(8),
+                       owners)
+        tag = tag if args.tag else f"{tag}_test"
     out = work / tag
     shutil.rmtree(out, ignore_errors=True)  # a probe is always a fresh draw
     t0 = time.perf_counter()
-    manifest = synthesize_cohort(args.generator, selected, out, 8, args.sampler, args.steps, 0, eta=args.eta,
+    manifest = synthesize_cohort(args.generator, owners, out, 8, args.sampler, args.steps, 0, eta=args.eta,
                                  spacing=args.spacing, max_retries=0, num_threads=args.threads, progress=False,
-                                 device="cpu")
+                                 device="cpu", splits=None)
     seconds = (time.perf_counter() - t0) / 8
     passed = (load_manifest(manifest)["quality_gate"] == "pass").mean()
     print(f"{tag}: {seconds:.1f} s/volume, gate pass {passed:.2f}")
@@ -61,7 +73,7 @@ def main(argv=None) -> int:
     for row in report.itertuples():
         print(f"  {row.case_id}: {'pass' if row.passed else row.failures}")
     images = {name: [c.image for c in read_cases(m, source=src, progress=False)[1]]
-              for name, m, src in (("synthetic", manifest, "synthetic"), ("real", selected, "real"))}
+              for name, m, src in (("synthetic", manifest, "synthetic"), ("real", owners, "real"))}
     settings = ms_ssim_settings(images["synthetic"][0].shape)
     across = {name: diversity([v.data for v in vols], None, settings=settings)["across"].mean()
               for name, vols in images.items()}

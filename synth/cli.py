@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="learning-rate schedule (cosine decays to lr_min at "
                                                                "--steps; a resume must keep --steps then)")
+    p.add_argument("--lr-min", type=float, help="learning rate the cosine schedule ends at (default: the profile's)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps (with either schedule)")
     p.add_argument("--batch-size", type=int, help="volumes per micro-batch")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
@@ -111,7 +112,8 @@ def _train(args) -> int:
 
     from .train import train_medddpm
 
-    overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "batch_size": args.batch_size,
+    overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "lr_min": args.lr_min,
+                 "batch_size": args.batch_size,
                  "grad_accum": args.grad_accum, "loss": args.loss,
                  "min_snr_gamma": args.min_snr_gamma, "snr_weight_floor": args.snr_weight_floor,
                  "checkpoint_every": args.checkpoint_every,

@@ -438,3 +438,18 @@ def test_cli_train_snr_weighting_can_be_set_or_removed(monkeypatch, flag, want):
     assert main(["train", "--manifest", "m.csv", "--out", "o", "--profile", "demo", *flag]) == 0
     cfg = seen[0] if isinstance(seen[0], MedDDPMConfig) else get_config("demo", **seen[0])
     assert (cfg.min_snr_gamma, cfg.snr_weight_floor) == want and cfg.loss == "l2"
+
+
+def test_cli_train_sets_the_cosine_schedules_end(monkeypatch):
+    """`--lr-min` reaches the config (v4's pre-training stage decays to 1e-5, bench/pretrain_demo_generator.py);
+    without it the profile's value stays."""
+    import synth.train
+    from medddpm.cli import main
+
+    seen = []
+    monkeypatch.setattr(synth.train, "train_medddpm",
+                        lambda manifest, profile, out, config: seen.append(config) or "generator.safetensors")
+    common = ["train", "--manifest", "m.csv", "--out", "o", "--profile", "demo", "--lr-schedule", "cosine"]
+    assert main([*common, "--lr-min", "1e-5"]) == 0 and main(common) == 0
+    got = [get_config("demo", **c) for c in seen]
+    assert got[0].lr_min == 1e-5 and got[1].lr_min == get_config("demo").lr_min != 1e-5
