@@ -11,8 +11,7 @@ in x_t0; what the chain keeps of it says from which noise level on the network k
 where it has to lay the anatomy down itself and fails. Prints, per t0, the correlation inside the brain between
 each result and its real image (eval.memorisation.brain_correlation, the study's owner similarity); --figure draws
 the first two cases (axial slice through the tumour, each image windowed to its own 1-99 % inside the brain, as the
-study's montage). The chain here is written out with synth.schedulers.ddim_update because the library's samplers
-always start from pure noise. docs/benchmarks.md ("Where the chain loses the anatomy") used it on the v3 generator.
+study's montage). The chain is the library's (synth.schedulers.run_sampler with start_t). docs/benchmarks.md ("Where the chain loses the anatomy") used it on the v3 generator.
 """
 from __future__ import annotations
 
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
     from eval.memorisation import brain_correlation
     from synth.checkpoint import load_generator
     from synth.data import load_items
-    from synth.schedulers import ddim_update, make_sampler, model_input
+    from synth.schedulers import make_sampler, model_input, run_sampler
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -58,7 +57,6 @@ def main(argv=None) -> int:
     brain = (cond.sum(1) > 0).numpy()
     sampler = make_sampler("ddim", cfg.timesteps, cfg.schedule, eta=args.eta)
     alpha_bar = sampler.schedule.alpha_bar
-    chain = sampler.timesteps(args.steps)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def eps_hat(x, t):  # ε̂ per case (batch 1, as the study samples), from either parameterisation
@@ -73,12 +71,9 @@ def main(argv=None) -> int:
     for t0 in [int(t) for t in args.start.split(",")]:
         a0 = alpha_bar(t0)
         x = math.sqrt(a0) * x0 + math.sqrt(1 - a0) * noise
-        ts = [t0] + [t for t in chain if t < t0]
         g = torch.Generator().manual_seed(1)
-        for i, t in enumerate(ts):
-            a_prev = alpha_bar(ts[i + 1]) if i + 1 < len(ts) else 1.0
-            x, _ = ddim_update(x, eps_hat(x, t), alpha_bar(t), a_prev, args.eta,
-                               torch.randn(x.shape, generator=g, dtype=torch.float64))
+        x = run_sampler(eps_hat, x, sampler, args.steps,
+                        lambda: torch.randn(x0.shape, generator=g, dtype=torch.float64), start_t=t0)
         x = x.clamp(-1, 1)
         r = [brain_correlation(x[i].numpy(), x0[i].numpy(), brain[i]) for i in range(len(x))]
         results[t0] = x

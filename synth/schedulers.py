@@ -217,11 +217,20 @@ def make_sampler(name: str = defaults.SAMPLER, timesteps: int = 250, schedule: s
                    spacing, bool(analytic))
 
 
-def run_sampler(denoise, x: torch.Tensor, sampler: Sampler, steps: int, noise_fn=None) -> torch.Tensor:
+def run_sampler(denoise, x: torch.Tensor, sampler: Sampler, steps: int, noise_fn=None,
+                start_t: int | None = None) -> torch.Tensor:
     """The sampling loop on a starting noise x: denoise(x, t) -> ε̂; noise_fn() -> a tensor like x (stochastic
-    samplers only). Returns x̂ at t = -1 (not clamped; ``sample`` clamps)."""
+    samplers only). Returns x̂ at t = -1 (not clamped; ``sample`` clamps).
+
+    start_t: x is x_{start_t} (e.g. an image noised to start_t with the forward process) and the chain goes on
+    from there through its own timesteps below start_t: SDEdit (Meng et al. 2022), diffusers' img2img
+    ``strength``. Default: the chain's first timestep, x pure noise."""
     sched = sampler.schedule
     ts = sampler.timesteps(steps)
+    if start_t is not None:
+        if not 0 <= int(start_t) < sched.T:
+            raise ConfigError(f"start_t must be in [0, {sched.T - 1}], not {start_t}")
+        ts = [int(start_t)] + [t for t in ts if t < int(start_t)]
     history = None
     for i, t in enumerate(ts):
         a_t, a_prev = sched.alpha_bar(t), sched.alpha_bar(ts[i + 1] if i + 1 < len(ts) else -1)
