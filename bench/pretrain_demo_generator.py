@@ -41,12 +41,18 @@ V1_FILE = SHIPPED_DIR / "demo-phantom-v1.safetensors"
 V1_ARGS = ["--profile", "demo", "--loss", "l1", "--min-snr-gamma", "none", "--snr-weight-floor", "none",
            "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
            "--warmup-steps", "200", "--checkpoint-every", "500", "--threads", "2", "--seed", "0", "--no-progress"]
-# what every v2/v3/v4 run shares; the loss is spelled out per chain step since the demo profile's default changed
-_STAGE = ["--profile", "demo", "--min-snr-gamma", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps",
-          "100", "--ema-decay", "0.999", "--ema-start", "0", "--checkpoint-every", "400", "--threads", "2", "--seed",
-          "1", "--no-progress"]
-_L1_STAGE = [*_STAGE, "--loss", "l1", "--snr-weight-floor", "none"]  # v2: the demo profile's loss before v3
-_L2_STAGE = [*_STAGE, "--loss", "l2", "--snr-weight-floor", "1"]  # v3
+
+
+# what every v2/v3/v4 run shares but its seed; the loss is spelled out per chain step since the demo profile's
+# default changed
+def _stage(seed: int) -> list[str]:
+    return ["--profile", "demo", "--min-snr-gamma", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps",
+            "100", "--ema-decay", "0.999", "--ema-start", "0", "--checkpoint-every", "400", "--threads", "2", "--seed",
+            str(seed), "--no-progress"]
+
+
+_L1_STAGE = [*_stage(1), "--loss", "l1", "--snr-weight-floor", "none"]  # v2: the demo profile's loss before v3
+_L2_STAGE = [*_stage(1), "--loss", "l2", "--snr-weight-floor", "1"]  # v3
 # (run folder, its arguments): each run starts from the previous run's generator (the first from v1)
 V2_STAGES = [("snr5", ["--steps", "1600", *_L1_STAGE]), ("snr5b", ["--steps", "3200", *_L1_STAGE]),
              ("snr5c", ["--steps", "3200", *_L1_STAGE]), ("snr5d", ["--steps", "3200", *_L1_STAGE])]
@@ -54,7 +60,7 @@ V2_FILE = SHIPPED_DIR / "demo-phantom-v2.safetensors"
 V3_STAGES = [("l2floor", ["--steps", "1600", *_L2_STAGE]), ("l2floorb", ["--steps", "1600", *_L2_STAGE])]
 V3_FILE = SHIPPED_DIR / "demo-phantom-v3.safetensors"
 # v4: the same loss, one long run decaying to a low rate, a new seed (other batches and noise than v3's runs)
-_V4_STAGE = [*_L2_STAGE[:_L2_STAGE.index("--seed")], "--seed", "2", *_L2_STAGE[_L2_STAGE.index("--seed") + 2:]]
+_V4_STAGE = [*_stage(2), "--loss", "l2", "--snr-weight-floor", "1"]
 V4_STAGES = [("long", ["--steps", "12000", "--lr-min", "1e-5", "--ema-every", "1", *_V4_STAGE])]
 # --from X: the file the chain starts from and the stages after it, oldest first
 CHAIN = {"scratch": (None, [V2_STAGES, V3_STAGES, V4_STAGES]), "v1": (V1_FILE, [V2_STAGES, V3_STAGES, V4_STAGES]),
@@ -91,10 +97,9 @@ def main(argv=None) -> int:
     dest = SHIPPED_DIR / SHIPPED["demo"]
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(dest, (last / "generator.safetensors").read_bytes())  # never a half-copied shipped file
-    loss = (last / "loss_log.csv").read_text().splitlines()
+    logs = [(work / name / "loss_log.csv").read_text().splitlines() for name, _ in V4_STAGES]  # the last: `last`'s
     prev_card = json.loads(V3_FILE.with_suffix(".json").read_text())  # the version v4's stage starts from
-    train_seconds = sum(float(row.split(",")[3]) for name, _ in V4_STAGES
-                        for row in (work / name / "loss_log.csv").read_text().splitlines()[1:])
+    train_seconds = sum(float(row.split(",")[3]) for log in logs for row in log[1:])
     card = {"file": dest.name, "sha256": sha256_file(dest), "profile": "demo",
             "what": "Med-DDPM demo network (EMA weights) pre-trained on SIMULATED-tumour phantom cases (real atlas "
                     "anatomy); fine-tuned by the demo study (flows medddpm_init='shipped')",
@@ -103,7 +108,7 @@ def main(argv=None) -> int:
             "steps": int(prev_card["steps"]) + sum(int(a[1]) for _, a in V4_STAGES),
             "starts_from": {k: prev_card[k] for k in ("file", "sha256", "steps", "commands", "starts_from")},
             "commands": [" ".join(["medddpm", *c[1:]]) for c in commands],
-            "last_loss_row": loss[-1], "stage_train_seconds": round(train_seconds, 1),
+            "last_loss_row": logs[-1][-1], "stage_train_seconds": round(train_seconds, 1),
             "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(dest.with_suffix(".json"), json.dumps(card, indent=1) + "\n")
     print(json.dumps(card, indent=1))

@@ -11,7 +11,8 @@ in x_t0; what the chain keeps of it says from which noise level on the network k
 where it has to lay the anatomy down itself and fails. Prints, per t0, the correlation inside the brain between
 each result and its real image (eval.memorisation.brain_correlation, the study's owner similarity); --figure draws
 the first two cases (axial slice through the tumour, each image windowed to its own 1-99 % inside the brain, as the
-study's montage). The chain is the library's (synth.schedulers.run_sampler with start_t). docs/benchmarks.md ("Where the chain loses the anatomy") used it on the v3 generator.
+study's montage). The chain is the library's (synth.schedulers.run_sampler with start_t). docs/benchmarks.md
+("Where the chain loses the anatomy") used it on the v3 generator.
 """
 from __future__ import annotations
 

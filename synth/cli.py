@@ -113,8 +113,7 @@ def _train(args) -> int:
     from .train import train_medddpm
 
     overrides = {"steps": args.steps, "lr": args.lr, "lr_schedule": args.lr_schedule, "lr_min": args.lr_min,
-                 "batch_size": args.batch_size,
-                 "grad_accum": args.grad_accum, "loss": args.loss,
+                 "batch_size": args.batch_size, "grad_accum": args.grad_accum, "loss": args.loss,
                  "min_snr_gamma": args.min_snr_gamma, "snr_weight_floor": args.snr_weight_floor,
                  "checkpoint_every": args.checkpoint_every,
                  "ema_decay": args.ema_decay, "ema_every": args.ema_every, "ema_start": args.ema_start,

@@ -228,9 +228,10 @@ def run_sampler(denoise, x: torch.Tensor, sampler: Sampler, steps: int, noise_fn
     sched = sampler.schedule
     ts = sampler.timesteps(steps)
     if start_t is not None:
-        if not 0 <= int(start_t) < sched.T:
+        start_t = int(start_t)
+        if not 0 <= start_t < sched.T:
             raise ConfigError(f"start_t must be in [0, {sched.T - 1}], not {start_t}")
-        ts = [int(start_t)] + [t for t in ts if t < int(start_t)]
+        ts = [start_t] + [t for t in ts if t < start_t]
     history = None
     for i, t in enumerate(ts):
         a_t, a_prev = sched.alpha_bar(t), sched.alpha_bar(ts[i + 1] if i + 1 < len(ts) else -1)
