@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cohort.fsutil import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: E402
+from core.fsutil import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: E402
 from synth.pretrained import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR  # noqa: E402
 
 V1_FILE = SHIPPED_DIR / "demo-phantom-v1.safetensors"

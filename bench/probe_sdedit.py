@@ -89,7 +89,7 @@ def _figure(x0, results, items, brain, modalities, path: Path) -> None:
     import numpy as np
     from matplotlib.figure import Figure
 
-    from cohort.fsutil import atomic_path
+    from core.fsutil import atomic_path
     from eval.plots import tumour_slice
 
     rows = []

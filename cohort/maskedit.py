@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from .labels import BRAIN, brain_mask, tumour_mask
 from .volume import spacing_of
 
@@ -135,7 +135,7 @@ def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed:
     source "mask"); returns the manifest path. Deterministic for a seed; cases already in the output
     manifest are skipped (resumable). Transplant donors come from the parent's own split, so test
     tumours never leak into training masks. A case that yields no valid edit in ``max_tries`` attempts
-    raises CohortError; unknown edit kinds or a bad scale range raise ConfigError.
+    raises InputError; unknown edit kinds or a bad scale range raise ConfigError.
     """
     from tqdm import tqdm
 
@@ -151,7 +151,7 @@ def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed:
     manifest = Path(manifest)
     df = select(load_manifest(manifest), source="real", split=split)
     if len(df) == 0:
-        raise CohortError(manifest, f"no real cases with split {split!r} to edit", kind="empty-selection")
+        raise InputError(manifest, f"no real cases with split {split!r} to edit", kind="empty-selection")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     out_manifest = out / "data_manifest.csv"
@@ -204,7 +204,7 @@ def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed:
                     reasons.append(str(e))
                     new = None
             if new is None:
-                raise CohortError(resolve(manifest, row["label"]),
+                raise InputError(resolve(manifest, row["label"]),
                                   f"no valid mask edit in {max_tries} tries (last: {reasons[-3:]})", kind="edit-failed")
             path = write_array(out / cid / f"{cid}_seg.nii.gz", new, aff)
             append_rows(out_manifest, [make_row(

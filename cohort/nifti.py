@@ -15,8 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import CohortError
-from .fsutil import atomic_path
+from core.errors import InputError
+from core.fsutil import atomic_path
 from .labels import ALLOWED_LABELS
 from .volume import Volume, spacing_of
 
@@ -38,12 +38,12 @@ def _check_header(path: Path, img) -> int:
         with nib.openers.Opener(str(path)) as f:
             raw = type(header).from_fileobj(f, check=False)
         if int(raw["qform_code"]) == 0 and int(raw["sform_code"]) == 0:
-            raise CohortError(path, "header has no usable orientation (qform_code and sform_code are both 0); "
+            raise InputError(path, "header has no usable orientation (qform_code and sform_code are both 0); "
                                     "re-save it with its real affine", kind="bad-header")
         n_spatial = min(3, max(1, int(raw["dim"][0])))
         pixdim = np.asarray(raw["pixdim"][1:1 + n_spatial], dtype=np.float64)
         if not np.isfinite(pixdim).all() or (pixdim == 0).any():
-            raise CohortError(path, f"header voxel spacing pixdim[1:{1 + n_spatial}] = {pixdim.tolist()} has zero "
+            raise InputError(path, f"header voxel spacing pixdim[1:{1 + n_spatial}] = {pixdim.tolist()} has zero "
                                     "or non-finite values", kind="bad-header")
         offset = int(raw.get_data_offset())
     else:
@@ -52,52 +52,52 @@ def _check_header(path: Path, img) -> int:
     n_bytes = int(np.prod(shape, dtype=np.float64) * np.dtype(header.get_data_dtype()).itemsize)
     claim = f"header claims a {'x'.join(map(str, shape))} {np.dtype(header.get_data_dtype())} image ({_fmt_bytes(n_bytes)})"
     if n_bytes > MAX_IMAGE_BYTES:
-        raise CohortError(path, f"{claim}, more than the {_fmt_bytes(MAX_IMAGE_BYTES)} limit", kind="too-large")
+        raise InputError(path, f"{claim}, more than the {_fmt_bytes(MAX_IMAGE_BYTES)} limit", kind="too-large")
     size = path.stat().st_size
     implied = offset + n_bytes
     if path.name.endswith(".gz"):
         if implied > size * _MAX_DEFLATE_RATIO:
-            raise CohortError(path, f"{claim} but the file has only {size} compressed bytes", kind="size-mismatch")
+            raise InputError(path, f"{claim} but the file has only {size} compressed bytes", kind="size-mismatch")
     elif implied > size:
-        raise CohortError(path, f"{claim} but the file has only {size} bytes", kind="size-mismatch")
+        raise InputError(path, f"{claim} but the file has only {size} bytes", kind="size-mismatch")
     return implied
 
 
 def _load(path: str | Path):
-    """The image with its voxels in memory, after the header checks; CohortError naming the file otherwise."""
+    """The image with its voxels in memory, after the header checks; InputError naming the file otherwise."""
     path = Path(path)
     if not path.exists():
-        raise CohortError(path, "file does not exist", kind="missing-file")
+        raise InputError(path, "file does not exist", kind="missing-file")
     try:
         img = nib.load(str(path))  # header only: nibabel reads voxels lazily
         implied = _check_header(path, img)
         if path.name.endswith(".gz") and isinstance(img, nib.Nifti1Image):
             raw = gzip.decompress(path.read_bytes())
             if len(raw) < implied:
-                raise CohortError(path, f"truncated: the header implies {implied} bytes but the file holds "
+                raise InputError(path, f"truncated: the header implies {implied} bytes but the file holds "
                                         f"{len(raw)}", kind="unreadable")
             img = type(img).from_bytes(raw)
         data = np.asarray(img.dataobj)
-    except CohortError:
+    except InputError:
         raise
     except (gzip.BadGzipFile, zlib.error, EOFError, OSError) as e:
-        raise CohortError(path, f"unreadable or truncated file ({type(e).__name__}: {e})", kind="unreadable") from e
+        raise InputError(path, f"unreadable or truncated file ({type(e).__name__}: {e})", kind="unreadable") from e
     except Exception as e:  # nibabel raises ImageFileError / ValueError for garbage headers
-        raise CohortError(path, f"not a readable NIfTI image ({type(e).__name__}: {e})", kind="unreadable") from e
+        raise InputError(path, f"not a readable NIfTI image ({type(e).__name__}: {e})", kind="unreadable") from e
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise CohortError(path, "has no valid affine (singular or non-finite)", kind="bad-affine")
+        raise InputError(path, "has no valid affine (singular or non-finite)", kind="bad-affine")
     return data, affine
 
 
 def _check_finite(path, arr: np.ndarray, what: str = "") -> None:
     if not np.isfinite(arr).all():
         n_bad = int((~np.isfinite(arr)).sum())
-        raise CohortError(path, f"{what}contains {n_bad} NaN or Inf voxels", kind="non-finite")
+        raise InputError(path, f"{what}contains {n_bad} NaN or Inf voxels", kind="non-finite")
 
 
 def read_array(path: str | Path, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3-D NIfTI as (array, affine), raising CohortError naming the file for any defect.
+    """Read a 3-D NIfTI as (array, affine), raising InputError naming the file for any defect.
 
     A trailing singleton 4th axis (common in atlases) is squeezed; any other non-3-D image is refused.
     NaN or Inf voxels are refused, and so are the header defects listed in the module docstring.
@@ -106,7 +106,7 @@ def read_array(path: str | Path, *, dtype=np.float32) -> tuple[np.ndarray, np.nd
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     elif data.ndim != 3:
-        raise CohortError(path, f"expected a 3-D image, got shape {tuple(data.shape)}", kind="not-3d")
+        raise InputError(path, f"expected a 3-D image, got shape {tuple(data.shape)}", kind="not-3d")
     arr = np.asarray(data, dtype=dtype)
     _check_finite(path, arr)
     return arr, affine
@@ -119,7 +119,7 @@ def read_channels(path: str | Path, *, dtype=np.float32) -> tuple[np.ndarray, np
     if data.ndim == 3:
         data = data[..., None]
     elif data.ndim != 4:
-        raise CohortError(path, f"expected a 3-D or 4-D image, got shape {tuple(data.shape)}", kind="not-3d")
+        raise InputError(path, f"expected a 3-D or 4-D image, got shape {tuple(data.shape)}", kind="not-3d")
     arr = np.ascontiguousarray(np.moveaxis(np.asarray(data, dtype=dtype), -1, 0))
     _check_finite(path, arr)
     return arr, affine
@@ -147,13 +147,13 @@ def read_label(path: str | Path, *, allowed=ALLOWED_LABELS, require_tumour: bool
     """Read a label map, checking its values against the convention (0..4)."""
     arr, affine = read_array(path, dtype=np.float32)
     if not np.allclose(arr, np.round(arr)):
-        raise CohortError(path, "label map has non-integer values", kind="bad-labels")
+        raise InputError(path, "label map has non-integer values", kind="bad-labels")
     lab = np.round(arr).astype(np.int16)
     bad = sorted(set(np.unique(lab).tolist()) - set(allowed))
     if bad:
-        raise CohortError(path, f"label values {bad} outside the convention {sorted(allowed)}", kind="bad-labels")
+        raise InputError(path, f"label values {bad} outside the convention {sorted(allowed)}", kind="bad-labels")
     if require_tumour and not np.isin(lab, (1, 2, 3)).any():
-        raise CohortError(path, "no tumour voxels (labels 1-3) where a tumour is required", kind="empty-tumour")
+        raise InputError(path, "no tumour voxels (labels 1-3) where a tumour is required", kind="empty-tumour")
     return lab.astype(np.uint8), affine
 
 
@@ -172,7 +172,7 @@ def read_volume(paths: dict[str, str | Path | tuple[str | Path, int]]) -> Volume
                 multi[p] = read_channels(p)
             channels, aff = multi[p]
             if not 0 <= channel < len(channels):
-                raise CohortError(p, f"has {len(channels)} channels; channel {channel} ({name}) does not exist",
+                raise InputError(p, f"has {len(channels)} channels; channel {channel} ({name}) does not exist",
                                   kind="missing-modality")
             arr = channels[channel]
         else:
@@ -182,7 +182,7 @@ def read_volume(paths: dict[str, str | Path | tuple[str | Path, int]]) -> Volume
             ref_affine, ref_shape, ref_name = aff, arr.shape, p
         else:
             if arr.shape != ref_shape:
-                raise CohortError(p, f"shape {arr.shape} differs from {ref_name} {ref_shape}", kind="shape-mismatch")
+                raise InputError(p, f"shape {arr.shape} differs from {ref_name} {ref_shape}", kind="shape-mismatch")
             check_same_geometry(p, aff, ref_name, ref_affine)
         arrays[name] = arr
     return Volume.from_channels(arrays, ref_affine)
@@ -191,10 +191,10 @@ def read_volume(paths: dict[str, str | Path | tuple[str | Path, int]]) -> Volume
 def check_same_geometry(path, affine, ref_path, ref_affine, atol: float = 1e-3) -> None:
     sp, ref_sp = np.asarray(spacing_of(affine)), np.asarray(spacing_of(ref_affine))
     if not np.allclose(sp, ref_sp, atol=atol):
-        raise CohortError(path, f"spacing {np.round(sp, 4).tolist()} differs from {ref_path} {np.round(ref_sp, 4).tolist()}",
+        raise InputError(path, f"spacing {np.round(sp, 4).tolist()} differs from {ref_path} {np.round(ref_sp, 4).tolist()}",
                           kind="geometry-mismatch")
     if not np.allclose(affine, ref_affine, atol=atol):
-        raise CohortError(path, f"affine differs from {ref_path}", kind="geometry-mismatch")
+        raise InputError(path, f"affine differs from {ref_path}", kind="geometry-mismatch")
 
 
 def write_volume(volume: Volume, paths: dict[str, str | Path]) -> dict[str, Path]:

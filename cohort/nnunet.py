@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .errors import CohortError, ConfigError
-from .fsutil import atomic_write_text, default_mode
+from core.errors import InputError, ConfigError
+from core.fsutil import atomic_write_text, default_mode
 from .labels import BRAIN, ED, ET, NCR, REGIONS
 from .manifest import check_row_hashes, check_rows, load_manifest, read_case, row_modalities
 from .nifti import write_array
@@ -75,10 +75,10 @@ def _unique_names(case_ids: Sequence[str]) -> dict[str, str]:
 def _check_ids(manifest: Path, df: pd.DataFrame, ids: Sequence[str], what: str) -> None:
     dup = sorted(c for c, n in Counter(ids).items() if n > 1)
     if dup:
-        raise CohortError(manifest, f"{what}: case ids listed twice {dup}", kind="duplicate-case")
+        raise InputError(manifest, f"{what}: case ids listed twice {dup}", kind="duplicate-case")
     unknown = sorted(set(ids) - set(df["case_id"]))
     if unknown:
-        raise CohortError(manifest, f"{what}: case ids not in the manifest {unknown[:10]}", kind="unknown-case")
+        raise InputError(manifest, f"{what}: case ids not in the manifest {unknown[:10]}", kind="unknown-case")
 
 
 def make_splits(names_by_source: dict[str, str], val_names: Sequence[str] | None = None, n_folds: int = 5,
@@ -118,7 +118,7 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
     val_ids: real case ids for a single validation fold 0 (added to imagesTr if not in train_ids);
         default: ``min(n_folds, n_real)`` folds over the real training cases, seeded by ``split_seed``.
     regions: write WT/TC/ET region labels + regions_class_order (nnU-Net region training) instead of classes.
-    Raises CohortError for unknown, duplicate or unsuitable case ids and for any bad file (hash, geometry ...),
+    Raises InputError for unknown, duplicate or unsuitable case ids and for any bad file (hash, geometry ...),
     ConfigError for a bad dataset id or name.
     """
     manifest = Path(manifest)
@@ -138,19 +138,19 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
     _check_ids(manifest, df, tr_all, "training cases")
     _check_ids(manifest, df, test_ids, "test cases")
     if not tr_all:
-        raise CohortError(manifest, "no training cases selected for the nnU-Net export", kind="empty-selection")
+        raise InputError(manifest, "no training cases selected for the nnU-Net export", kind="empty-selection")
     overlap = sorted(set(tr_all) & set(test_ids))
     if overlap:
-        raise CohortError(manifest, f"cases in both training and test sets {overlap[:10]}", kind="bad-split")
+        raise InputError(manifest, f"cases in both training and test sets {overlap[:10]}", kind="bad-split")
 
     rows = df.set_index("case_id", drop=False)
     for cid in tr_all + test_ids:
         if rows.loc[cid, "source"] not in ("real", "synthetic"):
-            raise CohortError(manifest, f"case {cid}: source {rows.loc[cid, 'source']!r} has no image to export",
+            raise InputError(manifest, f"case {cid}: source {rows.loc[cid, 'source']!r} has no image to export",
                               kind="bad-source")
     for cid in test_ids + (val_list or []):
         if rows.loc[cid, "source"] != "real":
-            raise CohortError(manifest, f"case {cid} is {rows.loc[cid, 'source']}: only real cases may be used "
+            raise InputError(manifest, f"case {cid} is {rows.loc[cid, 'source']}: only real cases may be used "
                                         "for validation or test", kind="bad-split")
     if modalities is None:
         modalities = row_modalities(rows.loc[tr_all[0]])
@@ -158,14 +158,14 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
     for cid in tr_all + test_ids:
         missing = [m for m in modalities if m not in row_modalities(rows.loc[cid])]
         if missing:
-            raise CohortError(manifest, f"case {cid}: missing modality {missing} needed by the export "
+            raise InputError(manifest, f"case {cid}: missing modality {missing} needed by the export "
                                         f"(channels {modalities})", kind="missing-modality")
 
     final = out_root / dataset_folder_name(dataset_id, name)
     out_root.mkdir(parents=True, exist_ok=True)
     clash = [p.name for p in out_root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p != final]
     if clash:
-        raise CohortError(out_root / clash[0], f"nnU-Net dataset id {dataset_id} is already used by {clash}; "
+        raise InputError(out_root / clash[0], f"nnU-Net dataset id {dataset_id} is already used by {clash}; "
                                                "pick another --id", kind="id-clash")
 
     names = _unique_names(tr_all + test_ids)
@@ -206,7 +206,7 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
             splits = make_splits(by_source, None if val_list is None else [names[c] for c in val_list],
                                  n_folds=n_folds, seed=split_seed)
         except ValueError as e:
-            raise CohortError(manifest, f"cannot build nnU-Net validation folds: {e}", kind="bad-split") from e
+            raise InputError(manifest, f"cannot build nnU-Net validation folds: {e}", kind="bad-split") from e
         atomic_write_text(work / "splits_final.json", json.dumps(splits, indent=2))
         atomic_write_text(work / "case_map.csv", pd.DataFrame(map_rows).to_csv(index=False))
 

@@ -23,8 +23,8 @@ import numpy as np
 from scipy import ndimage
 
 from .atlases import ATLAS_INFO, ATLAS_NAMES, Atlas, copy_licence_texts, load_atlas
-from .errors import CohortError, ConfigError
-from .fsutil import atomic_write_text
+from core.errors import InputError, ConfigError
+from core.fsutil import atomic_write_text
 from .labels import BRAIN, ED, ET, MODALITIES, NCR
 from .profiles import Profile, get_profile
 
@@ -350,12 +350,12 @@ def build_phantom_cohort(out_dir: str | Path, n_cases: int = 48, seed: int = 0, 
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         if old.get("settings") != settings:
-            raise CohortError(meta_path, f"folder was built with other settings {old.get('settings')}; "
+            raise InputError(meta_path, f"folder was built with other settings {old.get('settings')}; "
                                          f"use a new --out folder", kind="settings-mismatch")
         if manifest.exists():
             done = set(load_manifest(manifest)["case_id"])
     elif manifest.exists():
-        raise CohortError(manifest, "a manifest exists but no phantom.json: not a phantom folder; use a new --out",
+        raise InputError(manifest, "a manifest exists but no phantom.json: not a phantom folder; use a new --out",
                           kind="settings-mismatch")
     meta = {"settings": settings, "cases": {}}
     if meta_path.exists():
@@ -407,7 +407,7 @@ def montage(manifest: str | Path, out_png: str | Path, case_ids: list[str] | Non
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from .fsutil import atomic_path
+    from core.fsutil import atomic_path
     from .manifest import load_manifest, read_case
 
     df = load_manifest(manifest)

@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 from monai.transforms import (BorderPadd, Compose, CropForegroundd, Orientationd, ResizeWithPadOrCropd,
                               ScaleIntensityd, ScaleIntensityRangePercentilesd, SpatialCropd, Spacingd)
 
-from .errors import CohortError
+from core.errors import InputError
 from .labels import BRAIN, TUMOUR_LABELS
 from .nifti import check_same_geometry
 from .profiles import Profile, get_profile
@@ -92,17 +92,17 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
     if label is not None:
         label = np.asarray(label)
         if label.shape != volume.shape:
-            raise CohortError(name, f"label shape {label.shape} differs from image shape {volume.shape}",
+            raise InputError(name, f"label shape {label.shape} differs from image shape {volume.shape}",
                               kind="shape-mismatch")
     if not np.isfinite(volume.data).all():
-        raise CohortError(name, "image contains NaN or Inf voxels", kind="non-finite")
+        raise InputError(name, "image contains NaN or Inf voxels", kind="non-finite")
 
     lab = np.zeros(volume.shape, np.uint8) if label is None else label.astype(np.uint8)
     brain_above_min = profile.brain_label == "above-min" and not (lab == BRAIN).any()  # derived after scaling
     if not (lab == BRAIN).any() and not brain_above_min:  # derive on the source grid, move it with the label
         brain = brain_foreground(volume.data, lab)
         if not brain.any():
-            raise CohortError(name, "no brain foreground found in the image (all channels constant?)",
+            raise InputError(name, "no brain foreground found in the image (all channels constant?)",
                               kind="empty-image")
         lab[brain & (lab == 0)] = BRAIN
 
@@ -133,7 +133,7 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
             ResizeWithPadOrCropd(keys=("image", "label"), spatial_size=profile.shape),
         ])
     else:
-        raise CohortError(name, f"profile {profile.name}: unsupported combination scaling={profile.scaling}, "
+        raise InputError(name, f"profile {profile.name}: unsupported combination scaling={profile.scaling}, "
                                 f"crop={profile.crop}, reorient={profile.reorient}", kind="bad-profile")
     data = to_profile(data)
 
@@ -144,7 +144,7 @@ def preprocess_case(volume: Volume, label: np.ndarray | None, profile: str | Pro
     if brain_above_min:  # the authors' rule: brain = background voxels where the rescaled T1 (first) > its min
         lab[(lab == 0) & (img[0] > img[0].min())] = BRAIN
         if not (lab == BRAIN).any():
-            raise CohortError(name, "no brain foreground found in the image (first channel constant?)",
+            raise InputError(name, "no brain foreground found in the image (first channel constant?)",
                               kind="empty-image")
     if profile.scaling == "percentile":  # the authors' min-max keeps their background as it comes out (-1 on BraTS)
         img[:, lab == 0] = -1.0  # outside the brain (incl. padding) is background

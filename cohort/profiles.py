@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from core.errors import ConfigError
 from .labels import MODALITIES
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from .manifest import load_manifest, select, write_manifest
 
 
@@ -18,7 +18,7 @@ def draw_training_cases(df: pd.DataFrame, n_real: int, seed: int, where: str | P
         raise ConfigError(f"n_real must be at least 1, got {n_real}")
     train = select(df, source="real", split="train").sort_values("case_id")
     if n_real > len(train):
-        raise CohortError(where, f"n_real={n_real} but the cohort has only {len(train)} real training cases",
+        raise InputError(where, f"n_real={n_real} but the cohort has only {len(train)} real training cases",
                           kind="bad-selection")
     pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:n_real])
     return train.iloc[pick]

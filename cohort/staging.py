@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import CohortError
+from core.errors import InputError
 from .manifest import check_rows, load_manifest, resolve, row_files, write_manifest
 
 
@@ -25,7 +25,7 @@ def stage_cohort(manifest: str | Path, out_dir: str | Path) -> Path:
         for rel in row_files(row).values():
             s, d = resolve(src, rel), (out / rel).resolve()
             if out.resolve() not in d.parents:
-                raise CohortError(src, f"path {rel!r} would leave the staged cohort folder", kind="path-escape")
+                raise InputError(src, f"path {rel!r} would leave the staged cohort folder", kind="path-escape")
             if d.exists() and d.stat().st_size == s.stat().st_size:
                 continue
             d.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CohortError
+from core.errors import InputError
 
 
 def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
@@ -59,11 +59,11 @@ class Volume:
 def select_channels(volume: Volume, names: Sequence[str], where: str | Path | None, needed_by: str, *,
                     case_id: str | None = None) -> Volume:
     """The channels ``names`` of volume, in that order (float32): the one missing-modality check. A missing one raises
-    CohortError(where, "[case X: ]missing modality [...] needed by <needed_by> (have [...])",
+    InputError(where, "[case X: ]missing modality [...] needed by <needed_by> (have [...])",
     kind="missing-modality")."""
     missing = [m for m in names if m not in volume.channels]
     if missing:
         prefix = f"case {case_id}: " if case_id is not None else ""
-        raise CohortError(where, f"{prefix}missing modality {missing} needed by {needed_by} "
+        raise InputError(where, f"{prefix}missing modality {missing} needed by {needed_by} "
                                  f"(have {list(volume.channels)})", kind="missing-modality")
     return Volume(np.stack([volume.channel(m) for m in names]).astype(np.float32), volume.affine, tuple(names))

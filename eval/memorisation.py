@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cohort.errors import ConfigError
+from core.errors import ConfigError
 
 SIMILARITY = "pearson-in-brain"
 MEMORISATION_COLUMNS = ("synthetic_id", "kind", "case_id", "nn_case_id", "nn_similarity", "owner_case_id",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cohort.fsutil import atomic_path
+from core.fsutil import atomic_path
 from cohort.labels import MODALITIES, REGIONS, tumour_mask
 
 from .stats import mix_order

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_write_text
+from core.errors import InputError
+from core.fsutil import atomic_write_text
 
 STUDY_JSON = "study.json"
 
@@ -80,14 +80,14 @@ class StudyRecord(_Record):
 
     @classmethod
     def read(cls, study_dir: str | Path) -> "StudyRecord | None":
-        """The study's record, or None if it has no study.json. CohortError names the file if it is unreadable."""
+        """The study's record, or None if it has no study.json. InputError names the file if it is unreadable."""
         path = Path(study_dir) / STUDY_JSON
         if not path.exists():
             return None
         try:
             return cls.model_validate_json(path.read_text())
         except ValidationError as e:
-            raise CohortError(path, f"not a valid study record ({e.error_count()} problems: "
+            raise InputError(path, f"not a valid study record ({e.error_count()} problems: "
                                     f"{e.errors()[0]['loc']}: {e.errors()[0]['msg']})", kind="unreadable") from e
 
     def to_json(self) -> str:

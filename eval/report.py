@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_path, atomic_write_text
+from core.errors import InputError
+from core.fsutil import atomic_path, atomic_write_text
 from cohort.labels import REGIONS
 
 from .memorisation import ANATOMY_NOTE, summarise
@@ -393,7 +393,7 @@ def generator_note(study: Path, record: StudyRecord | None) -> str | None:
 def build_report(study_dir: str | Path, *, seed: int = 0) -> Path:
     """Build STUDY/report/ from the files listed in this module's docstring; returns the report folder.
 
-    Deterministic: same inputs and seed -> same tables (bootstrap seeded). Raises CohortError naming the file
+    Deterministic: same inputs and seed -> same tables (bootstrap seeded). Raises InputError naming the file
     if results/per_case.csv is missing or lacks columns.
     """
     study = Path(study_dir)
@@ -414,7 +414,7 @@ def build_report(study_dir: str | Path, *, seed: int = 0) -> Path:
         from cohort.manifest import load_manifest
 
         cohorts = sorted(set(load_manifest(real)["cohort"].dropna().astype(str)))
-    except CohortError:
+    except InputError:
         real, cohorts = None, []
     doc.p(f"Study folder: {study.resolve()}. Real cohort: {', '.join(cohorts) or 'unknown'}.")
     if PHANTOM_COHORT in cohorts:

@@ -14,8 +14,8 @@ from typing import Callable, Mapping
 
 import pandas as pd
 
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_path
+from core.errors import InputError
+from core.fsutil import atomic_path
 
 from .memorisation import MEMORISATION_COLUMNS
 from .records import StudyRecord
@@ -46,7 +46,7 @@ def write_results(study_dir: str | Path, *, per_case: pd.DataFrame | None = None
         path = Path(study_dir) / "results" / fname
         missing = [c for c in cols if c not in df.columns]
         if missing:
-            raise CohortError(path, f"{name} table lacks columns {missing} (needs {list(cols)})", kind="bad-results")
+            raise InputError(path, f"{name} table lacks columns {missing} (needs {list(cols)})", kind="bad-results")
         df = df[list(cols)]
         if append and path.exists():
             old = pd.read_csv(path)
@@ -88,7 +88,7 @@ def evaluate_synthesis(study_dir: str | Path, *, real_manifest: str | Path, trai
         mem_frames.append(memorisation_table(real, man, synthetic_id=sid, train_ids=train_ids,
                                              masks_manifest=masks if masks.exists() else None, rule=rule))
     if not syn_frames:
-        raise CohortError(study / "synthetic", "no synthetic/<id>/data_manifest.csv in the study", kind="missing-file")
+        raise InputError(study / "synthetic", "no synthetic/<id>/data_manifest.csv in the study", kind="missing-file")
     return write_results(study, synthesis=pd.concat(syn_frames, ignore_index=True),
                          memorisation=pd.concat(mem_frames, ignore_index=True))
 
@@ -99,12 +99,12 @@ def read_results(study_dir: str | Path, name: str, required: bool = False) -> pd
     path = Path(study_dir) / "results" / fname
     if not path.exists():
         if required:
-            raise CohortError(path, "missing (the study's flow writes it; see docs/eval.md)", kind="missing-file")
+            raise InputError(path, "missing (the study's flow writes it; see docs/eval.md)", kind="missing-file")
         return None
     df = pd.read_csv(path, keep_default_na=True)
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise CohortError(path, f"lacks columns {missing}", kind="bad-results")
+        raise InputError(path, f"lacks columns {missing}", kind="bad-results")
     return df
 
 
@@ -118,7 +118,7 @@ def real_manifest(study_dir: str | Path) -> Path:
     for c in cand:
         if c.exists():
             return c
-    raise CohortError(cand[-1], "the study's real cohort manifest is missing", kind="missing-file")
+    raise InputError(cand[-1], "the study's real cohort manifest is missing", kind="missing-file")
 
 
 def synthetic_manifests(study_dir: str | Path) -> dict[str, Path]:

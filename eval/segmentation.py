@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cohort.errors import CohortError
+from core.errors import InputError
 from cohort.labels import REGIONS, region_mask
 from cohort.volume import spacing_of
 
@@ -113,7 +113,7 @@ def evaluate_predictions(predictions: Mapping[str, str | Path], manifest: str | 
     manifest: a data_manifest.csv holding those case ids (labels are read through cohort).
     case_ids: cases to score (default: every key of ``predictions``); each needs a prediction.
     Returns one row per (case, region), columns ``case_id, region, dice, hd95`` (hd95 in mm), regions in
-    cohort.labels.REGIONS order. Raises CohortError naming the file for a missing case, missing prediction
+    cohort.labels.REGIONS order. Raises InputError naming the file for a missing case, missing prediction
     or a prediction on another grid.
     """
     from cohort.manifest import case_files, load_manifest
@@ -125,15 +125,15 @@ def evaluate_predictions(predictions: Mapping[str, str | Path], manifest: str | 
     frames = []
     for cid in tqdm(ids, desc="Dice/HD95", unit="case", disable=not progress or len(ids) < 2):
         if cid not in predictions:
-            raise CohortError(manifest, f"no prediction given for case {cid}", kind="missing-file")
+            raise InputError(manifest, f"no prediction given for case {cid}", kind="missing-file")
         if cid not in df.index:
-            raise CohortError(manifest, f"case {cid} (predicted in {predictions[cid]}) is not in the manifest",
+            raise InputError(manifest, f"case {cid} (predicted in {predictions[cid]}) is not in the manifest",
                               kind="missing-case")
         truth_path = case_files(manifest, df.loc[cid]).label
         truth, t_aff = read_label(truth_path)
         pred, p_aff = read_label(predictions[cid])
         if pred.shape != truth.shape:
-            raise CohortError(predictions[cid], f"prediction shape {pred.shape} differs from the label "
+            raise InputError(predictions[cid], f"prediction shape {pred.shape} differs from the label "
                                                 f"{truth_path} shape {truth.shape}", kind="shape-mismatch")
         check_same_geometry(predictions[cid], p_aff, truth_path, t_aff)
         scores = region_scores(pred, truth, spacing_of(t_aff))

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cohort.case import Case
-from cohort.errors import CohortError
+from core.errors import InputError
 from cohort.volume import Volume
 
 SYNTHESIS_COLUMNS = ("synthetic_id", "metric", "region", "value", "sd", "ci_low", "ci_high", "n", "reference",
@@ -175,7 +175,7 @@ def read_cases(manifest: str | Path, case_ids: Iterable[str] | None = None, *, s
         wanted = [str(c) for c in case_ids]
         missing = sorted(set(wanted) - set(df["case_id"]))
         if missing:
-            raise CohortError(manifest, f"cases {missing} are not in the manifest", kind="missing-case")
+            raise InputError(manifest, f"cases {missing} are not in the manifest", kind="missing-case")
         df = df.set_index("case_id", drop=False).loc[wanted]
     cases = [read_case(manifest, row) for _, row in tqdm(df.iterrows(), total=len(df), unit="case",
                                                          desc=f"read {Path(manifest).parent.name}",
@@ -273,7 +273,7 @@ def synthesis_table(real_manifest: str | Path, synthetic_manifest: str | Path, *
     syn_rows, syn_cases = read_cases(synthetic_manifest, source="synthetic")
     real_vols, syn_vols = [c.image for c in real_cases], [c.image for c in syn_cases]
     if not syn_vols:
-        raise CohortError(synthetic_manifest, "no synthetic rows to evaluate", kind="empty")
+        raise InputError(synthetic_manifest, "no synthetic rows to evaluate", kind="empty")
     shape = syn_vols[0].shape
     settings = ms_ssim_settings(shape)
     rows = []

@@ -36,9 +36,9 @@ def read_params(path: str | None) -> dict:
     try:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        from cohort.errors import CohortError
+        from core.errors import InputError
 
-        raise CohortError(p, f"not a readable JSON parameter file ({e})", kind="unreadable") from e
+        raise InputError(p, f"not a readable JSON parameter file ({e})", kind="unreadable") from e
 
 
 def _csv(text: str | None, cast=str):

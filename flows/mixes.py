@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from cohort.errors import ConfigError
+from core.errors import ConfigError
 
 MASK_SOURCES = ("real", "edited")
 # real only, synthetic only, real + 2x synthetic on edited masks (the paper's headline composition). 1:1 is left

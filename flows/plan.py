@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from cohort.errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from synth.defaults import SAMPLER, STEPS
 
 from .mixes import DEFAULT_MIXES, Mix, SynthesisPlan, parse_mixes
@@ -148,14 +148,14 @@ class StudyPlan:
         """One job per run (the train-segmenters subflow's input): its case ids (real first, then a prefix of its
         pool) and how many of those synthetic cases failed the quality gate. ``ordered``: pool name ->
         ``pool_order(...)`` of that pool. A mix that needs more cases than its pool has (gate_failures="exclude")
-        raises CohortError naming the pool."""
+        raises InputError naming the pool."""
         jobs = []
         for r in self.runs:
             ids, failed = ordered.get(r.mix.masks, ([], set()))
             synth_ids = ids[:r.n_synth]
             if len(synth_ids) < r.n_synth:
                 pool = next(p for p in self.pools if p.name == r.mix.masks)
-                raise CohortError(Path(pool.out_dir) / "data_manifest.csv",
+                raise InputError(Path(pool.out_dir) / "data_manifest.csv",
                                   f"mix {r.mix.label} needs {r.n_synth} synthetic cases but only {len(synth_ids)} "
                                   f"passed the quality gate (quality_report.csv); train Med-DDPM longer or set "
                                   f"gate_failures='keep'", kind="quality-gate")
@@ -176,7 +176,7 @@ def plan_study(params: StudyParams, cohort_manifest: str | Path, study_dir: str 
                        ["case_id"].astype(str))
     test_ids = sorted(select(cohort, source="real", split="test")["case_id"].astype(str))
     if not test_ids:
-        raise CohortError(cohort_manifest, "the cohort has no real test cases (split=test)", kind="bad-selection")
+        raise InputError(cohort_manifest, "the cohort has no real test cases (split=test)", kind="bad-selection")
 
     mixes = parse_mixes(params.mixes)
     synthesis = SynthesisPlan.for_mixes(mixes, params.n_real)

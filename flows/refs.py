@@ -11,9 +11,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cohort.fsutil import sha256_file
+from core.fsutil import sha256_file
 
-# temporary files of cohort.fsutil.atomic_path and of library checkpoints never count towards a folder's hash
+# temporary files of core.fsutil.atomic_path and of library checkpoints never count towards a folder's hash
 _SKIP_SUFFIXES = (".tmp", ".lock")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from cohort.errors import CohortError
+from core.errors import InputError
 from eval.records import STUDY_JSON, StudyRecord
 
 from flows import registry, tasks  # absolute: see flows/study.py
@@ -27,10 +27,10 @@ def current_checkpoint(study: Path) -> Path:
     """The checkpoint the study's last finished augment-study used (study.json)."""
     record, sj = StudyRecord.read(study), study / STUDY_JSON
     if record is None:
-        raise CohortError(sj, "no study.json: run augment-study in this folder first, or pass checkpoint=",
+        raise InputError(sj, "no study.json: run augment-study in this folder first, or pass checkpoint=",
                           kind="missing-file")
     if record.checkpoint is None:
-        raise CohortError(sj, "the study trained no Med-DDPM checkpoint (no synthetic mix); pass checkpoint=",
+        raise InputError(sj, "the study trained no Med-DDPM checkpoint (no synthetic mix); pass checkpoint=",
                           kind="missing-file")
     return Path(record.checkpoint.path)
 
@@ -44,7 +44,7 @@ def default_masks(study: Path) -> Path:
     selected = record.study_path(study, record.cohort.selected_manifest) if record else None
     if selected:
         return selected
-    raise CohortError(study / STUDY_JSON, "no conditioning masks found in the study; pass masks=", kind="missing-file")
+    raise InputError(study / STUDY_JSON, "no conditioning masks found in the study; pass masks=", kind="missing-file")
 
 
 @flow(name="regenerate-cohort", log_prints=True)
@@ -100,9 +100,9 @@ def quality_gate(manifest: Path, count: int, max_failures: int) -> dict:
     gate = {"cases": int(len(df)), "passed": int(len(df) - failed), "failed": failed,
             "report": "quality_report.csv"}
     if len(df) < count:
-        raise CohortError(manifest, f"only {len(df)} of {count} synthetic cases were written", kind="quality-gate")
+        raise InputError(manifest, f"only {len(df)} of {count} synthetic cases were written", kind="quality-gate")
     if failed > max_failures:
-        raise CohortError(manifest, f"quality gate: {failed} of {len(df)} cases failed (allowed {max_failures}); "
+        raise InputError(manifest, f"quality gate: {failed} of {len(df)} cases failed (allowed {max_failures}); "
                                     f"see {manifest.parent / 'quality_report.csv'}; cohort not registered",
                           kind="quality-gate")
     return gate

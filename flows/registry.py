@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from cohort.errors import CohortError, ConfigError
-from cohort.fsutil import atomic_write_text
+from core.errors import InputError, ConfigError
+from core.fsutil import atomic_write_text
 
 REGISTRY = Path("synthetic") / "registry.json"
 REGISTRY_MANIFEST = Path("synthetic") / "data_manifest.csv"
@@ -43,9 +43,9 @@ def read_registry(study_dir: str | Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise CohortError(path, f"registry is not valid JSON ({e})", kind="unreadable") from e
+        raise InputError(path, f"registry is not valid JSON ({e})", kind="unreadable") from e
     if not isinstance(data.get("cohorts"), list):
-        raise CohortError(path, "registry has no 'cohorts' list", kind="bad-manifest")
+        raise InputError(path, "registry has no 'cohorts' list", kind="bad-manifest")
     return data
 
 
@@ -104,7 +104,7 @@ def prune(study_dir: str | Path, keep: int | None, kind: str = "regenerated") ->
                 continue
             folder = (study_dir / c["manifest"]).parent
             if study_dir not in folder.parents:  # never delete outside the study folder
-                raise CohortError(folder, "registered cohort lies outside the study folder", kind="path-escape")
+                raise InputError(folder, "registered cohort lies outside the study folder", kind="path-escape")
             shutil.rmtree(folder, ignore_errors=True)
             reg["cohorts"].remove(c)
             pruned.append(c["id"])

@@ -23,7 +23,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cohort.provenance import package_versions
+from core.provenance import package_versions
 from eval.records import CheckpointRecord, CohortRecord, PoolRecord, RunRecord, StudyRecord, TestSetRecord
 
 # absolute imports: however Prefect loads this file (module path or file path), FileRef and the tasks are the
@@ -159,7 +159,7 @@ def auto_parallel(jobs: list[dict], cores: int | None = None) -> int:
     """Segmenter trainings at once in the thread pool when ``parallel`` is 0 (the default). Trainings that use one
     torch thread on the CPU (the tiny and demo profiles): balanced_pool_size over the available cores. Otherwise
     (a GPU, nnU-Net, or a profile that uses all of torch's threads): 2."""
-    from cohort.device import resolve_device
+    from core.device import resolve_device
     from segment.config import as_config
 
     cores = cores or available_cores()

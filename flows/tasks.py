@@ -18,8 +18,8 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from cohort.errors import MedDDPMError
-from cohort.fsutil import atomic_write_text
+from core.errors import MedDDPMError
+from core.fsutil import atomic_write_text
 
 from .refs import FileRef, ref
 
@@ -29,7 +29,7 @@ CACHE_POLICY = INPUTS + TASK_SOURCE
 
 
 def is_transient(task, task_run, state) -> bool:
-    """Retry only failures that a second attempt can fix (I/O, a killed worker), never bad input (CohortError),
+    """Retry only failures that a second attempt can fix (I/O, a killed worker), never bad input (InputError),
     bad settings (ConfigError) or bugs."""
     try:
         state.result()

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cohort.errors import MedDDPMError
+    from core.errors import MedDDPMError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -16,9 +16,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_write_text
-from cohort.provenance import package_versions
+from core.errors import InputError
+from core.fsutil import atomic_write_text
+from core.provenance import package_versions
 
 from .config import BACKEND_MODULES, RUNTIME_FIELDS, SegmenterConfig, as_config, load_config
 from .data import common_modalities, resolve_case_ids, rows_for, training_data_hash, validation_ids
@@ -63,7 +63,7 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
     cfg = as_config(config)
     train_ids = resolve_case_ids(manifest, case_ids)
     if not train_ids:
-        raise CohortError(manifest, f"no training cases selected by {case_ids!r}", kind="bad-selection")
+        raise InputError(manifest, f"no training cases selected by {case_ids!r}", kind="bad-selection")
     rows_for(manifest, train_ids)  # refuses mask-only rows early
     val_ids = validation_ids(manifest, train_ids, cfg.val_ids)
     if cfg.modalities is None:
@@ -82,7 +82,7 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
         old = json.loads(cfg_path.read_text())
         old_identity = {k: v for k, v in old.get("config", {}).items() if k not in RUNTIME_FIELDS}
         if old_identity != cfg.identity() or old.get("training_data_hash") != data_hash:
-            raise CohortError(cfg_path, "this model directory holds a different training (config or training data "
+            raise InputError(cfg_path, "this model directory holds a different training (config or training data "
                                         "differ); choose another out_dir or delete it", kind="model-mismatch")
         if is_trained(model_dir):
             return model_dir
@@ -101,7 +101,7 @@ def predict(model_dir: str | Path, manifest: str | Path, case_ids: Sequence[str]
     device: where to run (auto|cpu|cuda|cuda:N|mps; default: the setting the model was trained with)."""
     model_dir, manifest, out_dir = Path(model_dir), Path(manifest), Path(out_dir)
     if not is_trained(model_dir):
-        raise CohortError(model_dir, "not a finished segmenter model directory (training incomplete or missing files "
+        raise InputError(model_dir, "not a finished segmenter model directory (training incomplete or missing files "
                                      f"{[f for f in MODEL_FILES if not (model_dir / f).exists()]})", kind="missing-file")
     cfg = load_config(model_dir)
     ids = resolve_case_ids(manifest, case_ids)

@@ -9,7 +9,7 @@ def _add_cases(p) -> None:
 
 
 def register(subparsers) -> None:
-    from cohort.device import DEVICE_HELP
+    from core.device import DEVICE_HELP
 
     from .config import BACKENDS, NETWORKS, SEG_PROFILES
 

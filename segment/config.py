@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cohort.errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 
 # The back-end registry: name -> module with train(manifest, train_ids, val_ids, model_dir, cfg) -> model_dir and
 # predict(model_dir, manifest, case_ids, out_dir) -> {case_id: path}; imported only when used (segment.api.backend)
@@ -163,5 +163,5 @@ def load_config(model_dir: str | Path) -> SegmenterConfig:
     """The resolved SegmenterConfig a model directory was trained with (its config.json)."""
     p = Path(model_dir) / "config.json"
     if not p.exists():
-        raise CohortError(p, "missing: not a segmenter model directory", kind="missing-file")
+        raise InputError(p, "missing: not a segmenter model directory", kind="missing-file")
     return SegmenterConfig.from_dict(json.loads(p.read_text())["config"]).resolved()

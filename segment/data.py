@@ -8,8 +8,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cohort.errors import CohortError
-from cohort.fsutil import sha256_bytes, sha256_file
+from core.errors import InputError
+from core.fsutil import sha256_bytes, sha256_file
 from cohort.labels import MODALITIES, TUMOUR_LABELS
 from cohort.case import Case
 from cohort.manifest import SPLITS, case_files, load_manifest, read_case, row_modalities, select
@@ -41,10 +41,10 @@ def resolve_case_ids(manifest: str | Path, cases: Sequence[str] | str | None) ->
     ids = [str(c) for c in cases]
     missing = sorted(set(ids) - set(df["case_id"]))
     if missing:
-        raise CohortError(manifest, f"case ids {missing[:5]}{'…' if len(missing) > 5 else ''} are not in the manifest",
+        raise InputError(manifest, f"case ids {missing[:5]}{'…' if len(missing) > 5 else ''} are not in the manifest",
                           kind="missing-case")
     if len(set(ids)) != len(ids):
-        raise CohortError(manifest, "the same case id was selected twice", kind="duplicate-case")
+        raise InputError(manifest, "the same case id was selected twice", kind="duplicate-case")
     return ids
 
 
@@ -53,7 +53,7 @@ def rows_for(manifest: str | Path, case_ids: Sequence[str]) -> pd.DataFrame:
     rows = df.loc[list(case_ids)]
     masks = rows[rows["source"] == "mask"]["case_id"].tolist()
     if masks:
-        raise CohortError(manifest, f"cases {masks[:5]} are conditioning masks (source=mask) without an image; "
+        raise InputError(manifest, f"cases {masks[:5]} are conditioning masks (source=mask) without an image; "
                                     "a segmenter needs image rows", kind="bad-selection")
     return rows
 
@@ -68,10 +68,10 @@ def validation_ids(manifest: str | Path, train_ids: Sequence[str], val_ids: Sequ
     src = df.set_index("case_id").loc[ids, "source"]
     not_real = src[src != "real"].index.tolist()
     if not_real:
-        raise CohortError(manifest, f"validation cases must be real; {not_real[:5]} are not", kind="bad-selection")
+        raise InputError(manifest, f"validation cases must be real; {not_real[:5]} are not", kind="bad-selection")
     overlap = sorted(set(ids) & set(train_ids))
     if overlap:
-        raise CohortError(manifest, f"cases {overlap[:5]} are both training and validation cases", kind="bad-selection")
+        raise InputError(manifest, f"cases {overlap[:5]} are both training and validation cases", kind="bad-selection")
     return ids
 
 
@@ -82,7 +82,7 @@ def common_modalities(manifest: str | Path, case_ids: Sequence[str]) -> list[str
         have &= set(row_modalities(row))
     mods = [m for m in MODALITIES if m in have]
     if not mods:
-        raise CohortError(manifest, "the selected cases share no image modality", kind="missing-modality")
+        raise InputError(manifest, "the selected cases share no image modality", kind="missing-modality")
     return mods
 
 

@@ -19,11 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from cohort.case import Case
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_text, read_csv_log
+from core.errors import InputError
+from core.fsutil import atomic_path, atomic_torch_save, atomic_write_csv, atomic_write_text, read_csv_log
 from cohort.nifti import write_array
-from cohort.device import resolve_device
-from cohort.threads import torch_threads
+from core.device import resolve_device
+from core.threads import torch_threads
 from cohort.volume import Volume
 
 from .config import SegmenterConfig, load_config
@@ -176,7 +176,7 @@ def _resume(path: Path, model, opt, sched) -> _Progress:
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CohortError(path, f"unreadable resume checkpoint ({e}); delete it to start over",
+        raise InputError(path, f"unreadable resume checkpoint ({e}); delete it to start over",
                           kind="unreadable") from e
     model.load_state_dict(st["model"])
     opt.load_state_dict(st["optimizer"])
@@ -296,9 +296,9 @@ def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, SegmenterConfig]
     cfg = load_config(model_dir)
     w_path = model_dir / "model.safetensors"
     if not w_path.exists():
-        raise CohortError(w_path, "missing: not a finished segmenter model directory", kind="missing-file")
+        raise InputError(w_path, "missing: not a finished segmenter model directory", kind="missing-file")
     if cfg.backend != "monai":
-        raise CohortError(model_dir / "config.json", f"backend is {cfg.backend!r}; only MONAI models load as torch "
+        raise InputError(model_dir / "config.json", f"backend is {cfg.backend!r}; only MONAI models load as torch "
                                                      "modules", kind="bad-config")
     model = build_network(cfg, len(cfg.modalities))
     load_safetensors(model, str(w_path))

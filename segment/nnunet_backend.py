@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cohort.device import resolve_device
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_path, atomic_write_text
+from core.device import resolve_device
+from core.errors import InputError
+from core.fsutil import atomic_path, atomic_write_text
 
 from .config import SegmenterConfig, load_config
 
@@ -112,7 +112,7 @@ def _run_child(model_dir: Path, step: str, args: list[str], *, training: bool, n
         rc = proc.wait()
     bar.close()
     if rc != 0:
-        raise CohortError(log_path, f"nnU-Net {step} failed (exit code {rc}); last output:\n" + "\n".join(tail),
+        raise InputError(log_path, f"nnU-Net {step} failed (exit code {rc}); last output:\n" + "\n".join(tail),
                           kind="nnunet-failed")
 
 
@@ -130,7 +130,7 @@ def load_checkpoint(path: Path) -> dict:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CohortError(path, f"cannot read nnU-Net's checkpoint ({e})", kind="unreadable") from e
+        raise InputError(path, f"cannot read nnU-Net's checkpoint ({e})", kind="unreadable") from e
 
 
 def _write_log_and_weights(model_dir: Path, cfg: SegmenterConfig) -> dict:
@@ -224,7 +224,7 @@ def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path,
             src = work / "out" / f"{name}.nii.gz"
             lab, _ = read_label(src, allowed=range(4))
             if lab.shape != tuple(shape):
-                raise CohortError(src, f"nnU-Net prediction shape {lab.shape} differs from the input {shape}",
+                raise InputError(src, f"nnU-Net prediction shape {lab.shape} differs from the input {shape}",
                                   kind="shape-mismatch")
             out[cid] = write_array(out_dir / f"{cid}.nii.gz", lab, affine)
         return out

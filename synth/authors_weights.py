@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_write_text, sha256_file
+from core.errors import InputError
+from core.fsutil import atomic_write_text, sha256_file
 
 from .checkpoint import CONFIG_FILE, GENERATOR_FILE, RANGES_FILE, load_generator, resolve_generator, save_generator
 from .config import MedDDPMConfig, get_config
@@ -54,30 +54,30 @@ def read_authors_checkpoint(path: str | Path, weights: str = "ema") -> tuple[dic
     """(U-Net state dict without the prefix, schedule buffers, step) from one of their checkpoint files."""
     p = Path(path)
     if weights not in ("ema", "model"):
-        raise CohortError(p, f"--weights must be 'ema' or 'model', not {weights!r}", kind="bad-config")
+        raise InputError(p, f"--weights must be 'ema' or 'model', not {weights!r}", kind="bad-config")
     if not p.is_file():
-        raise CohortError(p, "checkpoint file does not exist", kind="missing-file")
+        raise InputError(p, "checkpoint file does not exist", kind="missing-file")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted, not a torch file, or holding non-tensor objects
-        raise CohortError(p, f"not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})",
+        raise InputError(p, f"not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})",
                           kind="unreadable") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get(weights), dict):
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CohortError(p, f"not the authors' Med-DDPM format: no {weights!r} state dict (found {keys})",
+        raise InputError(p, f"not the authors' Med-DDPM format: no {weights!r} state dict (found {keys})",
                           kind="bad-checkpoint")
     sd = ckpt[weights]
     net = {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
     if not net:
-        raise CohortError(p, f"not the authors' Med-DDPM format: no '{PREFIX}*' keys in {weights!r} "
+        raise InputError(p, f"not the authors' Med-DDPM format: no '{PREFIX}*' keys in {weights!r} "
                              "(a checkpoint of another model?)", kind="bad-checkpoint")
     other = {k: v for k, v in sd.items() if not k.startswith(PREFIX)}
     extra = sorted(set(other) - SCHEDULE_BUFFERS)
     if extra:
-        raise CohortError(p, f"unexpected keys in {weights!r}: {extra[:5]}{' …' if len(extra) > 5 else ''}",
+        raise InputError(p, f"unexpected keys in {weights!r}: {extra[:5]}{' …' if len(extra) > 5 else ''}",
                           kind="bad-checkpoint")
     if not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CohortError(p, f"{weights!r} holds non-tensor values", kind="bad-checkpoint")
+        raise InputError(p, f"{weights!r} holds non-tensor values", kind="bad-checkpoint")
     return net, other, int(ckpt.get("step", 0))
 
 
@@ -87,16 +87,16 @@ def check_schedule(buffers: dict, config: MedDDPMConfig, path: str | Path) -> No
 
     missing = [k for k in ("betas", "alphas_cumprod") if k not in buffers]
     if missing:
-        raise CohortError(path, f"schedule buffers {missing} missing; cannot check the noise schedule",
+        raise InputError(path, f"schedule buffers {missing} missing; cannot check the noise schedule",
                           kind="bad-checkpoint")
     ours = make_training_scheduler(config.timesteps, config.schedule)
     ac = buffers["alphas_cumprod"].double().flatten()
     if ac.numel() != config.timesteps:
-        raise CohortError(path, f"schedule has T = {ac.numel()} steps; ours has T = {config.timesteps}",
+        raise InputError(path, f"schedule has T = {ac.numel()} steps; ours has T = {config.timesteps}",
                           kind="schedule-mismatch")
     err = float((ac - ours.alphas_cumprod.double()).abs().max())
     if not err <= ALPHA_TOLERANCE:
-        raise CohortError(path, f"noise schedule differs from ours ({config.schedule}, T = {config.timesteps}): "
+        raise InputError(path, f"noise schedule differs from ours ({config.schedule}, T = {config.timesteps}): "
                                 f"max |Δᾱ| = {err:.3g} > {ALPHA_TOLERANCE:g}", kind="schedule-mismatch")
 
 
@@ -118,7 +118,7 @@ def infer_network(sd: dict, path: str | Path) -> dict:
         if groups is None:
             raise ValueError(f"channel widths {channels} are not multiples of 32 (GroupNorm(32))")
     except (KeyError, ValueError, IndexError, AttributeError) as e:
-        raise CohortError(path, f"not the authors' U-Net layout ({type(e).__name__}: {e})",
+        raise InputError(path, f"not the authors' U-Net layout ({type(e).__name__}: {e})",
                           kind="bad-checkpoint") from e
     return {"channels": channels, "attention_levels": attention, "num_res_blocks": per_level,
             "norm_num_groups": groups, "in_channels": in_ch, "out_channels": out_ch}
@@ -134,13 +134,13 @@ def kernels_to_our_axes(sd: dict) -> dict:
 def authors_config(fmt: str, sd: dict, path: str | Path, profile: str | None = None) -> MedDDPMConfig:
     """Our config for their checkpoint: the format's profile, with the network size read from the file."""
     if fmt not in FORMATS:
-        raise CohortError(path, f"unknown format {fmt!r}; known {sorted(FORMATS)}", kind="bad-config")
+        raise InputError(path, f"unknown format {fmt!r}; known {sorted(FORMATS)}", kind="bad-config")
     synth_profile, (want_in, want_out), what = FORMATS[fmt]
     net = infer_network(sd, path)
     if (net["in_channels"], net["out_channels"]) != (want_in, want_out):
         others = [f for f, (_, io, _) in FORMATS.items() if io == (net["in_channels"], net["out_channels"])]
         hint = f"; it looks like --format {others[0]}" if others else ""
-        raise CohortError(path, f"the checkpoint maps {net['in_channels']} -> {net['out_channels']} channels, but "
+        raise InputError(path, f"the checkpoint maps {net['in_channels']} -> {net['out_channels']} channels, but "
                                 f"--format {fmt} is the authors' {what}{hint}", kind="wrong-model")
     cfg = get_config(synth_profile).replace(
         channels=net["channels"], attention_levels=net["attention_levels"], num_res_blocks=net["num_res_blocks"],
@@ -159,13 +159,13 @@ def load_authors_model(path: str | Path, fmt: str, weights: str = "ema",
     ours = model.state_dict()
     missing, extra = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
     if missing or extra:
-        raise CohortError(p, f"state dict does not match the authors' network: missing {missing[:5]}"
+        raise InputError(p, f"state dict does not match the authors' network: missing {missing[:5]}"
                              f"{' …' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
                              f"{' …' if len(extra) > 5 else ''}", kind="bad-checkpoint")
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in ours.items()
              if tuple(sd[k].shape) != tuple(v.shape)]
     if wrong:
-        raise CohortError(p, f"tensor shapes do not match the authors' network: {wrong[:3]}", kind="bad-checkpoint")
+        raise InputError(p, f"tensor shapes do not match the authors' network: {wrong[:3]}", kind="bad-checkpoint")
     model.load_state_dict(kernels_to_our_axes(sd))
     return model.eval(), cfg, step
 
@@ -226,10 +226,10 @@ def adopt_init_network(cfg: MedDDPMConfig) -> MedDDPMConfig:
     try:
         with safe_open(str(p), framework="pt") as f:
             src = MedDDPMConfig.from_dict(json.loads((f.metadata() or {})["config"]))
-    except CohortError:
+    except InputError:
         raise
     except Exception as e:
-        raise CohortError(p, f"not a readable generator to initialise from ({type(e).__name__}: {e})",
+        raise InputError(p, f"not a readable generator to initialise from ({type(e).__name__}: {e})",
                           kind="unreadable") from e
     changes = {k: getattr(src, k) for k in NETWORK_FIELDS if getattr(src, k) != getattr(cfg, k)}
     if changes:
@@ -245,6 +245,6 @@ def init_weights(model: torch.nn.Module, cfg: MedDDPMConfig) -> str:
     try:
         model.load_state_dict(src.state_dict())
     except RuntimeError as e:
-        raise CohortError(p, f"generator weights do not fit the training network ({str(e)[:300]})",
+        raise InputError(p, f"generator weights do not fit the training network ({str(e)[:300]})",
                           kind="bad-checkpoint") from e
     return sha256_file(p)

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_write_bytes
+from core.errors import InputError
+from core.fsutil import atomic_write_bytes
 
 from .config import MedDDPMConfig
 from .network import build_unet
@@ -26,7 +26,7 @@ def load_state(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CohortError(path, f"unreadable training checkpoint ({type(e).__name__}: {e})", kind="unreadable") from e
+        raise InputError(path, f"unreadable training checkpoint ({type(e).__name__}: {e})", kind="unreadable") from e
 
 
 def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -58,7 +58,7 @@ def resolve_generator(checkpoint: str | Path) -> Path:
     if p.is_dir():
         p = p / GENERATOR_FILE
     if not p.exists():
-        raise CohortError(p, "Med-DDPM generator checkpoint does not exist", kind="missing-file")
+        raise InputError(p, "Med-DDPM generator checkpoint does not exist", kind="missing-file")
     return p
 
 
@@ -70,15 +70,15 @@ def load_generator(checkpoint: str | Path) -> tuple[torch.nn.Module, MedDDPMConf
             meta = dict(f.metadata() or {})
         weights = load_file(str(p))
     except Exception as e:
-        raise CohortError(p, f"not a readable safetensors generator ({type(e).__name__}: {e})",
+        raise InputError(p, f"not a readable safetensors generator ({type(e).__name__}: {e})",
                           kind="unreadable") from e
     if "config" not in meta:
-        raise CohortError(p, "safetensors file has no Med-DDPM config in its metadata", kind="bad-checkpoint")
+        raise InputError(p, "safetensors file has no Med-DDPM config in its metadata", kind="bad-checkpoint")
     config = MedDDPMConfig.from_dict(json.loads(meta["config"]))
     model = build_unet(config)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CohortError(p, f"weights do not fit the stored config ({e})", kind="bad-checkpoint") from e
+        raise InputError(p, f"weights do not fit the stored config ({e})", kind="bad-checkpoint") from e
     model.eval()
     return model, config, meta

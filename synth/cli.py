@@ -5,7 +5,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from cohort.device import DEVICE_HELP
+    from core.device import DEVICE_HELP
 
     from . import defaults
     from .config import LR_SCHEDULES, PRECISIONS, PROFILES
@@ -131,7 +131,7 @@ def _train(args) -> int:
 
         config = get_config(args.profile, **overrides).replace(**unset)
     if (args.nproc or 1) > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside torchrun: start it
-        from cohort.device import resolve_device
+        from core.device import resolve_device
 
         from .config import get_config
         from .data import rank_shard
@@ -178,7 +178,7 @@ def _synthesize(args) -> int:
 
 
 def _shard(text: str | None):
-    from cohort.errors import ConfigError
+    from core.errors import ConfigError
 
     if text is None or text == "auto":
         return text

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from cohort.errors import ConfigError
+from core.errors import ConfigError
 from cohort.labels import BRAIN, ED, ET, NCR, TUMOUR_LABELS
 
 # Conditioning schemes: the one-hot channels built from a label map (values {0, 1}).
@@ -51,21 +51,21 @@ _LEGACY_KEYS = {"autocast_bf16": lambda v: {"precision": "bf16"} if v else {},
 def init_weights_identity(init_from: str) -> str:
     """'sha256:<hex>' of the generator file ``init_from`` names (the file or its training folder); the path itself
     where no such file exists (yet)."""
-    from cohort.errors import CohortError
+    from core.errors import InputError
 
     from .checkpoint import resolve_generator
 
     try:
         p = resolve_generator(init_from).resolve()
         st = p.stat()
-    except (CohortError, OSError):
+    except (InputError, OSError):
         return str(init_from)
     return _file_sha256(str(p), st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=16)
 def _file_sha256(path: str, mtime_ns: int, size: int) -> str:  # cached per (path, mtime, size): hash() is called often
-    from cohort.fsutil import sha256_file
+    from core.fsutil import sha256_file
 
     return "sha256:" + sha256_file(path)
 

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from monai.transforms import Compose, EnsureTyped, MapTransform, ScaleIntensityd
 
-from cohort.errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from cohort.manifest import load_manifest, read_case, select
 from cohort.volume import select_channels
 
@@ -31,7 +31,7 @@ class LoadManifestCased(MapTransform):
         case = read_case(self.manifest, row)
         image = select_channels(case.image, self.modalities, self.manifest, "the model", case_id=case.case_id).data
         if self.shape is not None and case.shape != self.shape:
-            raise CohortError(self.manifest, f"case {case.case_id}: shape {case.shape} is not the profile's "
+            raise InputError(self.manifest, f"case {case.case_id}: shape {case.shape} is not the profile's "
                                              f"{self.shape}", kind="shape-mismatch")
         return {"image": image, "label": case.label.data.astype(np.uint8), "affine": case.affine,
                 "case_id": case.case_id}
@@ -65,7 +65,7 @@ def training_rows(manifest: str | Path, config: MedDDPMConfig, splits=None) -> p
     df = load_manifest(manifest)
     rows = select(df, source=config.sources, split=splits or config.splits)
     if not len(rows):
-        raise CohortError(manifest, f"no rows with source in {list(config.sources)} and split in "
+        raise InputError(manifest, f"no rows with source in {list(config.sources)} and split in "
                                     f"{list(splits or config.splits)} to train on", kind="empty-cohort")
     return rows.sort_values("case_id")
 

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from cohort.errors import ConfigError
+from core.errors import ConfigError
 
 # Rank 0 reads every case once for the quality-gate statistics before training while the others wait in the
 # first collective: allow that on a large cohort (a dead rank is noticed by torchrun, not by this timeout).

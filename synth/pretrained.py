@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cohort.errors import CohortError, ConfigError
-from cohort.fsutil import sha256_file
+from core.errors import InputError, ConfigError
+from core.fsutil import sha256_file
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
 # cohort profile -> file name of its shipped generator (its card: the same name with .json). v4 is v3 pre-trained
@@ -37,11 +37,11 @@ def shipped_generator(profile: str) -> Path | None:
     path = SHIPPED_DIR / name
     card = path.with_suffix(".json")
     if not path.exists() or not card.exists():
-        raise CohortError(path, f"the shipped generator or its card {card.name} is missing from this checkout",
+        raise InputError(path, f"the shipped generator or its card {card.name} is missing from this checkout",
                           kind="missing-file")
     want = json.loads(card.read_text())["sha256"]
     if sha256_file(path) != want:
-        raise CohortError(path, f"the shipped generator does not match the sha256 in its card {card.name}",
+        raise InputError(path, f"the shipped generator does not match the sha256 in its card {card.name}",
                           kind="bad-checkpoint")
     return path
 

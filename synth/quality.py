@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cohort.errors import CohortError
-from cohort.fsutil import atomic_write_text
+from core.errors import InputError
+from core.fsutil import atomic_write_text
 from cohort.labels import BACKGROUND, LABEL_NAMES
 
 GATE_FORMAT = "medddpm-gate-v2"
@@ -123,11 +123,11 @@ def load_ranges(path: str | Path) -> dict:
     are read as envelopes of the observed range; their background and texture checks are then skipped."""
     p = Path(path)
     if not p.exists():
-        raise CohortError(p, "training intensity ranges missing (written by train_medddpm)", kind="missing-file")
+        raise InputError(p, "training intensity ranges missing (written by train_medddpm)", kind="missing-file")
     try:
         ranges = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise CohortError(p, f"not valid JSON ({e})", kind="unreadable") from e
+        raise InputError(p, f"not valid JSON ({e})", kind="unreadable") from e
     if ranges.get("format") != GATE_FORMAT:
         ranges = {"format": "medddpm-gate-v1", "n_cases": ranges.get("n_cases"), "modalities": ranges.get("modalities"),
                   "labels": {v: {m: {"mean": (lo + hi) / 2, "sd": 0.0, "min": lo, "max": hi, "n": 0}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from cohort.errors import ConfigError
+from core.errors import ConfigError
 
 from . import defaults
 

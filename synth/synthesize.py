@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cohort.device import resolve_device
-from cohort.errors import CohortError, ConfigError
-from cohort.fsutil import atomic_write_text, sha256_file
+from core.device import resolve_device
+from core.errors import InputError, ConfigError
+from core.fsutil import atomic_write_text, sha256_file
 from cohort.manifest import append_rows, case_files, check_rows, load_manifest, make_row, select, write_manifest
 from cohort.nifti import read_label, write_array
 from cohort.profiles import get_profile
-from cohort.threads import torch_threads
+from core.threads import torch_threads
 from cohort.volume import spacing_of
 
 from .authors_weights import SOURCE_META
@@ -43,14 +43,14 @@ def _mask_rows(masks_manifest: Path, sources, splits, case_ids) -> pd.DataFrame:
     if case_ids is not None:
         rows = rows[rows["case_id"].isin(list(case_ids)).to_numpy(dtype=bool, na_value=False)]
     if not len(rows):
-        raise CohortError(masks_manifest, f"no conditioning masks with source in {list(sources)}"
+        raise InputError(masks_manifest, f"no conditioning masks with source in {list(sources)}"
                                           f"{'' if splits is None else f' and split in {list(splits)}'}",
                           kind="empty-cohort")
     return rows.sort_values("case_id")
 
 
 def _clean_partial(out: Path) -> None:
-    """Remove temporary files of an atomic write interrupted by SIGKILL (cohort.fsutil names them .*.tmp*)."""
+    """Remove temporary files of an atomic write interrupted by SIGKILL (core.fsutil names them .*.tmp*)."""
     for p in out.rglob(".*.tmp*"):
         if p.is_file():
             p.unlink()
@@ -130,7 +130,7 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
                 lab_path = case_files(masks_manifest, row).label
                 lab, aff = read_label(lab_path)
                 if lab.shape != grid.shape:
-                    raise CohortError(lab_path, f"mask shape {lab.shape} is not the generator's grid {grid.shape} "
+                    raise InputError(lab_path, f"mask shape {lab.shape} is not the generator's grid {grid.shape} "
                                                 f"(profile {cfg.profile})", kind="shape-mismatch")
                 labels.append(lab)
                 affines.append(aff)
@@ -218,7 +218,7 @@ def merge_shards(out_dir: str | Path, n_shards: int, count: int) -> Path:
         expected = len(range(k, count, n_shards))
         df = load_manifest(path) if path.exists() else None
         if df is None or len(df) != expected:
-            raise CohortError(path, f"shard {k} of {n_shards} has {0 if df is None else len(df)} of its {expected} "
+            raise InputError(path, f"shard {k} of {n_shards} has {0 if df is None else len(df)} of its {expected} "
                                     "cases; rerun it (it resumes) before merging", kind="incomplete-shard")
         frames.append(df)
         rep = out / shard_report_name(k, n_shards)

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cohort.device import autocast_dtype, resolve_device
-from cohort.errors import CohortError, ConfigError
-from cohort.fsutil import atomic_torch_save, atomic_write_csv, atomic_write_text, read_csv_log, sha256_bytes
+from core.device import autocast_dtype, resolve_device
+from core.errors import InputError, ConfigError
+from core.fsutil import atomic_torch_save, atomic_write_csv, atomic_write_text, read_csv_log, sha256_bytes
 from cohort.manifest import FILE_COLUMNS
 from cohort.profiles import get_profile
-from cohort.threads import torch_threads
+from core.threads import torch_threads
 
 from .checkpoint import CONFIG_FILE, GENERATOR_FILE, LOSS_LOG, RANGES_FILE, STATE_FILE, load_state, save_generator
 from .config import MedDDPMConfig, get_config
@@ -119,17 +119,17 @@ def training_cases_hash(rows) -> str:
 def _check_resume(state_path: Path, st: dict, cfg: MedDDPMConfig, cases_hash: str) -> None:
     """Refuse a resume that would change what is learned, saying what to do instead."""
     if st.get("config_hash") != cfg.hash():
-        raise CohortError(state_path, "checkpoint was trained with a different config (hash "
+        raise InputError(state_path, "checkpoint was trained with a different config (hash "
                                       f"{str(st.get('config_hash'))[:12]}… vs {cfg.hash()[:12]}…); use "
                                       "another --out folder or the same settings", kind="config-mismatch")
     horizon = st.get("lr_horizon")
     if cfg.lr_schedule == "cosine" and horizon is not None and int(horizon) != cfg.steps:
-        raise CohortError(state_path, f"this run's cosine learning rate decays over --steps {horizon}; resuming with "
+        raise InputError(state_path, f"this run's cosine learning rate decays over --steps {horizon}; resuming with "
                                       f"--steps {cfg.steps} would make the lr jump. Resume with --steps {horizon}, "
                                       "or start a new --out folder (e.g. --init-from this run's generator) for a "
                                       "longer schedule", kind="config-mismatch")
     if st.get("training_cases_hash") not in (None, cases_hash):
-        raise CohortError(state_path, "this run was trained on other cases (the training case list or its files "
+        raise InputError(state_path, "this run was trained on other cases (the training case list or its files "
                                       "changed since; hash "
                                       f"{str(st['training_cases_hash'])[:12]}… vs {cases_hash[:12]}…); resume on "
                                       "the same manifest rows or use another --out folder", kind="cases-mismatch")
@@ -141,7 +141,7 @@ def plot_loss(log_path: str | Path, png_path: str | Path) -> Path:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from cohort.fsutil import atomic_path
+    from core.fsutil import atomic_path
 
     df = pd.read_csv(log_path)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -249,7 +249,7 @@ def _write_run_files(out: Path, manifest, cfg: MedDDPMConfig, rows, cases_hash: 
         save_ranges(out / RANGES_FILE, intensity_ranges(cases, cfg.modalities))
     init = {}
     if cfg.init_from:
-        from cohort.fsutil import sha256_file
+        from core.fsutil import sha256_file
 
         from .checkpoint import resolve_generator
 

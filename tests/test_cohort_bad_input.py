@@ -1,4 +1,4 @@
-"""Every kind of bad input file raises CohortError whose message names the file (a bad setting: ConfigError), and no row
+"""Every kind of bad input file raises InputError whose message names the file (a bad setting: ConfigError), and no row
 already in a manifest is dropped or corrupted (the manifest's sha256 is unchanged)."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from cohort.brats import import_brats, import_brats_case
-from cohort.errors import CohortError
-from cohort.fsutil import sha256_file
+from core.errors import InputError
+from core.fsutil import sha256_file
 from cohort.manifest import append_rows, read_case, load_manifest, validate_manifest
 from cohort.nifti import write_array
 from cohort.nnunet import export_nnunet
@@ -170,9 +170,9 @@ def test_bad_case_file_is_named_and_manifest_kept(breaker, cohort_copy, tmp_path
     files = write_brats_case(src, CASE, np.random.default_rng(1))
     bad_file, kind = BREAKERS[breaker](files)
 
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         import_brats_case(src / CASE, tmp_path / "scratch", "tiny", cohort="x", split="train")
-    assert type(e.value) is CohortError
+    assert type(e.value) is InputError
     assert str(e.value).startswith(f"{bad_file}: "), str(e.value)
     assert e.value.kind == kind
 
@@ -186,9 +186,9 @@ def test_bad_case_file_is_named_and_manifest_kept(breaker, cohort_copy, tmp_path
 
 def test_duplicate_case_id_refused(cohort_copy):
     manifest, before, rows = cohort_copy
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         append_rows(manifest, rows.iloc[[1]])
-    assert type(e.value) is CohortError and e.value.kind == "duplicate-case"
+    assert type(e.value) is InputError and e.value.kind == "duplicate-case"
     assert str(e.value).startswith(f"{manifest}: duplicate case ids ['BraTS2021_00002']")
     assert sha256_file(manifest) == before
 
@@ -198,7 +198,7 @@ def test_manifest_path_escaping_the_data_root_refused(cohort_copy, tmp_path):
     outside = write_array(tmp_path / "outside.nii.gz", np.zeros((16, 20, 16), np.uint8), np.eye(4))
     new = rows.iloc[[0]].copy()
     new["case_id"], new["label"] = "sneaky", "../outside.nii.gz"
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         append_rows(manifest, new)
     assert e.value.kind == "path-escape" and "'../outside.nii.gz' escapes the data root" in str(e.value)
     assert str(e.value).startswith(str(manifest))
@@ -210,7 +210,7 @@ def test_manifest_path_escaping_the_data_root_refused(cohort_copy, tmp_path):
     edited_hash = sha256_file(edited)
     for call in (lambda: validate_manifest(edited), lambda: read_case(edited, load_manifest(edited).iloc[0]),
                  lambda: export_nnunet(edited, tmp_path / "raw", 3, "X", rows["case_id"].tolist(), n_folds=2)):
-        with pytest.raises(CohortError) as e:
+        with pytest.raises(InputError) as e:
             call()
         assert e.value.kind == "path-escape" and str(e.value).startswith(f"{edited}: path '../outside.nii.gz'")
     assert sha256_file(edited) == edited_hash and outside.exists()
@@ -223,7 +223,7 @@ def test_file_whose_hash_no_longer_matches_refused(cohort_copy, tmp_path):
     write_array(t2, a * 0.5, aff)  # still a valid image, but not the one the manifest recorded
     for call in (lambda: validate_manifest(manifest),
                  lambda: export_nnunet(manifest, tmp_path / "raw", 4, "X", rows["case_id"].tolist(), n_folds=2)):
-        with pytest.raises(CohortError) as e:
+        with pytest.raises(InputError) as e:
             call()
         assert e.value.kind == "hash-mismatch" and str(e.value).startswith(f"{t2}: sha256")
     assert sha256_file(manifest) == before
@@ -232,9 +232,9 @@ def test_file_whose_hash_no_longer_matches_refused(cohort_copy, tmp_path):
 
 
 def test_bad_settings_raise_config_error_not_cohort_error(toy_cohort, tmp_path):
-    """A bad setting names the setting (ConfigError); CohortError is kept for bad files."""
+    """A bad setting names the setting (ConfigError); InputError is kept for bad files."""
     from cohort.atlases import load_atlas
-    from cohort.errors import ConfigError
+    from core.errors import ConfigError
     from cohort.maskedit import edit_masks
     from cohort.phantom import build_phantom_cohort
     from cohort.profiles import get_profile
@@ -249,7 +249,7 @@ def test_bad_settings_raise_config_error_not_cohort_error(toy_cohort, tmp_path):
     for message, call in calls.items():
         with pytest.raises(ConfigError, match=message) as e:
             call()
-        assert not isinstance(e.value, CohortError) and e.value.path is None, message
+        assert not isinstance(e.value, InputError) and e.value.path is None, message
 
 
 def test_uncompressed_header_bigger_than_file_refused_before_reading(tmp_path):
@@ -262,6 +262,6 @@ def test_uncompressed_header_bigger_than_file_refused_before_reading(tmp_path):
     hdr["dim"] = [3, 80, 90, 100, 1, 1, 1, 1]
     raw[:348] = hdr.binaryblock
     path.write_bytes(bytes(raw))
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         read_array(path)
     assert e.value.kind == "size-mismatch" and str(e.value).startswith(f"{path}: header claims a 80x90x100 float32")

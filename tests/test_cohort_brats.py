@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cohort.brats import assign_split, import_brats
-from cohort.errors import CohortError
-from cohort.fsutil import sha256_file
+from core.errors import InputError
+from core.fsutil import sha256_file
 from cohort.manifest import read_case, load_manifest, validate_manifest
 from medddpm.cli import main as medddpm_main
 from tests.cohort_fakes import write_brats_case
@@ -37,7 +37,7 @@ def test_import_good_cases_and_report_every_bad_one(brats_src, tmp_path):
     report = import_brats(brats_src, out, profile="demo")
     assert report.imported == GOOD
     assert [c for c, _ in report.bad] == ["BraTS2021_00098", "BraTS2021_00099"]
-    assert all(isinstance(e, CohortError) for _, e in report.bad)
+    assert all(isinstance(e, InputError) for _, e in report.bad)
     assert "BraTS2021_00098_t1ce.nii.gz" in str(report.bad[0][1]) and report.bad[0][1].kind == "unreadable"
     assert "BraTS2021_00099_flair.nii.gz" in str(report.bad[1][1]) and "missing modality" in str(report.bad[1][1])
     assert "BAD BraTS2021_00099" in report.summary()

@@ -1,6 +1,6 @@
 """Every source layout imports (BraTS 2021, BraTS 2023+, MSD Task01 with 4-D images, nnU-Net v2 with a user
 mapping) and one tumour drawn in each convention lands as the same NCR/ED/ET voxels; mapping errors are one
-clear CohortError; the worker pool gives the serial import's manifest."""
+clear InputError; the worker pool gives the serial import's manifest."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cohort.brats import import_brats, import_cohort
-from cohort.errors import CohortError
+from core.errors import InputError
 from cohort.layouts import detect_layout
 from cohort.manifest import read_case, load_manifest
 from medddpm.cli import main as medddpm_main
@@ -81,18 +81,18 @@ def test_a_wrong_label_map_gives_other_voxels(sources, tmp_path):
 
 def test_nnunet_unmapped_channel_or_label_refused(sources, tmp_path):
     ds_json = sources["nnunet"] / "dataset.json"
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         import_cohort(sources["nnunet"], tmp_path / "a", profile="tiny")
     assert e.value.kind == "unmapped-channel" and str(e.value).startswith(f"{ds_json}: channel 2 ('CE')")
     assert "--channel-map 2=t1ce" in str(e.value)
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         import_cohort(sources["nnunet"], tmp_path / "b", profile="tiny", channel_map="CE=t1ce")
     assert e.value.kind == "unmapped-label" and "label 3 ('core')" in str(e.value)
     assert not (tmp_path / "a" / "data_manifest.csv").exists() and not (tmp_path / "b").exists()
 
 
 def test_labels_that_cannot_express_our_regions_refused(sources, tmp_path):
-    with pytest.raises(CohortError) as e:  # core and enhancing both made NCR: no ET left
+    with pytest.raises(InputError) as e:  # core and enhancing both made NCR: no ET left
         import_cohort(sources["nnunet"], tmp_path / "x", profile="tiny", channel_map="2=t1ce",
                       label_map="core=NCR,enhancing=NCR")
     assert e.value.kind == "bad-mapping" and "cannot express our regions: nothing maps to ['ET']" in str(e.value)
@@ -101,7 +101,7 @@ def test_labels_that_cannot_express_our_regions_refused(sources, tmp_path):
     meta = json.loads((sources["msd"] / "dataset.json").read_text())
     meta["labels"] = {"0": "background", "1": "tumour"}
     (src / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         import_cohort(src, tmp_path / "y", profile="tiny", label_map="1=ED")
     assert str(e.value).startswith(f"{src / 'dataset.json'}: the labels cannot express our regions")
     assert "['NCR', 'ET']" in str(e.value)

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cohort.errors import CohortError
-from cohort.fsutil import default_mode, sha256_file
+from core.errors import InputError
+from core.fsutil import default_mode, sha256_file
 from cohort.manifest import (COLUMNS, append_rows, load_manifest, make_row, merge_manifests, read_case,
                              resolve, validate_manifest)
 from cohort.nifti import write_array
@@ -57,9 +57,9 @@ def test_append_refuses_duplicates_without_touching_the_file(toy_cohort, tmp_pat
     new = rows.iloc[[0]].copy()
     new["case_id"] = "toy_new"
     dup = rows.iloc[[3]].copy()
-    with pytest.raises(CohortError, match=r"data_manifest.csv: duplicate case ids \['toy_003'\]"):
+    with pytest.raises(InputError, match=r"data_manifest.csv: duplicate case ids \['toy_003'\]"):
         append_rows(manifest, pd.concat([new, dup]))
-    with pytest.raises(CohortError, match="duplicate case ids"):
+    with pytest.raises(InputError, match="duplicate case ids"):
         append_rows(manifest, pd.concat([new, new]))  # duplicates inside the new rows too
     assert sha256_file(manifest) == before
     assert _files(tmp_path) == ["data_manifest.csv"]
@@ -94,10 +94,10 @@ def test_merge_rebases_paths_and_refuses_duplicates(tmp_path):
     assert merged.set_index("case_id").loc["br000", "t1"] == "b/br000/br000_t1.nii.gz"
     assert merged.set_index("case_id").loc["s000", "sha256_t1"] == load_manifest(a).iloc[2]["sha256_t1"]
     validate_manifest(out)
-    with pytest.raises(CohortError, match="duplicate case ids"):
+    with pytest.raises(InputError, match="duplicate case ids"):
         merge_manifests([a, a], tmp_path / "dup.csv")
     assert not (tmp_path / "dup.csv").exists()
-    with pytest.raises(CohortError, match="escapes the data root"):  # rebased paths must stay inside out's root
+    with pytest.raises(InputError, match="escapes the data root"):  # rebased paths must stay inside out's root
         merge_manifests([a], tmp_path / "a" / "r000" / "data_manifest.csv")
 
 
@@ -105,7 +105,7 @@ def test_resolve_refuses_escapes(tmp_path):
     m = tmp_path / "cohort" / "data_manifest.csv"
     assert resolve(m, "c1/t1.nii.gz") == (tmp_path / "cohort" / "c1" / "t1.nii.gz").resolve()
     for bad in ("../outside.nii.gz", "c1/../../outside.nii.gz", str(tmp_path / "abs.nii.gz")):
-        with pytest.raises(CohortError, match="data_manifest.csv: path") as e:
+        with pytest.raises(InputError, match="data_manifest.csv: path") as e:
             resolve(m, bad)
         assert e.value.kind == "path-escape"
 
@@ -120,7 +120,7 @@ def test_case_and_volume_helpers():
     vol = Volume.from_channels({"t1": np.zeros((2, 3, 4)), "flair": np.ones((2, 3, 4))}, oblique)
     picked = select_channels(vol, ["flair", "t1"], "x.nii.gz", "the model")
     assert picked.channels == ("flair", "t1") and picked.data.dtype == np.float32 and picked.data[0].all()
-    with pytest.raises(CohortError, match=r"x.nii.gz: case c9: missing modality \['t2'\] needed by the model"):
+    with pytest.raises(InputError, match=r"x.nii.gz: case c9: missing modality \['t2'\] needed by the model"):
         select_channels(vol, ["t1", "t2"], "x.nii.gz", "the model", case_id="c9")
     case = Case.from_arrays("c9", vol, np.ones((2, 3, 4), np.uint8))
     assert case.shape == (2, 3, 4) and case.label_map.sum() == 24

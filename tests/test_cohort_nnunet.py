@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cohort.errors import CohortError
-from cohort.fsutil import default_mode
+from core.errors import InputError
+from core.fsutil import default_mode
 from cohort.manifest import read_case, load_manifest
 from cohort.nnunet import export_nnunet, load_case_map
 from tests.cohort_fakes import write_mixed_cohort
@@ -78,7 +78,7 @@ def test_export_layout_labels_and_splits(mixed, tmp_path):
 
 def test_explicit_validation_fold_refuses_synthetic(mixed, tmp_path):
     train = _ids(mixed, split="train")
-    with pytest.raises(CohortError, match="only real cases"):
+    with pytest.raises(InputError, match="only real cases"):
         export_nnunet(mixed, tmp_path, 12, "Bad", train, val_ids=["s000"])
     assert not list(tmp_path.iterdir()), "a refused export must leave nothing behind"
     ds = export_nnunet(mixed, tmp_path, 12, "Good", train, val_ids=["r000", "r001"], regions=True)
@@ -94,9 +94,9 @@ def test_reexport_replaces_whole_dataset_and_refuses_id_clash(mixed, tmp_path):
     ds = export_nnunet(mixed, tmp_path, 13, "Mix", train[:4])  # fewer cases: no stale files may remain
     assert len(list((ds / "labelsTr").iterdir())) == 4
     assert json.loads((ds / "dataset.json").read_text())["numTraining"] == 4
-    with pytest.raises(CohortError, match="already used"):
+    with pytest.raises(InputError, match="already used"):
         export_nnunet(mixed, tmp_path, 13, "Other", train)
-    with pytest.raises(CohortError, match="not in the manifest"):
+    with pytest.raises(InputError, match="not in the manifest"):
         export_nnunet(mixed, tmp_path, 14, "X", ["nope"])
 
 

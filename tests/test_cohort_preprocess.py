@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cohort.errors import CohortError
+from core.errors import InputError
 from cohort.labels import BRAIN, TUMOUR_LABELS
 from cohort.preprocess import preprocess_case
 from cohort.profiles import get_profile
@@ -85,11 +85,11 @@ def test_no_label_gives_brain_only_and_is_deterministic():
 def test_preprocess_refuses_missing_modality_and_shape_mismatch():
     vol, label = _lps_case()
     t1_only = Volume(vol.data[:1], vol.affine, ("t1",))
-    with pytest.raises(CohortError, match=r"case7: missing modality \['t1ce', 't2', 'flair'\]"):
+    with pytest.raises(InputError, match=r"case7: missing modality \['t1ce', 't2', 'flair'\]"):
         preprocess_case(t1_only, label, "tiny", name="case7")
     out, _ = preprocess_case(t1_only, label, "paper-wholehead")  # the whole-head profile needs only t1
     assert out.shape == (128, 128, 128) and out.channels == ("t1",)
-    with pytest.raises(CohortError, match="case7: label shape"):
+    with pytest.raises(InputError, match="case7: label shape"):
         preprocess_case(vol, label[:-1], "tiny", name="case7")
 
 

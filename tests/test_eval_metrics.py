@@ -103,15 +103,15 @@ def test_evaluate_predictions_reads_manifest(toy_cohort, tmp_path):
 
 
 def test_evaluate_predictions_errors_name_files(toy_cohort, tmp_path):
-    from cohort.errors import CohortError
+    from core.errors import InputError
     from cohort.nifti import write_array
 
     bad = write_array(tmp_path / "bad.nii.gz", np.zeros((8, 8, 8), np.uint8), np.eye(4))
-    with pytest.raises(CohortError, match="bad.nii.gz.*shape"):
+    with pytest.raises(InputError, match="bad.nii.gz.*shape"):
         evaluate_predictions({"toy_000": bad}, toy_cohort, progress=False)
-    with pytest.raises(CohortError, match="not in the manifest"):
+    with pytest.raises(InputError, match="not in the manifest"):
         evaluate_predictions({"nope": bad}, toy_cohort, progress=False)
-    with pytest.raises(CohortError, match="no prediction"):
+    with pytest.raises(InputError, match="no prediction"):
         evaluate_predictions({}, toy_cohort, case_ids=["toy_000"], progress=False)
 
 

@@ -91,12 +91,12 @@ def study(tmp_path_factory):
 
 
 def test_write_results_validates_and_appends(tmp_path):
-    from cohort.errors import CohortError
+    from core.errors import InputError
     from eval.results import write_results
 
     rng = np.random.default_rng(0)
     df = _per_case(rng, "test", ["a", "b"])
-    with pytest.raises(CohortError, match="per_case.csv.*lacks columns.*hd95"):
+    with pytest.raises(InputError, match="per_case.csv.*lacks columns.*hd95"):
         write_results(tmp_path, per_case=df.drop(columns=["hd95"]))
     write_results(tmp_path, per_case=df)
     again = df.copy()
@@ -171,7 +171,7 @@ def test_report_cli_and_missing_results(study, tmp_path):
     from medddpm.cli import main
 
     assert main(["report", str(study)]) == 0
-    assert main(["report", str(tmp_path)]) == 2            # CohortError naming results/per_case.csv
+    assert main(["report", str(tmp_path)]) == 2            # InputError naming results/per_case.csv
     # a study with one mix and no synthetic data still gets a report (no paired column values)
     from eval.report import build_report
     from eval.results import write_results
@@ -186,7 +186,7 @@ def test_report_cli_and_missing_results(study, tmp_path):
 def test_study_record_round_trip_and_bad_file(tmp_path):
     """study.json is one typed record: what flows writes, eval and regenerate read back; a malformed file is
     refused naming the file; rewriting an unchanged record leaves the file untouched."""
-    from cohort.errors import CohortError
+    from core.errors import InputError
     from eval.records import CohortRecord, StudyRecord, TestSetRecord
 
     assert StudyRecord.read(tmp_path) is None
@@ -204,7 +204,7 @@ def test_study_record_round_trip_and_bad_file(tmp_path):
     every = StudyRecord(parameters={"medddpm_on": "all"}, cohort=CohortRecord(train_case_ids=["a"]))
     assert every.generator_train_ids() is None  # Med-DDPM saw every real training case
     path.write_text(json.dumps({"runs": [{"config": {}}]}))  # a run without its name
-    with pytest.raises(CohortError, match="study.json.*runs"):
+    with pytest.raises(InputError, match="study.json.*runs"):
         StudyRecord.read(tmp_path)
 
 

@@ -10,7 +10,7 @@ import os
 import pandas as pd
 import pytest
 
-from cohort.errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from flows import registry
 from flows.mixes import Mix, SynthesisPlan, parse_mixes
 from flows.refs import FileRef, ref
@@ -138,7 +138,7 @@ def test_stage_and_select_keep_files_and_hashes(tmp_path, toy_cohort):
     assert sel.sha256 == again.sha256 and len(df) == 3
     assert set(df["split"]) == {"train"} and set(df["source"]) == {"real"}
     validate_manifest(sel.p, check_hashes=True)  # same data root: relative paths still resolve
-    with pytest.raises(CohortError, match="only 6 real training"):
+    with pytest.raises(InputError, match="only 6 real training"):
         tasks.select_training_cases.fn(staged, 7, 0)
 
 
@@ -300,7 +300,7 @@ def test_gpu_tasks_never_outnumber_the_gpus_a_dask_cluster_declares(harness, tmp
 
 
 def test_transient_failures_are_retried_bad_input_is_not(harness):
-    """An OSError (e.g. a file system hiccup) is retried; a CohortError (bad input) fails at once."""
+    """An OSError (e.g. a file system hiccup) is retried; a InputError (bad input) fails at once."""
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
 
@@ -315,7 +315,7 @@ def test_transient_failures_are_retried_bad_input_is_not(harness):
         if kind == "io" and calls[kind] == 1:
             raise OSError("stale NFS handle")
         if kind == "bad":
-            raise CohortError("x.nii.gz", "not a readable NIfTI image")
+            raise InputError("x.nii.gz", "not a readable NIfTI image")
         return calls[kind]
 
     @flow(name="retry-test")
@@ -323,7 +323,7 @@ def test_transient_failures_are_retried_bad_input_is_not(harness):
         return flaky(kind)
 
     assert run("io") == 2
-    with pytest.raises(CohortError, match="x.nii.gz"):
+    with pytest.raises(InputError, match="x.nii.gz"):
         run("bad")
     assert calls["bad"] == 1
 
@@ -350,7 +350,7 @@ def test_flow_loaded_by_entrypoint_accepts_cached_file_refs(entrypoint):
 
 
 @pytest.mark.parametrize("error, retried", [(ConfigError("mixes ['1:1'] given twice"), False),
-                                            (CohortError("x.nii.gz", "not a readable NIfTI image"), False),
+                                            (InputError("x.nii.gz", "not a readable NIfTI image"), False),
                                             (OSError("stale NFS handle"), True)])
 def test_only_transient_failures_are_retried(error, retried):
     """The retry condition on a failed state: bad settings and bad input fail at once, I/O errors are retried."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cohort.errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from flows.plan import StudyParams, plan_study, pool_order
 
 
@@ -61,7 +61,7 @@ def test_jobs_follow_the_gate_policy(toy_cohort, tmp_path):
     assert jobs["0:1"]["case_ids"] == ["s0", "s2", "s1"] and jobs["0:1"]["gate_failed_cases"] == 1
     assert jobs["2:1"]["case_ids"] == plan.train_ids + ["s0", "s2"] and jobs["2:1"]["gate_failed_cases"] == 0
     assert jobs["1:0"]["case_ids"] == plan.train_ids and jobs["1:0"]["columns"]["n_synth"] == 0
-    with pytest.raises(CohortError, match="study-real-masks.*mix 0:1 needs 3 synthetic cases but only 2"):
+    with pytest.raises(InputError, match="study-real-masks.*mix 0:1 needs 3 synthetic cases but only 2"):
         plan.jobs({"real": pool_order(pool, "exclude")})
 
 
@@ -84,7 +84,7 @@ def test_bad_settings_raise_config_error(bad, match):
 
 
 def test_bad_cohort_raises_cohort_error_naming_it(toy_cohort, tmp_path):
-    with pytest.raises(CohortError, match="data_manifest.csv: n_real=7 but the cohort has only 6"):
+    with pytest.raises(InputError, match="data_manifest.csv: n_real=7 but the cohort has only 6"):
         plan_study(StudyParams(n_real=7), toy_cohort, tmp_path)
 
 

@@ -102,7 +102,7 @@ def test_transplant_lands_inside_recipient_brain():
 
 
 def test_edit_masks_writes_parented_manifest(toy_cohort, tmp_path):
-    from cohort.fsutil import sha256_file
+    from core.fsutil import sha256_file
     from cohort.manifest import load_manifest, resolve, validate_manifest
     from cohort.maskedit import edit_masks
     from cohort.nifti import read_label

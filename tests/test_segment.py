@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cohort.errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from cohort.manifest import read_case, load_manifest
 from cohort.nifti import read_array
 from segment import api, monai_backend
@@ -94,7 +94,7 @@ def test_same_seed_same_predictions_and_resume_after_kill(trained, toy_cohort, m
     with pytest.raises(KeyboardInterrupt):
         api.train(toy_cohort, "train", root / "model_b", SegmenterConfig(profile="tiny", seed=0))
     assert (root / "model_b" / "resume.pt").exists() and not (root / "model_b" / "model.safetensors").exists()
-    with pytest.raises(CohortError, match="not a finished"):
+    with pytest.raises(InputError, match="not a finished"):
         api.predict(root / "model_b", toy_cohort, TRAIN, root / "pred_b")
     monkeypatch.setattr(monai_backend, "_save_resume", real_save)
     api.train(toy_cohort, "train", root / "model_b", SegmenterConfig(profile="tiny", seed=0))  # resumes at epoch 3
@@ -124,7 +124,7 @@ def test_rerun_is_cached_and_different_config_refused(trained, toy_cohort):
     before = (model_dir / "model.safetensors").stat().st_mtime_ns
     assert api.train(toy_cohort, "train", model_dir, SegmenterConfig(profile="tiny", seed=0)) == model_dir
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == before
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         api.train(toy_cohort, "train", model_dir, SegmenterConfig(profile="tiny", seed=7))
     assert e.value.kind == "model-mismatch" and "config.json" in str(e.value)
     # where a training runs is not part of what it is: the finished model is reused from another device setting
@@ -133,7 +133,7 @@ def test_rerun_is_cached_and_different_config_refused(trained, toy_cohort):
 
 
 def test_device_is_explicit_and_a_missing_gpu_is_one_clear_error(trained, toy_cohort, tmp_path):
-    from cohort.fsutil import sha256_file
+    from core.fsutil import sha256_file
 
     model_dir, preds, _ = trained
     again = api.predict(model_dir, toy_cohort, TRAIN[:2], tmp_path / "cpu", device="cpu")
@@ -149,13 +149,13 @@ def test_device_is_explicit_and_a_missing_gpu_is_one_clear_error(trained, toy_co
 def test_validation_is_real_only(toy_cohort, tmp_path):
     mixed = mixed_manifest(toy_cohort)
     rec_dir = tmp_path / "m"
-    with pytest.raises(CohortError, match="validation cases must be real"):
+    with pytest.raises(InputError, match="validation cases must be real"):
         api.train(mixed, ["toy_000", "syn_001"], rec_dir, SegmenterConfig(profile="tiny", val_ids=["syn_000"]))
     from segment.data import validation_ids
 
     # default: real val-split rows only, although syn_000 is marked split=val
     assert validation_ids(mixed, ["toy_000", "syn_001"], None) == ["toy_006", "toy_007"]
-    with pytest.raises(CohortError, match="not in the manifest"):
+    with pytest.raises(InputError, match="not in the manifest"):
         api.train(mixed, ["nope"], rec_dir, SegmenterConfig(profile="tiny"))
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cohort.errors import CohortError
+from core.errors import InputError
 from cohort.labels import BRAIN, MODALITIES
 from cohort.profiles import PROFILES as GRIDS, Profile
 from synth.config import get_config
@@ -151,7 +151,7 @@ def test_truncated_and_corrupted_files_are_refused_naming_the_file(tmp_path):
     corrupted = tmp_path / "corrupted.pt"
     corrupted.write_bytes(b"\x00garbage" * 64 + data[512:])
     for bad in (truncated, corrupted):
-        with pytest.raises(CohortError, match="not a readable torch checkpoint") as e:
+        with pytest.raises(InputError, match="not a readable torch checkpoint") as e:
             import_authors_weights(bad, "authors-brats", tmp_path / "out")
         assert str(bad) in str(e.value)
     assert not (tmp_path / "out" / "generator.safetensors").exists()
@@ -161,7 +161,7 @@ def test_truncated_and_corrupted_files_are_refused_naming_the_file(tmp_path):
 def test_a_checkpoint_of_the_other_model_is_refused(tmp_path, authors_ckpt):
     from synth.authors_weights import import_authors_weights
 
-    with pytest.raises(CohortError, match="--format authors-brats") as e:  # BraTS file given as whole-head
+    with pytest.raises(InputError, match="--format authors-brats") as e:  # BraTS file given as whole-head
         import_authors_weights(CKPT, "authors-wholehead", tmp_path / "out")
     assert str(CKPT) in str(e.value) and "8 -> 4" in str(e.value)
     # a checkpoint of our own training (MONAI network, no 'denoise_fn.' prefix)
@@ -170,7 +170,7 @@ def test_a_checkpoint_of_the_other_model_is_refused(tmp_path, authors_ckpt):
     ours = tmp_path / "ours.pt"
     torch.save({"step": 3, "model": build_unet(get_config("tiny")).state_dict(),
                 "ema": build_unet(get_config("tiny")).state_dict()}, ours)
-    with pytest.raises(CohortError, match="denoise_fn") as e:
+    with pytest.raises(InputError, match="denoise_fn") as e:
         import_authors_weights(ours, "authors-brats", tmp_path / "out")
     assert str(ours) in str(e.value)
 
@@ -189,7 +189,7 @@ def test_a_state_dict_with_a_missing_extra_or_misshapen_key_is_refused(tmp_path,
     else:
         ema[key] = torch.zeros(7)
     bad = _save(tmp_path / f"{change}.pt", ema)
-    with pytest.raises(CohortError) as e:
+    with pytest.raises(InputError) as e:
         import_authors_weights(bad, "authors-brats", tmp_path / "out")
     msg = str(e.value)
     assert str(bad) in msg
@@ -204,11 +204,11 @@ def test_a_different_noise_schedule_is_refused(tmp_path, authors_ckpt):
     betas = torch.linspace(1e-4, 0.02, 250)  # the linear DDPM schedule
     ema["betas"], ema["alphas_cumprod"] = betas, torch.cumprod(1 - betas, 0)
     bad = _save(tmp_path / "linear.pt", ema)
-    with pytest.raises(CohortError, match="noise schedule differs") as e:
+    with pytest.raises(InputError, match="noise schedule differs") as e:
         import_authors_weights(bad, "authors-brats", tmp_path / "out")
     assert str(bad) in str(e.value)
     ema["alphas_cumprod"] = authors_ckpt["ema"]["alphas_cumprod"][:100]
-    with pytest.raises(CohortError, match="T = 100"):
+    with pytest.raises(InputError, match="T = 100"):
         import_authors_weights(_save(tmp_path / "short.pt", ema), "authors-brats", tmp_path / "out")
 
 
@@ -247,7 +247,7 @@ def test_import_weights_then_synthesize_end_to_end(tmp_path, tiny16):
                  "--profile", tiny16]) == 0
     model, cfg, meta = load_generator(gen_dir)
     assert cfg.architecture == "authors" and cfg.profile == tiny16
-    from cohort.fsutil import sha256_file
+    from core.fsutil import sha256_file
 
     assert meta["source_sha256"] == sha256_file(CKPT) and meta["source_weights"] == "ema"
     # every sampler runs on the imported network
@@ -302,7 +302,7 @@ def test_fine_tuning_from_the_imported_fixture_lowers_the_held_out_denoising_los
     tuned, tcfg, _ = load_generator(out)
     assert tcfg.architecture == "authors" and tcfg.channels == icfg.channels and tcfg.init_from == str(gen)
     record = pd.read_json(out.parent / "config.json", typ="series")
-    from cohort.fsutil import sha256_file
+    from core.fsutil import sha256_file
 
     assert record["init_from_sha256"] == sha256_file(gen)
     after = denoising_loss(tuned, val, tcfg, n_draws=4)
@@ -313,7 +313,7 @@ def test_fine_tuning_from_the_imported_fixture_lowers_the_held_out_denoising_los
 def test_cli_train_init_from_starts_from_the_generator_weights(toy_cohort, tmp_path):
     """--init-from loads the generator (here a MONAI one); with lr 0 the result equals it, and config.json
     records the file's sha256."""
-    from cohort.fsutil import sha256_file
+    from core.fsutil import sha256_file
     from medddpm.cli import main
     from safetensors.torch import load_file
 
@@ -333,7 +333,7 @@ def test_fine_tuning_resumes_after_the_init_generator_moved(toy_cohort, tmp_path
     the init file's path) moved, and is refused when the init weights are other ones."""
     import shutil
 
-    from cohort.fsutil import sha256_file
+    from core.fsutil import sha256_file
     from medddpm.cli import main
     from synth.checkpoint import load_generator
     from synth.config import get_config
@@ -368,7 +368,7 @@ def test_init_from_a_generator_of_another_network_is_refused_naming_it(tmp_path)
     tiny = get_config("tiny")
     gen = save_generator(tmp_path / "generator.safetensors", build_unet(tiny), tiny, 0)
     other = tiny.replace(channels=(8, 16, 24), init_from=str(gen))
-    with pytest.raises(CohortError, match="do not fit") as e:
+    with pytest.raises(InputError, match="do not fit") as e:
         init_weights(build_unet(other), other)
     assert str(gen) in str(e.value)
 

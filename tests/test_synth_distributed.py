@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cohort.errors import ConfigError
+from core.errors import ConfigError
 from synth.checkpoint import GENERATOR_FILE, LOSS_LOG, STATE_FILE, load_generator, load_state
 from synth.config import get_config
 from synth.data import StepBatchSampler, rank_shard

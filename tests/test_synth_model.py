@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cohort.errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from synth.config import CONDITION_CHANNELS, MedDDPMConfig, get_config
 from synth.network import build_unet, condition_from_label, count_parameters
 from synth.schedulers import make_sampler, make_training_scheduler, run_sampler, sample, sampling_timesteps

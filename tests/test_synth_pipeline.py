@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cohort.errors import CohortError
+from core.errors import InputError
 from cohort.manifest import append_rows, case_files, load_manifest, make_row, validate_manifest
 from cohort.nifti import read_array, read_label, write_array
 from synth.checkpoint import STATE_FILE, load_generator, load_state
@@ -148,7 +148,7 @@ def test_synthetic_cohort_pairs_images_with_the_conditioning_masks_bit_for_bit(t
     assert df["mask_edit"].fillna("").tolist() == ["", "shift x+1", ""]
     assert df["origin_case_id"].tolist() == ["toy_000"] * 3
     assert df["mask_source"].tolist() == ["real", "mask", "real"]
-    from cohort.fsutil import sha256_file
+    from core.fsutil import sha256_file
 
     assert set(df["generator_checkpoint"]) == {sha256_file(trained)}
     mdf = load_manifest(masks)
@@ -234,7 +234,7 @@ def test_cli_train_resumes_after_sigkill_and_continues_the_loss_curve(toy_cohort
     ref = train_medddpm(toy_cohort, "tiny", tmp_path / "ref", {**FAST, "steps": 16, "checkpoint_every": 4})
     ref_log = pd.read_csv(ref.parent / "loss_log.csv")
     np.testing.assert_allclose(log["loss"], ref_log["loss"], rtol=1e-4, atol=1e-5)
-    with pytest.raises(CohortError, match="different config"):
+    with pytest.raises(InputError, match="different config"):
         train_medddpm(toy_cohort, "tiny", out, {**FAST, "steps": 20, "lr": 1e-4})
 
 
@@ -242,7 +242,7 @@ def test_resume_refuses_a_changed_cosine_horizon_or_other_training_cases(toy_coh
     out = tmp_path / "run"
     cosine = {**FAST, "steps": 6, "checkpoint_every": 3, "lr_schedule": "cosine", "lr_min": 1e-4}
     train_medddpm(toy_cohort, "tiny", out, {**cosine, "steps": 4})  # a finished 4-step cosine run
-    with pytest.raises(CohortError, match=r"decays over --steps 4.*Resume with --steps 4"):
+    with pytest.raises(InputError, match=r"decays over --steps 4.*Resume with --steps 4"):
         train_medddpm(toy_cohort, "tiny", out, cosine)  # would move the lr horizon from 4 to 6
     # a constant lr has no horizon: more steps resume the same run
     const = tmp_path / "const"
@@ -253,12 +253,12 @@ def test_resume_refuses_a_changed_cosine_horizon_or_other_training_cases(toy_coh
     df = load_manifest(toy_cohort)
     other = toy_cohort.parent / "fewer_cases.csv"
     df[df["case_id"] != "toy_000"].to_csv(other, index=False)
-    with pytest.raises(CohortError, match="trained on other cases"):
+    with pytest.raises(InputError, match="trained on other cases"):
         train_medddpm(other, "tiny", const, {**FAST, "steps": 6, "checkpoint_every": 2})
 
 
 def test_warmup_steps_ramp_the_lr_and_bad_settings_are_refused(toy_cohort, tmp_path):
-    from cohort.errors import ConfigError
+    from core.errors import ConfigError
     from synth.train import lr_at
 
     cfg = get_config("tiny", warmup_steps=4, lr_schedule="cosine", lr_min=0.0, steps=8)
@@ -274,7 +274,7 @@ def test_warmup_steps_ramp_the_lr_and_bad_settings_are_refused(toy_cohort, tmp_p
 
 
 def test_identical_runs_write_byte_identical_generators(toy_cohort, tmp_path):
-    from cohort.fsutil import sha256_file
+    from core.fsutil import sha256_file
 
     a = train_medddpm(toy_cohort, "tiny", tmp_path / "a", {**FAST, "steps": 3, "checkpoint_every": 3})
     b = train_medddpm(toy_cohort, "tiny", tmp_path / "b", {**FAST, "steps": 3, "checkpoint_every": 3})
@@ -291,7 +291,7 @@ def test_sharded_synthesis_merges_to_the_unsharded_cohort_and_resumes(trained, t
     whole = load_manifest(synthesize_cohort(trained, toy_cohort, tmp_path / "whole", **kw))
     out = tmp_path / "sharded"
     synthesize_cohort(trained, toy_cohort, out, shard=(1, 2), **kw)
-    with pytest.raises(CohortError, match="shard 0 of 2 has 0 of its 3 cases"):
+    with pytest.raises(InputError, match="shard 0 of 2 has 0 of its 3 cases"):
         merge_shards(out, 2, 5)
     first = synthesize_cohort(trained, toy_cohort, out, shard=(0, 2), **kw)
     assert first.name == shard_manifest_name(0, 2) and load_manifest(first)["case_id"].tolist() == \

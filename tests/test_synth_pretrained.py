@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from cohort.errors import CohortError, ConfigError
+from core.errors import InputError, ConfigError
 from flows.plan import StudyParams
 from flows.study import generator_init
 from synth import pretrained
@@ -25,11 +25,11 @@ def test_the_shipped_demo_generator_matches_its_card():
 def test_a_changed_or_missing_shipped_file_is_refused(tmp_path, monkeypatch):
     src = pretrained.SHIPPED_DIR / pretrained.SHIPPED["demo"]
     monkeypatch.setattr(pretrained, "SHIPPED_DIR", tmp_path)
-    with pytest.raises(CohortError, match="missing"):
+    with pytest.raises(InputError, match="missing"):
         pretrained.shipped_generator("demo")
     shutil.copyfile(src.with_suffix(".json"), tmp_path / src.with_suffix(".json").name)
     (tmp_path / src.name).write_bytes(src.read_bytes()[:-1] + b" ")
-    with pytest.raises(CohortError, match="sha256"):
+    with pytest.raises(InputError, match="sha256"):
         pretrained.shipped_generator("demo")
 
 

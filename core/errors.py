@@ -8,8 +8,9 @@ class MedDDPMError(ValueError):
     """Base of every error this project raises on purpose; the CLI prints it without a traceback."""
 
 
-class CohortError(MedDDPMError):
-    """Bad input data. ``str(err)`` is ``"<path>: <problem>"`` so a researcher can find the file."""
+class InputError(MedDDPMError):
+    """A file or folder that cannot be used as it is (a case, a manifest, a checkpoint, a model folder, a sample the
+    gate refused). ``str(err)`` is ``"<path>: <problem>"`` so a researcher can find the file."""
 
     def __init__(self, path: str | Path | None, problem: str, kind: str = "invalid"):
         self.path = str(path) if path is not None else None
