@@ -36,7 +36,7 @@ def autocast_dtype(device, precision: str = "auto"):
     """The autocast dtype for a device and precision setting, or None for plain fp32.
 
     auto: bf16 on a CUDA GPU that supports it (Ampere and newer), fp32 elsewhere (bf16 on a CPU without
-    avx512_bf16 was 29x slower here, docs/benchmarks.md); bf16 / fp16: asked for explicitly (fp16 needs a
+    avx512_bf16 was 29x slower here, docs/decisions/0009); bf16 / fp16: asked for explicitly (fp16 needs a
     GradScaler in training)."""
     import torch
 

@@ -48,7 +48,7 @@ def preload(backends: Sequence[str]) -> None:
 
 
 def is_trained(model_dir: str | Path) -> bool:
-    return all((Path(model_dir) / f).exists() for f in MODEL_FILES) and (Path(model_dir) / "training_summary.json").exists()
+    return all((Path(model_dir) / f).exists() for f in (*MODEL_FILES, "training_summary.json"))
 
 
 def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Path,
@@ -66,9 +66,8 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
         raise InputError(manifest, f"no training cases selected by {case_ids!r}", kind="bad-selection")
     rows_for(manifest, train_ids)  # refuses mask-only rows early
     val_ids = validation_ids(manifest, train_ids, cfg.val_ids)
-    if cfg.modalities is None:
-        cfg.modalities = common_modalities(manifest, train_ids)
-    cfg.val_ids = list(val_ids)
+    cfg = cfg.replace(modalities=common_modalities(manifest, train_ids) if cfg.modalities is None else cfg.modalities,
+                      val_ids=list(val_ids))
     data_hash, entries = training_data_hash(manifest, train_ids)
 
     model_dir = Path(out_dir)
@@ -101,8 +100,9 @@ def predict(model_dir: str | Path, manifest: str | Path, case_ids: Sequence[str]
     device: where to run (auto|cpu|cuda|cuda:N|mps; default: the setting the model was trained with)."""
     model_dir, manifest, out_dir = Path(model_dir), Path(manifest), Path(out_dir)
     if not is_trained(model_dir):
+        missing = [f for f in MODEL_FILES if not (model_dir / f).exists()]
         raise InputError(model_dir, "not a finished segmenter model directory (training incomplete or missing files "
-                                     f"{[f for f in MODEL_FILES if not (model_dir / f).exists()]})", kind="missing-file")
+                                    f"{missing})", kind="missing-file")
     cfg = load_config(model_dir)
     ids = resolve_case_ids(manifest, case_ids)
     rows_for(manifest, ids)

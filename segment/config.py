@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InputError, ConfigError
+from core.identity import content_hash
 
 # The back-end registry: name -> module with train(manifest, train_ids, val_ids, model_dir, cfg) -> model_dir and
 # predict(model_dir, manifest, case_ids, out_dir) -> {case_id: path}; imported only when used (segment.api.backend)
@@ -17,7 +18,7 @@ SEG_PROFILES = ("tiny", "demo", "paper")
 NETWORKS = ("segresnet", "dynunet")  # MONAI back end only
 AUGMENTATIONS = ("light", "nnunet")  # MONAI back end only (segment.monai_backend.train_transforms)
 # the MONAI network per profile. demo: DynUNet, because SegResNet (8 filters) collapsed the tumour core and the
-# enhancing tumour into edema in 2 of 3 seeds even with 400 steps (TC = ET = 0.00; docs/benchmarks.md)
+# enhancing tumour into edema in 2 of 3 seeds even with 400 steps (TC = ET = 0; docs/decisions/0006-segmenter-recipe.md)
 DEFAULT_NETWORK = {"tiny": "segresnet", "demo": "dynunet", "paper": "segresnet"}
 
 # Small volumes train with ONE torch thread: their convolutions gain little from a second thread, and when
@@ -35,14 +36,14 @@ PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # early stopping (validation every 5 epochs keeps the best): with 200 steps and patience 5 the tumour core
         # and enhancing tumour were not learnt (TC/ET 0.28/0.19 in the default study); at 300 steps they were, but
         # the validation Dice was still rising at the last epoch in 16 of 18 study trainings and one training
-        # landed anywhere between TC 0.60 and 0.86 (docs/benchmarks.md, "segmenter budget" and flows)
+        # landed anywhere between TC 0.60 and 0.86 (docs/decisions/0006-segmenter-recipe.md)
         "demo": dict(epochs=40, iters_per_epoch=10, batch_size=2, lr=3e-3, patience=100, min_epochs=10,
                      init_filters=8, blocks_down=(1, 1, 2, 2), blocks_up=(1, 1, 1), patch_size=None, num_threads=1,
                      val_every=5, augment="light"),
         # BraTS-size: SegResNet as in MONAI's BraTS tutorial, 128^3 patches; shape-checked, not trained here
-        "paper": dict(epochs=300, iters_per_epoch=250, batch_size=2, lr=1e-3, patience=50, min_epochs=100, init_filters=16,
-                      blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), patch_size=(128, 128, 128), val_every=1,
-                      augment="light"),
+        "paper": dict(epochs=300, iters_per_epoch=250, batch_size=2, lr=1e-3, patience=50, min_epochs=100,
+                      init_filters=16, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), patch_size=(128, 128, 128),
+                      val_every=1, augment="light"),
     },
     "nnunet": {  # budget from NNUNET_BUDGETS below (the trainer class carries it into nnU-Net)
         "tiny": dict(num_threads=1),
@@ -72,9 +73,10 @@ NETWORK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 RUNTIME_FIELDS = ("device",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SegmenterConfig:
-    """What to train. Fields left as None are filled from PROFILE_DEFAULTS[backend][profile] by resolved().
+    """What to train. Fields left as None are filled from PROFILE_DEFAULTS[backend][profile] by resolved(), which
+    returns a new config (like every change: dataclasses.replace).
 
     val_ids: validation cases (must be source=real). None = the manifest's real rows with split=val that are not
     training cases. Validation drives early stopping (MONAI) and nnU-Net's fold-0 validation split.
@@ -108,23 +110,25 @@ class SegmenterConfig:
             raise ConfigError(f"unknown segmenter backend {self.backend!r}; known: {BACKENDS}", kind="bad-config")
         if self.profile not in SEG_PROFILES:
             raise ConfigError(f"unknown segmenter profile {self.profile!r}; known: {SEG_PROFILES}")
-        out = dataclasses.replace(self)
+        changes = {}  # the unset fields' defaults (the network's before the profile's), then applied at once
         if self.backend == "monai":
-            out.network = out.network or DEFAULT_NETWORK[self.profile]
-            if out.network not in NETWORKS:
-                raise ConfigError(f"unknown MONAI network {out.network!r}; known: {NETWORKS}", kind="bad-config")
-            for k, v in NETWORK_DEFAULTS[out.network].get(self.profile, {}).items():
-                if getattr(out, k) is None:
-                    setattr(out, k, v)
-        for k, v in PROFILE_DEFAULTS[self.backend][self.profile].items():
-            if getattr(out, k) is None:
-                setattr(out, k, v)
-        if self.backend == "monai" and out.augment not in AUGMENTATIONS:
-            raise ConfigError(f"unknown augmentation {out.augment!r}; known: {AUGMENTATIONS}", kind="bad-config")
+            changes["network"] = self.network or DEFAULT_NETWORK[self.profile]
+            if changes["network"] not in NETWORKS:
+                raise ConfigError(f"unknown MONAI network {changes['network']!r}; known: {NETWORKS}", kind="bad-config")
+            changes.update({k: v for k, v in NETWORK_DEFAULTS[changes["network"]].get(self.profile, {}).items()
+                            if getattr(self, k) is None})
+        changes.update({k: v for k, v in PROFILE_DEFAULTS[self.backend][self.profile].items()
+                        if getattr(self, k) is None and k not in changes})
+        augment = changes.get("augment", self.augment)
+        if self.backend == "monai" and augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augmentation {augment!r}; known: {AUGMENTATIONS}", kind="bad-config")
         for k in ("blocks_down", "blocks_up", "patch_size"):
-            if getattr(out, k) is not None:
-                setattr(out, k, tuple(int(x) for x in getattr(out, k)))
-        return out
+            if (v := changes.get(k, getattr(self, k))) is not None:
+                changes[k] = tuple(int(x) for x in v)
+        return self.replace(**changes)
+
+    def replace(self, **changes) -> "SegmenterConfig":
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -137,6 +141,10 @@ class SegmenterConfig:
         """to_dict() without the settings that do not change what is trained (RUNTIME_FIELDS): what a model
         directory's config.json must match for a resume."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+    def hash(self) -> str:
+        """content_hash of identity() (core.identity)."""
+        return content_hash(self.identity())
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

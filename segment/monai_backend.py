@@ -34,7 +34,7 @@ LOG_COLUMNS = ("epoch", "train_loss", "val_dice", "lr", "seconds")
 
 # Seeding + building a network, and each epoch's reseed, touch torch's global RNG, which every thread shares: with
 # trainings in parallel threads (the study's default) an unguarded reseed in one training landed inside another's
-# network init, so that training's initial weights, and its Dice, depended on timing (docs/benchmarks.md).
+# network init, so its initial weights, and its Dice, depended on timing (docs/decisions/0007-seed-under-one-lock.md).
 _INIT_LOCK = threading.Lock()
 
 
@@ -247,13 +247,15 @@ def _finish(model_dir: Path, model, progress: _Progress, log: list[dict], n_trai
 
 
 def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: Path, cfg: SegmenterConfig) -> Path:
-    """Train (or resume) a MONAI network in model_dir; returns model_dir. config.json/training_data.json are the caller's."""
+    """Train (or resume) a MONAI network in model_dir; returns model_dir. config.json/training_data.json are the
+    caller's."""
     from monai.losses import DiceCELoss
 
     mods = list(cfg.modalities)
     train_cases = load_cases(manifest, train_ids, mods)
     val_cases = load_cases(manifest, val_ids, mods) if val_ids else []
-    resume_path, log_path, best_path = model_dir / "resume.pt", model_dir / "train_log.csv", model_dir / "best.safetensors"
+    resume_path, log_path = model_dir / "resume.pt", model_dir / "train_log.csv"
+    best_path = model_dir / "best.safetensors"
 
     with torch_threads(cfg.num_threads):
         with _INIT_LOCK:

@@ -151,7 +151,8 @@ def _write_log_and_weights(model_dir: Path, cfg: SegmenterConfig) -> dict:
                     f"{secs:.2f}", f"{col('val_losses', i):.5f}", f"{col('ema_fg_dice', i):.4f}"])
     atomic_write_text(model_dir / "train_log.csv", buf.getvalue())
     with atomic_path(model_dir / "model.safetensors") as tmp:
-        save_file({k: v.clone().contiguous() for k, v in ckpt["network_weights"].items()}, str(tmp))  # clone: nnU-Net aliases some tensors
+        # clone: nnU-Net aliases some tensors
+        save_file({k: v.clone().contiguous() for k, v in ckpt["network_weights"].items()}, str(tmp))
     summary = {"epochs_run": n, "final_ema_val_dice": float(lg["ema_fg_dice"][-1]) if lg.get("ema_fg_dice") else None}
     val_summary = ckpt_path.parent / "validation" / "summary.json"
     if val_summary.exists():

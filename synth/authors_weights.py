@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ import torch
 from core.errors import InputError
 from core.fsutil import atomic_write_text, sha256_file
 
-from .checkpoint import CONFIG_FILE, GENERATOR_FILE, RANGES_FILE, load_generator, resolve_generator, save_generator
+from .checkpoint import CONFIG_FILE, GENERATOR_FILE, RANGES_FILE, SOURCE_META, save_generator
 from .config import MedDDPMConfig, get_config
 from .network import build_unet
 
@@ -47,7 +46,6 @@ FORMATS = {  # --format -> (our synth profile, (in, out) channels of their model
     "authors-brats": ("authors-brats", (8, 4), "BraTS model: 4 images + 4 condition channels -> 4"),
     "authors-wholehead": ("authors-wholehead", (3, 1), "whole-head model: 1 image + 2 condition channels -> 1"),
 }
-SOURCE_META = "source_sha256"  # metadata key marking an imported generator
 
 
 def read_authors_checkpoint(path: str | Path, weights: str = "ema") -> tuple[dict, dict, int]:
@@ -208,43 +206,3 @@ def write_ranges_from_manifest(manifest: str | Path, cfg: MedDDPMConfig, path: s
     save_ranges(path, intensity_ranges(items, cfg.modalities))
     return Path(path)
 
-
-# Network fields a fine-tuning run takes from its --init-from generator (everything that shapes the state dict or
-# the meaning of its inputs/outputs); the recipe (lr, steps, EMA, ...) and the grid stay the training profile's.
-NETWORK_FIELDS = ("architecture", "channels", "attention_levels", "num_res_blocks", "norm_num_groups",
-                  "num_head_channels", "condition_values", "modalities", "condition", "timesteps", "schedule",
-                  "prediction")
-
-
-def adopt_init_network(cfg: MedDDPMConfig) -> MedDDPMConfig:
-    """cfg with its network fields replaced by those of the generator named in cfg.init_from."""
-    if not cfg.init_from:
-        return cfg
-    from safetensors import safe_open
-
-    p = resolve_generator(cfg.init_from)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            src = MedDDPMConfig.from_dict(json.loads((f.metadata() or {})["config"]))
-    except InputError:
-        raise
-    except Exception as e:
-        raise InputError(p, f"not a readable generator to initialise from ({type(e).__name__}: {e})",
-                          kind="unreadable") from e
-    changes = {k: getattr(src, k) for k in NETWORK_FIELDS if getattr(src, k) != getattr(cfg, k)}
-    if changes:
-        warnings.warn(f"--init-from {p}: network settings taken from the generator: {sorted(changes)}",
-                      stacklevel=2)
-    return cfg.replace(**changes)
-
-
-def init_weights(model: torch.nn.Module, cfg: MedDDPMConfig) -> str:
-    """Load the weights of cfg.init_from into model; return the generator file's sha256."""
-    p = resolve_generator(cfg.init_from)
-    src, _, _ = load_generator(p)
-    try:
-        model.load_state_dict(src.state_dict())
-    except RuntimeError as e:
-        raise InputError(p, f"generator weights do not fit the training network ({str(e)[:300]})",
-                          kind="bad-checkpoint") from e
-    return sha256_file(p)

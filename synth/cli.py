@@ -5,11 +5,13 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from core.device import DEVICE_HELP
+    _add_train(subparsers)
+    _add_synthesize(subparsers)
+    _add_synthesize_merge(subparsers)
 
-    from . import defaults
-    from .config import LR_SCHEDULES, PRECISIONS, PROFILES
-    from .schedulers import SAMPLERS, SPACINGS
+
+def _add_train(subparsers) -> None:
+    from .config import PROFILES
 
     p = subparsers.add_parser(
         "train", help="train (or resume) the Med-DDPM mask-conditioned diffusion model",
@@ -18,6 +20,19 @@ def register(subparsers) -> None:
     p.add_argument("--manifest", required=True, help="data_manifest.csv of the training cohort")
     p.add_argument("--profile", required=True, choices=sorted(PROFILES), help="synth profile (network, grid, recipe)")
     p.add_argument("--out", required=True, help="output folder (checkpoints, loss log, generator)")
+    _add_training_recipe(p)
+    p.add_argument("--sources", help="comma-separated manifest sources to train on (default: real)")
+    p.add_argument("--seed", type=int, help="random seed")
+    _add_training_runtime(p)
+    p.add_argument("--init-from", help="generator (file or folder, e.g. from import-weights) whose weights and "
+                                       "network settings training starts from (fine-tuning)")
+    p.set_defaults(func=_train)
+
+
+def _add_training_recipe(p) -> None:
+    """The options of what is learned and for how long (each left out: the profile's value)."""
+    from .config import LR_SCHEDULES
+
     p.add_argument("--steps", type=int, help="total optimizer steps (default: the profile's)")
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="learning-rate schedule (cosine decays to lr_min at "
@@ -37,8 +52,14 @@ def register(subparsers) -> None:
     p.add_argument("--ema-decay", type=float, help="EMA decay")
     p.add_argument("--ema-every", type=int, help="steps between EMA updates")
     p.add_argument("--ema-start", type=int, help="step before which the EMA is a copy of the model")
-    p.add_argument("--sources", help="comma-separated manifest sources to train on (default: real)")
-    p.add_argument("--seed", type=int, help="random seed")
+
+
+def _add_training_runtime(p) -> None:
+    """The options of where and how training runs (not what it learns)."""
+    from core.device import DEVICE_HELP
+
+    from .config import PRECISIONS
+
     p.add_argument("--threads", type=int, help="torch threads during training")
     p.add_argument("--device", help=f"where to train: {DEVICE_HELP} (default auto)")
     p.add_argument("--precision", choices=PRECISIONS, help="autocast: auto (default: bf16 on a bf16 GPU, else fp32), "
@@ -54,9 +75,13 @@ def register(subparsers) -> None:
                                              "runs torchrun --standalone --nproc_per_node N; several nodes: "
                                              "run torchrun yourself (README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--init-from", help="generator (file or folder, e.g. from import-weights) whose weights and "
-                                       "network settings training starts from (fine-tuning)")
-    p.set_defaults(func=_train)
+
+
+def _add_synthesize(subparsers) -> None:
+    from core.device import DEVICE_HELP
+
+    from . import defaults
+    from .schedulers import SAMPLERS, SPACINGS
 
     s = subparsers.add_parser(
         "synthesize", help="generate a paired image-mask cohort from conditioning masks",
@@ -79,7 +104,7 @@ def register(subparsers) -> None:
                         "(docs/medddpm.md)")
     s.add_argument("--spacing", choices=SPACINGS, default=defaults.SPACING,
                    help=f"timestep spacing (default {defaults.SPACING}): leading = every T/n steps; quadratic and "
-                        "logsnr end at t = 0 and suit few steps (docs/benchmarks.md, sampler table)")
+                        "logsnr end at t = 0 and suit few steps (docs/decisions/0004-sampler-default.md)")
     s.add_argument("--analytic-variance", action=argparse.BooleanOptionalAction, default=defaults.ANALYTIC,
                    help="ddpm and ddim: add Analytic-DPM's x0-uncertainty term to each step's variance (Bao et al. "
                         "2022), which few-step chains otherwise lose (default "
@@ -89,13 +114,15 @@ def register(subparsers) -> None:
                                    "the same --out (one process per GPU or node); 'auto' = torchrun's RANK/WORLD_SIZE "
                                    "(and LOCAL_RANK's GPU). Then: medddpm synthesize-merge --out DIR --shards N "
                                    "--count C")
-    s.add_argument("--batch-size", type=int, default=4, help="volumes per network call")
+    s.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="volumes per network call")
     s.add_argument("--splits", default="train", help="comma-separated splits of mask rows to use ('all' = any)")
-    s.add_argument("--max-retries", type=int, default=3, help="quality-gate redraws per case")
+    s.add_argument("--max-retries", type=int, default=defaults.MAX_RETRIES, help="quality-gate redraws per case")
     s.add_argument("--threads", type=int, help="torch threads")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=_synthesize)
 
+
+def _add_synthesize_merge(subparsers) -> None:
     m = subparsers.add_parser(
         "synthesize-merge", help="merge the shard manifests of a sharded synthesis into data_manifest.csv",
         description="After `medddpm synthesize --shard K/N` ran for every K: check that each shard holds all its "
@@ -165,14 +192,14 @@ def _without_option(cli_args: list[str], option: str) -> list[str]:
 
 
 def _synthesize(args) -> int:
-    from .synthesize import synthesize_cohort
+    from .synthesize import SynthesisConfig, synthesize_cohort
 
     splits = None if args.splits == "all" else tuple(args.splits.split(","))
-    path = synthesize_cohort(args.checkpoint, args.masks, args.out, args.count, args.sampler, args.steps, args.seed,
-                             eta=args.eta, spacing=args.spacing, analytic=args.analytic_variance,
-                             batch_size=args.batch_size, splits=splits,
-                             max_retries=args.max_retries, num_threads=args.threads, progress=not args.no_progress,
-                             device=args.device, shard=_shard(args.shard))
+    config = SynthesisConfig(count=args.count, sampler=args.sampler, steps=args.steps, seed=args.seed, eta=args.eta,
+                             spacing=args.spacing, analytic=args.analytic_variance, batch_size=args.batch_size,
+                             splits=splits, max_retries=args.max_retries, num_threads=args.threads,
+                             progress=not args.no_progress, device=args.device, shard=_shard(args.shard))
+    path = synthesize_cohort(args.checkpoint, args.masks, args.out, config)
     print(f"manifest: {path}")
     return 0
 

@@ -8,12 +8,11 @@ docs/medddpm.md.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from core.errors import ConfigError
+from core.identity import content_hash
 from cohort.labels import BRAIN, ED, ET, NCR, TUMOUR_LABELS
 
 # Conditioning schemes: the one-hot channels built from a label map (values {0, 1}).
@@ -48,28 +47,6 @@ _LEGACY_KEYS = {"autocast_bf16": lambda v: {"precision": "bf16"} if v else {},
                 "gradient_checkpointing": lambda v: {"grad_checkpoint": bool(v)}}
 
 
-def init_weights_identity(init_from: str) -> str:
-    """'sha256:<hex>' of the generator file ``init_from`` names (the file or its training folder); the path itself
-    where no such file exists (yet)."""
-    from core.errors import InputError
-
-    from .checkpoint import resolve_generator
-
-    try:
-        p = resolve_generator(init_from).resolve()
-        st = p.stat()
-    except (InputError, OSError):
-        return str(init_from)
-    return _file_sha256(str(p), st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path: str, mtime_ns: int, size: int) -> str:  # cached per (path, mtime, size): hash() is called often
-    from core.fsutil import sha256_file
-
-    return "sha256:" + sha256_file(path)
-
-
 @dataclass(frozen=True)
 class MedDDPMConfig:
     # data
@@ -90,6 +67,9 @@ class MedDDPMConfig:
     architecture: str = "monai"
     condition_values: str = "01"                   # "01"; "pm1": the network maps condition channels to {-1, +1}
     init_from: str | None = None                   # generator file whose weights initialise training
+    # sha256 (hex) of that file, set where training starts (synth.checkpoint.with_init_sha256): the config hash
+    # counts the file by its content, so a run whose checkout moved still resumes
+    init_from_sha256: str | None = None
     # diffusion
     timesteps: int = 250
     schedule: str = "cosine"
@@ -121,7 +101,7 @@ class MedDDPMConfig:
     seed: int = 0
     sources: tuple[str, ...] = ("real",)           # manifest rows used for training
     splits: tuple[str, ...] = ("train",)
-    # speed (see docs/benchmarks.md)
+    # speed (docs/decisions/0009-fp32-on-the-cpu.md)
     channels_last: bool = False
     # runtime (not hashed)
     device: str = "auto"                           # auto (CUDA when present) | cpu | cuda | cuda:N | mps
@@ -171,6 +151,8 @@ class MedDDPMConfig:
             raise ConfigError(f"cache_rate must be in [0, 1], not {self.cache_rate}")
         if self.data_workers is not None and self.data_workers < 0:
             raise ConfigError(f"data_workers must be >= 0, not {self.data_workers}")
+        if self.init_from_sha256 is not None and not self.init_from:
+            raise ConfigError("init_from_sha256 is the sha256 of the init_from file: set init_from with it")
 
     @property
     def in_channels(self) -> int:
@@ -185,7 +167,10 @@ class MedDDPMConfig:
         return 2 ** (len(self.channels) - 1)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["init_from_sha256"] is None:  # written only where set: the files of runs without it keep their bytes
+            del d["init_from_sha256"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -208,17 +193,25 @@ class MedDDPMConfig:
         return cls(**kw)
 
     def replace(self, **changes) -> "MedDDPMConfig":
+        if "init_from" in changes:  # another file: the old one's sha256 no longer names it
+            changes.setdefault("init_from_sha256", None)
         return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
-    def hash(self) -> str:
-        """sha256 of everything that changes what is learned (runtime fields excluded). init_from counts by the
-        content of the generator file it names, not by its path: a study whose checkout moved still resumes."""
-        d = {k: v for k, v in self.to_dict().items()
-             if k not in RUNTIME_FIELDS and not (k in HASH_IF_SET and v == HASH_IF_SET[k])}
-        if d.get("init_from"):
-            d["init_from"] = init_weights_identity(d["init_from"])
+    def identity(self) -> dict:
+        """Everything that changes what is learned (runtime fields excluded), as hashed. init_from counts by the
+        content of the generator file it names where init_from_sha256 is set (as "sha256:<hex>", the form hashes
+        had when hash() read the file, so their values did not change), else by its path."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS and k != "init_from_sha256"
+             and not (k in HASH_IF_SET and v == HASH_IF_SET[k])}
+        if d.get("init_from") and self.init_from_sha256:
+            d["init_from"] = "sha256:" + self.init_from_sha256
         d.update(HASH_REMOVED)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        return d
+
+    def hash(self) -> str:
+        """content_hash of identity() (core.identity): what a resumed run and a generator's metadata are checked
+        against."""
+        return content_hash(self.identity())
 
 
 PAPER = dict(channels=(64, 64, 128, 192, 256), attention_levels=(False, False, False, True, False),
@@ -233,7 +226,7 @@ PROFILES: dict[str, MedDDPMConfig] = {
                           ema_start=100, steps=300, checkpoint_every=50, cache_rate=1.0),
     # CPU demo: 32x40x32, three downsamplings (attention at 1/8 like the paper). 8..64 channels keep a training
     # step near 17 GFLOP (batch 2), so ~700 steps fit the demo's ~6 minutes on 2 quiet cores; high lr with cosine
-    # decay and a short EMA make those steps enough for the phantom's contrasts. bf16 autocast: see benchmarks.md.
+    # decay and a short EMA make those steps enough for the phantom's contrasts. Why fp32: docs/decisions/0009.
     # v-prediction, the L2 loss and Min-SNR-5 weighting floored at 1 (deviations from the paper, demo only): see
     # those fields and docs/medddpm.md deviations 12-14.
     "demo": MedDDPMConfig(profile="demo", channels=(8, 16, 32, 64), attention_levels=(False, False, False, True),
@@ -261,5 +254,6 @@ def get_config(profile: str, **overrides) -> MedDDPMConfig:
     try:
         base = PROFILES[profile]
     except KeyError:
-        raise ConfigError(f"unknown Med-DDPM profile {profile!r}; known {sorted(PROFILES)}", kind="bad-profile") from None
+        raise ConfigError(f"unknown Med-DDPM profile {profile!r}; known {sorted(PROFILES)}",
+                          kind="bad-profile") from None
     return base.replace(**{k: v for k, v in overrides.items() if v is not None}) if overrides else base

@@ -1,7 +1,7 @@
 """What one Med-DDPM training step and one sampling step cost, counted without running them: the network is
 built on PyTorch's meta device (shapes only, no memory, seconds even at 192x192x144) and run under
 ``torch.utils.flop_counter.FlopCounterMode``; autograd's saved tensors give the activation memory of the backward
-pass. ``medddpm plan`` turns these counts into GPU-hours and peak memory per stage (medddpm/plan.py).
+pass. ``medddpm plan`` turns these counts into GPU-hours and peak memory per stage (flows/costs.py).
 
 The counts are exact for the network as built (convolutions and matrix products; element-wise work is not
 counted), the memory is an estimate: parameters, gradients, Adam moments and the EMA copy in fp32, plus the

@@ -30,8 +30,8 @@ def build_unet(config: MedDDPMConfig) -> torch.nn.Module:
         channels=tuple(config.channels), attention_levels=tuple(config.attention_levels),
         num_res_blocks=config.num_res_blocks, norm_num_groups=config.norm_num_groups,
         num_head_channels=tuple(heads), resblock_updown=False, use_flash_attention=config.use_flash_attention)
-    if config.grad_checkpoint:  # MONAI's network has no such option: wrap its blocks (synth.memory)
-        from .memory import enable_grad_checkpointing
+    if config.grad_checkpoint:  # MONAI's network has no such option: wrap its blocks (synth.grad_checkpoint)
+        from .grad_checkpoint import enable_grad_checkpointing
 
         enable_grad_checkpointing(net)
     if config.channels_last:

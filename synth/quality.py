@@ -13,7 +13,7 @@ max(hi, mean + k sd) + margin] over the training cases' values, margin 0.05 for 
 [-1, 1] space) and 10 % (relative) for the texture. k is a normal tolerance factor: the interval that covers 99 %
 of real cases with 95 % confidence from n training cases (4.9 for the study's 8 cases, 3.4 for 30), so a held-out
 real case falls outside one of its ~30 envelopes rarely (on the demo phantom 100 % pass with 30 training cases
-and with 8: docs/benchmarks.md; test: tests/test_synth_quality.py).
+and with 8: docs/decisions/0010-quality-gate-envelopes.md; test: tests/test_synth_quality.py).
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from monai.networks.schedulers import DDPMScheduler
 from core.errors import ConfigError
 
 from . import defaults
+from .config import PREDICTIONS
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp2m-sde")
 ETA_SAMPLERS = ("ddim", "dpmpp2m-sde")  # the samplers that take eta
@@ -103,10 +104,24 @@ def sampling_timesteps(T: int, n: int, spacing: str = "leading", schedule: "Nois
     return out
 
 
+def convert_model_output(output: torch.Tensor, x_t: torch.Tensor, a_t: float,
+                         prediction: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's output at x_t turned into (ε̂, x̂0), unclamped (diffusers' ``convert_model_output``).
+
+    a_t: ᾱ_t. prediction "epsilon": ε̂ = output, x̂0 = (x_t − √(1−ᾱ)·ε̂)/√ᾱ; "v" (v = √ᾱ·ε − √(1−ᾱ)·x0):
+    ε̂ = √ᾱ·v̂ + √(1−ᾱ)·x_t, x̂0 = √ᾱ·x_t − √(1−ᾱ)·v̂. The one place the samplers and probes convert."""
+    if prediction == "epsilon":
+        return output, (x_t - math.sqrt(1 - a_t) * output) / math.sqrt(a_t)
+    if prediction == "v":
+        return (math.sqrt(a_t) * output + math.sqrt(1 - a_t) * x_t,
+                math.sqrt(a_t) * x_t - math.sqrt(1 - a_t) * output)
+    raise ConfigError(f"unknown prediction {prediction!r}; known {PREDICTIONS}")
+
+
 def _x0_and_eps(x: torch.Tensor, eps: torch.Tensor, a_t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Clamped x̂0 from the ε-prediction, and the ε consistent with the clamped x̂0 (as guided-diffusion does, so
     errors of ε̂ at high noise, where √ᾱ ≈ 0, do not leak into x_prev)."""
-    x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1.0, 1.0)
+    x0 = convert_model_output(eps, x, a_t)[1].clamp(-1.0, 1.0)
     return x0, (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
 
 
@@ -277,8 +292,8 @@ def sample(model: torch.nn.Module, sampler: Sampler, condition: torch.Tensor, ou
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     shape = (1, out_channels, *condition.shape[2:])
     draw = lambda: torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)  # noqa: E731
-    if prediction not in ("epsilon", "v"):
-        raise ConfigError(f"unknown prediction {prediction!r}; known ('epsilon', 'v')")
+    if prediction not in PREDICTIONS:
+        raise ConfigError(f"unknown prediction {prediction!r}; known {PREDICTIONS}")
     x = draw().double() if prediction == "v" else draw()
     cond = condition.to(device=device, dtype=torch.float32)
     model.eval()
@@ -288,10 +303,7 @@ def sample(model: torch.nn.Module, sampler: Sampler, condition: torch.Tensor, ou
         bar.update(1)
         tt = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=device)
         out = model(model_input(x_t.float(), cond, channels_last), tt).contiguous().to(x_t.dtype)
-        if prediction == "epsilon":
-            return out
-        a = sampler.schedule.alpha_bar(t)
-        return math.sqrt(a) * out + math.sqrt(1 - a) * x_t
+        return convert_model_output(out, x_t, sampler.schedule.alpha_bar(t), prediction)[0]
 
     x = run_sampler(denoise, x, sampler, steps, lambda: draw().to(x.dtype))
     bar.close()

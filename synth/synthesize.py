@@ -6,7 +6,9 @@ temporary files a killed run left behind.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -21,12 +23,12 @@ from cohort.profiles import get_profile
 from core.threads import torch_threads
 from cohort.volume import spacing_of
 
-from .authors_weights import SOURCE_META
-from .checkpoint import RANGES_FILE, load_generator, resolve_generator
+from .checkpoint import RANGES_FILE, SOURCE_META, load_generator, resolve_generator
+from .config import MedDDPMConfig
 from .network import condition_from_label
-from .quality import check_sample, load_gate_ranges
+from .quality import MARGIN, check_sample, load_gate_ranges
 from . import defaults
-from .schedulers import make_sampler, sample
+from .schedulers import Sampler, make_sampler, sample
 
 REPORT_FILE = "quality_report.csv"
 REPORT_HEADER = "case_id,attempt,seed,passed,failures\n"
@@ -36,6 +38,164 @@ MANIFEST = "data_manifest.csv"
 def case_seed(seed: int, index: int, attempt: int) -> int:
     """Seed of synthetic case `index`, attempt `attempt`: distinct for every (seed, index, attempt)."""
     return int(np.random.SeedSequence([int(seed), int(index), int(attempt)]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """How to synthesise a cohort (plain data; synthesize_cohort's settings, the defaults from synth.defaults)."""
+
+    count: int                                      # synthetic cases to make
+    # sampler (synth.schedulers.make_sampler)
+    sampler: str = defaults.SAMPLER
+    steps: int = defaults.STEPS
+    seed: int = 0                                   # case i, attempt a draws with case_seed(seed, i, a)
+    eta: float = defaults.ETA
+    spacing: str = defaults.SPACING
+    analytic: bool = defaults.ANALYTIC
+    # conditioning masks: rows of the masks manifest with source in `sources` and split in `splits` (None: any),
+    # only `case_ids` when given
+    sources: tuple[str, ...] = ("real", "mask")
+    splits: tuple[str, ...] | None = ("train",)
+    case_ids: tuple[str, ...] | None = None
+    # quality gate (synth.quality): redraws of a failing sample, and the envelopes' margin
+    max_retries: int = defaults.MAX_RETRIES
+    gate_margin: float = MARGIN
+    # the output's names: manifest cohort, and case ids <case_prefix><index:05d>_<mask case id>
+    cohort_name: str = "medddpm-synthetic"
+    case_prefix: str = "syn"
+    # where and how it runs (not what it makes)
+    batch_size: int = defaults.BATCH_SIZE
+    num_threads: int | None = None
+    progress: bool = True
+    device: str = "auto"
+    shard: tuple[int, int] | str | None = None     # (k, n) | "auto" (torchrun) | None: synthesize_cohort
+
+
+class _Job(NamedTuple):
+    """One synthetic case to make: its index (seeds: case_seed(seed, index, attempt)), id and mask's manifest row."""
+
+    index: int
+    case_id: str
+    mask_row: pd.Series
+
+
+class _Mask(NamedTuple):
+    label: np.ndarray
+    affine: np.ndarray
+
+
+class _Draw(NamedTuple):
+    """The sample a case keeps: the last draw, its gate failures (empty = pass), attempt number and seed."""
+
+    image: np.ndarray
+    failures: list[str]
+    attempt: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Generator:
+    """A generator file loaded for sampling, with what the gate and the manifest rows need of it."""
+
+    model: torch.nn.Module
+    cfg: MedDDPMConfig
+    sampler: Sampler
+    sha256: str
+    ranges: dict | None  # the gate's intensity ranges; None: an imported generator without them (not gated)
+
+
+def _clean_partial(out: Path) -> None:
+    """Remove temporary files of an atomic write interrupted by SIGKILL (core.fsutil names them .*.tmp*)."""
+    for p in out.rglob(".*.tmp*"):
+        if p.is_file():
+            p.unlink()
+
+
+def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_dir: str | Path,
+                      config: SynthesisConfig) -> Path:
+    """Generate `config.count` paired image–mask cases; return the path of out_dir/data_manifest.csv (of the
+    shard's manifest when ``config.shard`` is given).
+
+    Masks: rows of `masks_manifest` with source in `sources` (real rows use their label; source=mask rows are
+    edited masks) and split in `splits`, sorted by case id and used round-robin. Each synthetic case gets seed
+    case_seed(seed, index, attempt); its mask is written unchanged on the same grid as the image. Rows record
+    parent_case_id (the mask's case id), mask_edit, mask_source, origin_case_id (the real case at the root),
+    generator_checkpoint (sha256), sampler, steps, seed, quality_gate (pass|fail; unchecked for an imported
+    generator without intensity ranges) and attempts.
+    Quality gate (synth.quality: per-label medians, background, texture): a failing sample is redrawn with a new
+    seed up to `max_retries` times; cases still failing are kept and marked quality_gate=fail. quality_report.csv
+    lists every attempt with each failed check, its measured value and the allowed range.
+    device: where to run the generator (auto = CUDA when present); the seeded noise is drawn on the CPU, so a
+    seed gives the same sample on any device up to float error.
+    shard: (k, n) = this process makes the cases whose index i has i % n == k, into
+    out_dir/data_manifest.shard-k-of-n.csv (several processes, GPUs or Dask workers then share one out_dir without
+    touching each other's files);
+    "auto" takes k, n from torchrun's RANK / WORLD_SIZE (and, with device auto, the GPU from LOCAL_RANK).
+    merge_shards(out_dir, n, count) then writes the cohort's data_manifest.csv atomically.
+    """
+    if config.count < 1:
+        raise ConfigError("count must be at least 1")
+    shard, device = _resolve_shard(config.shard, config.device)
+    gen_path = resolve_generator(checkpoint)
+    masks_manifest = Path(masks_manifest)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / (MANIFEST if shard is None else shard_manifest_name(*shard))
+    report_file = out / (REPORT_FILE if shard is None else shard_report_name(*shard))
+    _clean_partial(out)
+
+    gen = _load_generator(gen_path, config, device)
+    rows = _mask_rows(masks_manifest, config.sources, config.splits, config.case_ids)
+    indices = range(config.count) if shard is None else range(shard[0], config.count, shard[1])  # this process's cases
+    jobs, report_rows = _pending_jobs(manifest, report_file, rows, indices, config.case_prefix)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(indices), initial=len(indices) - len(jobs),
+               desc=f"synthesize ({config.sampler}, {config.steps} steps)", disable=not config.progress,
+               dynamic_ncols=True)
+    with torch_threads(config.num_threads):
+        for b in range(0, len(jobs), config.batch_size):
+            batch = jobs[b:b + config.batch_size]
+            masks = _read_masks(masks_manifest, batch, gen.cfg)
+            draws, report = _draw_until_pass(gen, config, batch, masks)
+            report_rows += report
+            append_rows(manifest, [_write_case(manifest, job, mask, draw, gen, config)
+                                   for job, mask, draw in zip(batch, masks, draws)])
+            atomic_write_text(report_file, pd.DataFrame(report_rows).to_csv(index=False))
+            bar.update(len(batch))
+    bar.close()
+    if not report_file.exists():
+        atomic_write_text(report_file, REPORT_HEADER)
+    return manifest
+
+
+def _pending_jobs(manifest: Path, report_file: Path, rows: pd.DataFrame, indices: range,
+                  case_prefix: str) -> tuple[list[_Job], list[dict]]:
+    """The cases of ``indices`` not yet in the manifest (a restarted run redoes the rest), and the quality report's
+    rows of the finished ones."""
+    done = set(load_manifest(manifest)["case_id"]) if manifest.exists() else set()
+    report_rows = []
+    if report_file.exists():  # keep only records of finished cases (the rest are redone)
+        old = pd.read_csv(report_file)
+        report_rows = old[old["case_id"].isin(done)].to_dict("records") if len(old) else []
+    jobs = []
+    for i in indices:  # masks used round-robin
+        row = rows.iloc[i % len(rows)]
+        job = _Job(i, f"{case_prefix}{i:05d}_{row['case_id']}", row)
+        if job.case_id not in done:
+            jobs.append(job)
+    return jobs, report_rows
+
+
+def _load_generator(gen_path: Path, config: SynthesisConfig, device: str) -> _Generator:
+    model, cfg, meta = load_generator(gen_path)
+    model.to(resolve_device(device))  # samples come back to the CPU (synth.schedulers.sample) before writing
+    sampler = make_sampler(config.sampler, cfg.timesteps, cfg.schedule, eta=config.eta, spacing=config.spacing,
+                           analytic=config.analytic)
+    sampler.timesteps(config.steps)  # refuses a step count outside 1..T before any work
+    return _Generator(model, cfg, sampler, sha256_file(gen_path),
+                      load_gate_ranges(gen_path.parent / RANGES_FILE, imported=SOURCE_META in meta))
 
 
 def _mask_rows(masks_manifest: Path, sources, splits, case_ids) -> pd.DataFrame:
@@ -49,137 +209,68 @@ def _mask_rows(masks_manifest: Path, sources, splits, case_ids) -> pd.DataFrame:
     return rows.sort_values("case_id")
 
 
-def _clean_partial(out: Path) -> None:
-    """Remove temporary files of an atomic write interrupted by SIGKILL (core.fsutil names them .*.tmp*)."""
-    for p in out.rglob(".*.tmp*"):
-        if p.is_file():
-            p.unlink()
-
-
-def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_dir: str | Path, count: int,
-                      sampler: str = defaults.SAMPLER, steps: int = defaults.STEPS, seed: int = 0, *,
-                      eta: float = defaults.ETA, spacing: str = defaults.SPACING,
-                      analytic: bool = defaults.ANALYTIC, batch_size: int = 4,
-                      sources: tuple[str, ...] = ("real", "mask"),
-                      splits: tuple[str, ...] | None = ("train",), case_ids: list[str] | None = None,
-                      max_retries: int = 3, gate_margin: float = 0.05, cohort_name: str = "medddpm-synthetic",
-                      case_prefix: str = "syn", num_threads: int | None = None, progress: bool = True,
-                      device: str = "auto", shard: tuple[int, int] | str | None = None) -> Path:
-    """Generate `count` paired image–mask cases; return the path of out_dir/data_manifest.csv (of the shard's
-    manifest when ``shard`` is given).
-
-    Masks: rows of `masks_manifest` with source in `sources` (real rows use their label; source=mask rows are
-    edited masks) and split in `splits`, sorted by case id and used round-robin. Each synthetic case gets seed
-    case_seed(seed, index, attempt); its mask is written unchanged on the same grid as the image. Rows record
-    parent_case_id (the mask's case id), mask_edit, mask_source, origin_case_id (the real case at the root),
-    generator_checkpoint (sha256), sampler, steps, seed, quality_gate (pass|fail; unchecked for an imported
-    generator without intensity ranges) and attempts.
-    Quality gate (synth.quality: per-label medians, background, texture): a failing sample is redrawn with a new
-    seed up to `max_retries` times; cases still failing are kept and marked quality_gate=fail. quality_report.csv
-    lists every attempt with each failed check, its measured value and the allowed range.
-    device: where to run the generator (auto = CUDA when present); the seeded noise is drawn on the CPU, so a
-    seed gives the same sample on any device up to float error.
-    shard: (k, n) = this process makes the cases whose index i has i % n == k, into out_dir/data_manifest.shard-k-of-n.csv
-    (several processes, GPUs or Dask workers then share one out_dir without touching each other's files);
-    "auto" takes k, n from torchrun's RANK / WORLD_SIZE (and, with device auto, the GPU from LOCAL_RANK).
-    merge_shards(out_dir, n, count) then writes the cohort's data_manifest.csv atomically.
-    """
-    if count < 1:
-        raise ConfigError("count must be at least 1")
-    shard, device = _resolve_shard(shard, device)
-    gen_path = resolve_generator(checkpoint)
-    masks_manifest = Path(masks_manifest)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = out / (MANIFEST if shard is None else shard_manifest_name(*shard))
-    report_file = out / (REPORT_FILE if shard is None else shard_report_name(*shard))
-    _clean_partial(out)
-
-    model, cfg, meta = load_generator(gen_path)
-    model.to(resolve_device(device))  # samples come back to the CPU (synth.schedulers.sample) before writing
-    diffusion_sampler = make_sampler(sampler, cfg.timesteps, cfg.schedule, eta=eta, spacing=spacing,
-                                     analytic=analytic)
-    diffusion_sampler.timesteps(steps)  # refuses a step count outside 1..T before any work
-    gen_hash = sha256_file(gen_path)
-    ranges = load_gate_ranges(gen_path.parent / RANGES_FILE, imported=SOURCE_META in meta)
+def _read_masks(masks_manifest: Path, jobs: list[_Job], cfg: MedDDPMConfig) -> list[_Mask]:
+    """The conditioning masks of a batch, each checked to lie on the generator's grid."""
     grid = get_profile(cfg.profile)
-    rows = _mask_rows(masks_manifest, sources, splits, case_ids)
-    done = set(load_manifest(manifest)["case_id"]) if manifest.exists() else set()
-    report_rows = []
-    if report_file.exists():  # keep only records of finished cases (the rest are redone)
-        old = pd.read_csv(report_file)
-        report_rows = old[old["case_id"].isin(done)].to_dict("records") if len(old) else []
+    masks = []
+    for job in jobs:
+        lab_path = case_files(masks_manifest, job.mask_row).label
+        lab, aff = read_label(lab_path)
+        if lab.shape != grid.shape:
+            raise InputError(lab_path, f"mask shape {lab.shape} is not the generator's grid {grid.shape} "
+                                        f"(profile {cfg.profile})", kind="shape-mismatch")
+        masks.append(_Mask(lab, aff))
+    return masks
 
-    indices = range(count) if shard is None else range(shard[0], count, shard[1])  # this process's cases
-    jobs = []
-    for i in indices:
-        row = rows.iloc[i % len(rows)]
-        cid = f"{case_prefix}{i:05d}_{row['case_id']}"
-        if cid not in done:
-            jobs.append((i, cid, row))
 
-    from tqdm.auto import tqdm
+def _draw_until_pass(gen: _Generator, config: SynthesisConfig, jobs: list[_Job],
+                     masks: list[_Mask]) -> tuple[list[_Draw], list[dict]]:
+    """Sample each job's case on its mask, redrawing a sample the gate fails with the next attempt's seed up to
+    ``max_retries`` times (first a draw for all, then only the failures, batched). Returns the draw each case keeps
+    and the quality report's row of every attempt."""
+    cfg = gen.cfg
+    cond = torch.stack([condition_from_label(mask.label, cfg.condition) for mask in masks])
+    attempts = [0] * len(jobs)
+    draws: list[_Draw | None] = [None] * len(jobs)
+    report = []
+    todo = list(range(len(jobs)))
+    while todo:
+        seeds = [case_seed(config.seed, jobs[k].index, attempts[k]) for k in todo]
+        x = sample(gen.model, gen.sampler, cond[todo], cfg.out_channels, config.steps, seeds,
+                   channels_last=cfg.channels_last, prediction=cfg.prediction).numpy()
+        still = []
+        for j, k in enumerate(todo):
+            failures = check_sample(x[j], masks[k].label, gen.ranges, cfg.modalities, config.gate_margin)
+            draws[k] = _Draw(x[j], failures, attempts[k], seeds[j])
+            report.append({"case_id": jobs[k].case_id, "attempt": attempts[k], "seed": seeds[j],
+                           "passed": not failures, "failures": "; ".join(failures)})
+            if failures and attempts[k] < config.max_retries:
+                attempts[k] += 1
+                still.append(k)
+        todo = still
+    return draws, report
 
-    bar = tqdm(total=len(indices), initial=len(indices) - len(jobs), desc=f"synthesize ({sampler}, {steps} steps)",
-               disable=not progress, dynamic_ncols=True)
-    with torch_threads(num_threads):
-        for b in range(0, len(jobs), batch_size):
-            batch = jobs[b:b + batch_size]
-            labels, affines = [], []
-            for _, _, row in batch:
-                lab_path = case_files(masks_manifest, row).label
-                lab, aff = read_label(lab_path)
-                if lab.shape != grid.shape:
-                    raise InputError(lab_path, f"mask shape {lab.shape} is not the generator's grid {grid.shape} "
-                                                f"(profile {cfg.profile})", kind="shape-mismatch")
-                labels.append(lab)
-                affines.append(aff)
-            cond = torch.stack([condition_from_label(lab, cfg.condition) for lab in labels])
-            attempts = [0] * len(batch)
-            images: list[np.ndarray | None] = [None] * len(batch)
-            failures: list[list[str]] = [[] for _ in batch]
-            todo = list(range(len(batch)))
-            while todo:  # first draw for all, then redraw only the failures with new seeds
-                seeds = [case_seed(seed, batch[k][0], attempts[k]) for k in todo]
-                x = sample(model, diffusion_sampler, cond[todo], cfg.out_channels, steps, seeds,
-                           channels_last=cfg.channels_last, prediction=cfg.prediction).numpy()
-                still = []
-                for j, k in enumerate(todo):
-                    images[k] = x[j]
-                    failures[k] = check_sample(x[j], labels[k], ranges, cfg.modalities, gate_margin)
-                    report_rows.append({"case_id": batch[k][1], "attempt": attempts[k], "seed": seeds[j],
-                                        "passed": not failures[k], "failures": "; ".join(failures[k])})
-                    if failures[k] and attempts[k] < max_retries:
-                        attempts[k] += 1
-                        still.append(k)
-                todo = still
-            new_rows = []
-            for k, (i, cid, row) in enumerate(batch):
-                folder = out / cid
-                img_paths = {m: write_array(folder / f"{cid}_{m}.nii.gz", images[k][ci], affines[k])
-                             for ci, m in enumerate(cfg.modalities)}
-                lab_path = write_array(folder / f"{cid}_seg.nii.gz", labels[k], affines[k])
-                is_edit = row["source"] == "mask"
-                parent_of_mask = row.get("parent_case_id")
-                origin = parent_of_mask if is_edit and not pd.isna(parent_of_mask) else row["case_id"]
-                mask_edit = row.get("mask_edit")
-                new_rows.append(make_row(
-                    manifest, case_id=cid, cohort=cohort_name, source="synthetic", split="train",
-                    images=img_paths, label=lab_path, shape=labels[k].shape,
-                    spacing=spacing_of(affines[k]),
-                    parent_case_id=row["case_id"], mask_edit=None if pd.isna(mask_edit) else mask_edit,
-                    mask_source=row["source"], origin_case_id=origin, generator_checkpoint=gen_hash,
-                    sampler=diffusion_sampler.label(), steps=steps,
-                    seed=case_seed(seed, i, attempts[k]),
-                    quality_gate="fail" if failures[k] else ("pass" if ranges is not None else "unchecked"),
-                    attempts=attempts[k] + 1))
-            append_rows(manifest, new_rows)
-            atomic_write_text(report_file, pd.DataFrame(report_rows).to_csv(index=False))
-            bar.update(len(batch))
-    bar.close()
-    if not report_file.exists():
-        atomic_write_text(report_file, REPORT_HEADER)
-    return manifest
+
+def _write_case(manifest: Path, job: _Job, mask: _Mask, draw: _Draw, gen: _Generator,
+                config: SynthesisConfig) -> dict:
+    """Write the case's images and its mask (unchanged) beside the manifest; return its manifest row."""
+    cid, row = job.case_id, job.mask_row
+    folder = manifest.parent / cid
+    img_paths = {m: write_array(folder / f"{cid}_{m}.nii.gz", draw.image[ci], mask.affine)
+                 for ci, m in enumerate(gen.cfg.modalities)}
+    lab_path = write_array(folder / f"{cid}_seg.nii.gz", mask.label, mask.affine)
+    is_edit = row["source"] == "mask"
+    parent_of_mask = row.get("parent_case_id")
+    origin = parent_of_mask if is_edit and not pd.isna(parent_of_mask) else row["case_id"]
+    mask_edit = row.get("mask_edit")
+    return make_row(
+        manifest, case_id=cid, cohort=config.cohort_name, source="synthetic", split="train",
+        images=img_paths, label=lab_path, shape=mask.label.shape, spacing=spacing_of(mask.affine),
+        parent_case_id=row["case_id"], mask_edit=None if pd.isna(mask_edit) else mask_edit,
+        mask_source=row["source"], origin_case_id=origin, generator_checkpoint=gen.sha256,
+        sampler=gen.sampler.label(), steps=config.steps, seed=draw.seed,
+        quality_gate="fail" if draw.failures else ("pass" if gen.ranges is not None else "unchecked"),
+        attempts=draw.attempt + 1)
 
 
 def shard_manifest_name(k: int, n: int) -> str:

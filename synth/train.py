@@ -27,7 +27,8 @@ from cohort.manifest import FILE_COLUMNS
 from cohort.profiles import get_profile
 from core.threads import torch_threads
 
-from .checkpoint import CONFIG_FILE, GENERATOR_FILE, LOSS_LOG, RANGES_FILE, STATE_FILE, load_state, save_generator
+from .checkpoint import (CONFIG_FILE, GENERATOR_FILE, LOSS_LOG, RANGES_FILE, STATE_FILE, adopt_init_network,
+                         init_weights, load_state, save_generator, with_init_sha256)
 from .config import MedDDPMConfig, get_config
 from .data import StepBatchSampler, collate_pair, rank_shard, training_dataset, training_rows
 from .distributed import Ranks, mean_over_ranks, process_group, rank_device, ranks_from_env
@@ -192,13 +193,12 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
     generator.safetensors. Rerunning the same call after an interruption resumes from the last checkpoint.
     Launched by torchrun (WORLD_SIZE > 1), the processes train one model together and rank 0 writes.
     config.init_from (CLI --init-from): start from that generator's weights, taking its network settings
-    (e.g. the authors' imported weights); recorded in config.json with the file's sha256.
+    (e.g. the authors' imported weights); the file's sha256 goes into the config (init_from_sha256), its hash and
+    config.json.
     """
     cfg = _as_config(profile, config)
-    if cfg.init_from:  # fine-tuning: the network is the init generator's (synth.authors_weights)
-        from .authors_weights import adopt_init_network
-
-        cfg = adopt_init_network(cfg)
+    if cfg.init_from:  # fine-tuning: the network is the init generator's, and the file counts by its content
+        cfg = with_init_sha256(adopt_init_network(cfg))
     out = Path(out_dir)
     ranks = ranks_from_env()
     grid = _check_settings(cfg, ranks)
@@ -247,17 +247,10 @@ def _write_run_files(out: Path, manifest, cfg: MedDDPMConfig, rows, cases_hash: 
     if not (out / RANGES_FILE).exists():
         cases = DataLoader(dataset, batch_size=None, num_workers=_data_workers(cfg, device))
         save_ranges(out / RANGES_FILE, intensity_ranges(cases, cfg.modalities))
-    init = {}
-    if cfg.init_from:
-        from core.fsutil import sha256_file
-
-        from .checkpoint import resolve_generator
-
-        init = {"init_from_sha256": sha256_file(resolve_generator(cfg.init_from))}
     atomic_write_text(out / CONFIG_FILE, json.dumps({**cfg.to_dict(), "config_hash": cfg.hash(),
                                                      "manifest": str(Path(manifest).resolve()),
                                                      "train_cases": rows["case_id"].tolist(),
-                                                     "training_cases_hash": cases_hash, **init}, indent=1))
+                                                     "training_cases_hash": cases_hash}, indent=1))
 
 
 def _data_workers(cfg: MedDDPMConfig, device: torch.device) -> int:
@@ -272,8 +265,6 @@ def _setup(cfg: MedDDPMConfig, out: Path, device: torch.device, ranks: Ranks, n_
     torch.manual_seed(cfg.seed)  # initial weights only (the same on every rank); every later draw uses `rng`
     net = build_unet(cfg)  # with cfg.grad_checkpoint, its blocks are checkpointed (synth.network)
     if cfg.init_from:
-        from .authors_weights import init_weights
-
         init_weights(net, cfg)
     net = net.to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)  # fp32 master weights and EMA, whatever the autocast

@@ -1,7 +1,9 @@
 """The authors' Med-DDPM network and the import of their published checkpoints (synth.authors_unet,
-synth.authors_weights), checked against files made in their exact format (../shared/fixtures/official-medddpm).
+synth.authors_weights), checked against files made in their exact format (../shared/fixtures/official-medddpm;
+its key listings are copied to tests/fixtures/).
 
-Tests that need those files skip with the reason when the folder is absent (a fresh clone has no ../shared)."""
+Tests that need the checkpoint files skip with the reason when the folder is absent (a fresh clone has no
+../shared), and fail instead under CI (MEDDDPM_REQUIRE_ALL=1: tests/conftest.py skip_or_fail)."""
 from __future__ import annotations
 
 import warnings
@@ -16,11 +18,13 @@ from core.errors import InputError
 from cohort.labels import BRAIN, MODALITIES
 from cohort.profiles import PROFILES as GRIDS, Profile
 from synth.config import get_config
+from tests.conftest import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / ".." / "shared" / "fixtures" / "official-medddpm"
+KEY_LISTINGS = REPO / "tests" / "fixtures"  # copies of FIXTURES' *_keys.txt
 CKPT = FIXTURES / "brats_c32_r1.pt"
-needs_fixtures = pytest.mark.skipif(
+needs_fixtures = pytest.mark.skip_or_fail_if(
     not CKPT.exists(), reason=f"the authors'-format fixtures are not at {FIXTURES} (CI has ../shared beside the "
                               "checkout; a fresh clone does not)")
 # the fixture network has 5 levels (downsampling 16): a 16^3 test grid
@@ -48,7 +52,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def authors_ckpt():
     if not CKPT.exists():
-        pytest.skip(f"no fixtures at {FIXTURES}")
+        skip_or_fail(f"no fixtures at {FIXTURES}")
     return torch.load(CKPT, map_location="cpu", weights_only=True)
 
 
@@ -76,11 +80,8 @@ def test_imported_fixture_reproduces_the_authors_output_in_our_axis_order():
 def test_published_configurations_have_exactly_the_listed_keys_and_shapes(profile, listing):
     from synth.network import build_unet
 
-    path = FIXTURES / listing
-    if not path.exists():
-        pytest.skip(f"no key listing at {path}")
     theirs = {}
-    for line in path.read_text().splitlines():
+    for line in (KEY_LISTINGS / listing).read_text().splitlines():
         key, shape, _ = line.split("\t")
         if key.startswith("denoise_fn."):
             theirs[key[len("denoise_fn."):]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
@@ -329,13 +330,14 @@ def test_cli_train_init_from_starts_from_the_generator_weights(toy_cohort, tmp_p
 
 
 def test_fine_tuning_resumes_after_the_init_generator_moved(toy_cohort, tmp_path, capsys):
-    """The config hash counts init_from by the generator's content: a run resumes when its checkout (and with it
-    the init file's path) moved, and is refused when the init weights are other ones."""
+    """The config hash counts init_from by the generator's content (init_from_sha256, set where training starts):
+    a run resumes when its checkout (and with it the init file's path) moved, and is refused when the init weights
+    are other ones."""
     import shutil
 
     from core.fsutil import sha256_file
     from medddpm.cli import main
-    from synth.checkpoint import load_generator
+    from synth.checkpoint import load_generator, with_init_sha256
     from synth.config import get_config
 
     common = ["train", "--manifest", str(toy_cohort), "--profile", "tiny", "--threads", "1", "--no-progress"]
@@ -343,13 +345,17 @@ def test_fine_tuning_resumes_after_the_init_generator_moved(toy_cohort, tmp_path
     assert main(common + ["--steps", "3", "--seed", "1", "--out", str(tmp_path / "other")]) == 0
     gen = tmp_path / "a" / "generator.safetensors"
     cfg = get_config("tiny")
-    assert cfg.replace(init_from=str(gen)).hash() == cfg.replace(init_from=str(tmp_path / "a")).hash()
-    assert cfg.replace(init_from=str(gen)).hash() != cfg.replace(init_from=str(tmp_path / "other")).hash()
+    by_content = lambda init: with_init_sha256(cfg.replace(init_from=str(init))).hash()  # noqa: E731
+    assert by_content(gen) == by_content(tmp_path / "a")
+    assert by_content(gen) != by_content(tmp_path / "other")
+    assert cfg.replace(init_from=str(gen)).hash() != by_content(gen)  # without its sha256: by path
     assert main(common + ["--steps", "2", "--out", str(tmp_path / "ft"), "--init-from", str(gen)]) == 0
     moved = tmp_path / "moved" / "generator.safetensors"
     moved.parent.mkdir()
     shutil.move(gen, moved)
-    assert cfg.replace(init_from=str(moved)).hash() != cfg.replace(init_from=str(gen)).hash()  # gone: by path
+    assert by_content(moved) != cfg.replace(init_from=str(gen)).hash()  # gone: by path
+    with pytest.raises(InputError, match="does not exist"):
+        with_init_sha256(cfg.replace(init_from=str(gen)))
     assert main(common + ["--steps", "4", "--out", str(tmp_path / "ft"), "--init-from", str(moved)]) == 0
     record = pd.read_json(tmp_path / "ft" / "config.json", typ="series")
     assert record["init_from"] == str(moved) and record["init_from_sha256"] == sha256_file(moved)
@@ -361,8 +367,7 @@ def test_fine_tuning_resumes_after_the_init_generator_moved(toy_cohort, tmp_path
 
 def test_init_from_a_generator_of_another_network_is_refused_naming_it(tmp_path):
     """A generator whose weights do not fit the training network gives one clear error."""
-    from synth.authors_weights import init_weights
-    from synth.checkpoint import save_generator
+    from synth.checkpoint import init_weights, save_generator
     from synth.network import build_unet
 
     tiny = get_config("tiny")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import InputError, ConfigError
+from core.errors import ConfigError
 from synth.config import CONDITION_CHANNELS, MedDDPMConfig, get_config
 from synth.network import build_unet, condition_from_label, count_parameters
 from synth.schedulers import make_sampler, make_training_scheduler, run_sampler, sample, sampling_timesteps
@@ -177,7 +177,7 @@ def test_min_snr_loss_counts_the_clean_image_error_as_min_snr_gamma(prediction, 
                else (a.sqrt() * xt - x0_hat) / (1 - a).sqrt())  # the ε̂ or v̂ whose x̂0 is x0 + δ
 
         class Fixed(torch.nn.Module):
-            def forward(self, inp, tt):
+            def forward(self, inp, tt, out=out):  # this draw's output (bound now, not at call time)
                 return out.float()
 
         got = float(diffusion_loss(Fixed(), x0, torch.zeros_like(x0), t, noise, sched, loss, prediction=prediction,
@@ -195,7 +195,7 @@ def test_min_snr_gamma_is_validated_and_leaves_unset_hashes_alone():
 
     from safetensors import safe_open
 
-    v1 = Path(__file__).resolve().parents[1] / "synth" / "pretrained" / "demo-phantom-v1.safetensors"
+    v1 = Path(__file__).resolve().parents[1] / "scripts" / "demo_generator_chain" / "demo-phantom-v1.safetensors"
     with safe_open(str(v1), "pt") as f:
         meta = f.metadata()
     assert "min_snr_gamma" not in json.loads(meta["config"])
@@ -451,7 +451,7 @@ def _saved_bytes_and_grads(net, x, t):
 
 
 def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memory():
-    from synth.memory import enable_grad_checkpointing
+    from synth.grad_checkpoint import enable_grad_checkpointing
 
     cfg = get_config("demo")
     torch.manual_seed(0)
@@ -471,7 +471,7 @@ def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memor
                                        (["--min-snr-gamma", "none", "--snr-weight-floor", "none"], (None, None))])
 def test_cli_train_snr_weighting_can_be_set_or_removed(monkeypatch, flag, want):
     """`medddpm train --snr-weight-floor none` trains without the demo profile's floor (how v2's runs are
-    reproduced, bench/pretrain_demo_generator.py), `--min-snr-gamma none` without the weighting (v1's run); a
+    reproduced, scripts/pretrain_demo_generator.py), `--min-snr-gamma none` without the weighting (v1's run); a
     number replaces the profile's value; no flag keeps it."""
     import synth.train
     from medddpm.cli import main
@@ -485,7 +485,7 @@ def test_cli_train_snr_weighting_can_be_set_or_removed(monkeypatch, flag, want):
 
 
 def test_cli_train_sets_the_cosine_schedules_end(monkeypatch):
-    """`--lr-min` reaches the config (v4's pre-training stage decays to 1e-5, bench/pretrain_demo_generator.py);
+    """`--lr-min` reaches the config (v4's pre-training stage decays to 1e-5, scripts/pretrain_demo_generator.py);
     without it the profile's value stays."""
     import synth.train
     from medddpm.cli import main

@@ -1,6 +1,7 @@
 """Med-DDPM training, sampling science and cohort synthesis on the toy cohort (tiny profile)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from synth.config import get_config
 from synth.data import load_items, training_rows
 from synth.network import build_unet, condition_from_label
 from synth.schedulers import make_sampler, sample
-from synth.synthesize import synthesize_cohort
+from synth.synthesize import SynthesisConfig, synthesize_cohort
 from synth.train import denoising_loss, train_medddpm
 
 FAST = {"num_threads": 1, "progress": False}  # one thread: the machine is shared, two threads thrash
@@ -60,6 +61,24 @@ def test_held_out_denoising_loss_falls_with_training(trained, val_items):
     untrained = build_unet(cfg)
     before, after = denoising_loss(untrained, val_items, cfg), denoising_loss(model, val_items, cfg)
     assert after < 0.75 * before, (before, after)
+
+
+@pytest.mark.parametrize("a_t", [1e-4, 0.3, 0.999])
+def test_convert_model_output_recovers_eps_and_x0_from_either_prediction(a_t):
+    from core.errors import ConfigError
+    from synth.schedulers import convert_model_output
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 4, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(2, 3, 4, 4, 4, generator=g, dtype=torch.float64)
+    x_t = a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps
+    v = a_t ** 0.5 * eps - (1 - a_t) ** 0.5 * x0  # Salimans & Ho's velocity
+    for output, prediction in ((eps, "epsilon"), (v, "v")):
+        eps_hat, x0_hat = convert_model_output(output, x_t, a_t, prediction)
+        torch.testing.assert_close(eps_hat, eps)
+        torch.testing.assert_close(x0_hat, x0, atol=1e-8 / a_t ** 0.5, rtol=1e-7)  # ε's x̂0 divides by √ᾱ
+    with pytest.raises(ConfigError, match="unknown prediction"):
+        convert_model_output(eps, x_t, a_t, "x0")
 
 
 def _medians(x: np.ndarray, lab: np.ndarray, ch: int, v: int) -> float:
@@ -134,12 +153,12 @@ def test_synthetic_cohort_pairs_images_with_the_conditioning_masks_bit_for_bit(t
         return real_append(path, rows)
 
     monkeypatch.setattr(S, "append_rows", flaky_append)
+    config = SynthesisConfig(count=3, sampler="ddim", steps=5, seed=3, batch_size=2, progress=False, num_threads=1)
     with pytest.raises(KeyboardInterrupt):
-        synthesize_cohort(trained, masks, out, 3, "ddim", 5, seed=3, batch_size=2, progress=False, num_threads=1)
+        synthesize_cohort(trained, masks, out, config)
     monkeypatch.setattr(S, "append_rows", real_append)
     assert len(load_manifest(out / "data_manifest.csv")) == 2
-    manifest = synthesize_cohort(trained, masks, out, 3, "ddim", 5, seed=3, batch_size=2, progress=False,
-                                 num_threads=1)
+    manifest = synthesize_cohort(trained, masks, out, config)
     df = validate_manifest(manifest)
     assert df["case_id"].tolist() == ["syn00000_toy_000", "syn00001_toy_000_shift", "syn00002_toy_000"]
     assert not list(out.rglob("*.tmp*"))
@@ -164,8 +183,7 @@ def test_synthetic_cohort_pairs_images_with_the_conditioning_masks_bit_for_bit(t
         assert img.shape == want.shape
     # a case depends only on its seed and mask: a fresh run with batch size 1 draws the same image
     # (equal up to float rounding; oneDNN kernels differ with batch size)
-    again = synthesize_cohort(trained, masks, tmp_path / "again", 1, "ddim", 5, seed=3, batch_size=1,
-                              progress=False, num_threads=1)
+    again = synthesize_cohort(trained, masks, tmp_path / "again", dataclasses.replace(config, count=1, batch_size=1))
     a = read_array(case_files(again, load_manifest(again).iloc[0]).images["t2"])[0]
     b = read_array(case_files(manifest, df.iloc[0]).images["t2"])[0]
     np.testing.assert_allclose(a, b, atol=1e-3)
@@ -183,8 +201,8 @@ def test_quality_gate_redraws_failures_and_reports_them(trained, toy_cohort, tmp
     ranges["labels"]["4"]["flair"] = {"mean": 5.5, "sd": 0.0, "min": 5.0, "max": 6.0, "n": 6}  # impossible
 
     (gen / "intensity_ranges.json").write_text(json.dumps(ranges))
-    m = synthesize_cohort(gen / "generator.safetensors", toy_cohort, tmp_path / "out", 1, "ddim", 4,
-                          max_retries=2, progress=False, num_threads=1)
+    m = synthesize_cohort(gen / "generator.safetensors", toy_cohort, tmp_path / "out", SynthesisConfig(
+        count=1, sampler="ddim", steps=4, max_retries=2, progress=False, num_threads=1))
     row = load_manifest(m).iloc[0]
     assert row["quality_gate"] == "fail" and row["attempts"] == "3"
     rep = pd.read_csv(tmp_path / "out" / "quality_report.csv")
@@ -287,16 +305,17 @@ def test_sharded_synthesis_merges_to_the_unsharded_cohort_and_resumes(trained, t
     from cohort.manifest import case_files
     from synth.synthesize import merge_shards, shard_manifest_name
 
-    kw = dict(count=5, sampler="ddim", steps=3, seed=2, progress=False, num_threads=1, max_retries=0)
-    whole = load_manifest(synthesize_cohort(trained, toy_cohort, tmp_path / "whole", **kw))
+    config = SynthesisConfig(count=5, sampler="ddim", steps=3, seed=2, progress=False, num_threads=1, max_retries=0)
+    shard0, shard1 = (dataclasses.replace(config, shard=(k, 2)) for k in (0, 1))
+    whole = load_manifest(synthesize_cohort(trained, toy_cohort, tmp_path / "whole", config))
     out = tmp_path / "sharded"
-    synthesize_cohort(trained, toy_cohort, out, shard=(1, 2), **kw)
+    synthesize_cohort(trained, toy_cohort, out, shard1)
     with pytest.raises(InputError, match="shard 0 of 2 has 0 of its 3 cases"):
         merge_shards(out, 2, 5)
-    first = synthesize_cohort(trained, toy_cohort, out, shard=(0, 2), **kw)
+    first = synthesize_cohort(trained, toy_cohort, out, shard0)
     assert first.name == shard_manifest_name(0, 2) and load_manifest(first)["case_id"].tolist() == \
         whole["case_id"].iloc[[0, 2, 4]].tolist()
-    synthesize_cohort(trained, toy_cohort, out, shard=(0, 2), **kw)  # rerun: resumes, nothing duplicated
+    synthesize_cohort(trained, toy_cohort, out, shard0)  # rerun: resumes, nothing duplicated
     merged = load_manifest(merge_shards(out, 2, 5))
     assert merged["case_id"].tolist() == whole["case_id"].tolist()
     assert merged["seed"].tolist() == whole["seed"].tolist()

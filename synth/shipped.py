@@ -18,8 +18,9 @@ from core.fsutil import sha256_file
 SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
 # cohort profile -> file name of its shipped generator (its card: the same name with .json). v4 is v3 pre-trained
 # 12 000 steps further (lr 1e-3 cosine to 1e-5); v3 is v2 pre-trained further with the L2 loss and the Min-SNR
-# weight floored at 1; v2 is v1 pre-trained further with Min-SNR-5 (v1-v3 kept: the chain's starting points;
-# docs/benchmarks.md, "Demo generator" and "A long stage from v3").
+# weight floored at 1; v2 is v1 pre-trained further with Min-SNR-5 (v1-v3, the chain's starting points, are kept
+# outside the installed package: scripts/demo_generator_chain/; docs/decisions/0008-shipped-demo-generator.md).
+# Only these files are package data (pyproject.toml).
 SHIPPED = {"demo": "demo-phantom-v4.safetensors"}
 # the phantom cohort the demo generator was pre-trained on: not the study's (cohort seed 0)
 PRETRAIN_COHORT = dict(n_cases=160, seed=1000, profile="demo")
