@@ -1,5 +1,6 @@
-"""CLI verbs of flows/: `medddpm study` (the augment study, embedded: no separately started Prefect server) and
-`medddpm regenerate-cohort`. Prefect is imported only when a verb runs, after its environment is set."""
+"""CLI verbs of flows/: `medddpm study` (the augment study, embedded: no separately started Prefect server),
+`medddpm regenerate-cohort` and `medddpm plan` (the study's estimated cost, flows/costs.py). Prefect is imported
+only when a verb runs, after its environment is set."""
 from __future__ import annotations
 
 import json
@@ -70,7 +71,7 @@ def register(subparsers) -> None:
                    help="another real cohort (same profile) evaluated too, reported as its own test set")
     p.add_argument("--checkpoint", dest="medddpm_checkpoint", help="reuse this Med-DDPM checkpoint (no training)")
     p.add_argument("--medddpm-init", help="what Med-DDPM starts from: shipped (default: fine-tune the project's "
-                                          "pre-trained generator of the profile, synth/pretrained.py), scratch, or a "
+                                          "pre-trained generator of the profile, synth/shipped.py), scratch, or a "
                                           "generator file to fine-tune")
     p.add_argument("--sampler", help=f"synthesis sampler (default {defaults.SAMPLER})")
     p.add_argument("--steps", dest="sampling_steps", type=int, help=f"sampling steps (default {defaults.STEPS})")
@@ -102,6 +103,7 @@ def register(subparsers) -> None:
                                                          "(default 0: such a cohort is not registered)")
     r.add_argument("--device", help="where to sample: auto (default), cpu, cuda, cuda:N, mps")
     r.set_defaults(func=_regenerate)
+    _register_plan(subparsers)
 
 
 def _study(args) -> int:
@@ -133,4 +135,63 @@ def _regenerate(args) -> int:
     result = regenerate_cohort(**params)
     print(f"registered {result['cohort_id']}: {result['manifest']}" +
           (f"; pruned {', '.join(result['pruned'])}" if result["pruned"] else ""))
+    return 0
+
+
+def _register_plan(subparsers) -> None:
+    from . import costs
+    from .costs import CPU_TFLOPS, GPU_TFLOPS
+    from .mixes import DEFAULT_MIXES
+
+    paragraphs = costs.__doc__.split("\n\n")
+    p = subparsers.add_parser(
+        "plan", help="print the work of a study and its estimated accelerator hours and peak memory per stage",
+        description=paragraphs[0] + " " + paragraphs[1].replace("\n", " "))
+    p.add_argument("--profile", default="paper-brats", help="Med-DDPM profile (demo, paper-brats, paper-wholehead, "
+                                                           "authors-brats, ...; default paper-brats)")
+    p.add_argument("--cohort", help="real cohort data_manifest.csv: n_test = its real test rows "
+                                    "(and --n-real defaults to its real training rows)")
+    p.add_argument("--n-real", type=int, help="real training cases per mix (default: the cohort's, else 1000, "
+                                              "the paper's)")
+    p.add_argument("--n-test", type=int, default=0, help="real test cases (default: the cohort's)")
+    p.add_argument("--mixes", default=",".join(DEFAULT_MIXES), help="comma list of R:S[@real|@edited]")
+    p.add_argument("--backends", default="nnunet", help="comma list: monai, nnunet (default nnunet)")
+    p.add_argument("--seeds", type=int, default=3, help="segmenter seeds per mix (default 3)")
+    p.add_argument("--medddpm-steps", type=int, help="Med-DDPM optimizer steps (default: the profile's)")
+    p.add_argument("--sampling-steps", type=int, help="denoising steps per volume (default: synth's default)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast (memory estimate)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing (memory estimate)")
+    p.add_argument("--on", choices=("gpu", "cpu"), default="gpu", help="throughput default: gpu or cpu")
+    p.add_argument("--tflops", type=float, help=f"sustained TFLOP/s (default {GPU_TFLOPS:g} on gpu, an assumption; "
+                                                f"{CPU_TFLOPS:g} on cpu, measured)")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args) -> int:
+    n_real, n_test = args.n_real, args.n_test
+    if args.cohort:
+        from cohort.manifest import load_manifest, select
+
+        df = load_manifest(args.cohort)
+        n_real = n_real or len(select(df, source="real", split="train"))
+        n_test = n_test or len(select(df, source="real", split="test"))
+    n_real = n_real or 1000
+    from .costs import CPU_TFLOPS, GIB, GPU_TFLOPS, estimate_study_cost
+
+    tflops = args.tflops or (GPU_TFLOPS if args.on == "gpu" else CPU_TFLOPS)
+    half = args.on == "gpu" and not args.fp32  # precision auto: bf16 on a GPU, fp32 on a CPU
+    stages = estimate_study_cost(args.profile, n_real, n_test, _csv(args.mixes), _csv(args.backends),
+                                 list(range(args.seeds)), medddpm_steps=args.medddpm_steps,
+                                 sampling_steps=args.sampling_steps, half_precision=half,
+                                 grad_checkpoint=args.grad_checkpoint)
+    unit = "GPU" if args.on == "gpu" else "CPU"
+    print(f"Study plan: profile {args.profile}, {n_real} real training cases per mix, {n_test} test cases; "
+          f"{tflops:g} TFLOP/s sustained ({'given' if args.tflops else 'assumed' if args.on == 'gpu' else 'measured'})")
+    print(f"{'stage':<22} {unit + '-hours':>10} {'peak GiB':>9}  work")
+    for s in stages:
+        print(f"{s.name:<22} {s.hours(tflops):>10.1f} {s.peak_bytes / GIB:>9.1f}  {s.work}")
+    total = sum(s.hours(tflops) for s in stages)
+    print(f"{'total':<22} {total:>10.1f} {max(s.peak_bytes for s in stages) / GIB:>9.1f}  "
+          f"(peak memory: {'bf16 autocast' if half else 'fp32'}"
+          f"{', activation checkpointing' if args.grad_checkpoint else ''}; weights, Adam and EMA in fp32)")
     return 0

@@ -7,7 +7,7 @@ before any work runs. Pure (reads manifests, imports no Prefect), so it is teste
     plan.runs         # one segmenter per (mix, back end, seed): its real cases and how many synthetic ones
     plan.test_sets    # the real test split (+ an external cohort)
     plan.judge        # the real-only MONAI run whose model judges the synthetic images
-    plan.jobs(ordered)  # after synthesis: each run's case ids, given the pools in gate-policy order (pool_order)
+    plan.jobs(pool_orders)  # after synthesis: each run's case ids, given each pool in gate-policy order (pool_order)
 
 flows/study.py runs the plan as Prefect tasks (docs/flows.md).
 """
@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from core.errors import InputError, ConfigError
+from core.identity import content_hash
 from synth.defaults import SAMPLER, STEPS
 
 from .mixes import DEFAULT_MIXES, Mix, SynthesisPlan, parse_mixes
-from .refs import hash_json
 
 GATE_POLICIES = ("fill", "exclude", "keep")
 GENERATOR_DATA = ("selected", "all")
@@ -31,7 +31,8 @@ JUDGE_BACKEND = "monai"  # its encoder gives the Fréchet features (segment.mona
 @dataclass(frozen=True)
 class StudyParams:
     """The parameters that define a study's results (the flow's parameters less where and how it runs: out,
-    parallel, Dask, device, gpus). Meanings: the augment_study docstring and docs/flows.md. Mixes are kept as canonical labels."""
+    parallel, Dask, device, gpus). Meanings: the augment_study docstring and docs/flows.md. Mixes are kept as
+    canonical labels."""
 
     cohort_manifest: str | None = None
     profile: str = "demo"
@@ -44,6 +45,8 @@ class StudyParams:
     external_test_manifest: str | None = None
     medddpm_checkpoint: str | None = None
     medddpm_config: dict = field(default_factory=dict)
+    # the real cases Med-DDPM trains on: "selected" (the n_real every mix uses) or "all" (every real training case).
+    # The name is kept: it is a key of study.json's parameters (read by eval/), of study_key and of parameter files.
     medddpm_on: str = "selected"
     medddpm_init: str = "shipped"
     sampler: str = SAMPLER
@@ -79,7 +82,7 @@ class StudyParams:
     @property
     def study_key(self) -> str:
         """'augment-study:<12 hex digits>': one study per parameter set (the registry's used_by)."""
-        return "augment-study:" + hash_json(self.as_dict())[:12]
+        return "augment-study:" + content_hash(self.as_dict())[:12]
 
 
 @dataclass(frozen=True)
@@ -144,14 +147,14 @@ class StudyPlan:
         """The real cases Med-DDPM trains on: the selected ones, or None for every real training case."""
         return list(self.train_ids) if self.params.medddpm_on == "selected" else None
 
-    def jobs(self, ordered: dict[str, tuple[list[str], set[str]]]) -> list[dict]:
+    def jobs(self, pool_orders: dict[str, tuple[list[str], set[str]]]) -> list[dict]:
         """One job per run (the train-segmenters subflow's input): its case ids (real first, then a prefix of its
-        pool) and how many of those synthetic cases failed the quality gate. ``ordered``: pool name ->
+        pool) and how many of those synthetic cases failed the quality gate. ``pool_orders``: pool name ->
         ``pool_order(...)`` of that pool. A mix that needs more cases than its pool has (gate_failures="exclude")
         raises InputError naming the pool."""
         jobs = []
         for r in self.runs:
-            ids, failed = ordered.get(r.mix.masks, ([], set()))
+            ids, failed = pool_orders.get(r.mix.masks, ([], set()))
             synth_ids = ids[:r.n_synth]
             if len(synth_ids) < r.n_synth:
                 pool = next(p for p in self.pools if p.name == r.mix.masks)
@@ -187,7 +190,7 @@ def plan_study(params: StudyParams, cohort_manifest: str | Path, study_dir: str 
     seg_profile = SEGMENTER_PROFILE.get(params.profile, "paper")
     # a non-default segmenter config gets its own run folders, so changing it on a finished study trains new
     # segmenters beside the old ones instead of colliding with them (segment refuses a model_dir of another config)
-    variant = f"-cfg{hash_json(params.segmenter_config)[:6]}" if params.segmenter_config else ""
+    variant = f"-cfg{content_hash(params.segmenter_config)[:6]}" if params.segmenter_config else ""
     runs = []
     for mix in mixes:
         n_r, n_s = mix.counts(params.n_real)

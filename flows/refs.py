@@ -6,7 +6,6 @@ content of the files it reads (plus its parameters), not on timestamps.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,10 +27,6 @@ class FileRef(BaseModel):
     # downstream tasks (Prefect hashes inputs as JSON), but kept in the pickled task result, so a cache hit
     # still reports how long the stage took when it really ran.
     seconds: float = Field(default=0.0, exclude=True)
-
-    @property
-    def p(self) -> Path:
-        return Path(self.path)
 
     def is_intact(self) -> bool:
         """True if the file/folder still exists with the same content (a cached result is only reused then)."""
@@ -68,6 +63,3 @@ def ref(path: str | Path, seconds: float = 0.0) -> FileRef:
     p = Path(path).resolve()
     return FileRef(path=str(p), sha256=hash_path(p), seconds=round(float(seconds), 3))
 
-
-def hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -17,7 +17,7 @@ from eval.records import STUDY_JSON, StudyRecord
 
 from flows import registry, tasks  # absolute: see flows/study.py
 from flows.refs import ref
-from flows.study import fresh
+from flows.tasks import run_cached
 from synth import defaults
 
 SEED_BASE = 10_000  # regenerated cohort vN samples with seed SEED_BASE + N (study pools use small seeds)
@@ -70,15 +70,15 @@ def regenerate_cohort(
     if count is None:
         from cohort.manifest import load_manifest
 
-        count = len(load_manifest(mask_ref.p))
+        count = len(load_manifest(mask_ref.path))
     cohort_id = registry.next_version(study)
     version = int(cohort_id.rsplit("-v", 1)[1])
     seed = SEED_BASE + version if seed is None else int(seed)
     out_dir = study / "synthetic" / cohort_id
-    synthetic = fresh(tasks.synthesize, study, ck, mask_ref, str(out_dir), int(count), sampler, int(steps), seed,
-                      cohort_id, device)
-    gate = quality_gate(synthetic.p, int(count), int(max_gate_failures))
-    registry.register(study, cohort_id, synthetic.p, synthetic.sha256, kind="regenerated",
+    synthetic = run_cached(tasks.synthesize, study, ck, mask_ref, str(out_dir), int(count), sampler, int(steps), seed,
+                           cohort_id, device)
+    gate = quality_gate(Path(synthetic.path), int(count), int(max_gate_failures))
+    registry.register(study, cohort_id, synthetic.path, synthetic.sha256, kind="regenerated",
                       checkpoint_sha256=ck.sha256, masks_sha256=mask_ref.sha256, sampler=sampler, steps=int(steps),
                       seed=seed, count=int(count), gate=gate)
     pruned = registry.prune(study, keep)

@@ -50,7 +50,7 @@ def read_registry(study_dir: str | Path) -> dict:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def register(study_dir: str | Path, cohort_id: str, manifest: str | Path, sha256: str, kind: str,

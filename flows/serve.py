@@ -58,5 +58,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # guard: nnU-Net's spawn pools re-import the entry module (stack.md G3)
+if __name__ == "__main__":  # guard: nnU-Net's spawn pools re-import the entry module
     sys.exit(main())

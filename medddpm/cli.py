@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module exposes register(subparsers). Order = order in --help.
-VERB_MODULES = ("cohort.cli", "synth.cli", "synth.import_cli", "segment.cli", "eval.cli", "flows.cli", "medddpm.plan")
+VERB_MODULES = ("cohort.cli", "synth.cli", "synth.import_cli", "segment.cli", "eval.cli", "flows.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

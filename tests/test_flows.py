@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -131,13 +132,13 @@ def test_stage_and_select_keep_files_and_hashes(tmp_path, toy_cohort):
     from flows import tasks
 
     staged = tasks.stage_cohort.fn(ref(toy_cohort), str(tmp_path / "cohort"))
-    validate_manifest(staged.p, check_hashes=True)  # every file present with its recorded sha256
+    validate_manifest(staged.path, check_hashes=True)  # every file present with its recorded sha256
     sel = tasks.select_training_cases.fn(staged, 3, 0)
     again = tasks.select_training_cases.fn(staged, 3, 0)
-    df = load_manifest(sel.p)
+    df = load_manifest(sel.path)
     assert sel.sha256 == again.sha256 and len(df) == 3
     assert set(df["split"]) == {"train"} and set(df["source"]) == {"real"}
-    validate_manifest(sel.p, check_hashes=True)  # same data root: relative paths still resolve
+    validate_manifest(sel.path, check_hashes=True)  # same data root: relative paths still resolve
     with pytest.raises(InputError, match="only 6 real training"):
         tasks.select_training_cases.fn(staged, 7, 0)
 
@@ -150,26 +151,28 @@ def test_cached_task_is_reused_then_recomputed_when_its_output_is_deleted(harnes
     from prefect import flow
 
     from flows import tasks
-    from flows.study import fresh
+    from flows.tasks import run_cached
 
     @flow(name="stage-cohort-test")
     def stage(study: str):
-        return fresh(tasks.stage_cohort, tmp_path, ref(toy_cohort), study)
+        return run_cached(tasks.stage_cohort, tmp_path, ref(toy_cohort), study)
 
     out = tmp_path / "cohort"
     first = stage(str(out))
-    mtime = first.p.stat().st_mtime_ns
-    assert stage(str(out)) == first and first.p.stat().st_mtime_ns == mtime  # cache hit: the task did not run
-    first.p.unlink()
+    manifest = Path(first.path)
+    mtime = manifest.stat().st_mtime_ns
+    assert stage(str(out)) == first and manifest.stat().st_mtime_ns == mtime  # cache hit: the task did not run
+    manifest.unlink()
     again = stage(str(out))
-    assert again.p.exists() and again.sha256 == first.sha256
+    assert Path(again.path).exists() and again.sha256 == first.sha256
     assert (tmp_path / ".prefect" / "results").is_dir()  # results persist inside the study folder
 
 
 def test_segmenter_fan_out_on_a_dask_local_cluster(harness, tmp_path, toy_cohort):
     """The per-run fan-out on prefect-dask's DaskTaskRunner (LocalCluster of 1 worker process)."""
     from cohort.manifest import load_manifest, select
-    from flows.study import segmenter_task_runner, train_segmenters
+    from flows.runners import segmenter_task_runner
+    from flows.study import train_segmenters
 
     df = load_manifest(toy_cohort)
     train_ids = select(df, split="train")["case_id"].tolist()[:3]
@@ -183,7 +186,7 @@ def test_segmenter_fan_out_on_a_dask_local_cluster(harness, tmp_path, toy_cohort
     assert type(runner).__name__ == "DaskTaskRunner"
     out = train_segmenters.with_options(task_runner=runner)(str(tmp_path), man, [job],
                                                             [{"name": "test", "manifest": man, "case_ids": test_ids}])
-    scores = pd.read_csv(out[0]["evals"][0].p)
+    scores = pd.read_csv(out[0]["evals"][0].path)
     assert sorted(scores["case_id"].unique()) == sorted(test_ids)
     assert set(scores["region"]) == {"WT", "TC", "ET"} and scores["dice"].between(0, 1).all()
     assert (scores["mix"] == "1:0").all() and (scores["test_set"] == "test").all()
@@ -195,11 +198,11 @@ def test_two_worker_threads_train_two_segmenters_at_once(harness, tmp_path, toy_
     second worker (it did, and the default study's trainings ran one after another)."""
     import threading
     import time
-    from pathlib import Path
 
     import segment.api
     from cohort.manifest import load_manifest, select
-    from flows.study import segmenter_task_runner, train_segmenters
+    from flows.runners import segmenter_task_runner
+    from flows.study import train_segmenters
 
     spans, real_train = {}, segment.api.train
 
@@ -215,14 +218,15 @@ def test_two_worker_threads_train_two_segmenters_at_once(harness, tmp_path, toy_
     train_ids = select(df, split="train")["case_id"].tolist()[:3]
     test_ids = select(df, split="test")["case_id"].tolist()
     man = ref(toy_cohort)
-    jobs = [{"run": f"r1-s0-monai-s{seed}", "case_ids": train_ids, "model_dir": str(tmp_path / "segmenters" / f"s{seed}"),
+    jobs = [{"run": f"r1-s0-monai-s{seed}", "case_ids": train_ids,
+             "model_dir": str(tmp_path / "segmenters" / f"s{seed}"),
              "config": {"profile": "tiny", "backend": "monai", "seed": seed, "epochs": 1, "iters_per_epoch": 2},
              "columns": {"run": f"r1-s0-monai-s{seed}", "mix": "1:0", "n_real": 3, "n_synth": 0, "backend": "monai",
                          "seed": seed}} for seed in (0, 1)]
     runner = segmenter_task_runner(None, dask_workers=0, parallel=2)
     out = train_segmenters.with_options(task_runner=runner)(str(tmp_path), man, jobs,
                                                             [{"name": "test", "manifest": man, "case_ids": test_ids}])
-    assert [r["run"] for r in out] == [j["run"] for j in jobs] and all(r["evals"][0].p.exists() for r in out)
+    assert [r["run"] for r in out] == [j["run"] for j in jobs] and all(Path(r["evals"][0].path).exists() for r in out)
     (start0, end0, thread0), (start1, end1, thread1) = spans["s0"], spans["s1"]
     assert thread0 != thread1 and start1 < end0 and start0 < end1, spans
 
@@ -230,7 +234,7 @@ def test_two_worker_threads_train_two_segmenters_at_once(harness, tmp_path, toy_
 def test_default_pool_keeps_every_core_busy_to_the_end():
     """9 single-threaded trainings on 2 cores: 3 at a time (4.5 training times) instead of 2 (5, the ninth alone
     on one core); counts that divide evenly keep one per core; GPU, nnU-Net or all-core profiles keep 2."""
-    from flows.study import auto_parallel, balanced_pool_size
+    from flows.runners import auto_parallel, balanced_pool_size
 
     assert balanced_pool_size(9, 2) == 3 and balanced_pool_size(8, 2) == 2 and balanced_pool_size(6, 2) == 2
     assert balanced_pool_size(1, 2) == 1 and balanced_pool_size(3, 2) == 3 and balanced_pool_size(12, 16) == 12
@@ -264,12 +268,12 @@ def _gpu_probe_task():
 
 
 def test_gpu_tasks_never_outnumber_the_gpus_a_dask_cluster_declares(harness, tmp_path):
-    """Two workers, each declaring one GPU but running 3 threads: GPU-annotated tasks (flows.study.gpu_submit, used
+    """Two workers, each declaring one GPU but running 3 threads: GPU-annotated tasks (flows.runners.gpu_submit, used
     by train-segmenters) run at most 2 at a time, plain tasks up to 6; every task completes."""
     from prefect import flow
     from prefect_dask import DaskTaskRunner
 
-    from flows.study import GPU_RESOURCE, gpu_submit, segmenter_task_runner
+    from flows.runners import GPU_RESOURCE, gpu_submit, segmenter_task_runner
 
     probe = _gpu_probe_task()
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 3, "processes": False,
@@ -330,7 +334,7 @@ def test_transient_failures_are_retried_bad_input_is_not(harness):
 
 @pytest.mark.parametrize("entrypoint", ["deployment", "flows/study.py:augment_study"])
 def test_flow_loaded_by_entrypoint_accepts_cached_file_refs(entrypoint):
-    """Regression (issue 11): a flow run loads augment-study from its deployment's entry point. Cached results
+    """Regression: a flow run loads augment-study from its deployment's entry point. Cached results
     are FileRefs of the flows package (as `medddpm study` pickled them); the loaded flow's subflow must accept
     them. A file-path entry point used to load the file as a package 'study' with its own FileRef class."""
     from prefect.flows import load_flow_from_entrypoint

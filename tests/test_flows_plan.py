@@ -35,7 +35,7 @@ def test_plan_of_the_paper_mixes(toy_cohort, tmp_path):
 
     assert len(plan.runs) == 4 * 2 * 2
     runs = {r.run: r for r in plan.runs}
-    cfg = "-cfg" + __import__("flows.refs", fromlist=["hash_json"]).hash_json({"epochs": 2})[:6]
+    cfg = "-cfg" + __import__("core.identity", fromlist=["content_hash"]).content_hash({"epochs": 2})[:6]
     r = runs["r1-s2-edited-monai-s1" + cfg]
     assert r.real_ids == plan.train_ids and r.n_synth == 6
     assert r.config == {"profile": "tiny", "epochs": 2, "backend": "monai", "seed": 1}
@@ -110,3 +110,36 @@ def test_params_picked_from_the_flow_signature_are_all_its_result_parameters():
     names = set(inspect.signature(augment_study.fn).parameters)
     assert names - set(StudyParams().as_dict()) == {"out", "parallel", "dask_address", "dask_workers", "device", "gpus"}
     assert StudyParams.pick({"n_real": 3, "out": "x", "parallel": 1}) == StudyParams(n_real=3)
+
+
+def test_study_record_times_what_the_stages_made_not_the_files_given(toy_cohort, tmp_path):
+    """study.json's hashes and wall times cover the stages that ran; a cohort used in place (already inside the
+    study folder) and a checkpoint to reuse are the study's inputs, not stage outputs. A staged copy is one."""
+    import shutil
+
+    from cohort.selection import write_training_selection
+    from flows.record import study_record
+    from flows.refs import ref
+
+    study = Path(toy_cohort).parent.resolve()  # the toy cohort lies inside this study folder
+    given_checkpoint = tmp_path / "generator.safetensors"
+    given_checkpoint.write_bytes(b"weights")
+    params = StudyParams(cohort_manifest=str(toy_cohort), medddpm_checkpoint=str(given_checkpoint), mixes=["1:0"],
+                         n_real=3, seeds=[0], profile="tiny")
+    plan = plan_study(params, toy_cohort, study)
+    selected = ref(write_training_selection(toy_cohort, 3, 0), seconds=0.5)
+
+    def record(cohort):
+        stages = {"cohort": cohort, "select": selected, "medddpm": ref(given_checkpoint, seconds=9.0),
+                  "edit-masks": None}
+        return study_record(study, plan, stages, cohort=cohort, checkpoint=None, pools={}, pool_orders={},
+                            jobs=plan.jobs({}), test_sets=[], trained=[])
+
+    in_place = record(ref(toy_cohort, seconds=1.0))
+    assert in_place.hashes == {"select": selected.sha256}
+    assert in_place.wall_seconds == {"select": 0.5, "segmenters (train+predict+evaluate, sum over runs)": 0}
+    assert in_place.cohort.manifest == "data_manifest.csv"
+    assert in_place.cohort.selected_manifest == Path(selected.path).name
+    staged = ref(shutil.copy(toy_cohort, tmp_path / "staged.csv"), seconds=2.0)
+    assert record(staged).hashes == {"cohort": staged.sha256, "select": selected.sha256}
+    assert record(staged).wall_seconds["cohort"] == 2.0

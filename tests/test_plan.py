@@ -1,10 +1,10 @@
-"""`medddpm plan`: counted costs per stage (meta device, no real computation)."""
+"""`medddpm plan` (flows.costs): counted costs per stage (meta device, no real computation)."""
 from __future__ import annotations
 
 import pytest
 
+from flows.costs import estimate_study_cost
 from medddpm.cli import main
-from medddpm.plan import plan_study
 from synth.config import get_config
 from synth.costs import sample_step_cost, train_step_cost
 
@@ -22,15 +22,15 @@ def test_paper_brats_memory_falls_with_bf16_and_checkpointing_and_flops_scale_wi
 
 
 def test_plan_counts_the_studys_work():
-    stages = plan_study("demo", n_real=8, n_test=12, mixes=["1:0", "0:1", "1:2@edited"], backends=["monai"],
-                        seeds=[0, 1, 2], medddpm_steps=100, sampling_steps=10)
+    stages = estimate_study_cost("demo", n_real=8, n_test=12, mixes=["1:0", "0:1", "1:2@edited"],
+                                 backends=["monai"], seeds=[0, 1, 2], medddpm_steps=100, sampling_steps=10)
     names = [s.name for s in stages]
     assert names == ["Med-DDPM training", "synthesis", "segmenters (monai)"]
     assert "24 volumes x 10 denoising steps" in stages[1].work  # 8 for 0:1 (real masks) + 16 for 1:2@edited
     assert stages[2].work.startswith("9 runs (3 mixes x 3 seeds)")
     assert all(s.flops > 0 and s.peak_bytes > 0 for s in stages)
-    twice = plan_study("demo", 8, 12, ["1:0", "0:1", "1:2@edited"], ["monai"], [0, 1, 2], medddpm_steps=200,
-                       sampling_steps=10)
+    twice = estimate_study_cost("demo", 8, 12, ["1:0", "0:1", "1:2@edited"], ["monai"], [0, 1, 2],
+                                medddpm_steps=200, sampling_steps=10)
     assert twice[0].flops == pytest.approx(2 * stages[0].flops)
 
 
