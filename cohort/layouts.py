@@ -315,7 +315,8 @@ def _nnunet(src: Path, modalities, user_channels, user_labels) -> list[CaseSourc
     channels = resolve_channels(_declared(meta.get("channel_names"), where, "channel_names", value_first=True),
                                 user_channels, modalities, where)
     labels_decl = meta.get("labels")
-    if user_labels and isinstance(labels_decl, dict) and any(isinstance(v, (list, tuple)) for v in labels_decl.values()):
+    region_based = isinstance(labels_decl, dict) and any(isinstance(v, (list, tuple)) for v in labels_decl.values())
+    if user_labels and region_based:
         labels = _user_label_map(user_labels, {}, where)  # region-based: the user's map of file values decides
     else:
         labels = resolve_labels(_declared(labels_decl, where, "labels", value_first=False), user_labels, where)

@@ -163,6 +163,46 @@ def check_row_hashes(manifest_path: str | Path, row: pd.Series) -> None:
                               kind="hash-mismatch")
 
 
+def check_same_cohort(manifest: str | Path, reference: str | Path) -> pd.DataFrame:
+    """Refuse a manifest that does not describe the same data as ``reference`` (e.g. the repository's
+    data_manifest.csv of the embedded default cohort): the same case ids and, per case, the same value in every
+    column (files, their sha256, split, shape, ...). Row order does not matter. Only the recorded rows are
+    compared; that the files still match their recorded sha256 is ``validate_manifest``'s check.
+
+    Raises InputError(manifest, ..., kind="cohort-mismatch") naming the first differing case (and file), with
+    what to do. Returns the manifest.
+    """
+    manifest, reference = Path(manifest), Path(reference)
+    df, ref = load_manifest(manifest), load_manifest(reference)
+
+    def mismatch(problem: str) -> InputError:
+        return InputError(manifest, f"{problem}; this is not the data of {reference}. Rebuild (or copy) the cohort "
+                                   "into a new, empty folder with the pinned environment (make env) and compare "
+                                   "again", kind="cohort-mismatch")
+
+    check_rows(ref, reference)  # unique case ids, known sources/splits
+    check_rows(df, manifest)
+    missing = [c for c in ref["case_id"] if c not in set(df["case_id"].tolist())]
+    if missing:
+        raise mismatch(f"case {missing[0]} is missing ({len(missing)} of the reference's {len(ref)} cases are)")
+    extra = [c for c in df["case_id"] if c not in set(ref["case_id"].tolist())]
+    if extra:
+        raise mismatch(f"case {extra[0]} is not in the reference ({len(extra)} extra cases)")
+    mine = df.set_index("case_id", drop=False).fillna("")
+    columns = list(ref.columns) + [c for c in df.columns if c not in ref.columns]
+    for _, want in ref.fillna("").iterrows():
+        cid, got = want["case_id"], mine.loc[want["case_id"]]
+        for c in columns:
+            w, g = want.get(c, ""), got.get(c, "")
+            if w == g:
+                continue
+            if c.startswith("sha256_"):
+                raise mismatch(f"case {cid}: file {got.get(c[len('sha256_'):], '')} has sha256 {g[:12]}…, "
+                               f"the reference {w[:12]}…")
+            raise mismatch(f"case {cid}: {c} is {g!r}, the reference {w!r}")
+    return df
+
+
 def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
     """Atomically (re)write a whole manifest."""
     df = _normalise(df.copy())

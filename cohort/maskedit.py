@@ -14,6 +14,8 @@ the parent's split.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,62 @@ def transplant_tumour(donor: np.ndarray, recipient: np.ndarray, offset=(0, 0, 0)
                   n_reference=int((tum > 0).sum()), where="the recipient brain")
 
 
+@dataclass(frozen=True)
+class _EditRules:
+    """What ``edit_masks`` may draw (kinds, scale range, largest shift) and which edits it keeps."""
+
+    kinds: tuple[str, ...]
+    scale_range: tuple[float, float]
+    max_shift_mm: float
+    min_voxels: int
+    min_inside: float
+    max_tries: int
+
+    def __post_init__(self):
+        unknown = set(self.kinds) - set(EDIT_KINDS)
+        if unknown or not self.kinds:
+            raise ConfigError(f"unknown edit kinds {sorted(unknown)}; choose from {EDIT_KINDS}", kind="bad-argument")
+        lo, hi = self.scale_range
+        if not 0.1 <= lo <= hi <= 10:
+            raise ConfigError(f"bad scale range {self.scale_range}", kind="bad-argument")
+
+
+def _try_edit(rng: np.random.Generator, kind: str, rules: _EditRules, lab: np.ndarray, aff: np.ndarray,
+              donors: list[str], labels) -> tuple[np.ndarray, str]:
+    """One random edit of ``kind`` and its mask_edit text; raises EditRejected if it breaks the rules.
+    labels(case_id) -> (label map, affine) reads the transplant donors."""
+    rule = dict(min_voxels=rules.min_voxels, min_inside=rules.min_inside)
+    if kind == "scale":
+        lo, hi = rules.scale_range
+        f = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        return scale_tumour(lab, f, **rule), f"scale:{f:.2f}"
+    if kind == "shift":
+        max_shift = np.maximum(np.round(rules.max_shift_mm / np.asarray(spacing_of(aff))), 1).astype(int)
+        off = tuple(int(rng.integers(-m, m + 1)) for m in max_shift)
+        return shift_tumour(lab, off, **rule), f"shift:{format_offset(off)}"
+    if not donors:
+        raise EditRejected("transplant: no other case to take a tumour from")
+    donor = donors[int(rng.integers(len(donors)))]
+    dlab, daff = labels(donor)
+    if dlab.shape != lab.shape or not np.allclose(daff, aff, atol=1e-3):
+        raise EditRejected(f"transplant: {donor} is on another grid")
+    return transplant_tumour(dlab, lab, **rule), f"transplant:from={donor}"
+
+
+def _random_edit(rng: np.random.Generator, rules: _EditRules, lab: np.ndarray, aff: np.ndarray, donors: list[str],
+                 labels, label_path: Path) -> tuple[np.ndarray, str]:
+    """Draw edits until one passes the rules (at most ``rules.max_tries``); InputError naming the parent if none."""
+    reasons = []
+    for _ in range(rules.max_tries):
+        kind = rules.kinds[int(rng.integers(len(rules.kinds)))]
+        try:
+            return _try_edit(rng, kind, rules, lab, aff, donors, labels)
+        except EditRejected as e:
+            reasons.append(str(e))
+    raise InputError(label_path, f"no valid mask edit in {rules.max_tries} tries (last: {reasons[-3:]})",
+                     kind="edit-failed")
+
+
 def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed: int, split: str | None = "train",
                *, kinds: tuple[str, ...] = EDIT_KINDS, scale_range: tuple[float, float] = (0.5, 2.0),
                max_shift_mm: float = 30.0, min_voxels: int = DEFAULT_MIN_VOXELS,
@@ -142,12 +200,7 @@ def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed:
     from .manifest import append_rows, load_manifest, make_row, resolve, select
     from .nifti import read_label, write_array
 
-    unknown = set(kinds) - set(EDIT_KINDS)
-    if unknown or not kinds:
-        raise ConfigError(f"unknown edit kinds {sorted(unknown)}; choose from {EDIT_KINDS}", kind="bad-argument")
-    lo, hi = scale_range
-    if not 0.1 <= lo <= hi <= 10:
-        raise ConfigError(f"bad scale range {scale_range}", kind="bad-argument")
+    rules = _EditRules(kinds, scale_range, max_shift_mm, min_voxels, min_inside, max_tries)
     manifest = Path(manifest)
     df = select(load_manifest(manifest), source="real", split=split)
     if len(df) == 0:
@@ -157,57 +210,26 @@ def edit_masks(manifest: str | Path, out_dir: str | Path, n_per_case: int, seed:
     out_manifest = out / "data_manifest.csv"
     done = set(load_manifest(out_manifest)["case_id"]) if out_manifest.exists() else set()
     ids, splits = df["case_id"].tolist(), df["split"].tolist()
-    labels: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    label_of = df.drop_duplicates("case_id").set_index("case_id")["label"]
 
-    def get(cid: str):
-        if cid not in labels:
-            row = df[df["case_id"] == cid].iloc[0]
-            labels[cid] = read_label(resolve(manifest, row["label"]))
-        return labels[cid]
+    @functools.cache  # transplant donors are read again and again
+    def labels(cid: str) -> tuple[np.ndarray, np.ndarray]:
+        return read_label(resolve(manifest, label_of[cid]))
 
     for ci, (_, row) in enumerate(tqdm(list(df.iterrows()), desc="edit masks", unit="case", disable=not progress)):
         parent = str(row["case_id"])
-        lab, aff = get(parent)
-        spacing = np.asarray(spacing_of(aff))
-        max_shift = np.maximum(np.round(max_shift_mm / spacing), 1).astype(int)
+        lab, aff = labels(parent)
+        # donors: other cases of the parent's own split (no tumour crosses splits)
+        donors = [d for d, sp in zip(ids, splits) if d != parent and sp == row["split"]]
         for k in range(n_per_case):
             cid = f"{parent}_edit{k:02d}"
             if cid in done:
                 continue
             # one stream per (seed, parent index, edit index): resuming or adding cases changes nothing else
             rng = np.random.default_rng(np.random.SeedSequence([seed, ci, k]))
-            new, edit = None, None
-            reasons = []
-            for _ in range(max_tries):
-                kind = kinds[int(rng.integers(len(kinds)))]
-                try:
-                    if kind == "scale":
-                        f = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-                        new, edit = scale_tumour(lab, f, min_voxels=min_voxels, min_inside=min_inside), f"scale:{f:.2f}"
-                    elif kind == "shift":
-                        off = tuple(int(rng.integers(-m, m + 1)) for m in max_shift)
-                        new = shift_tumour(lab, off, min_voxels=min_voxels, min_inside=min_inside)
-                        edit = f"shift:{format_offset(off)}"
-                    else:
-                        # donors: other cases of the parent's own split (no tumour crosses splits)
-                        donors = [d for d, sp in zip(ids, splits) if d != parent and sp == row["split"]]
-                        if not donors:
-                            raise EditRejected("transplant: no other case to take a tumour from")
-                        donor = donors[int(rng.integers(len(donors)))]
-                        dlab, daff = get(donor)
-                        if dlab.shape != lab.shape or not np.allclose(daff, aff, atol=1e-3):
-                            raise EditRejected(f"transplant: {donor} is on another grid")
-                        new = transplant_tumour(dlab, lab, min_voxels=min_voxels, min_inside=min_inside)
-                        edit = f"transplant:from={donor}"
-                    break
-                except EditRejected as e:
-                    reasons.append(str(e))
-                    new = None
-            if new is None:
-                raise InputError(resolve(manifest, row["label"]),
-                                  f"no valid mask edit in {max_tries} tries (last: {reasons[-3:]})", kind="edit-failed")
+            new, edit = _random_edit(rng, rules, lab, aff, donors, labels, resolve(manifest, row["label"]))
             path = write_array(out / cid / f"{cid}_seg.nii.gz", new, aff)
             append_rows(out_manifest, [make_row(
                 out_manifest, case_id=cid, cohort=row["cohort"], source="mask", split=row["split"], images={},
-                label=path, shape=new.shape, spacing=spacing, parent_case_id=parent, mask_edit=edit)])
+                label=path, shape=new.shape, spacing=spacing_of(aff), parent_case_id=parent, mask_edit=edit)])
     return out_manifest

@@ -3,7 +3,7 @@
 Reading checks the header before any voxel is read: a header must give a usable orientation (qform or sform
 code set) and non-zero voxel spacing, and the image it implies must fit under MAX_IMAGE_BYTES and inside the
 file (a lying header would otherwise make nibabel allocate whatever it claims). A .nii.gz file is read whole
-and decompressed in one call (about 1.5x faster than nibabel's streamed gzip read, see docs/benchmarks.md),
+and decompressed in one call (faster than nibabel's streamed gzip read: docs/decisions/0011-nifti-read-whole-file.md),
 which also tells exactly how many bytes it holds.
 """
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _check_header(path: Path, img) -> int:
         offset = 0
     shape = tuple(int(s) for s in header.get_data_shape())
     n_bytes = int(np.prod(shape, dtype=np.float64) * np.dtype(header.get_data_dtype()).itemsize)
-    claim = f"header claims a {'x'.join(map(str, shape))} {np.dtype(header.get_data_dtype())} image ({_fmt_bytes(n_bytes)})"
+    claim = (f"header claims a {'x'.join(map(str, shape))} {np.dtype(header.get_data_dtype())} image "
+             f"({_fmt_bytes(n_bytes)})")
     if n_bytes > MAX_IMAGE_BYTES:
         raise InputError(path, f"{claim}, more than the {_fmt_bytes(MAX_IMAGE_BYTES)} limit", kind="too-large")
     size = path.stat().st_size
@@ -143,7 +144,8 @@ def write_array(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path
     return path
 
 
-def read_label(path: str | Path, *, allowed=ALLOWED_LABELS, require_tumour: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def read_label(path: str | Path, *, allowed=ALLOWED_LABELS, require_tumour: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Read a label map, checking its values against the convention (0..4)."""
     arr, affine = read_array(path, dtype=np.float32)
     if not np.allclose(arr, np.round(arr)):
@@ -191,8 +193,8 @@ def read_volume(paths: dict[str, str | Path | tuple[str | Path, int]]) -> Volume
 def check_same_geometry(path, affine, ref_path, ref_affine, atol: float = 1e-3) -> None:
     sp, ref_sp = np.asarray(spacing_of(affine)), np.asarray(spacing_of(ref_affine))
     if not np.allclose(sp, ref_sp, atol=atol):
-        raise InputError(path, f"spacing {np.round(sp, 4).tolist()} differs from {ref_path} {np.round(ref_sp, 4).tolist()}",
-                          kind="geometry-mismatch")
+        raise InputError(path, f"spacing {np.round(sp, 4).tolist()} differs from {ref_path} "
+                               f"{np.round(ref_sp, 4).tolist()}", kind="geometry-mismatch")
     if not np.allclose(affine, ref_affine, atol=atol):
         raise InputError(path, f"affine differs from {ref_path}", kind="geometry-mismatch")
 

@@ -105,6 +105,100 @@ def make_splits(names_by_source: dict[str, str], val_names: Sequence[str] | None
     return folds
 
 
+def _check_dataset_name(dataset_id: int, name: str) -> None:
+    if not 1 <= dataset_id <= 999:
+        raise ConfigError(f"nnU-Net dataset id must be 1..999, got {dataset_id}", kind="bad-argument")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ConfigError(f"dataset name {name!r} must be letters, digits, '-' or '_'", kind="bad-argument")
+
+
+def _check_selection(manifest: Path, rows: pd.DataFrame, tr_all: list[str], test_ids: list[str],
+                     val_list: list[str] | None) -> None:
+    """Known, unique, disjoint case ids; images to export; only real cases for validation and test."""
+    _check_ids(manifest, rows, tr_all, "training cases")
+    _check_ids(manifest, rows, test_ids, "test cases")
+    if not tr_all:
+        raise InputError(manifest, "no training cases selected for the nnU-Net export", kind="empty-selection")
+    overlap = sorted(set(tr_all) & set(test_ids))
+    if overlap:
+        raise InputError(manifest, f"cases in both training and test sets {overlap[:10]}", kind="bad-split")
+    for cid in tr_all + test_ids:
+        if rows.loc[cid, "source"] not in ("real", "synthetic"):
+            raise InputError(manifest, f"case {cid}: source {rows.loc[cid, 'source']!r} has no image to export",
+                              kind="bad-source")
+    for cid in test_ids + (val_list or []):
+        if rows.loc[cid, "source"] != "real":
+            raise InputError(manifest, f"case {cid} is {rows.loc[cid, 'source']}: only real cases may be used "
+                                        "for validation or test", kind="bad-split")
+
+
+def _check_modalities(manifest: Path, rows: pd.DataFrame, case_ids: list[str], modalities: list[str]) -> None:
+    for cid in case_ids:
+        missing = [m for m in modalities if m not in row_modalities(rows.loc[cid])]
+        if missing:
+            raise InputError(manifest, f"case {cid}: missing modality {missing} needed by the export "
+                                        f"(channels {modalities})", kind="missing-modality")
+
+
+def _dataset_folder(out_root: Path, dataset_id: int, name: str) -> Path:
+    """The dataset's final folder; refuses a dataset id that another dataset in out_root already uses."""
+    final = out_root / dataset_folder_name(dataset_id, name)
+    out_root.mkdir(parents=True, exist_ok=True)
+    clash = [p.name for p in out_root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p != final]
+    if clash:
+        raise InputError(out_root / clash[0], f"nnU-Net dataset id {dataset_id} is already used by {clash}; "
+                                               "pick another --id", kind="id-clash")
+    return final
+
+
+def _write_cases(work: Path, manifest: Path, rows: pd.DataFrame, jobs: list[tuple[str, str, str]],
+                 names: dict[str, str], modalities: list[str], verify_hashes: bool, desc: str) -> list[dict]:
+    """Write each (case id, image folder, label folder) job's channels and nnU-Net labels; return case_map rows."""
+    map_rows = []
+    for cid, img_dir, lab_dir in tqdm(jobs, desc=desc, unit="case"):
+        row = rows.loc[cid]
+        if verify_hashes:
+            check_row_hashes(manifest, row)
+        case = read_case(manifest, row)
+        n = names[cid]
+        for k, m in enumerate(modalities):
+            write_array(work / img_dir / f"{n}_{k:04d}{FILE_ENDING}", case.image.channel(m), case.affine)
+        write_array(work / lab_dir / f"{n}{FILE_ENDING}", _LABEL_LUT[case.label_map], case.affine)
+        map_rows.append({"nnunet_case": n, "case_id": cid, "source": row["source"], "subset": img_dir})
+    (work / "imagesTs").mkdir(exist_ok=True)  # nnU-Net expects the folder even with no test cases
+    return map_rows
+
+
+def _dataset_json(name: str, manifest: Path, modalities: list[str], n_training: int, n_real: int,
+                  regions: bool) -> dict:
+    dataset_json = {
+        "name": name,
+        "description": f"exported by cohort.nnunet from {manifest.name}; brain label 4 mapped to background",
+        "channel_names": {str(k): m for k, m in enumerate(modalities)},
+        "labels": REGION_LABELS if regions else LABELS,
+        "numTraining": n_training,
+        "file_ending": FILE_ENDING,
+        "medddpm_label_mapping": {str(k): v for k, v in LABEL_MAPPING.items()},
+        "medddpm_n_real": int(n_real),
+        "medddpm_n_synthetic": n_training - int(n_real),
+    }
+    if regions:
+        dataset_json["regions_class_order"] = REGIONS_CLASS_ORDER
+    return dataset_json
+
+
+def _swap_into_place(work: Path, final: Path) -> None:
+    """Rename the finished folder to ``final``; a previous export is removed only after that."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        final.rename(old / final.name)
+    work.chmod(default_mode(is_dir=True))  # mkdtemp made it private
+    work.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, name: str,
                   train_ids: Sequence[str], test_ids: Sequence[str] = (), *,
                   modalities: Sequence[str] | None = None, val_ids: Sequence[str] | None = None,
@@ -126,81 +220,27 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
     df = load_manifest(manifest)
     check_rows(df, manifest)  # unique case ids, known sources/splits
     dataset_id = int(dataset_id)
-    if not 1 <= dataset_id <= 999:
-        raise ConfigError(f"nnU-Net dataset id must be 1..999, got {dataset_id}", kind="bad-argument")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise ConfigError(f"dataset name {name!r} must be letters, digits, '-' or '_'", kind="bad-argument")
+    _check_dataset_name(dataset_id, name)
 
     train_ids = [str(c) for c in train_ids]
     test_ids = [str(c) for c in test_ids]
     val_list = None if val_ids is None else [str(c) for c in val_ids]
     tr_all = train_ids + [c for c in (val_list or []) if c not in set(train_ids)]
-    _check_ids(manifest, df, tr_all, "training cases")
-    _check_ids(manifest, df, test_ids, "test cases")
-    if not tr_all:
-        raise InputError(manifest, "no training cases selected for the nnU-Net export", kind="empty-selection")
-    overlap = sorted(set(tr_all) & set(test_ids))
-    if overlap:
-        raise InputError(manifest, f"cases in both training and test sets {overlap[:10]}", kind="bad-split")
-
     rows = df.set_index("case_id", drop=False)
-    for cid in tr_all + test_ids:
-        if rows.loc[cid, "source"] not in ("real", "synthetic"):
-            raise InputError(manifest, f"case {cid}: source {rows.loc[cid, 'source']!r} has no image to export",
-                              kind="bad-source")
-    for cid in test_ids + (val_list or []):
-        if rows.loc[cid, "source"] != "real":
-            raise InputError(manifest, f"case {cid} is {rows.loc[cid, 'source']}: only real cases may be used "
-                                        "for validation or test", kind="bad-split")
-    if modalities is None:
-        modalities = row_modalities(rows.loc[tr_all[0]])
-    modalities = list(modalities)
-    for cid in tr_all + test_ids:
-        missing = [m for m in modalities if m not in row_modalities(rows.loc[cid])]
-        if missing:
-            raise InputError(manifest, f"case {cid}: missing modality {missing} needed by the export "
-                                        f"(channels {modalities})", kind="missing-modality")
-
-    final = out_root / dataset_folder_name(dataset_id, name)
-    out_root.mkdir(parents=True, exist_ok=True)
-    clash = [p.name for p in out_root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p != final]
-    if clash:
-        raise InputError(out_root / clash[0], f"nnU-Net dataset id {dataset_id} is already used by {clash}; "
-                                               "pick another --id", kind="id-clash")
+    _check_selection(manifest, rows, tr_all, test_ids, val_list)
+    modalities = list(row_modalities(rows.loc[tr_all[0]]) if modalities is None else modalities)
+    _check_modalities(manifest, rows, tr_all + test_ids, modalities)
+    final = _dataset_folder(out_root, dataset_id, name)
 
     names = _unique_names(tr_all + test_ids)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=out_root))
     try:
-        map_rows = []
         jobs = [(cid, "imagesTr", "labelsTr") for cid in tr_all] + [(cid, "imagesTs", "labelsTs") for cid in test_ids]
-        for cid, img_dir, lab_dir in tqdm(jobs, desc=f"nnU-Net export {final.name}", unit="case"):
-            row = rows.loc[cid]
-            if verify_hashes:
-                check_row_hashes(manifest, row)
-            case = read_case(manifest, row)
-            n = names[cid]
-            for k, m in enumerate(modalities):
-                write_array(work / img_dir / f"{n}_{k:04d}{FILE_ENDING}", case.image.channel(m), case.affine)
-            write_array(work / lab_dir / f"{n}{FILE_ENDING}", _LABEL_LUT[case.label_map], case.affine)
-            map_rows.append({"nnunet_case": n, "case_id": cid, "source": row["source"], "subset": img_dir})
-        (work / "imagesTs").mkdir(exist_ok=True)  # nnU-Net expects the folder even with no test cases
-
+        map_rows = _write_cases(work, manifest, rows, jobs, names, modalities, verify_hashes,
+                                desc=f"nnU-Net export {final.name}")
         n_real = sum(rows.loc[c, "source"] == "real" for c in tr_all)
-        dataset_json = {
-            "name": name,
-            "description": f"exported by cohort.nnunet from {manifest.name}; brain label 4 mapped to background",
-            "channel_names": {str(k): m for k, m in enumerate(modalities)},
-            "labels": REGION_LABELS if regions else LABELS,
-            "numTraining": len(tr_all),
-            "file_ending": FILE_ENDING,
-            "medddpm_label_mapping": {str(k): v for k, v in LABEL_MAPPING.items()},
-            "medddpm_n_real": int(n_real),
-            "medddpm_n_synthetic": len(tr_all) - int(n_real),
-        }
-        if regions:
-            dataset_json["regions_class_order"] = REGIONS_CLASS_ORDER
-        atomic_write_text(work / "dataset.json", json.dumps(dataset_json, indent=2))
-
+        atomic_write_text(work / "dataset.json",
+                          json.dumps(_dataset_json(name, manifest, modalities, len(tr_all), n_real, regions), indent=2))
         by_source = {names[c]: str(rows.loc[c, "source"]) for c in tr_all}
         try:
             splits = make_splits(by_source, None if val_list is None else [names[c] for c in val_list],
@@ -209,16 +249,7 @@ def export_nnunet(manifest: str | Path, out_root: str | Path, dataset_id: int, n
             raise InputError(manifest, f"cannot build nnU-Net validation folds: {e}", kind="bad-split") from e
         atomic_write_text(work / "splits_final.json", json.dumps(splits, indent=2))
         atomic_write_text(work / "case_map.csv", pd.DataFrame(map_rows).to_csv(index=False))
-
-        # swap the finished folder into place (old export removed only after the new one is complete)
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=out_root))
-            final.rename(old / final.name)
-        work.chmod(default_mode(is_dir=True))  # mkdtemp made it private
-        work.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_into_place(work, final)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)

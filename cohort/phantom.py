@@ -193,18 +193,30 @@ class SimulatedCase:
     info: CaseInfo
 
 
-def simulate_case(atlas_name: str, profile: Profile, rng: np.random.Generator, case_id: str = "case",
-                  cache: str | None = None) -> SimulatedCase:
-    """One phantom subject on ``profile``'s grid.
+@dataclass(frozen=True)
+class _Draws:
+    """Everything random about one case, drawn from its stream in a fixed order that does not depend on the
+    profile (so one seed gives the same subject at every resolution)."""
 
-    All random draws come from ``rng`` in a fixed order that does not depend on the profile, so one seed
-    gives the same subject (anatomy, tumour) at every resolution; only the voxel noise differs.
-    """
-    from monai.transforms import RandAdjustContrast, RandBiasField, RandRicianNoise
+    rotation: np.ndarray    # 3x3
+    scale: np.ndarray       # (3,) global x per-axis
+    shift_mm: np.ndarray    # (3,)
+    warp_ctrl: np.ndarray   # (3, *control grid) displacements in mm
+    rho: float
+    target_ml: float
+    th_ed: float
+    th_tc: float
+    necrosis: bool
+    th_ncr: float           # 2.0 (never reached) without necrosis
+    mass_effect: float      # 0.0 = no mass effect
+    jitter: dict            # modality -> tissue/tumour class -> contrast factor
+    het_seed: int
+    monai_seed: int
+    seed_order: np.ndarray  # order in which the atlas's candidate tumour seeds are tried
 
-    prep = _prepare(atlas_name, tuple(float(s) for s in profile.spacing), cache)
+
+def _draw(rng: np.random.Generator, n_seeds: int) -> _Draws:
     v, t = VARIATION, TUMOUR
-    # --- random draws (fixed order) -------------------------------------------------------------------
     rot = _rotation(rng, v["rotation_deg"])
     scale = (1 + rng.uniform(-v["scale_global"], v["scale_global"])) * \
         (1 + rng.uniform(-v["scale_axis"], v["scale_axis"], 3))
@@ -219,64 +231,110 @@ def simulate_case(atlas_name: str, profile: Profile, rng: np.random.Generator, c
     mass = float(rng.uniform(*t["mass_effect"])) if rng.random() < t["p_mass_effect"] else 0.0
     jitter = {m: {k: float(np.exp(rng.normal(0, v["contrast_jitter"]))) for k in CONTRAST[m]} for m in MODALITIES}
     het_seed, monai_seed = int(rng.integers(2**31)), int(rng.integers(2**31))
-    seed_order = rng.permutation(len(prep.seeds))
-    # --- tumour growth on the 3-mm grid in atlas space --------------------------------------------------
+    seed_order = rng.permutation(n_seeds)
+    return _Draws(rot, scale, shift, ctrl, rho, target_ml, th_ed, th_tc, necrosis, th_ncr, mass, jitter, het_seed,
+                  monai_seed, seed_order)
+
+
+@dataclass(frozen=True)
+class _Tumour:
+    """A case's tumour, grown on the 3-mm grid in atlas space."""
+
+    u: np.ndarray          # cell density in [0, 1], with heterogeneity
+    het: np.ndarray        # the smooth noise field that made it patchy (also textures the tumour's intensities)
+    steps: int
+    seed_mm: np.ndarray
+    centre_mm: np.ndarray  # centre of the tumour core (the seed if there is no core)
+    radius_mm: float       # radius of a ball of the core's volume (at least 5 mm)
+
+
+def _grow_case_tumour(prep: _Prepared, d: _Draws) -> _Tumour:
+    t = TUMOUR
     vox_ml = SIM_SPACING_MM ** 3 / 1000.0
-    for attempt in range(5):
-        seed = prep.seeds[seed_order[attempt]]
-        u, steps = grow_tumour(prep.sim_d, tuple(seed), rho, int(target_ml / vox_ml), th_ed, dt=t["dt"])
-        if (u > th_tc).sum() >= 2:
+    for attempt in range(5):  # a seed whose tumour never forms a core is replaced by the next candidate
+        seed = prep.seeds[d.seed_order[attempt]]
+        u, steps = grow_tumour(prep.sim_d, tuple(seed), d.rho, int(d.target_ml / vox_ml), d.th_ed, dt=t["dt"])
+        if (u > d.th_tc).sum() >= 2:
             break
-    het = _smooth_noise(np.random.default_rng(het_seed), u.shape, 1.5)
+    het = _smooth_noise(np.random.default_rng(d.het_seed), u.shape, 1.5)
     u = np.clip(u * (1 + t["heterogeneity"] * het), 0, 1)  # irregular borders and a patchy core
     seed_mm = (prep.sim_affine @ np.r_[seed, 1])[:3]
-    core = np.argwhere(u > th_tc)
+    core = np.argwhere(u > d.th_tc)
     centre_mm = (prep.sim_affine @ np.r_[core.mean(0), 1])[:3] if len(core) else seed_mm
     radius_mm = max(float((len(core) * vox_ml * 1000 * 3 / (4 * np.pi)) ** (1 / 3)), 5.0)
-    # --- one coordinate map: output voxel -> atlas world ----------------------------------------------
+    return _Tumour(u, het, steps, seed_mm, centre_mm, radius_mm)
+
+
+def _atlas_points(prep: _Prepared, profile: Profile, d: _Draws, tumour: _Tumour) -> np.ndarray:
+    """The one coordinate map (3, X, Y, Z): output voxel -> random affine -> smooth warp -> atlas world (mm)
+    -> optional mass effect about the tumour."""
+    v = VARIATION
     aff_out = profile_affine(profile)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in profile.shape], indexing="ij"))
     world = np.tensordot(aff_out[:3, :3], grid, 1) + aff_out[:3, 3, None, None, None]
-    q = np.tensordot(rot * scale[None, :], world, 1) + shift[:, None, None, None]
+    q = np.tensordot(d.rotation * d.scale[None, :], world, 1) + d.shift_mm[:, None, None, None]
     # smooth warp: random displacements on a 30-mm control grid, cubic-interpolated
     cidx = (world + np.array([96.0, 108.0, 96.0])[:, None, None, None]) / v["warp_control_mm"] + 1
-    q = q + np.stack([ndimage.map_coordinates(c, cidx, order=3, mode="nearest") for c in ctrl])
+    q = q + np.stack([ndimage.map_coordinates(c, cidx, order=3, mode="nearest") for c in d.warp_ctrl])
     p = prep.centre_mm[:, None, None, None] + q / prep.size_scale
-    if mass > 0:  # expansion about the tumour centre: sample closer to it (|dm/dr| < 1 keeps it invertible)
-        r = p - centre_mm[:, None, None, None]
-        sigma = 1.5 * radius_mm
-        p = p - mass * r * np.exp(-(r ** 2).sum(0) / (2 * sigma ** 2))
+    if d.mass_effect > 0:  # expansion about the tumour centre: sample closer to it (|dm/dr| < 1 keeps it invertible)
+        r = p - tumour.centre_mm[:, None, None, None]
+        sigma = 1.5 * tumour.radius_mm
+        p = p - d.mass_effect * r * np.exp(-(r ** 2).sum(0) / (2 * sigma ** 2))
+    return p
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """The atlas channels and the tumour sampled on the output grid."""
+
+    t1: np.ndarray
+    csf: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    brain_f: np.ndarray  # brain fraction (blurred at the edge)
+    u: np.ndarray        # tumour cell density
+    het: np.ndarray      # the tumour's heterogeneity field
+
+
+def _sample(prep: _Prepared, tumour: _Tumour, p: np.ndarray) -> _Sampled:
     vox = np.tensordot(prep.inv_affine[:3, :3], p, 1) + prep.inv_affine[:3, 3, None, None, None]
     t1, csf, gm, wm, brain_f = (ndimage.map_coordinates(c, vox, order=1, mode="constant", cval=0.0)
                                 for c in prep.channels)
     svox = np.tensordot(prep.sim_inv_affine[:3, :3], p, 1) + prep.sim_inv_affine[:3, 3, None, None, None]
-    uo = ndimage.map_coordinates(u, svox, order=1, mode="constant", cval=0.0)
-    # --- labels ---------------------------------------------------------------------------------------
-    brain = brain_f > 0.5
-    label = np.zeros(profile.shape, np.uint8)
+    uo = ndimage.map_coordinates(tumour.u, svox, order=1, mode="constant", cval=0.0)
+    het = ndimage.map_coordinates(tumour.het, svox, order=1, mode="nearest")
+    return _Sampled(t1, csf, gm, wm, brain_f, uo, het)
+
+
+def _label_map(brain: np.ndarray, u: np.ndarray, d: _Draws) -> np.ndarray:
+    label = np.zeros(brain.shape, np.uint8)
     label[brain] = BRAIN
-    label[brain & (uo > th_ed)] = ED
-    label[brain & (uo > th_tc)] = ET
-    label[brain & (uo > th_ncr)] = NCR
-    # --- contrast model ---------------------------------------------------------------------------------
-    tis = np.stack([csf, gm, wm])
-    tis = tis / np.maximum(tis.sum(0), 1e-6)
+    label[brain & (u > d.th_ed)] = ED
+    label[brain & (u > d.th_tc)] = ET
+    label[brain & (u > d.th_ncr)] = NCR
+    return label
+
+
+def _ramp(u: np.ndarray, th: float) -> np.ndarray:
+    # soft threshold (0 below 0.8 th, 1 above 1.2 th): partial-volume tumour borders, so the intensities
+    # do not copy the label map, and exactly 0 away from the tumour
+    return np.clip((u - 0.8 * th) / (0.4 * th), 0.0, 1.0)
+
+
+def _contrast_images(prep: _Prepared, s: _Sampled, tis: np.ndarray, brain: np.ndarray,
+                     d: _Draws) -> dict[str, np.ndarray]:
+    """The per-tissue contrast model (``CONTRAST`` with the case's jitter) on the sampled anatomy and tumour."""
     mu_t1 = np.asarray(prep.atlas.t1_means, np.float32)
-    t1_norm = np.where(brain, t1 / np.maximum(brain_f, 1e-3), 0)  # undo the brain-edge blur of the intensity
+    t1_norm = np.where(brain, s.t1 / np.maximum(s.brain_f, 1e-3), 0)  # undo the brain-edge blur of the intensity
     expected_t1 = np.tensordot(mu_t1, tis, 1)
     texture = np.clip(t1_norm / np.maximum(expected_t1, 1e-3), 0.6, 1.4) ** -0.5  # real fine structure
-    def ramp(th: float) -> np.ndarray:
-        # soft threshold (0 below 0.8 th, 1 above 1.2 th): partial-volume tumour borders, so the intensities
-        # do not copy the label map, and exactly 0 away from the tumour
-        return np.clip((uo - 0.8 * th) / (0.4 * th), 0.0, 1.0)
-
-    f_wt, f_tc = ramp(th_ed), np.minimum(ramp(th_tc), ramp(th_ed))
-    f_ncr = np.minimum(ramp(th_ncr), f_tc) if necrosis else np.zeros_like(uo)
+    f_wt, f_tc = _ramp(s.u, d.th_ed), np.minimum(_ramp(s.u, d.th_tc), _ramp(s.u, d.th_ed))
+    f_ncr = np.minimum(_ramp(s.u, d.th_ncr), f_tc) if d.necrosis else np.zeros_like(s.u)
     fr = {"ed": f_wt - f_tc, "et": f_tc - f_ncr, "ncr": f_ncr}
-    het_out = ndimage.map_coordinates(het, svox, order=1, mode="nearest")
     images = {}
     for m in MODALITIES:
-        c, j = CONTRAST[m], jitter[m]
+        c, j = CONTRAST[m], d.jitter[m]
         if c["wm"] is None:  # real T1 anatomy, per-tissue contrast jitter via the tissue fractions
             normal = t1_norm * np.tensordot(np.array([j["csf"], j["gm"], j["wm"]], np.float32), tis, 1)
         else:
@@ -284,13 +342,22 @@ def simulate_case(atlas_name: str, profile: Profile, rng: np.random.Generator, c
             normal = np.tensordot(mus, tis, 1) * texture
         img = (1 - f_wt) * normal
         for k in ("ed", "et", "ncr"):
-            img = img + fr[k] * c[k] * j[k] * (1 + 0.08 * het_out)
+            img = img + fr[k] * c[k] * j[k] * (1 + 0.08 * s.het)
         images[m] = np.where(brain, img, 0).astype(np.float32)
-    # --- acquisition: MONAI intensity transforms (one bias field for all sequences: it is the coil's) --
+    return images
+
+
+def _acquire(images: dict[str, np.ndarray], brain: np.ndarray, monai_seed: int) -> dict[str, np.ndarray]:
+    """Acquisition: MONAI intensity transforms (one bias field for all sequences: it is the coil's), then
+    skull-stripped like BraTS."""
+    from monai.transforms import RandAdjustContrast, RandBiasField, RandRicianNoise
+
+    v = VARIATION
     stack = np.stack([images[m] for m in MODALITIES])
     bias = RandBiasField(degree=3, coeff_range=(0.0, v["bias_coeff"]), prob=1.0)
     bias.set_random_state(seed=monai_seed)
     stack = np.asarray(bias(stack), np.float32)
+    out = {}
     for i, m in enumerate(MODALITIES):
         gamma = RandAdjustContrast(prob=1.0, gamma=v["gamma"])
         gamma.set_random_state(seed=monai_seed + 1 + i)
@@ -298,11 +365,31 @@ def simulate_case(atlas_name: str, profile: Profile, rng: np.random.Generator, c
         noise.set_random_state(seed=monai_seed + 11 + i)
         x = np.asarray(gamma(stack[i][None]), np.float32)
         x = np.asarray(noise(x), np.float32)[0]
-        images[m] = np.where(brain, np.clip(x, 0, None), 0).astype(np.float32)  # skull-stripped like BraTS
+        out[m] = np.where(brain, np.clip(x, 0, None), 0).astype(np.float32)
+    return out
+
+
+def simulate_case(atlas_name: str, profile: Profile, rng: np.random.Generator, case_id: str = "case",
+                  cache: str | None = None) -> SimulatedCase:
+    """One phantom subject on ``profile``'s grid.
+
+    All random draws come from ``rng`` in a fixed order that does not depend on the profile, so one seed
+    gives the same subject (anatomy, tumour) at every resolution; only the voxel noise differs.
+    """
+    prep = _prepare(atlas_name, tuple(float(s) for s in profile.spacing), cache)
+    d = _draw(rng, len(prep.seeds))
+    tumour = _grow_case_tumour(prep, d)
+    sampled = _sample(prep, tumour, _atlas_points(prep, profile, d, tumour))
+    brain = sampled.brain_f > 0.5
+    label = _label_map(brain, sampled.u, d)
+    tis = np.stack([sampled.csf, sampled.gm, sampled.wm])
+    tis = tis / np.maximum(tis.sum(0), 1e-6)
+    images = _acquire(_contrast_images(prep, sampled, tis, brain, d), brain, d.monai_seed)
     vox_ml_out = float(np.prod(profile.spacing)) / 1000.0
-    info = CaseInfo(case_id, atlas_name, [round(float(x), 1) for x in seed_mm], round(rho, 4), round(target_ml, 2),
-                    round(float(np.isin(label, (NCR, ED, ET)).sum() * vox_ml_out), 2), int(steps),
-                    [round(th_ed, 4), round(th_tc, 4), round(th_ncr, 4)], necrosis, round(mass, 3))
+    info = CaseInfo(case_id, atlas_name, [round(float(x), 1) for x in tumour.seed_mm], round(d.rho, 4),
+                    round(d.target_ml, 2), round(float(np.isin(label, (NCR, ED, ET)).sum() * vox_ml_out), 2),
+                    int(tumour.steps), [round(d.th_ed, 4), round(d.th_tc, 4), round(d.th_ncr, 4)], d.necrosis,
+                    round(d.mass_effect, 3))
     return SimulatedCase(images, label, tis.astype(np.float32), info)
 
 

@@ -90,7 +90,8 @@ def odd_geometry_manifest(toy_manifest: Path) -> Path:
     c, s = np.cos(0.3), np.sin(0.3)
     affine = np.array([[9 * c, -9 * s, 0, -70.0], [9 * s, 9 * c, 0, -95.0], [0, 0, 9, -60.0], [0, 0, 0, 1]])
     crop = (slice(0, 15), slice(1, 20), slice(0, 14))
-    images = {m: write_array(out.parent / f"odd_{m}.nii.gz", read_array(p)[0][crop], affine) for m, p in cf.images.items()}
+    images = {m: write_array(out.parent / f"odd_{m}.nii.gz", read_array(p)[0][crop], affine)
+              for m, p in cf.images.items()}
     label = write_array(out.parent / "odd_seg.nii.gz", read_label(cf.label)[0][crop], affine)
     append_rows(out, [make_row(out, case_id="odd_000", cohort="toy", source="real", split="test", images=images,
                                label=label, shape=(15, 19, 14), spacing=(9, 9, 9))])

@@ -137,3 +137,73 @@ def test_select_takes_one_value_or_several(toy_cohort):
     assert select(df, source=("real", "synthetic"), split="val", cohort=["toy"])["case_id"].tolist() == \
         ["toy_006", "toy_007"]
     assert select(df, source="synthetic").empty
+
+
+
+# --- the same data as a reference manifest (the repository's data_manifest.csv of the default cohort) ----------
+
+def _refused(manifest, reference):
+    from cohort.manifest import check_same_cohort
+
+    with pytest.raises(InputError) as e:
+        check_same_cohort(manifest, reference)
+    assert e.value.kind == "cohort-mismatch" and f"not the data of {reference}" in str(e.value)
+    assert "make env" in str(e.value)  # what to do
+    return str(e.value)
+
+
+def test_same_cohort_passes_and_names_the_first_difference(toy_cohort, tmp_path):
+    from cohort.manifest import check_same_cohort, write_manifest
+
+    reference = tmp_path / "reference.csv"  # like the repository's copy: no data beside it
+    write_manifest(load_manifest(toy_cohort).sample(frac=1.0, random_state=1), reference)
+    assert check_same_cohort(toy_cohort, reference)["case_id"].tolist() == [f"toy_{i:03d}" for i in range(10)]
+
+    changed = tmp_path / "changed.csv"
+    df = load_manifest(reference)
+    df.loc[df["case_id"] == "toy_004", "sha256_t2"] = "0" * 64
+    write_manifest(df, changed)
+    msg = _refused(toy_cohort, changed)
+    assert msg.startswith(f"{toy_cohort}: case toy_004: file toy_004/toy_004_t2.nii.gz has sha256 ")
+    assert "the reference 000000000000" in msg
+
+    write_manifest(load_manifest(reference).query("case_id != 'toy_007'"), changed)  # a missing case
+    assert "case toy_007 is missing (1 of the reference's 10 cases are)" in _refused(changed, reference)
+    assert "case toy_007 is not in the reference" in _refused(reference, changed)
+
+    df = load_manifest(reference)
+    df.loc[df["case_id"] == "toy_002", "split"] = "test"
+    write_manifest(df, changed)
+    assert "case toy_002: split is 'train', the reference 'test'" in _refused(toy_cohort, changed)
+
+
+def test_cli_validate_against_a_reference(toy_cohort, tmp_path, capsys):
+    from medddpm.cli import main
+
+    manifest = tmp_path / "cohort" / "data_manifest.csv"
+    shutil.copytree(toy_cohort.parent, manifest.parent)
+    reference = tmp_path / "data_manifest.csv"
+    shutil.copy(toy_cohort, reference)
+    assert main(["validate", str(manifest), "--against", str(reference)]) == 0
+    assert "OK, 10 cases" in capsys.readouterr().out
+
+    flipped = manifest.parent / load_manifest(manifest).iloc[3]["flair"]  # one flipped byte in one file
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    assert main(["validate", str(manifest), "--against", str(reference)]) == 2
+    err = capsys.readouterr().err
+    assert str(flipped) in err and "no longer matches the manifest" in err
+
+    # a changed voxel and a manifest rewritten to match: consistent in itself, but not the reference's data
+    from cohort.manifest import write_manifest
+    from cohort.nifti import read_array
+
+    arr, aff = read_array(flipped.with_name("toy_003_t1.nii.gz"))
+    write_array(flipped, arr + np.float32(0.5), aff)
+    df = load_manifest(manifest)
+    df.loc[3, "sha256_flair"] = sha256_file(flipped)
+    write_manifest(df, manifest)
+    assert main(["validate", str(manifest), "--against", str(reference)]) == 2
+    err = capsys.readouterr().err
+    assert f"case toy_003: file {df.loc[3, 'flair']} has sha256" in err and "not the data of" in err

@@ -78,7 +78,10 @@ def test_no_label_gives_brain_only_and_is_deterministic():
     out1, lab1 = preprocess_case(vol, None, "tiny")
     out2, lab2 = preprocess_case(vol, None, "tiny")
     assert set(np.unique(lab1)) == {0, BRAIN}
-    h = lambda v, l: hashlib.sha256(v.data.tobytes() + l.tobytes() + v.affine.tobytes()).hexdigest()
+
+    def h(vol, lab):
+        return hashlib.sha256(vol.data.tobytes() + lab.tobytes() + vol.affine.tobytes()).hexdigest()
+
     assert h(out1, lab1) == h(out2, lab2)
 
 
