@@ -1,7 +1,7 @@
 """Cohort data-layer cost: import per case (serial and with worker processes) and nnU-Net export per case, at
 BraTS size, plus the two rewritten steps against what they replaced.
 
-Usage: .venv/bin/python bench/bench_cohort.py [N_CASES] [WORKERS]     (defaults 4 and 2)
+Usage: .venv/bin/python -m bench.bench_cohort [N_CASES] [WORKERS]     (defaults 4 and 2)
 Makes N fake cases at the BraTS 2021 grid (240x240x155, 1 mm, 4 modalities), imports them at the demo and
 paper-brats profiles with 1 worker (serial) and with WORKERS processes, exports the paper-brats cohort for
 nnU-Net, and prints seconds per case plus ratios. The worker pool's start-up (each process imports torch and
@@ -12,9 +12,8 @@ depend much less on the load and give the time on N free cores.
 """
 from __future__ import annotations
 
+import argparse
 import multiprocessing
-import resource
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,31 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: the fake-case builder lives in tests/
+from bench.harness import cpu_seconds, time_calls
+from bench.toy_data import write_brats_case
 from cohort.brats import _worker_init, import_brats
 from cohort.manifest import load_manifest
 from cohort.nnunet import export_nnunet
-from tests.cohort_fakes import write_brats_case
 
 
 def _pool_ready(_i: int) -> bool:
     import cohort.brats  # noqa: F401  (what a worker imports before its first case)
     return True
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the worker pool, once shut down)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _best_of(n: int, f) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def _pool_startup(workers: int) -> float:
@@ -76,16 +60,17 @@ def _steps(tmp: Path) -> dict[str, tuple[float, float]]:
     tissue = ndimage.gaussian_filter(rng.random(brain.shape, dtype=np.float32), 2) * 3000
     image = ((tissue + rng.normal(0, 20, brain.shape)) * brain).astype(np.int16)
     path = write_array(tmp / "real_like.nii.gz", image, np.diag([-1.0, -1.0, 1.0, 1.0]))
-    old_read = _best_of(3, lambda: np.asarray(nib.load(str(path)).dataobj, dtype=np.float32))  # nibabel's stream
-    new_read = _best_of(3, lambda: read_array(path))  # whole-file read, one-call decompression, header checks
+    old_read = time_calls(lambda: np.asarray(nib.load(str(path)).dataobj, dtype=np.float32), 3).min  # nibabel's
+    new_read = time_calls(lambda: read_array(path), 3).min  # whole-file read, one-call decompression, header checks
     assert (read_array(path)[0] == image).all()
 
     mask = brain & (tissue > np.percentile(tissue, 30))
     m = torch.from_numpy(mask[None].astype(np.uint8))
     want = np.asarray(KeepLargestConnectedComponent(applied_labels=[1])(FillHoles(applied_labels=[1])(m))[0])
     assert ((cc3d.largest_k(fill_holes(mask), k=1, connectivity=26) > 0) == want.astype(bool)).all()
-    old_mask = _best_of(3, lambda: KeepLargestConnectedComponent(applied_labels=[1])(FillHoles(applied_labels=[1])(m)))
-    new_mask = _best_of(3, lambda: cc3d.largest_k(fill_holes(mask), k=1, connectivity=26))
+    old_mask = time_calls(lambda: KeepLargestConnectedComponent(applied_labels=[1])(FillHoles(applied_labels=[1])(m)),
+                          3).min
+    new_mask = time_calls(lambda: cc3d.largest_k(fill_holes(mask), k=1, connectivity=26), 3).min
     return {"read one modality (int16 .nii.gz)": (old_read, new_read),
             "brain-mask fill + largest component": (old_mask, new_mask)}
 
@@ -99,17 +84,17 @@ def main(n: int = 4, workers: int = 2) -> None:
             write_brats_case(tmp / "src", f"BraTS2021_{i:05d}", rng, shape=(240, 240, 155), spacing=(1.0, 1.0, 1.0))
         t_make = (time.perf_counter() - t0) / n
         steps = _steps(tmp)
-        c0 = _cpu_seconds()
+        c0 = cpu_seconds()  # this process and its finished children (the worker pool, once shut down)
         startup = _pool_startup(workers)
-        cpu_startup = _cpu_seconds() - c0
+        cpu_startup = cpu_seconds() - c0
         times, cpu = {}, {}
         for profile in ("demo", "paper-brats"):
             for w in (1, workers):
-                t0, c0 = time.perf_counter(), _cpu_seconds()
+                t0, c0 = time.perf_counter(), cpu_seconds()
                 rep = import_brats(tmp / "src", tmp / f"{profile}-{w}", profile=profile, workers=w)
                 assert len(rep.imported) == n, rep.summary()
                 times[profile, w] = (time.perf_counter() - t0) / n
-                cpu[profile, w] = (_cpu_seconds() - c0) / n
+                cpu[profile, w] = (cpu_seconds() - c0) / n
             a = load_manifest(tmp / f"{profile}-1" / "data_manifest.csv")
             assert a.equals(load_manifest(tmp / f"{profile}-{workers}" / "data_manifest.csv"))  # same bytes
         ids = load_manifest(tmp / "paper-brats-1" / "data_manifest.csv")["case_id"].tolist()
@@ -126,8 +111,8 @@ def main(n: int = 4, workers: int = 2) -> None:
         print(f"import {profile:11s} ({grid}): serial {s:.2f} s/case; {workers} workers {p:.2f} s/case "
               f"({s / p:.2f}x), without the pool start-up {net:.2f} s/case ({s / net:.2f}x)")
         cs, cp = cpu[profile, 1], cpu[profile, workers] - cpu_startup / n
-        print(f"    CPU time per case (less load-dependent than wall time): serial {cs:.2f} s, in the workers {cp:.2f} s "
-              f"-> on {workers} free cores about {cp / workers:.2f} s/case, 1251 cases in "
+        print(f"    CPU time per case (less load-dependent than wall time): serial {cs:.2f} s, "
+              f"in the workers {cp:.2f} s -> on {workers} free cores about {cp / workers:.2f} s/case, 1251 cases in "
               f"{1251 * cp / workers / 3600:.2f} h")
     print(f"paper-brats / demo, CPU per case in the workers: "
           f"{(cpu['paper-brats', workers] - cpu_startup / n) / (cpu['demo', workers] - cpu_startup / n):.2f}x")
@@ -136,4 +121,8 @@ def main(n: int = 4, workers: int = 2) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 4, int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("n_cases", nargs="?", type=int, default=4)
+    ap.add_argument("workers", nargs="?", type=int, default=2)
+    a = ap.parse_args()
+    main(a.n_cases, a.workers)

@@ -1,33 +1,24 @@
 """eval/ cost ratios measured in one run (timings on a shared machine are noisy; ratios less so).
 
-Run: .venv/bin/python bench/bench_eval.py
+Run: .venv/bin/python -m bench.bench_eval
 Prints: Dice+HD95 per case demo vs tiny grid; MS-SSIM batched (16 pairs per call) vs one pair per call, and demo vs
 tiny; vectorised vs per-resample bootstrap; memorisation similarity per pair demo vs tiny.
 """
 from __future__ import annotations
 
-import time
-
-import sys
-from pathlib import Path
+import argparse
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root (tests.conftest, eval)
+from bench.harness import time_calls
+from bench.toy_data import make_toy_case
 
 
 def _timeit(fn, repeat=3):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return time_calls(fn, repeat).min
 
 
 def _case(shape, rng):
-    from tests.conftest import make_toy_case
-
     images, label = make_toy_case(rng, shape)
     return np.stack([images[m] for m in ("t1", "t1ce", "t2", "flair")]), label
 
@@ -77,4 +68,5 @@ def main():
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -4,17 +4,18 @@ Each configuration runs in its own process (peak RSS is per process); it prints 
 autograd saved for the backward pass (the activations checkpointing avoids keeping), seconds, and the
 extrapolation of the saved bytes to the paper-brats grid 192x192x144 (they scale with the number of voxels).
 
-    .venv/bin/python bench/bench_grad_checkpoint.py --profile paper-wholehead --sizes 64 96 --threads 2
+    .venv/bin/python -m bench.bench_grad_checkpoint --profile paper-wholehead --sizes 64 96 --threads 2
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.harness import own_peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER_BRATS_VOXELS = 192 * 192 * 144
@@ -23,9 +24,8 @@ PAPER_BRATS_VOXELS = 192 * 192 * 144
 def one(profile: str, size: int, checkpointing: bool, threads: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from synth.config import get_config
-    from synth.memory import enable_grad_checkpointing
+    from synth.grad_checkpoint import enable_grad_checkpointing
     from synth.network import build_unet
 
     torch.set_num_threads(threads)
@@ -47,7 +47,7 @@ def one(profile: str, size: int, checkpointing: bool, threads: int) -> dict:
         loss = net(x, t).abs().mean()
     loss.backward()
     secs = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    peak = own_peak_rss_bytes() / 2 ** 30
     return {"profile": profile, "size": size, "checkpointing": checkpointing, "peak_rss_gib": round(peak, 2),
             "saved_gib": round(saved[0] / 2 ** 30, 3), "seconds": round(secs, 1),
             "saved_gib_at_192x192x144": round(saved[0] / 2 ** 30 * PAPER_BRATS_VOXELS / size ** 3, 2)}
@@ -67,8 +67,9 @@ def main(argv=None) -> int:
     rows = []
     for size in a.sizes:
         for ck in (False, True):
-            out = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--child", a.profile,
-                                  str(size), "1" if ck else "0"], capture_output=True, text=True)
+            child = ["--threads", str(a.threads), "--child", a.profile, str(size), "1" if ck else "0"]
+            out = subprocess.run([sys.executable, "-m", "bench.bench_grad_checkpoint", *child], capture_output=True,
+                                 text=True, cwd=ROOT)
             if out.returncode:
                 print(f"{size:>5} {str(ck):>5} failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue

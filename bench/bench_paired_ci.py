@@ -1,6 +1,6 @@
 """How often the study's "significant" is wrong: false-positive rate and power of the paired Δ's 95 % CI.
 
-    .venv/bin/python bench/bench_paired_ci.py [--studies 400] [--cases 12] [--seeds 3 5]
+    .venv/bin/python -m bench.bench_paired_ci [--studies 400] [--cases 12] [--seeds 3 5]
 
 Simulated studies like the default one (12 test cases; a reference mix and a mix with the same per-case
 difficulty): Dice[case, seed] = difficulty[case] + effect + offset[seed] + noise[case, seed], with offset ~
@@ -13,15 +13,11 @@ seed_sd 0.02 / 0.08 are about the spread of per-seed real-only WT / TC means in 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from eval.stats import bootstrap_ci, case_seed_ci  # noqa: E402
+from eval.stats import bootstrap_ci, case_seed_ci
 
 
 def significant(lo: float, hi: float) -> bool:

@@ -1,7 +1,7 @@
 """Quality-gate calibration on the phantom: the gate learnt from the real training cases must pass held-out real
 cases (target >= 95 %) and fail the same cases with added Gaussian noise (sd 0.2) or a grey background.
 
-    .venv/bin/python bench/bench_quality_gate.py --work /tmp/gate --cases 48 --profile demo [--n-train 8]
+    .venv/bin/python -m bench.bench_quality_gate --work /tmp/gate --cases 48 --profile demo [--n-train 8]
 """
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Sampler x steps: seconds, quality gate, and the Dice of a segmenter trained on each sampler's samples alone.
 
-    .venv/bin/python bench/bench_sampler_table.py --generator G --cohort C/data_manifest.csv --work W \\
+    .venv/bin/python -m bench.bench_sampler_table --generator G --cohort C/data_manifest.csv --work W \\
         [--runs ddpm:250 ddim:25:1 dpmpp2m:10:0:logsnr ...] [--seeds 0 1] [--n-real 8]
 
 For each run (name:steps[:eta[:spacing[:analytic]]]; analytic = Analytic-DPM's variance) it synthesises one case per
@@ -12,8 +12,8 @@ first run, the gate pass rate, the mean MS-SSIM across masks (eval.synthesis, as
 value is printed once) and mean Dice per region with its spread over seeds (--seeds with no value skips the
 segmenters). With seeds, a second table gives each run's paired Dice difference from the first run per region, with
 the study's two-level bootstrap CI over test cases and seeds, and whether it is non-inferior (CI above -margin) or
-equivalent (CI within +-margin). Synthesis runs first, alone; then --jobs trainings at once, one torch thread each.
-Everything is resumable under --work.
+equivalent (CI within +-margin): eval.stats.paired_vs_first. Synthesis runs first, alone; then --jobs trainings at
+once, one torch thread each. Everything is resumable under --work.
 """
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_segmenter_recipe import one_run  # noqa: E402  (one segmenter: train, predict, score; resumable)
+from bench.harness import real_test_ids, segmenter_scores, study_selection
 
 DEFAULT_RUNS = ["ddpm:250", "ddim:25:1", "ddim:10:1", "dpmpp2m:10:0:logsnr", "dpmpp2m-sde:10:1:logsnr",
                 "dpmpp2m:10:0:quadratic"]
@@ -38,30 +36,6 @@ def parse_run(spec: str) -> tuple[str, int, float, str, bool]:
     if variance not in (None, "", "analytic"):
         raise SystemExit(f"{spec}: the fifth field is 'analytic' or empty, not {variance!r}")
     return name, int(steps), float(eta or 0), spacing or "leading", variance == "analytic"
-
-
-def paired_vs_first(rows: list[dict], scores: dict, seeds: list[int], margin: float) -> pd.DataFrame:
-    """Each run's Dice minus the first run's, per region, paired by test case, with the study's two-level bootstrap
-    CI (eval.stats.paired_case_difference, as the study's report: cases resampled jointly, each run's seeds on
-    their own, as the same seed on other samples is a different training). 'non-inferior' = the CI's lower end is
-    above -margin (the first run is the reference, e.g. DDPM-250); 'equivalent' = the whole CI lies within
-    +-margin."""
-    from eval.stats import paired_case_difference
-
-    def long(run: str, region: str) -> pd.DataFrame:
-        table = pd.concat(scores[(run, s)].assign(seed=s) for s in seeds)
-        return table[table["region"] == region]
-
-    out = []
-    for row in rows[1:]:
-        for region in ("WT", "TC", "ET"):
-            d, lo, hi = paired_case_difference(long(row["run"], region), long(rows[0]["run"], region))
-            out.append({"run": row["run"], "vs": rows[0]["run"], "region": region, "n_cases": len(d),
-                        "n_seeds": len(seeds), "delta": round(float(d.mean()), 3),
-                        "ci_low": round(lo, 3), "ci_high": round(hi, 3),
-                        f"non-inferior (margin {margin})": bool(lo > -margin),
-                        f"equivalent (+-{margin})": bool(lo > -margin and hi < margin)})
-    return pd.DataFrame(out)
 
 
 def main(argv=None) -> int:
@@ -76,32 +50,32 @@ def main(argv=None) -> int:
     ap.add_argument("--segmenter", default="{}", help="JSON overrides of the segmenter config")
     ap.add_argument("--jobs", type=int, default=2, help="segmenter trainings at once (processes, 1 thread each)")
     ap.add_argument("--margin", type=float, default=0.02,
-                    help="Dice margin of the paired comparison with the first run (issue 12's 'within 0.02')")
+                    help="Dice margin of the paired comparison with the first run (the target 'within 0.02')")
     args = ap.parse_args(argv)
 
     import json
 
     import torch
 
-    from cohort.manifest import load_manifest, merge_manifests, select
-    from cohort.selection import write_training_selection
+    from cohort.manifest import load_manifest, merge_manifests
     from cohort.staging import stage_cohort
+    from eval.stats import paired_vs_first
     from eval.synthesis import synthesis_table
-    from synth.synthesize import synthesize_cohort
+    from synth.synthesize import SynthesisConfig, synthesize_cohort
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     cohort = stage_cohort(args.cohort, work / "cohort")  # under work/: a merged manifest may not leave its root
-    selected = write_training_selection(cohort, args.n_real, 0)
-    test_ids = select(load_manifest(cohort), source="real", split="test")["case_id"].tolist()
+    selected = study_selection(cohort, args.n_real)
+    test_ids = real_test_ids(cohort)
     rows, merged_of, synth_ids = [], {}, {}
     for spec in args.runs:  # synthesis first, alone on the machine, so that its seconds are clean
         name, steps, eta, spacing, analytic = parse_run(spec)
         tag = spec.replace(":", "_")
         t0 = time.perf_counter()
-        pool = synthesize_cohort(args.generator, selected, work / tag / "synthetic", args.n_real, name, steps, 0,
-                                 eta=eta, spacing=spacing, analytic=analytic, max_retries=0,
-                                 num_threads=args.threads, progress=False, cohort_name=f"bench-{tag}", device="cpu")
+        pool = synthesize_cohort(args.generator, selected, work / tag / "synthetic", SynthesisConfig(
+            count=args.n_real, sampler=name, steps=steps, seed=0, eta=eta, spacing=spacing, analytic=analytic,
+            max_retries=0, num_threads=args.threads, progress=False, cohort_name=f"bench-{tag}", device="cpu"))
         per_volume = (time.perf_counter() - t0) / args.n_real  # ~0 when resumed: time a fresh --work
         synth = load_manifest(pool)
         merged_of[spec], synth_ids[spec] = work / f"merged-{tag}.csv", synth["case_id"].tolist()
@@ -117,7 +91,7 @@ def main(argv=None) -> int:
         print(pd.DataFrame(rows).to_string(index=False), flush=True)
     # then the segmenters, --jobs at once (one torch thread each): the study's 0:1 mix on each run's samples
     with ProcessPoolExecutor(args.jobs) as workers:
-        futures = {(spec, seed): workers.submit(one_run, str(merged_of[spec]), synth_ids[spec], test_ids,
+        futures = {(spec, seed): workers.submit(segmenter_scores, str(merged_of[spec]), synth_ids[spec], test_ids,
                                                 str(work / spec.replace(":", "_") / f"seg_s{seed}"),
                                                 json.loads(args.segmenter), seed)
                    for spec in args.runs for seed in args.seeds}
@@ -132,7 +106,7 @@ def main(argv=None) -> int:
                 row[f"{r} sd(seeds)"] = round(float(pd.Series([d[r] for d in per_seed]).std()), 3)
     print(pd.DataFrame(rows).to_string(index=False), flush=True)
     if args.seeds and len(rows) > 1:
-        deltas = paired_vs_first(rows, scores, args.seeds, args.margin)
+        deltas = paired_vs_first([row["run"] for row in rows], scores, args.seeds, args.margin)
         print(deltas.to_string(index=False), flush=True)
         deltas.to_csv(work / "sampler_deltas.csv", index=False)
     pd.DataFrame(rows).to_csv(work / "sampler_table.csv", index=False)

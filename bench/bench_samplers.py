@@ -4,17 +4,13 @@ Uses the synth profile's network at its grid (weights from --checkpoint if given
 depend on the weights) and a toy mask; batch size --batch. Quality parity is measured separately by the study's
 semantic-consistency Dice (eval).
 
-    .venv/bin/python bench/bench_samplers.py --profile demo --threads 2
+    .venv/bin/python -m bench.bench_samplers --profile demo --threads 2
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -25,8 +21,8 @@ def main() -> None:
     from synth.checkpoint import load_generator
     from synth.config import get_config
     from synth.network import build_unet, condition_from_label
+    from bench.toy_data import make_toy_case
     from synth.schedulers import make_sampler, sample
-    from tests.conftest import make_toy_case
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="demo")

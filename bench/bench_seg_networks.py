@@ -1,6 +1,6 @@
 """Training-step time of the MONAI segmenter networks (SegResNet vs DynUNet) at a profile's size, in one run.
 
-    .venv/bin/python bench/bench_seg_networks.py [--profile demo] [--steps 20] [--threads 1]
+    .venv/bin/python -m bench.bench_seg_networks [--profile demo] [--steps 20] [--threads 1]
 
 Same loss, optimiser, batch and random input for both (the real training loop's pieces: segment.monai_backend.
 build_network, DiceCE as in training); prints the median step time, parameters and the ratio to SegResNet.
@@ -8,9 +8,10 @@ build_network, DiceCE as in training); prints the median step time, parameters a
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+
+from bench.harness import time_calls
 
 
 def main() -> None:
@@ -39,18 +40,16 @@ def main() -> None:
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
         x = torch.randn((cfg.batch_size, 4, *shape), generator=g)
         y = torch.randint(0, 4, (cfg.batch_size, 1, *shape), generator=g)
-        times = []
-        for i in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
+
+        def step(model=model, opt=opt, loss_fn=loss_fn, x=x, y=y):
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        times.sort()
+
+        timing = time_calls(step, args.steps, warmup=args.warmup)
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        rows.append((network, cfg.init_filters, n_params, times[len(times) // 2]))
+        rows.append((network, cfg.init_filters, n_params, timing.median))
     base = rows[0][3]
     print(f"profile {args.profile} {shape}, batch {cfg.batch_size}, {args.threads} thread(s), {args.steps} timed steps")
     print("| network | init filters | parameters | step s (median) | x SegResNet |")

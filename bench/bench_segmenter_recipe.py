@@ -1,6 +1,6 @@
 """Segmenter recipes on a finished study's data: real-only (1:0) vs synthetic-only (0:1) Dice per recipe.
 
-    .venv/bin/python bench/bench_segmenter_recipe.py --study runs/default-study --work W \\
+    .venv/bin/python -m bench.bench_segmenter_recipe --study runs/default-study --work W \\
         --arms 'light={}' 'nnunet={"augment": "nnunet"}' --seeds 0 1 2 3 [--jobs 2]
 
 Each arm is NAME=JSON (overrides of the demo segmenter config). For every arm, mix and seed it trains the study's
@@ -19,36 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def study_cases(study: Path) -> tuple[list[str], list[str], list[str]]:
-    """(selected real training ids, synthetic ids of the 0:1 mix, real test ids) of a finished study."""
-    from cohort.manifest import load_manifest, select
-
-    def train_ids(prefix: str) -> list[str]:
-        config = next((study / "segmenters").glob(f"{prefix}-*/config.json"))
-        return json.loads(config.read_text())["train_ids"]
-
-    test = select(load_manifest(study / "data_manifest.csv"), source="real", split="test")["case_id"].tolist()
-    return train_ids("r1-s0"), train_ids("r0-s1"), test
-
-
-def one_run(manifest: str, case_ids: list[str], test_ids: list[str], out: str, overrides: dict, seed: int) -> str:
-    import torch
-
-    torch.set_num_threads(1)
-    from eval.segmentation import evaluate_predictions
-    from segment.api import predict, train
-    from segment.config import SegmenterConfig
-
-    scores_csv = Path(out) / "scores.csv"
-    if not scores_csv.exists():
-        cfg = SegmenterConfig(profile="demo", seed=seed, device="cpu", **overrides)
-        model = train(manifest, case_ids, Path(out) / "model", cfg)
-        preds = predict(model, manifest, test_ids, Path(out) / "pred")
-        evaluate_predictions(preds, manifest).to_csv(scores_csv, index=False)
-    return str(scores_csv)
+from bench.harness import finished_study_cases, segmenter_scores
 
 
 def main(argv=None) -> int:
@@ -60,12 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
     study, work = Path(args.study).resolve(), Path(args.work)
-    real, synth, test = study_cases(study)
+    real, synth, test = finished_study_cases(study)
     manifest = str(study / "data_manifest.csv")
     arms = dict(a.split("=", 1) for a in args.arms)
     runs = [(arm, mix, seed) for arm in arms for mix in ("1:0", "0:1") for seed in args.seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = {run: pool.submit(one_run, manifest, real if run[1] == "1:0" else synth, test,
+        futures = {run: pool.submit(segmenter_scores, manifest, real if run[1] == "1:0" else synth, test,
                                     str(work / run[0] / f"{run[1].replace(':', '-')}-s{run[2]}"),
                                     json.loads(arms[run[0]]), run[2]) for run in runs}
         scores = pd.concat(pd.read_csv(f.result()).assign(arm=a, mix=m, seed=s) for (a, m, s), f in futures.items())

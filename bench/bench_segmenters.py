@@ -1,6 +1,6 @@
 """Wall time and peak RSS of each segmenter back end (train + predict) on one cohort, measured in one run.
 
-    .venv/bin/python bench/bench_segmenters.py --work /tmp/bench_seg [--manifest M] [--profile demo]
+    .venv/bin/python -m bench.bench_segmenters --work /tmp/bench_seg [--manifest M] [--profile demo]
         [--backends monai nnunet]
 
 Without --manifest it builds the demo phantom cohort (cohort.phantom, 48 cases) in WORK/cohort. Each step runs
@@ -14,40 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
+
+from bench.harness import run_measured
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, float]:
-    """(wall seconds, CPU seconds user+sys of the process tree, peak RSS of the tree in GiB) of one command.
-
-    CPU seconds are reported because wall time on a shared machine mostly measures the other users.
-    """
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes grandchildren that were waited for
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, peak / 2 ** 30
+def _measured(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of the process tree, peak RSS of the tree in GiB) of one command that must succeed."""
+    run = run_measured(cmd, poll=0.1)
+    if run.returncode != 0:
+        raise SystemExit(f"failed ({run.returncode}): {' '.join(cmd)}")
+    return run.wall_seconds, run.cpu_seconds, run.peak_rss_bytes / 2 ** 30
 
 
 def test_dice(manifest: Path, pred_dir: Path) -> float:
@@ -83,15 +63,15 @@ def main() -> int:
     for backend in a.backends:
         model = a.work / f"model_{backend}_{a.profile}"
         pred = a.work / f"pred_{backend}_{a.profile}"
-        t_train, cpu_train, rss_train = run_measured(cli + ["segment-train", "--manifest", str(manifest), "--split", "train",
-                                                 "--out", str(model), "--backend", backend, "--profile", a.profile])
-        t_pred, cpu_pred, rss_pred = run_measured(cli + ["segment-predict", "--model", str(model), "--manifest", str(manifest),
-                                               "--split", "test", "--out", str(pred)])
+        t_train, cpu_train, rss_train = _measured(cli + ["segment-train", "--manifest", str(manifest), "--split",
+                                                         "train", "--out", str(model), "--backend", backend,
+                                                         "--profile", a.profile])
+        t_pred, cpu_pred, rss_pred = _measured(cli + ["segment-predict", "--model", str(model), "--manifest",
+                                                      str(manifest), "--split", "test", "--out", str(pred)])
         summary = json.loads((model / "training_summary.json").read_text())
-        results[backend] = dict(train_s=t_train, train_cpu_s=cpu_train, train_peak_rss_gib=rss_train, predict_s=t_pred,
-                                predict_cpu_s=cpu_pred,
-                                predict_peak_rss_gib=rss_pred, test_wt_dice=test_dice(manifest, pred),
-                                epochs_run=summary.get("epochs_run"))
+        results[backend] = dict(train_s=t_train, train_cpu_s=cpu_train, train_peak_rss_gib=rss_train,
+                                predict_s=t_pred, predict_cpu_s=cpu_pred, predict_peak_rss_gib=rss_pred,
+                                test_wt_dice=test_dice(manifest, pred), epochs_run=summary.get("epochs_run"))
     print("\n| back end | train wall s | train CPU s | train peak RSS GiB | predict wall s | predict CPU s "
           "| predict peak RSS GiB | epochs run | test WT Dice |\n|---|---|---|---|---|---|---|---|---|")
     for b, r in results.items():
@@ -101,8 +81,10 @@ def main() -> int:
     if "monai" in results and "nnunet" in results:
         m, n = results["monai"], results["nnunet"]
         print(f"\nratios nnunet/monai: train wall {n['train_s'] / m['train_s']:.2f}, train CPU "
-              f"{n['train_cpu_s'] / m['train_cpu_s']:.2f}, train peak RSS {n['train_peak_rss_gib'] / m['train_peak_rss_gib']:.2f}, "
-              f"predict wall {n['predict_s'] / m['predict_s']:.2f}, predict CPU {n['predict_cpu_s'] / m['predict_cpu_s']:.2f}")
+              f"{n['train_cpu_s'] / m['train_cpu_s']:.2f}, "
+              f"train peak RSS {n['train_peak_rss_gib'] / m['train_peak_rss_gib']:.2f}, "
+              f"predict wall {n['predict_s'] / m['predict_s']:.2f}, "
+              f"predict CPU {n['predict_cpu_s'] / m['predict_cpu_s']:.2f}")
     (a.work / "bench_segmenters.json").write_text(json.dumps({"manifest": str(manifest), "profile": a.profile,
                                                               "results": results}, indent=2))
     return 0

@@ -1,6 +1,6 @@
 """Wall time and peak RSS of `medddpm study` (what `make study` runs), cohort build included.
 
-    .venv/bin/python bench/bench_study.py --out runs/bench-study [--fresh] [--rerun] [-- extra study options]
+    .venv/bin/python -m bench.bench_study --out runs/bench-study [--fresh] [--rerun] [-- extra study options]
 
 Peak RSS is of the whole process tree (the flow process, Prefect's temporary API server, any worker processes),
 sampled every 0.2 s with psutil and summed over the tree. Prints the targets as ratios (<= 1.0 meets them),
@@ -13,37 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 
+from bench.harness import run_measured
+
 TARGET_SECONDS = 20 * 60
 TARGET_RSS = 6 * 2 ** 30
-
-
-def run_tree(cmd: list[str], poll: float = 0.2) -> tuple[float, int, int]:
-    """(wall seconds, peak summed RSS bytes of the process tree, return code)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    root = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        total = 0
-        try:
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        peak = max(peak, total)
-        time.sleep(poll)
-    return time.perf_counter() - t0, peak, proc.returncode
 
 
 def main(argv=None) -> int:
@@ -59,7 +37,8 @@ def main(argv=None) -> int:
     medddpm = str(Path(sys.executable).parent / "medddpm")
     cmd = [medddpm, "study", "--out", str(out), *args.extra]
     print("command:", " ".join(cmd), flush=True)
-    wall, peak, rc = run_tree(cmd)
+    first = run_measured(cmd, poll=0.2)
+    wall, peak, rc = first.wall_seconds, first.peak_rss_bytes, first.returncode
     if rc != 0:
         print(f"study failed with exit code {rc}", file=sys.stderr)
         return rc
@@ -73,7 +52,8 @@ def main(argv=None) -> int:
     result["segmenter_runs_summed_vs_wall"] = {k: round(v / wall, 3) for k, v in stages.items() if k not in serial}
     result["segmenter_stage_startup_and_orchestration_share"] = round(1 - sum(serial.values()) / wall, 3)
     if args.rerun:
-        wall2, peak2, rc2 = run_tree(cmd)
+        rerun = run_measured(cmd, poll=0.2)
+        wall2, peak2, rc2 = rerun.wall_seconds, rerun.peak_rss_bytes, rerun.returncode
         result.update(rerun_wall_seconds=round(wall2, 1), rerun_vs_first=round(wall2 / wall, 3),
                       rerun_peak_rss_gib=round(peak2 / 2 ** 30, 3), rerun_rc=rc2)
     (out / "bench_study.json").write_text(json.dumps(result, indent=2) + "\n")

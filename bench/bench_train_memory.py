@@ -1,28 +1,29 @@
 """Peak memory of Med-DDPM training vs the number of training cases: streamed (cache_rate 0, the default) and
 all cases held in RAM (cache_rate 1, the earlier behaviour), in one run.
 
-Writes max(--cases) toy cases (tests/conftest.make_toy_case) at a cohort profile's grid into a temporary folder,
+Writes max(--cases) toy cases (bench.toy_data.make_toy_case) at a cohort profile's grid into a temporary folder,
 then trains a few steps on the first n of them, each (n, cache_rate) in its own subprocess, and reads that
 process's peak RSS (ru_maxrss). Data workers 0, so every byte is in the measured process. Default: the
 paper-wholehead grid (128³, t1 only, ~27 MB per transformed case) with a small network (8-16-16-16 channels, no
 level attention; MONAI's middle block always has attention, at 1/8 = 16³ tokens here) so that a step fits on a
 CPU; the data, not the network, is what differs between the runs.
 
-    .venv/bin/python bench/bench_train_memory.py --cases 8 64 --steps 1
+    .venv/bin/python -m bench.bench_train_memory --cases 8 64 --steps 1
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.harness import own_peak_rss_bytes
+from bench.toy_data import make_toy_case
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SMALL_NETWORK = dict(channels=(8, 16, 16, 16), attention_levels=(False, False, False, False), norm_num_groups=8,
                      num_res_blocks=1, batch_size=1, grad_accum=1)
@@ -40,7 +41,6 @@ def write_cases(root: Path, profile: str, n: int) -> Path:
     from cohort.manifest import append_rows, make_row
     from cohort.nifti import write_array
     from cohort.profiles import get_profile
-    from tests.conftest import make_toy_case
 
     prof = get_profile(profile)
     manifest = root / "data_manifest.csv"
@@ -71,7 +71,7 @@ def child(manifest: str, out: str, profile: str, steps: int, cache_rate: float) 
 
     t0 = time.perf_counter()
     train_medddpm(manifest, profile, out, bench_config(steps, cache_rate))
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"peak_rss_mb": own_peak_rss_bytes() / 2 ** 20,
                       "seconds": time.perf_counter() - t0}))
 
 
@@ -94,8 +94,9 @@ def main() -> None:
         results = {}
         for cache_rate in (0.0, 1.0):
             for n in (small, large):
-                cmd = [sys.executable, __file__, "--profile", args.profile, "--steps", str(args.steps), "--child",
-                       str(first_cases(manifest, n)), str(tmp / f"run_{n}_{cache_rate}"), str(cache_rate)]
+                cmd = [sys.executable, "-m", "bench.bench_train_memory", "--profile", args.profile, "--steps",
+                       str(args.steps), "--child", str(first_cases(manifest, n)), str(tmp / f"run_{n}_{cache_rate}"),
+                       str(cache_rate)]
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode:
                     sys.exit(done.stderr[-3000:])

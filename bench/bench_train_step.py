@@ -1,12 +1,12 @@
 """Med-DDPM training-step speed and memory: speed-ups vs a plain eager fp32 MONAI baseline, in one run.
 
 Each variant runs in its own subprocess (peak RSS is per process) on the same config, batch and data:
-the synth profile's network at its cohort-profile grid, a fixed toy batch (tests/conftest.make_toy_case).
+the synth profile's network at its cohort-profile grid, a fixed toy batch (bench.toy_data.make_toy_case).
 Prints a table of median step time, peak RSS, ratios to the baseline, first/last loss (does it still fall?)
 and achieved GFLOP/s against this machine's measured fp32 matmul peak.
 
-    .venv/bin/python bench/bench_train_step.py --profile demo --steps 12
-    .venv/bin/python bench/bench_train_step.py --profile paper-wholehead --grid 48 --steps 4 --warmup 2 \
+    .venv/bin/python -m bench.bench_train_step --profile demo --steps 12
+    .venv/bin/python -m bench.bench_train_step --profile paper-wholehead --grid 48 --steps 4 --warmup 2 \
         --variants "channels_last_3d;SDPA attention;torch.compile max-autotune-no-cudagraphs"
 """
 from __future__ import annotations
@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.harness import own_peak_rss_bytes, time_calls
+from bench.toy_data import make_toy_case
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # each variant changes these options of the plain eager fp32 baseline (2 threads)
 BASELINE = dict(threads=2, channels_last=False, bf16=False, compile=False, flash_attention=False, fused_adam=False)
@@ -48,7 +49,6 @@ def _batch(cfg, shape, batch_size):
     import torch
 
     from synth.network import condition_from_label
-    from tests.conftest import make_toy_case
 
     rng = np.random.default_rng(0)
     imgs, conds = [], []
@@ -94,20 +94,15 @@ def run_variant(profile: str, name: str, steps: int, warmup: int, grid: int | No
     t_compile = time.perf_counter()
     losses = [step() for _ in range(warmup)]
     t_compile = time.perf_counter() - t_compile
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - t0)
+    timing = time_calls(lambda: losses.append(step()), steps)
     flops = 0
     if name.startswith("baseline"):
         with FlopCounterMode(display=False) as fc:
             step()
         flops = fc.get_total_flops()
-    times.sort()
     k = len(losses) // 3
-    return {"name": name, "median_s": times[len(times) // 2], "warmup_s": t_compile,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2,
+    return {"name": name, "median_s": timing.median, "warmup_s": t_compile,
+            "peak_rss_gb": own_peak_rss_bytes() / 1024 ** 3,
             "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "flops": flops}
 
 
@@ -116,12 +111,7 @@ def matmul_peak_gflops(threads: int = 2, n: int = 2048, reps: int = 5) -> float:
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    best = time_calls(lambda: a @ b, reps, warmup=1).min
     return 2 * n ** 3 / best / 1e9
 
 
@@ -144,10 +134,10 @@ def main() -> None:
         names.insert(0, next(iter(VARIANTS)))
     results = []
     for name in names:
-        cmd = [sys.executable, __file__, "--profile", args.profile, "--steps", str(args.steps),
+        cmd = [sys.executable, "-m", "bench.bench_train_step", "--profile", args.profile, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--_child", name] + (["--grid", str(args.grid)] if args.grid else [])
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT,
                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
         except subprocess.TimeoutExpired:
             print(f"{name}: timed out after {args.timeout} s", file=sys.stderr)
@@ -159,10 +149,11 @@ def main() -> None:
         print(f"  done: {name}", file=sys.stderr)
     peak = matmul_peak_gflops()
     base = results[0]
-    print(f"profile {args.profile}{f' at {args.grid}^3' if args.grid else ''}, {args.steps} timed steps per variant; fp32 matmul peak (2 threads, 2048^2): "
+    print(f"profile {args.profile}{f' at {args.grid}^3' if args.grid else ''}, {args.steps} timed steps per variant; "
+          f"fp32 matmul peak (2 threads, 2048^2): "
           f"{peak:.1f} GFLOP/s; training-step FLOPs (fwd+bwd): {base['flops'] / 1e9:.2f} GFLOP")
-    print(f"| variant | step s (median) | x baseline time | peak RSS GB | x baseline RSS | loss first->last third "
-          f"| warm-up s |")
+    print("| variant | step s (median) | x baseline time | peak RSS GB | x baseline RSS | loss first->last third "
+          "| warm-up s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['name']} | {r['median_s']:.3f} | {r['median_s'] / base['median_s']:.2f} | "

@@ -1,16 +1,14 @@
 """Memorisation similarity scales on the phantom cohort (demo grid): what a copy, a mask-faithful sample and a
 different patient score, the real test->train calibration, and real-image MS-SSIM diversity.
 
-Run: .venv/bin/python bench/eval_phantom_similarity.py [OUT_DIR]   (builds a 16-case demo phantom cohort, ~1 min)
+Run: .venv/bin/python -m bench.eval_phantom_similarity [OUT_DIR]   (builds a 16-case demo phantom cohort, ~1 min)
 """
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(out: str = "/tmp/eval_phantom") -> None:
@@ -43,4 +41,6 @@ def main(out: str = "/tmp/eval_phantom") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", default="/tmp/eval_phantom", metavar="OUT_DIR")
+    main(ap.parse_args().out)

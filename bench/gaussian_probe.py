@@ -2,11 +2,11 @@
 in closed form; a correct sampler's outputs then have mean mu and standard deviation s (up to its discretisation
 error). A cheap first filter for few-step samplers, no network involved.
 
-    .venv/bin/python bench/gaussian_probe.py                     # the default table
-    .venv/bin/python bench/gaussian_probe.py --steps 10 25 --samplers dpmpp2m ddim:1
-    .venv/bin/python bench/gaussian_probe.py --steps 5 8 10 15 25 --samplers dpmpp2m::logsnr dpmpp2m-sde:1:quadratic
-    .venv/bin/python bench/gaussian_probe.py --steps 10 25 --samplers ddim:1:quadratic ddim:1:quadratic:analytic
-    .venv/bin/python bench/gaussian_probe.py --steps 5 10 25 --samplers ddim:1:logsnr:analytic --oracle-variance
+    .venv/bin/python -m bench.gaussian_probe                     # the default table
+    .venv/bin/python -m bench.gaussian_probe --steps 10 25 --samplers dpmpp2m ddim:1
+    .venv/bin/python -m bench.gaussian_probe --steps 5 8 10 15 25 --samplers dpmpp2m::logsnr dpmpp2m-sde:1:quadratic
+    .venv/bin/python -m bench.gaussian_probe --steps 10 25 --samplers ddim:1:quadratic ddim:1:quadratic:analytic
+    .venv/bin/python -m bench.gaussian_probe --steps 5 10 25 --samplers ddim:1:logsnr:analytic --oracle-variance
 
 --oracle-variance gives the analytic samplers the exact Var[x0 | x_t] of the Gaussian instead of their per-sample
 estimate from ε̂, separating the estimate's error from the step's.
@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import synth.schedulers  # noqa: E402
-from synth.schedulers import make_sampler, run_sampler  # noqa: E402
+import synth.schedulers
+from synth.schedulers import make_sampler, run_sampler
 
 
 def gaussian_denoiser(schedule, mu: float = 0.0, s: float = 0.3):

@@ -1,10 +1,11 @@
-"""The GPU table of issue 13: Med-DDPM at the paper-brats grid (192x192x144, 4 modalities, base 64, batch 1) —
-seconds per training step and peak GiB for fp32, bf16, bf16 + activation checkpointing, and + torch.compile;
-DDIM-25 seconds per volume. Run through bench/gpu_check.sh on a GPU machine (it installs the wheels it needs);
-``--smoke`` runs the same code at a tiny grid on the CPU (tests/test_plan.py runs it, so the script stays working).
+"""The GPU table of docs/benchmarks.md: Med-DDPM at the paper-brats grid (192x192x144, 4 modalities, base 64,
+batch 1) — seconds per training step and peak GiB for fp32, bf16, bf16 + activation checkpointing, and
++ torch.compile; DDIM-25 seconds per volume. Run through bench/gpu_check.sh on a GPU machine (it installs the
+wheels it needs); ``--smoke`` runs the same code at a tiny grid on the CPU (tests/test_plan.py runs it, so the
+tool stays working).
 
     bash bench/gpu_check.sh                       # on the GPU machine, from the repository root
-    python bench/gpu_check.py --smoke --device cpu
+    python -m bench.gpu_check --smoke --device cpu
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _sync(device):

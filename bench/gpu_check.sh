@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 13 (one script, <= 8 min on one GPU): Med-DDPM at paper-brats 192x192x144 — seconds per
+# The GPU check (one script, <= 8 min on one GPU): Med-DDPM at paper-brats 192x192x144 — seconds per
 # training step and peak GiB for fp32, bf16, bf16 + activation checkpointing, + torch.compile; DDIM-25 per volume.
 #
 # On this project's machines (no GPU), first fetch the pure-Python wheels the GPU machine lacks (it has its own
@@ -17,4 +17,4 @@ if ! python3 -c "import monai" 2>/dev/null; then
   export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print(torch.cuda.get_device_name(0))"
-PYTHONUNBUFFERED=1 timeout 470 python3 bench/gpu_check.py --device cuda "$@"
+PYTHONUNBUFFERED=1 timeout 470 python3 -m bench.gpu_check --device cuda "$@"

@@ -5,7 +5,7 @@ both: --epochs x --iters steps of batch 2, no early stopping, best validation ch
 eval.segmentation on the same test split. The 4 cases are a subset of the 24. If 4 cases were enough to
 reach the 24-case Dice, the cohort would be too easy to show any effect of data augmentation.
 
-    .venv/bin/python bench/phantom_difficulty.py --work /tmp/phantom_bench [--seeds 0 1] [--cases 48]
+    .venv/bin/python -m bench.phantom_difficulty --work /tmp/phantom_bench [--seeds 0 1] [--cases 48]
 
 Training is resumable: runs for different --sizes can go in parallel processes on the same --work folder;
 a final run with all sizes then only predicts and reports.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
                           "larger_set_better": int((d > 0).sum()), "pairs": int(len(d))}
         print(f"paired {hi} - {lo} cases, {region}: {d.mean():+.3f} (95% bootstrap CI {low:+.3f} to {high:+.3f}); "
               f"better in {(d > 0).sum()} of {len(d)} (test case, seed) pairs")
-    result = {"command": "bench/phantom_difficulty.py " + " ".join(argv or __import__("sys").argv[1:]),
+    result = {"command": "python -m bench.phantom_difficulty " + " ".join(argv or sys.argv[1:]),
               "cases": args.cases, "profile": args.profile, "test_ids": test_ids, "train_pool": pool,
               "seeds": args.seeds, "network": args.network, "lr": args.lr,
               "mean_dice_per_seed": {f"n{k[0]}_seed{k[1]}": v for k, v in by_seed.round(4).to_dict("index").items()},

@@ -1,12 +1,13 @@
 """Aggregation of per-case scores: mean ± sd over cases and seeds, seeded bootstrap 95 % CIs, and the paired
-comparison of every training mix with real-only data (paired by test case).
+comparison of every training mix with real-only data (paired by test case; ``paired_vs_first``: of runs with a
+reference run, as in bench.bench_sampler_table).
 
 Two sources of noise: which test cases were drawn, and which segmenter seeds were trained. The point estimate is
 the mean over test cases of each case's mean over seeds. Its CI is a two-level bootstrap (``case_seed_ci``): each
 resample draws test cases with replacement (shared by the two sides of a paired difference, so pairing by case is
 kept) and, independently for each mix, that mix's segmenter seeds with replacement. A bootstrap over cases alone
 treats the trained segmenters as fixed, so with 8 real training cases one unlucky real-only seed could make a
-difference "significant" in one seed set and reverse in the next (issue 12). With one seed per mix it reduces to
+difference "significant" in one seed set and reverse in the next. With one seed per mix it reduces to
 the bootstrap over cases. ``sd`` is over every (case, seed) value and ``sd_seeds`` is the spread of the per-seed
 means (training noise).
 Bootstrap: percentile method, seeded (BCa is undefined for the constant samples that perfect Dice produces).
@@ -208,3 +209,27 @@ def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", seed: int = 
                          "frac_improved": float(better.mean()) if len(d) else float("nan"), "p_wilcoxon": p})
     return pd.DataFrame(rows, columns=[*RUN_KEYS, "region", "reference_mix", "n_pairs", "delta_mean", "delta_ci_low",
                                        "delta_ci_high", "frac_improved", "p_wilcoxon"])
+
+
+def paired_vs_first(runs: list[str], scores: dict, seeds: list[int], margin: float,
+                    regions=("WT", "TC", "ET")) -> pd.DataFrame:
+    """Each run's Dice minus the first run's (the reference, e.g. DDPM-250), per region, paired by test case, with
+    the study's two-level bootstrap CI (``paired_case_difference``: cases resampled jointly, each run's seeds on
+    their own, as the same seed on other samples is a different training). scores[(run, seed)]: a per-case table
+    with case_id, region and dice. 'non-inferior' = the CI's lower end is above -margin; 'equivalent' = the whole
+    CI lies within +-margin."""
+
+    def long(run: str, region: str) -> pd.DataFrame:
+        table = pd.concat(scores[(run, s)].assign(seed=s) for s in seeds)
+        return table[table["region"] == region]
+
+    out = []
+    for run in runs[1:]:
+        for region in regions:
+            d, lo, hi = paired_case_difference(long(run, region), long(runs[0], region))
+            out.append({"run": run, "vs": runs[0], "region": region, "n_cases": len(d),
+                        "n_seeds": len(seeds), "delta": round(float(d.mean()), 3),
+                        "ci_low": round(lo, 3), "ci_high": round(hi, 3),
+                        f"non-inferior (margin {margin})": bool(lo > -margin),
+                        f"equivalent (+-{margin})": bool(lo > -margin and hi < margin)})
+    return pd.DataFrame(out)

@@ -1,25 +1,27 @@
-"""Pre-train the demo generator that the project ships (synth/pretrained.SHIPPED["demo"]) and write its card. Every
+"""Pre-train the demo generator that the project ships (synth/shipped.SHIPPED["demo"]) and write its card. Every
 run is resumable, so rerunning after an interruption (or after the runs finished) only writes the card.
 
-    .venv/bin/python bench/pretrain_demo_generator.py --work /work/pretrain [--from v3|v2|v1|scratch]
+    make demo-generator WORK=/work/pretrain [FROM=v3|v2|v1|scratch]
+    .venv/bin/python scripts/pretrain_demo_generator.py --work /work/pretrain [--from v3|v2|v1|scratch]
 
-It builds the phantom cohort synth.pretrained.PRETRAIN_COHORT (160 cases, seed 1000: other draws than a study's
-seed-0 cohort) and trains the demo network on its real training rows with `medddpm train` (two torch threads):
+It builds the phantom cohort synth.shipped.PRETRAIN_COHORT (160 cases, seed 1000: other draws than a study's
+seed-0 cohort) and trains the demo network on its real training rows with `medddpm train` (two torch threads).
+The chain's starting points v1-v3 are kept in scripts/demo_generator_chain/ (outside the installed package):
 
-- v1 (synth/pretrained/demo-phantom-v1.safetensors, kept as v2's starting point): 4000 steps from scratch with the
-  paper's unweighted loss (V1_ARGS; about 30 minutes).
-- v2 (synth/pretrained/demo-phantom-v2.safetensors, kept as v3's starting point): v1 trained further with Min-SNR-5
-  loss weighting, in the runs of V2_STAGES, each starting from the previous run's generator (about 50 minutes).
-- v3 (synth/pretrained/demo-phantom-v3.safetensors, kept as v4's starting point): v2 trained further with the L2
-  loss and Min-SNR-5 weighting floored at 1 (V3_STAGES, about 30 minutes), the demo profile's loss since 2026-12-02.
+- v1 (demo-phantom-v1.safetensors, kept as v2's starting point): 4000 steps from scratch with the paper's
+  unweighted loss (V1_ARGS; about 30 minutes).
+- v2 (demo-phantom-v2.safetensors, kept as v3's starting point): v1 trained further with Min-SNR-5 loss weighting,
+  in the runs of V2_STAGES, each starting from the previous run's generator (about 50 minutes).
+- v3 (demo-phantom-v3.safetensors, kept as v4's starting point): v2 trained further with the L2 loss and Min-SNR-5
+  weighting floored at 1 (V3_STAGES, about 30 minutes), the demo profile's loss since 2026-12-02.
 - v4 (shipped): v3 trained much longer with v3's loss, lr 1e-3 cosine to 1e-5 (V4_STAGES: 12 000 steps, about 80
-  minutes): v3 underfitted its own training cases at high noise (docs/benchmarks.md, "A long stage from v3").
+  minutes): v3 underfitted its own training cases at high noise (docs/decisions/0008-shipped-demo-generator.md).
 
 By default the first run starts from the v3 file in the checkout; --from v2 (or v1) reruns the chain's stages from
 that file, --from scratch retrains v1 first.
 
 Then it copies the last generator into synth/pretrained/ with a JSON card: the commands, the training cases' hash,
-the steps and the wall time (docs/benchmarks.md, "Demo generator").
+the steps and the wall time (docs/decisions/0008-shipped-demo-generator.md).
 """
 from __future__ import annotations
 
@@ -30,13 +32,13 @@ import sys
 import time
 from pathlib import Path
 
+from core.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
+from synth.shipped import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from core.fsutil import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: E402
-from synth.pretrained import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR  # noqa: E402
-
-V1_FILE = SHIPPED_DIR / "demo-phantom-v1.safetensors"
+# the chain's starting points v1-v3: kept in the repository, outside the installed package (only v4 ships)
+CHAIN_DIR = Path(__file__).resolve().parent / "demo_generator_chain"
+V1_FILE = CHAIN_DIR / "demo-phantom-v1.safetensors"
 # v1's run: the paper's unweighted L1 loss (the demo profile's loss then), spelled out since the profile now differs
 V1_ARGS = ["--profile", "demo", "--loss", "l1", "--min-snr-gamma", "none", "--snr-weight-floor", "none",
            "--steps", "4000", "--ema-decay", "0.999", "--ema-start", "800",
@@ -56,9 +58,9 @@ _L2_STAGE = [*_stage(1), "--loss", "l2", "--snr-weight-floor", "1"]  # v3
 # (run folder, its arguments): each run starts from the previous run's generator (the first from v1)
 V2_STAGES = [("snr5", ["--steps", "1600", *_L1_STAGE]), ("snr5b", ["--steps", "3200", *_L1_STAGE]),
              ("snr5c", ["--steps", "3200", *_L1_STAGE]), ("snr5d", ["--steps", "3200", *_L1_STAGE])]
-V2_FILE = SHIPPED_DIR / "demo-phantom-v2.safetensors"
+V2_FILE = CHAIN_DIR / "demo-phantom-v2.safetensors"
 V3_STAGES = [("l2floor", ["--steps", "1600", *_L2_STAGE]), ("l2floorb", ["--steps", "1600", *_L2_STAGE])]
-V3_FILE = SHIPPED_DIR / "demo-phantom-v3.safetensors"
+V3_FILE = CHAIN_DIR / "demo-phantom-v3.safetensors"
 # v4: the same loss, one long run decaying to a low rate, a new seed (other batches and noise than v3's runs)
 _V4_STAGE = [*_stage(2), "--loss", "l2", "--snr-weight-floor", "1"]
 V4_STAGES = [("long", ["--steps", "12000", "--lr-min", "1e-5", "--ema-every", "1", *_V4_STAGE])]

@@ -1,11 +1,11 @@
-"""Builders of small fake cohorts for the cohort/ tests (toy cases from conftest.make_toy_case)."""
+"""Builders of small fake cohorts for the cohort/ tests (toy cases from bench.toy_data.make_toy_case)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import make_toy_case
+from bench.toy_data import make_toy_case, write_brats_case  # noqa: F401  (write_brats_case: re-exported)
 
 TINY_AFFINE = np.diag([9.0, 9.0, 9.0, 1.0])
 TINY_AFFINE[:3, 3] = [-72.0, -90.0, -72.0]
@@ -33,30 +33,6 @@ def write_mixed_cohort(root: Path, n_real: int = 6, n_synth: int = 2, n_test: in
                              label=lpath, shape=label.shape, spacing=(9.0, 9.0, 9.0), **extra))
     append_rows(manifest, rows)
     return manifest
-
-
-def write_brats_case(src: Path, case: str, rng: np.random.Generator, shape=(24, 28, 20),
-                     spacing=(6.0, 6.0, 6.0)) -> dict[str, Path]:
-    """One fake case in the BraTS 2021 layout (labels 0/1/2/4, ET = 4), LPS-like affine as in the real data.
-
-    Returns {modality|'seg': path}.
-    """
-    from cohort.nifti import write_array
-
-    images, label = make_toy_case(rng, shape)
-    brats = np.zeros_like(label)
-    brats[label == 1] = 1
-    brats[label == 2] = 2
-    brats[label == 3] = 4  # BraTS stores enhancing tumour as 4; brain (our 4) is not labelled in BraTS
-    # BraTS files are stored with a flipped x/y (LPS) affine; preprocessing must reorient them to RAS
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = [spacing[0] * shape[0] / 2, spacing[1] * shape[1] / 2, -spacing[2] * shape[2] / 2]
-    out = {}
-    for m, a in images.items():
-        scanner = (a + 1.0) * 500.0 * (label > 0) + rng.uniform(0, 5, a.shape) * (label == 0)  # scanner units
-        out[m] = write_array(src / case / f"{case}_{m}.nii.gz", scanner.astype(np.float32), affine)
-    out["seg"] = write_array(src / case / f"{case}_seg.nii.gz", brats, affine)
-    return out
 
 
 # --- one case written in each source layout (cohort.layouts) ----------------------------------------------------

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 
+from bench.toy_data import make_toy_case
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -21,36 +23,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def make_toy_case(rng: np.random.Generator, shape=(16, 20, 16)):
-    """One case: ellipsoid brain (label 4) holding a spherical tumour (NCR core, ET rim, ED halo).
-
-    Contrast follows BraTS directions: ED bright on T2/FLAIR, ET bright on T1CE, NCR dark on T1.
-    Returns ({modality: float32 array}, uint8 label).
-    """
-    X, Y, Z = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-    c = np.array(shape) / 2
-    brain = ((X - c[0]) / (shape[0] * 0.42)) ** 2 + ((Y - c[1]) / (shape[1] * 0.42)) ** 2 + \
-            ((Z - c[2]) / (shape[2] * 0.42)) ** 2 <= 1
-    tc = c + rng.uniform(-2, 2, 3)
-    r = np.sqrt((X - tc[0]) ** 2 + (Y - tc[1]) ** 2 + (Z - tc[2]) ** 2)
-    rad = rng.uniform(2.0, 3.5)
-    label = np.zeros(shape, np.uint8)
-    label[brain] = 4
-    label[brain & (r <= rad + 2)] = 2
-    label[brain & (r <= rad)] = 3
-    label[brain & (r <= rad * 0.5)] = 1
-    base = {"t1": 0.2, "t1ce": 0.2, "t2": -0.2, "flair": -0.1}
-    lut = {  # mean intensity per label (0..4) per modality, in [-1, 1]
-        "t1": [-1, -0.6, 0.0, 0.1, 0.2], "t1ce": [-1, -0.5, 0.1, 0.9, 0.2],
-        "t2": [-1, 0.7, 0.8, 0.3, -0.2], "flair": [-1, 0.2, 0.8, 0.4, -0.1]}
-    images = {}
-    for m in base:
-        img = np.asarray(lut[m], np.float32)[label]
-        img = img + (label > 0) * rng.normal(0, 0.05, shape).astype(np.float32)
-        images[m] = np.clip(img, -1, 1).astype(np.float32)
-    return images, label
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +47,20 @@ def toy_cohort(tmp_path_factory):
                              images=paths, label=lpath, shape=label.shape, spacing=(9.0, 9.0, 9.0)))
     append_rows(manifest, rows)
     return manifest
+
+
+# --- tests that need what a fresh clone lacks (../shared, the atlas wheels) --------------------------------------
+
+def skip_or_fail(reason: str) -> None:
+    """Skip with the reason; under MEDDDPM_REQUIRE_ALL=1 (.ci/run sets it) fail instead, so that CI's green means
+    every test ran."""
+    if os.environ.get("MEDDDPM_REQUIRE_ALL") == "1":
+        pytest.fail(f"{reason} (MEDDDPM_REQUIRE_ALL=1: every test must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_runtest_setup(item):
+    """`@pytest.mark.skip_or_fail_if(condition, reason=...)`: pytest.mark.skipif that goes through skip_or_fail."""
+    for mark in item.iter_markers("skip_or_fail_if"):
+        if mark.args[0]:
+            skip_or_fail(mark.kwargs["reason"])
