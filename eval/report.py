@@ -283,7 +283,8 @@ def gate_table(study: Path) -> pd.DataFrame:
             row["draws"] = len(rep)
             checks = pd.Series([f.split(":")[0] for text in rep["failures"].dropna().astype(str)
                                 for f in text.split("; ") if f])
-            row["most frequent failed checks"] = ", ".join(f"{c} ({k})" for c, k in checks.value_counts().head(3).items())
+            top = checks.value_counts().head(3).items()
+            row["most frequent failed checks"] = ", ".join(f"{c} ({k})" for c, k in top)
         rows.append(row)
     return pd.DataFrame(rows)
 

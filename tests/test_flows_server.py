@@ -4,6 +4,8 @@
 'augment-study/default'`. One run is SIGKILLed mid-way (after Med-DDPM and synthesis, during segmenter training),
 the next run resumes and completes with the report, and a third run executes no task at all (every task run is
 Cached). Then regenerate-cohort makes two versions with retention 1: the older is pruned, the study's pools stay.
+Each test gets what it needs from fixtures (the regeneration test its finished study from `finished_study`), so
+any one of them runs alone; the killed-run test needs the served study unstarted, and pytest runs it first.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
-WAIT = 240  # seconds; the shared 2-core machine can be slow (stack.md G7)
+WAIT = 240  # seconds; the shared 2-core machine can be slow
 
 
 def _free_port() -> int:
@@ -113,14 +115,15 @@ def _external_cohort(root: Path) -> Path:
 def _tiny_params(study: Path, cohort: Path | None, **overrides) -> dict:
     """The smallest study that exercises every stage (tiny profile, a few steps of each model). cohort None:
     the embedded phantom cohort."""
-    return dict(out=str(study), cohort_manifest=str(cohort) if cohort else None, profile="tiny", n_real=3, seeds=[0], sampler="ddim",
-                sampling_steps=4, medddpm_config={"steps": 12, "checkpoint_every": 6, "progress": False},
+    return dict(out=str(study), cohort_manifest=str(cohort) if cohort else None, profile="tiny", n_real=3, seeds=[0],
+                sampler="ddim", sampling_steps=4,
+                medddpm_config={"steps": 12, "checkpoint_every": 6, "progress": False},
                 segmenter_config={"epochs": 2, "iters_per_epoch": 2}, **overrides)
 
 
 @pytest.fixture(scope="module")
 def served(prefect_env, toy_cohort, tmp_path_factory):
-    """`python -m flows.serve` with tiny default parameters; stopped before the server (stack.md §4)."""
+    """`python -m flows.serve` with tiny default parameters; stopped before the server (after it, serve hangs)."""
     root = tmp_path_factory.mktemp("served")
     study = root / "study"
     params = _tiny_params(study, toy_cohort, mixes=["1:0", "0:1", "1:1@edited"],
@@ -198,8 +201,20 @@ def _kill_flow_run_processes(serve: subprocess.Popen) -> int:
     return len(kids)
 
 
+@pytest.fixture(scope="module")
+def finished_study(served) -> Path:
+    """The served study, finished by a deployment run of its own: every task Cached when the killed-run test has
+    finished it already, the whole study when a test that needs it runs alone."""
+    run = _run_deployment(served["env"], watch=True)
+    state, tasks = _task_states(served["env"], run)
+    assert state == "COMPLETED", (state, tasks, _why(served, run))
+    assert (served["study"] / "study.json").exists()
+    return served["study"]
+
+
 def test_deployment_run_killed_resumes_then_fully_cached(served):
     env, study = served["env"], served["study"]
+    assert not (study / "study.json").exists(), "this test needs the served study unstarted: run it first"
 
     # 1. a run SIGKILLed while the segmenters train (Med-DDPM and synthesis are done by then)
     run1 = _run_deployment(env, watch=False)
@@ -254,15 +269,13 @@ def test_deployment_run_killed_resumes_then_fully_cached(served):
     assert not changed, changed
 
 
-def test_regenerate_cohort_versions_and_retention(served):
+def test_regenerate_cohort_versions_and_retention(served, finished_study):
     """Two regenerations with retention 1 (run as `medddpm regenerate-cohort`, reporting to the test server): new
     seeds per version, the older regenerated cohort pruned, the study's own pools kept."""
     from cohort.manifest import load_manifest
     from flows.registry import read_registry
 
-    env, study = served["env"], served["study"]
-    # a broken study must fail here too, not read as a skip
-    assert (study / "study.json").exists(), "the study of the previous test did not finish"
+    env, study = served["env"], finished_study
     medddpm = str(Path(sys.executable).parent / "medddpm")
     for _ in range(2):
         out = subprocess.run([medddpm, "regenerate-cohort", "--study", str(study), "--count", "2", "--steps", "3",
@@ -282,7 +295,7 @@ def test_regenerate_cohort_versions_and_retention(served):
 
 
 def test_deployment_after_a_cli_study_completes_from_the_cache(served):
-    """Regression (issue 11): a study finished by `medddpm study` (the flow called directly, as `make study` does:
+    """Regression: a study finished by `medddpm study` (the flow called directly, as `make study` does:
     embedded phantom cohort), then `prefect deployment run 'augment-study/default'` on the same folder: the
     deployment completes from the cache. It used to fail in the train-segmenters subflow ("manifest: Input should
     be a valid dictionary or instance of FileRef"): the deployment loaded flows/study.py by file path, which made
