@@ -1,15 +1,19 @@
-"""Memory of one Med-DDPM training step (forward + backward) with and without activation checkpointing.
+"""Memory and time of one Med-DDPM training step (forward + backward, fp32) with and without activation
+checkpointing, and with the earlier, coarser wrapping (whole up/down blocks) for comparison.
 
-Each configuration runs in its own process (peak RSS is per process); it prints the peak RSS, the bytes of tensors
-autograd saved for the backward pass (the activations checkpointing avoids keeping), seconds, and the
-extrapolation of the saved bytes to the paper-brats grid 192x192x144 (they scale with the number of voxels).
+Each (grid, wrapping) runs in its own process (peak RSS is per process); it prints the peak RSS, how much the step
+raised it above the process's peak before the step (network built, input made), the bytes autograd keeps for the
+backward pass (distinct storages: a skip kept by two checkpoints counts once; the recomputation inside a
+checkpoint is not counted), the step's seconds, and the loss and gradient norm (equal in every variant). The
+children run with a fixed glibc mmap threshold, so freed activations leave the resident set.
 
-    .venv/bin/python -m bench.bench_grad_checkpoint --profile paper-wholehead --sizes 64 96 --threads 2
+    .venv/bin/python -m bench.bench_grad_checkpoint --profile demo --grids 32x40x32 64x64x64 --batch 2
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,10 +22,22 @@ from pathlib import Path
 from bench.harness import own_peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER_BRATS_VOXELS = 192 * 192 * 144
+WRAPPINGS = ("none", "up-down-blocks", "each-block")
+# a fixed glibc mmap threshold: freed tensors go back to the system, so the peak RSS follows the tensors alive
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def one(profile: str, size: int, checkpointing: bool, threads: int) -> dict:
+def _wrap_up_down_blocks(net) -> None:
+    """The earlier wrapping: each whole up/down block and the middle block under one checkpoint."""
+    import types
+
+    from synth.grad_checkpoint import _checkpointed_forward
+
+    for b in [*net.down_blocks, *net.up_blocks, net.middle_block]:
+        b.forward = types.MethodType(_checkpointed_forward, b)
+
+
+def one(profile: str, grid: tuple[int, ...], batch: int, wrapping: str, threads: int) -> dict:
     import torch
 
     from synth.config import get_config
@@ -31,59 +47,63 @@ def one(profile: str, size: int, checkpointing: bool, threads: int) -> dict:
     torch.set_num_threads(threads)
     cfg = get_config(profile)
     torch.manual_seed(0)
-    net = build_unet(cfg)
-    if checkpointing:
+    net = build_unet(cfg).train()
+    with torch.no_grad():  # MONAI zero-initialises the last convs: give every gradient a value to compare
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    if wrapping == "each-block":
         enable_grad_checkpointing(net)
-    x = torch.randn(1, cfg.in_channels, size, size, size)
-    t = torch.tensor([100])
-    saved = [0]
+    elif wrapping == "up-down-blocks":
+        _wrap_up_down_blocks(net)
+    x = torch.randn(batch, cfg.in_channels, *grid)
+    t = torch.arange(batch) * 100 + 17
+    saved: dict[int, int] = {}
 
     def pack(tn):
-        saved[0] += tn.numel() * tn.element_size()
+        storage = tn.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
         return tn
 
+    before = own_peak_rss_bytes()
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tn: tn):
-        loss = net(x, t).abs().mean()
+        loss = (net(x, t) - torch.randn_like(x[:, :cfg.out_channels])).square().mean()
     loss.backward()
     secs = time.perf_counter() - t0
-    peak = own_peak_rss_bytes() / 2 ** 30
-    return {"profile": profile, "size": size, "checkpointing": checkpointing, "peak_rss_gib": round(peak, 2),
-            "saved_gib": round(saved[0] / 2 ** 30, 3), "seconds": round(secs, 1),
-            "saved_gib_at_192x192x144": round(saved[0] / 2 ** 30 * PAPER_BRATS_VOXELS / size ** 3, 2)}
+    peak = own_peak_rss_bytes()
+    grad_norm = torch.sqrt(sum(p.grad.double().square().sum() for p in net.parameters()))
+    return {"profile": profile, "grid": "x".join(map(str, grid)), "batch": batch, "wrapping": wrapping,
+            "peak_rss_gib": round(peak / 2 ** 30, 3), "step_rss_gib": round((peak - before) / 2 ** 30, 3),
+            "kept_gib": round(sum(saved.values()) / 2 ** 30, 3), "seconds": round(secs, 2),
+            "loss": float(loss), "grad_norm": float(grad_norm)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="paper-wholehead")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 96])
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("--grids", nargs="+", default=["32x40x32", "64x64x64"], help="voxel grids, XxYxZ")
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--child", nargs=3, metavar=("PROFILE", "SIZE", "CKPT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=3, metavar=("PROFILE", "GRID", "WRAPPING"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        print(json.dumps(one(a.child[0], int(a.child[1]), a.child[2] == "1", a.threads)))
+        grid = tuple(int(v) for v in a.child[1].split("x"))
+        print(json.dumps(one(a.child[0], grid, a.batch, a.child[2], a.threads)))
         return 0
-    print(f"{'size':>5} {'ckpt':>5} {'peak RSS GiB':>13} {'saved GiB':>10} {'s':>7} {'saved @192x192x144 GiB':>24}")
-    rows = []
-    for size in a.sizes:
-        for ck in (False, True):
-            child = ["--threads", str(a.threads), "--child", a.profile, str(size), "1" if ck else "0"]
+    print(f"profile {a.profile}, batch {a.batch}, fp32, {a.threads} threads")
+    print(f"{'grid':>10} {'wrapping':>15} {'peak RSS GiB':>13} {'step GiB':>9} {'kept GiB':>9} {'s':>7} "
+          f"{'loss':>12} {'grad norm':>12}")
+    for grid in a.grids:
+        for wrapping in WRAPPINGS:
+            child = ["--threads", str(a.threads), "--batch", str(a.batch), "--child", a.profile, grid, wrapping]
             out = subprocess.run([sys.executable, "-m", "bench.bench_grad_checkpoint", *child], capture_output=True,
-                                 text=True, cwd=ROOT)
+                                 text=True, cwd=ROOT, env={**os.environ, **MALLOC_ENV})
             if out.returncode:
-                print(f"{size:>5} {str(ck):>5} failed: {out.stderr.strip().splitlines()[-1:]}")
+                print(f"{grid:>10} {wrapping:>15} failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(r)
-            print(f"{size:>5} {str(ck):>5} {r['peak_rss_gib']:>13} {r['saved_gib']:>10} {r['seconds']:>7} "
-                  f"{r['saved_gib_at_192x192x144']:>24}")
-    for size in a.sizes:
-        pair = [r for r in rows if r["size"] == size]
-        if len(pair) == 2:
-            plain, ck = pair
-            print(f"{size}^3: checkpointing keeps {ck['saved_gib'] / plain['saved_gib']:.3f}x the saved activations, "
-                  f"{ck['peak_rss_gib'] / plain['peak_rss_gib']:.2f}x the peak RSS, "
-                  f"{ck['seconds'] / plain['seconds']:.2f}x the time")
+            print(f"{grid:>10} {wrapping:>15} {r['peak_rss_gib']:>13} {r['step_rss_gib']:>9} {r['kept_gib']:>9} "
+                  f"{r['seconds']:>7} {r['loss']:>12.7g} {r['grad_norm']:>12.7g}", flush=True)
     return 0
 
 

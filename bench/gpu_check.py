@@ -1,8 +1,13 @@
 """The GPU table of docs/benchmarks.md: Med-DDPM at the paper-brats grid (192x192x144, 4 modalities, base 64,
 batch 1) — seconds per training step and peak GiB for fp32, bf16, bf16 + activation checkpointing, and
-+ torch.compile; DDIM-25 seconds per volume. Run through bench/gpu_check.sh on a GPU machine (it installs the
-wheels it needs); ``--smoke`` runs the same code at a tiny grid on the CPU (tests/test_plan.py runs it, so the
-tool stays working).
++ torch.compile; DDIM-25 seconds per volume (fp32 sampling runs with TF32 off, as synth.schedulers.sample does).
+Run through bench/gpu_check.sh on a GPU machine (it installs what this imports beyond torch from carried wheels,
+bench/gpu_check.requirements.txt); ``--smoke`` runs the same code at a tiny grid on the CPU (tests/test_plan.py
+runs it with only those packages importable, so the tool and its install list stay working).
+
+Each row is written to the JSON file (--json, or $OUT/gpu_check.json) as soon as it finishes, so a run stopped
+by a timeout keeps its finished rows. A row whose memory estimate (synth.costs, the plan's model) exceeds the
+device's memory less HEADROOM_GIB is skipped with that reason, as is a row not started within --budget-s.
 
     bash bench/gpu_check.sh                       # on the GPU machine, from the repository root
     python -m bench.gpu_check --smoke --device cpu
@@ -17,6 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+
+# device memory the plan's estimate may not use: the CUDA context, cuDNN/cuBLAS workspaces and the caching
+# allocator's fragmentation
+HEADROOM_GIB = 2.0
 
 
 def _sync(device):
@@ -86,6 +95,38 @@ def sample_time(cfg, device, steps, amp):
     return time.perf_counter() - t0, _peak_gib(device)
 
 
+def device_memory(device) -> int | None:
+    """Total bytes of a CUDA device's memory; None elsewhere (nothing is skipped for memory on the CPU)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def memory_skip_reason(estimate_bytes: float, total_bytes: int | None) -> str | None:
+    """Why a row cannot fit (the estimate above the device's memory less HEADROOM_GIB), or None."""
+    if total_bytes is None or estimate_bytes <= total_bytes - HEADROOM_GIB * 2 ** 30:
+        return None
+    return (f"the plan estimates {estimate_bytes / 2 ** 30:.1f} GiB (synth.costs), more than this device's "
+            f"{total_bytes / 2 ** 30:.1f} GiB less {HEADROOM_GIB:g} GiB headroom")
+
+
+class ResultFile:
+    """The check's JSON document, rewritten atomically (core.fsutil) after every row; ``path`` None: not written."""
+
+    def __init__(self, path: Path | None, header: dict):
+        self.path, self.doc = path, {**header, "rows": []}
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.doc["rows"]
+
+    def add(self, row: dict) -> None:
+        from core.fsutil import atomic_write_text
+
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps(self.doc, indent=1))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -95,48 +136,63 @@ def main(argv=None) -> int:
     ap.add_argument("--sampling-steps", type=int, default=25)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     ap.add_argument("--smoke", action="store_true", help="tiny grid, 1 step each (CPU self-test of this script)")
-    ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--budget-s", type=float, default=380.0,
+                    help="start no row after this many seconds (bench/gpu_check.sh stops the run at 440 s)")
+    ap.add_argument("--json", help="write the rows as JSON here, each as it finishes (default: $OUT/gpu_check.json "
+                                   "when OUT is set)")
     a = ap.parse_args(argv)
 
     from synth.config import get_config
+    from synth.costs import sample_step_cost, train_step_cost
 
+    t_start = time.perf_counter()
     device = torch.device(a.device)
     cfg = get_config("tiny" if a.smoke else a.profile)
     warmup, steps, k = (0, 1, 2) if a.smoke else (a.warmup, a.steps, a.sampling_steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; torch {torch.__version__}; profile {cfg.profile} grid, batch {cfg.batch_size}, "
-          f"{cfg.channels} channels, {cfg.num_res_blocks} res blocks")
-    variants = [("fp32 eager", False, False, False), ("bf16 autocast", True, False, False),
-                ("bf16 + checkpointing", True, True, False)]
-    if not a.no_compile and not a.smoke:
-        variants.append(("bf16 + checkpointing + torch.compile", True, True, True))
-    rows = []
-    for label, amp, ck, comp in variants:
+    total = device_memory(device)
+    print(f"device: {name}"
+          f"{'' if total is None else f' ({total / 2 ** 30:.1f} GiB)'}; torch {torch.__version__}; profile "
+          f"{cfg.profile} grid, batch {cfg.batch_size}, {cfg.channels} channels, {cfg.num_res_blocks} res blocks")
+    json_path = a.json or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
+    out = ResultFile(Path(json_path) if json_path else None,
+                     {"device": name, "torch": torch.__version__, "profile": cfg.profile})
+    cuda = device.type == "cuda"
+
+    def train_row(label, amp, ck, comp):  # (what, measure it, its memory estimate in bytes)
+        return (f"train step, {label}", lambda: train_step_time(cfg, device, amp and cuda, ck, comp, warmup, steps),
+                lambda: train_step_cost(cfg, half_precision=amp, grad_checkpoint=ck).peak_bytes)
+
+    def sample_row(amp):
+        return (f"DDIM-{k} per volume, {'bf16' if amp else 'fp32'}", lambda: sample_time(cfg, device, k, amp and cuda),
+                lambda: sample_step_cost(cfg, batch=1).peak_bytes)
+
+    rows = [train_row("fp32 eager", False, False, False), train_row("bf16 autocast", True, False, False),
+            train_row("bf16 + checkpointing", True, True, False), sample_row(False), sample_row(True)]
+    if not (a.no_compile or a.smoke):  # last: building it can take minutes
+        rows.append(train_row("bf16 + checkpointing + torch.compile", True, True, True))
+    for what, measure, estimate in rows:
+        reason = (f"not started within the {a.budget_s:g} s budget"
+                  if time.perf_counter() - t_start > a.budget_s else
+                  None if total is None else memory_skip_reason(estimate(), total))
+        if reason:
+            out.add({"what": what, "skipped": reason})
+            continue
         try:
-            secs, peak = train_step_time(cfg, device, amp and device.type == "cuda", ck, comp, warmup, steps)
-            rows.append({"what": f"train step, {label}", "seconds": secs, "peak_gib": peak})
+            secs, peak = measure()
+            out.add({"what": what, "seconds": secs, "peak_gib": peak})
         except Exception as e:  # an OOM or a compile failure is a row of the table, not the end of the check
-            rows.append({"what": f"train step, {label}", "error": f"{type(e).__name__}: {str(e)[:120]}"})
-        print(json.dumps(rows[-1]), flush=True)
-    for amp in (False, True):
-        try:
-            secs, peak = sample_time(cfg, device, k, amp and device.type == "cuda")
-            rows.append({"what": f"DDIM-{k} per volume, {'bf16' if amp else 'fp32'}", "seconds": secs,
-                         "peak_gib": peak})
-        except Exception as e:
-            rows.append({"what": f"DDIM-{k} per volume", "error": f"{type(e).__name__}: {str(e)[:120]}"})
-        print(json.dumps(rows[-1]), flush=True)
-    base = next((r["seconds"] for r in rows if r["what"] == "train step, fp32 eager" and "seconds" in r), None)
+            out.add({"what": what, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+        if cuda:
+            torch.cuda.empty_cache()
+    base = next((r["seconds"] for r in out.rows if r["what"] == "train step, fp32 eager" and "seconds" in r), None)
     print(f"\n| {name} | seconds | peak GiB | vs fp32 eager step |\n|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['what']} | {r['error']} | | |")
+    for r in out.rows:
+        if "seconds" not in r:
+            print(f"| {r['what']} | {r.get('error') or 'skipped: ' + r['skipped']} | | |")
         else:
             ratio = f"{r['seconds'] / base:.2f}x" if base and r["what"].startswith("train") else ""
             print(f"| {r['what']} | {r['seconds']:.3f} | {r['peak_gib']:.1f} | {ratio} |")
-    if a.json or os.environ.get("OUT"):
-        path = Path(a.json or Path(os.environ["OUT"]) / "gpu_check.json")
-        path.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
     return 0
 
 

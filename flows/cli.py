@@ -82,8 +82,8 @@ def register(subparsers) -> None:
     p.add_argument("--dask-workers", type=int, help="run them on a local Dask cluster of N worker processes")
     p.add_argument("--device", help="where Med-DDPM, synthesis and segmenters run: auto (default: CUDA when present), "
                                     "cpu, cuda, cuda:N, mps")
-    p.add_argument("--gpus", type=int, help="fan the segmenter trainings out one per GPU (Dask; dask_cuda when "
-                                            "installed); with --dask-address the workers declare --resources GPU=1")
+    p.add_argument("--gpus", type=int, help="fan the segmenter trainings out one per GPU (Dask workers, each pinned "
+                                            "to its GPU); with --dask-address the workers declare --resources GPU=1")
     p.add_argument("--params", help="JSON file of flow parameters (options given on the command line win)")
     p.set_defaults(func=_study)
 
@@ -164,6 +164,12 @@ def _register_plan(subparsers) -> None:
     p.add_argument("--on", choices=("gpu", "cpu"), default="gpu", help="throughput default: gpu or cpu")
     p.add_argument("--tflops", type=float, help=f"sustained TFLOP/s (default {GPU_TFLOPS:g} on gpu, an assumption; "
                                                 f"{CPU_TFLOPS:g} on cpu, measured)")
+    p.add_argument("--detect", type=float, metavar="D", help="also print the seeds per mix and test cases needed to "
+                                                             "detect a paired Dice difference of D (80 %% power, "
+                                                             "α 0.05), with the hours each costs")
+    p.add_argument("--variance-from", metavar="STUDY", help="with --detect: a finished study whose "
+                                                            "results/per_case.csv gives the variance components "
+                                                            "(default: the default study's seed sd, others assumed)")
     p.set_defaults(func=_plan)
 
 
@@ -194,4 +200,8 @@ def _plan(args) -> int:
     print(f"{'total':<22} {total:>10.1f} {max(s.peak_bytes for s in stages) / GIB:>9.1f}  "
           f"(peak memory: {'bf16 autocast' if half else 'fp32'}"
           f"{', activation checkpointing' if args.grad_checkpoint else ''}; weights, Adam and EMA in fp32)")
+    if args.detect:
+        from .costs import print_detection_plan
+
+        print_detection_plan(args.detect, stages, args.seeds, n_test, tflops, unit, args.variance_from)
     return 0

@@ -8,6 +8,8 @@ import os
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from core.errors import ConfigError
+
 GPU_RESOURCE = {"GPU": 1}  # what a GPU task asks of a Dask worker (workers declare --resources GPU=1 per GPU)
 
 
@@ -58,26 +60,67 @@ def auto_parallel(jobs: list[dict], cores: int | None = None) -> int:
     return balanced_pool_size(len(jobs), cores) if jobs and one_thread_on_cpu else 2
 
 
+def segmenter_runtime(runtime: dict, gpus: int) -> dict:
+    """The runtime settings ({"device": ...}) a segmenter task gets. With gpus each Dask worker sees only its own
+    GPU (CUDA_VISIBLE_DEVICES: gpu_cluster here, one ``dask worker`` per GPU on a cluster), so a cuda:N named for the
+    flow process, where Med-DDPM and synthesis run, is the worker's plain cuda there (cuda:N would be a ConfigError
+    on a worker that sees one GPU)."""
+    device = str(runtime.get("device", "auto")).strip().lower()
+    if gpus and (device == "cuda" or device.startswith("cuda:")):
+        return {**runtime, "device": "cuda"}
+    return runtime
+
+
+def gpu_cluster(n_gpus: int, **cluster_kwargs):
+    """A started distributed LocalCluster of one single-threaded worker process per GPU, each declaring
+    GPU_RESOURCE and seeing only its own GPU: worker k starts with CUDA_VISIBLE_DEVICES set to this process's cuda:k
+    (core.device.visible_gpu), as dask_cuda's LocalCUDACluster pins its workers, without that GPU-only dependency.
+    prefect-dask's cluster_class for --gpus."""
+    import copy
+
+    from distributed import LocalCluster
+
+    from core.device import visible_gpu
+
+    pins = [visible_gpu(k) for k in range(int(n_gpus))]
+
+    class PinnedLocalCluster(LocalCluster):
+        def new_worker_spec(self):  # SpecCluster.scale asks it for each worker it adds
+            k = min(set(range(len(pins))) - set(self.worker_spec))
+            spec = copy.deepcopy(self.new_spec)
+            spec["options"]["env"] = {**spec["options"].get("env", {}), "CUDA_VISIBLE_DEVICES": pins[k]}
+            return {k: spec}
+
+    cluster = PinnedLocalCluster(n_workers=0, threads_per_worker=1, processes=True, resources=GPU_RESOURCE,
+                                 **cluster_kwargs)
+    cluster.scale(len(pins))
+    cluster.sync(cluster._correct_state)  # every worker is up before the task runner submits
+    return cluster
+
+
+def check_gpu_count(gpus: int, dask_address: str | None = None) -> None:
+    """A clear error for --gpus beyond this machine's CUDA GPUs when the workers are to start here (a worker
+    without its GPU would train on the CPU under --device auto); no check for a cluster at dask_address (its workers
+    declare their own GPUs) or without CUDA (a CPU test of the fan-out)."""
+    import torch
+
+    if gpus and not dask_address and torch.cuda.is_available() and gpus > torch.cuda.device_count():
+        raise ConfigError(f"--gpus {gpus} asks for one Dask worker per GPU, but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+
+
 def segmenter_task_runner(dask_address: str | None, dask_workers: int, parallel: int, gpus: int = 0):
     """Where the segmenter trainings run: threads (default), a local Dask cluster of dask_workers processes, an
-    existing cluster at dask_address, or, with gpus > 0, one Dask worker per GPU (dask_cuda's LocalCUDACluster,
-    which pins each worker to its GPU, when installed; else a LocalCluster whose workers each declare GPU=1)."""
+    existing cluster at dask_address, or, with gpus > 0, one Dask worker per GPU (gpu_cluster: each pinned to its
+    GPU and declaring GPU=1)."""
     if dask_address or dask_workers or gpus:
         from prefect_dask import DaskTaskRunner
 
         if dask_address:  # an existing cluster (e.g. dask-scheduler on a head node; workers with --resources GPU=1)
             return DaskTaskRunner(address=dask_address)
         if gpus:
-            try:
-                import dask_cuda  # noqa: F401
-
-                return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                                      cluster_kwargs={"n_workers": int(gpus), "resources": GPU_RESOURCE,
-                                                      "dashboard_address": None})
-            except ImportError:
-                pass
-            return DaskTaskRunner(cluster_kwargs={"n_workers": int(gpus), "threads_per_worker": 1, "processes": True,
-                                                  "resources": GPU_RESOURCE, "dashboard_address": None})
+            return DaskTaskRunner(cluster_class=gpu_cluster, cluster_kwargs={"n_gpus": int(gpus),
+                                                                            "dashboard_address": None})
         # one thread per worker process: each training uses torch's own threads
         return DaskTaskRunner(cluster_kwargs={"n_workers": int(dask_workers), "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})

@@ -21,6 +21,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from core.device import cuda_cache_released
+
 # absolute imports: however Prefect loads this file (module path or file path), FileRef and the tasks are the
 # classes of the flows package, so cached results of any run validate as parameters of any other run
 from flows import registry, tasks
@@ -28,7 +30,8 @@ from flows.mixes import DEFAULT_MIXES
 from flows.plan import StudyParams, StudyPlan, plan_study, pool_order
 from flows.record import publish_artifacts, study_record
 from flows.refs import FileRef, ref
-from flows.runners import GPU_RESOURCE, auto_parallel, gpu_submit, segmenter_task_runner
+from flows.runners import (GPU_RESOURCE, auto_parallel, check_gpu_count, gpu_submit, segmenter_runtime,
+                           segmenter_task_runner)
 from flows.tasks import run_cached, with_study_storage
 from synth.defaults import SAMPLER, STEPS
 
@@ -120,6 +123,7 @@ def augment_study(
     synth_seed: int = 0,
     gate_failures: str = "fill",
     segmenter_config: dict | None = None,
+    primary: str = "mean",
     parallel: int = 0,
     dask_address: str | None = None,
     dask_workers: int = 0,
@@ -146,10 +150,12 @@ def augment_study(
     keep every core busy to the end, e.g. 3 for 9 trainings on 2 cores; otherwise 2); dask_address / dask_workers:
     run them on Dask. device: where Med-DDPM, synthesis and the segmenters run (auto = CUDA when
     present; cpu, cuda, cuda:N, mps). gpus: fan the segmenter trainings out one per GPU on Dask (each task asks
-    for GPU_RESOURCE; with dask_address the workers must declare it: `dask worker ... --resources GPU=1`).
+    for GPU_RESOURCE; with dask_address the workers must declare it: `dask worker ... --resources GPU=1`); each
+    worker sees only its own GPU, where a segmenter runs on plain cuda (cuda:N names the flow process's GPU).
     """
     params = StudyParams.pick(locals())  # first statement: locals() holds exactly the flow's parameters
     t_start = time.perf_counter()
+    check_gpu_count(gpus, dask_address)  # before any work, not once Med-DDPM has trained
     study = Path(out).resolve()
     study.mkdir(parents=True, exist_ok=True)
     runtime = {"device": device} if device != "auto" else {}  # where it runs: not part of what is computed
@@ -162,7 +168,7 @@ def augment_study(
     pools = synthetic_pools(study, plan, checkpoint, selected, masks, device)
     manifest = run_cached(tasks.merge, study, [cohort, *pools.values()], str(study / "data_manifest.csv"))
     pool_orders = {name: pool_order(pool.path, params.gate_failures) for name, pool in pools.items()}
-    jobs = segmenter_jobs(plan, pool_orders, runtime)
+    jobs = segmenter_jobs(plan, pool_orders, segmenter_runtime(runtime, gpus))
     test_sets = evaluation_sets(plan, manifest)
     runner = segmenter_task_runner(dask_address, dask_workers, parallel or auto_parallel(jobs), gpus)
     trained, segment_seconds = segmenters(study, manifest, jobs, test_sets, runner, GPU_RESOURCE if gpus else None)
@@ -204,15 +210,17 @@ def real_cohort(study: Path, params: StudyParams) -> FileRef:
 def generator(study: Path, plan: StudyPlan, cohort: FileRef, selected: FileRef,
               runtime: dict | None = None) -> FileRef | None:
     """The Med-DDPM checkpoint (given, or trained on the selected cases or the whole cohort); None if no mix needs
-    synthetic cases."""
+    synthetic cases. It trains in the flow process, which then gives the GPU memory it cached back (a segmenter
+    worker may share the GPU)."""
     params = plan.params
     if not plan.needs_generator:
         return None
     if params.medddpm_checkpoint:
         return ref(params.medddpm_checkpoint)
     train_on = selected if plan.generator_train_ids is not None else cohort
-    return run_cached(tasks.train_medddpm, study, train_on, params.profile, str(study / "medddpm"),
-                      {**generator_init(params), **params.medddpm_config, **(runtime or {})})
+    with cuda_cache_released():
+        return run_cached(tasks.train_medddpm, study, train_on, params.profile, str(study / "medddpm"),
+                          {**generator_init(params), **params.medddpm_config, **(runtime or {})})
 
 
 def generator_init(params: StudyParams) -> dict:
@@ -240,12 +248,14 @@ def edited_masks(study: Path, plan: StudyPlan, selected: FileRef) -> FileRef | N
 def synthetic_pools(study: Path, plan: StudyPlan, checkpoint: FileRef | None, selected: FileRef,
                     edited: FileRef | None, device: str = "auto") -> dict[str, FileRef]:
     """The planned pools, synthesised and registered: {"real": ..., "edited": ...} (those the mixes need), each
-    conditioned on the selected cases' masks or on their edited versions."""
+    conditioned on the selected cases' masks or on their edited versions. Synthesis runs in the flow process,
+    which then gives the GPU memory it cached back."""
     params, pools = plan.params, {}
-    for pool in plan.pools:
-        masks = edited if pool.name == "edited" else selected
-        pools[pool.name] = run_cached(tasks.synthesize, study, checkpoint, masks, pool.out_dir, pool.count,
-                                      params.sampler, params.sampling_steps, pool.seed, pool.cohort_id, device)
+    with cuda_cache_released():
+        for pool in plan.pools:
+            masks = edited if pool.name == "edited" else selected
+            pools[pool.name] = run_cached(tasks.synthesize, study, checkpoint, masks, pool.out_dir, pool.count,
+                                          params.sampler, params.sampling_steps, pool.seed, pool.cohort_id, device)
     for pool in plan.pools:
         made = pools[pool.name]
         registry.register(study, pool.cohort_id, made.path, made.sha256, kind="study-pool",

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from core.device import resolve_device
+from core.device import child_device, resolve_device
 from core.errors import InputError
 from core.fsutil import atomic_path, atomic_write_text
 
@@ -86,19 +86,22 @@ def _run_child(model_dir: Path, step: str, args: list[str], *, training: bool, n
                threads: int | None = None, epochs: int | None = None, device: str = "cpu") -> None:
     """Run ``python -m segment.nnunet_backend <step> ...``; stream its output to nnunet/logs/<step>.log.
 
-    During training, nnU-Net's "Epoch N" lines advance a tqdm bar.
+    During training, nnU-Net's "Epoch N" lines advance a tqdm bar. On cuda:N the child sees only GPU N and is
+    given plain cuda (core.device.child_device): nnU-Net's trainer would train on cuda:0 whatever it is given.
     """
     log_dir = roots(model_dir)["base"] / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{step}.log"
     cmd = [sys.executable, "-m", "segment.nnunet_backend", step, *args]
+    child, device_env = child_device(device)
     if step != "plan":
-        cmd += ["--device", device]
+        cmd += ["--device", child]
     bar = tqdm(total=epochs, desc=f"segment[nnunet] {step}", unit="epoch" if epochs else "it", leave=False)
     tail: list[str] = []
     with open(log_path, "a", buffering=1) as log:  # line-buffered: the log is readable while nnU-Net runs
-        log.write(f"$ {' '.join(cmd)}\n")
-        env = nnunet_env(model_dir, training=training, n_proc=n_proc, threads=threads, gpu=device.startswith("cuda"))
+        log.write(f"$ {' '.join([*(f'{k}={v}' for k, v in device_env.items()), *cmd])}\n")
+        env = {**nnunet_env(model_dir, training=training, n_proc=n_proc, threads=threads, gpu=child == "cuda"),
+               **device_env}
         proc = subprocess.Popen(cmd, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(model_dir))
         assert proc.stdout is not None

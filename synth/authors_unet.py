@@ -114,6 +114,10 @@ class TimestepSequential(nn.Sequential):
         return x
 
 
+def _concat_run(block: nn.Module, h: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    return block(torch.cat([h, skip], dim=1), emb)
+
+
 class AuthorsUNet(nn.Module):
     """The authors' 3-D U-Net. Called as ``model(x, t)`` like MONAI's DiffusionModelUNet.
 
@@ -170,10 +174,11 @@ class AuthorsUNet(nn.Module):
 
         self.out = nn.Sequential(_norm(ch, g), nn.SiLU(), nn.Conv3d(ch, out_channels, 3, padding=1))
 
-    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(self, fn, *args) -> torch.Tensor:
+        """fn(*args), recomputed in the backward pass when checkpointing."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return activation_checkpoint(block, h, emb, use_reentrant=False)
-        return block(h, emb)
+            return activation_checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.condition_pm1:
@@ -187,5 +192,6 @@ class AuthorsUNet(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)
+            # concat(h, skip) inside the checkpoint: outside, it would be kept next to the skip (a second copy)
+            h = self._run(_concat_run, block, h, skips.pop(), emb)
         return self.out(h)

@@ -71,6 +71,9 @@ def _add_training_runtime(p) -> None:
                                                      "CPU, 4 on a GPU)")
     p.add_argument("--cache-rate", type=float, help="share of the training cases kept in RAM (default 0: each case "
                                                     "is read when used)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic GPU kernels (cuDNN, cuBLAS, torch; slower): a resumed run then repeats its "
+                        "loss curve bit for bit on a GPU too (an op without a deterministic kernel warns)")
     p.add_argument("--nproc", type=int, help="train in N processes on this node (one per GPU, or CPU processes): "
                                              "runs torchrun --standalone --nproc_per_node N; several nodes: "
                                              "run torchrun yourself (README)")
@@ -115,6 +118,9 @@ def _add_synthesize(subparsers) -> None:
                                    "(and LOCAL_RANK's GPU). Then: medddpm synthesize-merge --out DIR --shards N "
                                    "--count C")
     s.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="volumes per network call")
+    s.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (cuDNN, cuBLAS; slower): a seed then repeats its sample bit for "
+                        "bit on the same GPU and software (TF32 is off in sampling either way)")
     s.add_argument("--splits", default="train", help="comma-separated splits of mask rows to use ('all' = any)")
     s.add_argument("--max-retries", type=int, default=defaults.MAX_RETRIES, help="quality-gate redraws per case")
     s.add_argument("--threads", type=int, help="torch threads")
@@ -147,7 +153,7 @@ def _train(args) -> int:
                  "seed": args.seed, "num_threads": args.threads, "warmup_steps": args.warmup_steps,
                  "device": args.device, "precision": args.precision, "grad_checkpoint": args.grad_checkpoint,
                  "sources": tuple(args.sources.split(",")) if args.sources else None,
-                 "data_workers": args.data_workers, "cache_rate": args.cache_rate,
+                 "data_workers": args.data_workers, "cache_rate": args.cache_rate, "deterministic": args.deterministic,
                  "progress": False if args.no_progress else None, "init_from": args.init_from}
     # 'none' unsets the profile's value; get_config skips None overrides, so those fields are replaced afterwards
     unset = {k: None for k, v in overrides.items() if v == "none"}
@@ -198,7 +204,8 @@ def _synthesize(args) -> int:
     config = SynthesisConfig(count=args.count, sampler=args.sampler, steps=args.steps, seed=args.seed, eta=args.eta,
                              spacing=args.spacing, analytic=args.analytic_variance, batch_size=args.batch_size,
                              splits=splits, max_retries=args.max_retries, num_threads=args.threads,
-                             progress=not args.no_progress, device=args.device, shard=_shard(args.shard))
+                             progress=not args.no_progress, device=args.device, shard=_shard(args.shard),
+                             deterministic=args.deterministic)
     path = synthesize_cohort(args.checkpoint, args.masks, args.out, config)
     print(f"manifest: {path}")
     return 0

@@ -31,7 +31,7 @@ CONDITION_LABELS: dict[str, tuple[tuple[int, ...], ...]] = {
 # left out of the config hash, so a run can be resumed with more --steps (constant lr) or on another device.
 # With lr_schedule="cosine" the lr horizon is `steps`: a resume checks it separately (synth.train).
 RUNTIME_FIELDS = ("steps", "checkpoint_every", "log_every", "num_threads", "progress", "device", "precision",
-                  "grad_checkpoint", "data_workers", "cache_rate")
+                  "grad_checkpoint", "data_workers", "cache_rate", "deterministic")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ARCHITECTURES = ("monai", "authors")
@@ -115,6 +115,9 @@ class MedDDPMConfig:
     data_workers: int | None = None                # DataLoader worker processes (None: 0 on CPU, 4 on CUDA)
     cache_rate: float = 0.0                        # share of the cases kept in RAM (0: every case read when used;
                                                    # tiny/demo: 1, their cohorts are a few MB)
+    deterministic: bool = False                    # deterministic GPU kernels (core.determinism; slower): a
+                                                   # resumed GPU run repeats its loss curve bit for bit, unless
+                                                   # torch warns of an op that has none
 
     def __post_init__(self):
         if self.condition not in CONDITION_CHANNELS:

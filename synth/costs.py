@@ -5,8 +5,11 @@ pass. ``medddpm plan`` turns these counts into GPU-hours and peak memory per sta
 
 The counts are exact for the network as built (convolutions and matrix products; element-wise work is not
 counted), the memory is an estimate: parameters, gradients, Adam moments and the EMA copy in fp32, plus the
-saved activations (halved under bf16/fp16 autocast, where convolutions save their inputs in half precision),
-plus, with activation checkpointing, one U-Net block's activations recomputed during the backward pass.
+saved activations (halved under bf16/fp16 autocast, where convolutions save their inputs in half precision);
+with activation checkpointing, what runs outside the checkpointed units plus each unit's inputs, and the largest
+unit's activations recomputed during the backward pass. Not counted: gradients in flight and the allocator's
+transients, and on CUDA autocast keeps group_norm in fp32 (more than half of fp32 bytes): a lower bound of the real
+peak until it is fitted to measured runs.
 """
 from __future__ import annotations
 
@@ -59,6 +62,42 @@ def forward_backward_cost(net: torch.nn.Module, *inputs: torch.Tensor) -> tuple[
     return counter.get_total_flops(), saved[0]
 
 
+def checkpointed_activation_bytes(net: torch.nn.Module, units: list[torch.nn.Module], *inputs: torch.Tensor
+                                  ) -> tuple[int, int]:
+    """(bytes kept through the forward pass, bytes of the largest unit recomputed in backward) when each of
+    ``units`` runs under an activation checkpoint: a unit keeps only its inputs, the rest of the network keeps what
+    autograd saves; in backward one unit at a time saves its activations again. Counted on the unwrapped network
+    (meta tensors), each unit's saved tensors under a hook of its own."""
+    outside, kept_inputs, inside, stack = [0], [0], {}, []
+
+    def counter(cell):
+        def pack(tn):
+            cell[0] += tn.numel() * tn.element_size()
+            return tn
+        return pack
+
+    def enter(module, args, kwargs=None):
+        kept_inputs[0] += sum(a.numel() * a.element_size() for a in (*args, *(kwargs or {}).values())
+                              if isinstance(a, torch.Tensor))
+        inside[id(module)] = [0]
+        hooks = torch.autograd.graph.saved_tensors_hooks(counter(inside[id(module)]), lambda tn: tn)
+        hooks.__enter__()
+        stack.append(hooks)
+
+    def leave(module, args, output):
+        stack.pop().__exit__(None, None, None)
+
+    handles = [h for u in units for h in (u.register_forward_pre_hook(enter, with_kwargs=True),
+                                          u.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(counter(outside), lambda tn: tn):
+            net(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return outside[0] + kept_inputs[0], max((c[0] for c in inside.values()), default=0)
+
+
 def train_step_cost(cfg: MedDDPMConfig, *, half_precision: bool = False, grad_checkpoint: bool = False) -> StepCost:
     """One optimizer step: forward + backward of batch_size x grad_accum volumes."""
     net = _meta_network(cfg)
@@ -66,11 +105,13 @@ def train_step_cost(cfg: MedDDPMConfig, *, half_precision: bool = False, grad_ch
     x = torch.zeros(_shape(cfg, cfg.batch_size), device="meta")
     t = torch.zeros(cfg.batch_size, dtype=torch.long, device="meta")
     flops, saved = forward_backward_cost(net, x, t)
-    activations = saved * (0.5 if half_precision else 1.0)
     if grad_checkpoint:
-        # kept: the blocks' inputs and outputs (~ one tensor per block); recomputed at a time: the largest block
-        blocks = len(getattr(net, "down_blocks", [])) + len(getattr(net, "up_blocks", [])) + 1
-        activations = activations / blocks * 2
+        # kept: what runs outside the checkpointed units plus each unit's inputs; recomputed: the largest unit
+        from .grad_checkpoint import checkpoint_units
+
+        kept, recomputed = checkpointed_activation_bytes(net, checkpoint_units(net), x, t)
+        saved = kept + recomputed
+    activations = saved * (0.5 if half_precision else 1.0)
     return StepCost(flops * cfg.grad_accum, n_params * TRAIN_BYTES_PER_PARAM + activations, n_params)
 
 

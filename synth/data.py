@@ -90,6 +90,19 @@ def load_items(manifest: str | Path, config: MedDDPMConfig, rows: pd.DataFrame, 
     return [ds[i] for i in range(len(ds))]
 
 
+def case_loader(dataset, workers: int, **kwargs):
+    """A torch DataLoader reading ``dataset`` in ``workers`` processes (0: in this one). Workers start by forkserver
+    (spawn where there is none), not fork: training runs inside multithreaded processes (a Prefect flow, a Dask
+    worker), where a forked worker can inherit a lock another thread holds and hang. So the dataset and collate_fn
+    must pickle, and each worker holds its own copy of a CacheDataset's cached cases."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return DataLoader(dataset, num_workers=workers, multiprocessing_context=start if workers else None, **kwargs)
+
+
 def collate_pair(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, condition) batches of items; the DataLoader's collate_fn (module level: picklable for workers)."""
     return (torch.stack([torch.as_tensor(it["image"]) for it in items]),

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
+from core.determinism import no_tf32
 from core.errors import ConfigError
 
 from . import defaults
@@ -278,8 +279,13 @@ def sample(model: torch.nn.Module, sampler: Sampler, condition: torch.Tensor, ou
 
     condition: (B, K, X, Y, Z) one-hot masks; seeds: one per sample. Each sample's starting noise and (for
     stochastic samplers) its per-step noise are drawn on the CPU from its own generator and then moved to the
-    model's device, so a sample depends only on its seed and condition (not on batch partners, and on CPU and GPU
-    alike up to float error). device: where to run (default: the model's device). prediction: what the network
+    model's device, so a sample's noise depends only on its seed (not on batch partners or the device). The network
+    runs in float32 with TF32 off (core.determinism.no_tf32, restored afterwards): cuDNN's TF32 convolutions, its
+    default on Ampere and newer GPUs, would compound their error over a stochastic chain. The float32 arithmetic
+    still rounds differently on another device, library version or batch size, and the chain carries that on:
+    a seed repeats its sample on one device and software stack (on a GPU guaranteed only under
+    core.determinism.deterministic_algorithms, ``--deterministic``), and gives a close but not identical one
+    elsewhere. device: where to run (default: the model's device). prediction: what the network
     predicts (its config's ``prediction``): "epsilon", or "v", turned into ε̂ = √ᾱ·v̂ + √(1−ᾱ)·x_t for the samplers.
     With "v" the chain runs in float64: at t = T−1 (ᾱ ≈ 1e-8) the samplers' x̂0 = (x − √(1−ᾱ)ε̂)/√ᾱ would lose
     every digit of √ᾱ·x_t in float32.
@@ -305,6 +311,7 @@ def sample(model: torch.nn.Module, sampler: Sampler, condition: torch.Tensor, ou
         out = model(model_input(x_t.float(), cond, channels_last), tt).contiguous().to(x_t.dtype)
         return convert_model_output(out, x_t, sampler.schedule.alpha_bar(t), prediction)[0]
 
-    x = run_sampler(denoise, x, sampler, steps, lambda: draw().to(x.dtype))
+    with no_tf32():
+        x = run_sampler(denoise, x, sampler, steps, lambda: draw().to(x.dtype))
     bar.close()
     return x.clamp(-1.0, 1.0).float().cpu()

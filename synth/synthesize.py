@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core.determinism import deterministic_algorithms
 from core.device import resolve_device
 from core.errors import InputError, ConfigError
 from core.fsutil import atomic_write_text, sha256_file
@@ -69,6 +70,7 @@ class SynthesisConfig:
     progress: bool = True
     device: str = "auto"
     shard: tuple[int, int] | str | None = None     # (k, n) | "auto" (torchrun) | None: synthesize_cohort
+    deterministic: bool = False                    # deterministic GPU kernels (core.determinism)
 
 
 class _Job(NamedTuple):
@@ -125,8 +127,12 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     Quality gate (synth.quality: per-label medians, background, texture): a failing sample is redrawn with a new
     seed up to `max_retries` times; cases still failing are kept and marked quality_gate=fail. quality_report.csv
     lists every attempt with each failed check, its measured value and the allowed range.
-    device: where to run the generator (auto = CUDA when present); the seeded noise is drawn on the CPU, so a
-    seed gives the same sample on any device up to float error.
+    device: where to run the generator (auto = CUDA when present). The seeded noise is drawn on the CPU and the
+    network runs with TF32 off (synth.schedulers.sample), so a seed's noise is the same on every device; the
+    samples are not: float32 rounds differently on another device, library version or batch size, a stochastic
+    chain carries that on, and a borderline sample can pass the quality gate on one device and be redrawn on
+    another. A seed repeats its sample on one device and software stack (on a GPU guaranteed only with
+    ``deterministic``, which turns on core.determinism.deterministic_algorithms).
     shard: (k, n) = this process makes the cases whose index i has i % n == k, into
     out_dir/data_manifest.shard-k-of-n.csv (several processes, GPUs or Dask workers then share one out_dir without
     touching each other's files);
@@ -154,7 +160,7 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     bar = tqdm(total=len(indices), initial=len(indices) - len(jobs),
                desc=f"synthesize ({config.sampler}, {config.steps} steps)", disable=not config.progress,
                dynamic_ncols=True)
-    with torch_threads(config.num_threads):
+    with deterministic_algorithms(config.deterministic), torch_threads(config.num_threads):
         for b in range(0, len(jobs), config.batch_size):
             batch = jobs[b:b + config.batch_size]
             masks = _read_masks(masks_manifest, batch, gen.cfg)

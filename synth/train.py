@@ -2,7 +2,9 @@
 gradient accumulation, EMA, atomic resumable checkpoints and a loss log.
 
 Every random draw (timesteps, noise) comes from one torch.Generator whose state is checkpointed, and the data
-order is a function of (seed, epoch), so a run killed with SIGKILL and restarted continues the same loss curve.
+order is a function of (seed, epoch), so a run killed with SIGKILL and restarted continues the same loss curve
+(tested on the CPU). On a GPU that holds only with config.deterministic (``--deterministic``): cuDNN's weight
+gradients and some backward kernels otherwise add in a varying order, and the curves part by growing rounding.
 Cases stream through a DataLoader (synth.data.StepBatchSampler); under torchrun each process takes its share of
 every step's samples and DistributedDataParallel averages the gradients (synth.distributed).
 """
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.determinism import deterministic_algorithms
 from core.device import autocast_dtype, resolve_device
 from core.errors import InputError, ConfigError
 from core.fsutil import atomic_torch_save, atomic_write_csv, atomic_write_text, read_csv_log, sha256_bytes
@@ -30,7 +33,7 @@ from core.threads import torch_threads
 from .checkpoint import (CONFIG_FILE, GENERATOR_FILE, LOSS_LOG, RANGES_FILE, STATE_FILE, adopt_init_network,
                          init_weights, load_state, save_generator, with_init_sha256)
 from .config import MedDDPMConfig, get_config
-from .data import StepBatchSampler, collate_pair, rank_shard, training_dataset, training_rows
+from .data import StepBatchSampler, case_loader, collate_pair, rank_shard, training_dataset, training_rows
 from .distributed import Ranks, mean_over_ranks, process_group, rank_device, ranks_from_env
 from .network import build_unet
 from .quality import intensity_ranges, save_ranges
@@ -203,7 +206,7 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
     ranks = ranks_from_env()
     grid = _check_settings(cfg, ranks)
     device = rank_device(resolve_device(cfg.device), ranks)
-    with torch_threads(cfg.num_threads), process_group(device, ranks):
+    with deterministic_algorithms(cfg.deterministic), torch_threads(cfg.num_threads), process_group(device, ranks):
         rows = training_rows(manifest, cfg)
         cases_hash = training_cases_hash(rows)
         state = _resume_state(out, cfg, cases_hash)
@@ -241,11 +244,9 @@ def _resume_state(out: Path, cfg: MedDDPMConfig, cases_hash: str) -> dict | None
 
 def _write_run_files(out: Path, manifest, cfg: MedDDPMConfig, rows, cases_hash: str, dataset, device) -> None:
     """config.json, and the quality gate's intensity ranges (once), read one case at a time."""
-    from torch.utils.data import DataLoader
-
     out.mkdir(parents=True, exist_ok=True)
     if not (out / RANGES_FILE).exists():
-        cases = DataLoader(dataset, batch_size=None, num_workers=_data_workers(cfg, device))
+        cases = case_loader(dataset, _data_workers(cfg, device), batch_size=None)
         save_ranges(out / RANGES_FILE, intensity_ranges(cases, cfg.modalities))
     atomic_write_text(out / CONFIG_FILE, json.dumps({**cfg.to_dict(), "config_hash": cfg.hash(),
                                                      "manifest": str(Path(manifest).resolve()),
@@ -267,7 +268,9 @@ def _setup(cfg: MedDDPMConfig, out: Path, device: torch.device, ranks: Ranks, n_
     if cfg.init_from:
         init_weights(net, cfg)
     net = net.to(device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)  # fp32 master weights and EMA, whatever the autocast
+    # fp32 master weights and EMA, whatever the autocast; the copy's checkpointed blocks call their own forwards
+    # (synth.grad_checkpoint binds each wrapper to its block), so ema(x, t) uses the EMA's weights
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
     amp_dtype = autocast_dtype(device, cfg.precision)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     # fp16 needs loss scaling; bf16 has fp32's exponent range and does not
@@ -297,10 +300,8 @@ def _setup(cfg: MedDDPMConfig, out: Path, device: torch.device, ranks: Ranks, n_
 
 def _batches(dataset, run: _Run):
     """This rank's micro-batches (image, condition) from the run's step on, read by DataLoader workers."""
-    from torch.utils.data import DataLoader
-
-    return iter(DataLoader(dataset, batch_sampler=run.sampler, collate_fn=collate_pair,
-                           num_workers=_data_workers(run.cfg, run.device), pin_memory=run.device.type == "cuda"))
+    return iter(case_loader(dataset, _data_workers(run.cfg, run.device), batch_sampler=run.sampler,
+                            collate_fn=collate_pair, pin_memory=run.device.type == "cuda"))
 
 
 def _step_draws(run: _Run) -> list[tuple[torch.Tensor, torch.Tensor]]:

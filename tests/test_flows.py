@@ -267,10 +267,11 @@ def _gpu_probe_task():
     return probe
 
 
-def test_gpu_tasks_never_outnumber_the_gpus_a_dask_cluster_declares(harness, tmp_path):
+def test_gpu_tasks_never_outnumber_the_gpus_a_dask_cluster_declares(harness, tmp_path, monkeypatch):
     """Two workers, each declaring one GPU but running 3 threads: GPU-annotated tasks (flows.runners.gpu_submit, used
-    by train-segmenters) run at most 2 at a time, plain tasks up to 6; every task completes."""
-    from prefect import flow
+    by train-segmenters) run at most 2 at a time, plain tasks up to 6; every task completes. The study's --gpus
+    runner pins each of its workers to its own GPU."""
+    from prefect import flow, task
     from prefect_dask import DaskTaskRunner
 
     from flows.runners import GPU_RESOURCE, gpu_submit, segmenter_task_runner
@@ -297,10 +298,21 @@ def test_gpu_tasks_never_outnumber_the_gpus_a_dask_cluster_declares(harness, tmp
     assert max_concurrent(gpu_log) == (2, 6)
     assert fan_out(str(cpu_log), None) == list(range(6))
     assert max_concurrent(cpu_log)[0] > 2  # without the annotation the threads, not the GPUs, limit
-    # the study's runner for --gpus N: one worker per GPU, each declaring GPU=1 (dask_cuda is not installed here)
-    r = segmenter_task_runner(None, 0, 1, gpus=2)
-    assert type(r).__name__ == "DaskTaskRunner" and r.cluster_kwargs["resources"] == GPU_RESOURCE
-    assert r.cluster_kwargs["n_workers"] == 2
+    # the study's runner for --gpus 2: one worker process per GPU, each seeing only its own GPU; GPU tasks land on both
+    @task(name="visible-gpus")
+    def visible_gpus(i: int) -> str | None:
+        import time
+
+        time.sleep(0.6)
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    @flow(task_runner=segmenter_task_runner(None, 0, 1, gpus=2))
+    def on_gpus():
+        return sorted(f.result() for f in [gpu_submit(visible_gpus, i, resources=GPU_RESOURCE) for i in range(4)])
+
+    assert on_gpus() == ["0", "0", "1", "1"]
 
 
 def test_transient_failures_are_retried_bad_input_is_not(harness):

@@ -458,7 +458,7 @@ def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memor
     net = build_unet(cfg).train()
     x, t = torch.randn(1, cfg.in_channels, 32, 40, 32), torch.tensor([17])
     plain_bytes, plain_grads = _saved_bytes_and_grads(net, x, t)
-    assert enable_grad_checkpointing(net) == len(net.down_blocks) + len(net.up_blocks) + 1
+    assert enable_grad_checkpointing(net) > len(net.down_blocks) + len(net.up_blocks) + 1  # per ResNet/attention
     ck_bytes, ck_grads = _saved_bytes_and_grads(net, x, t)
     for a, b in zip(plain_grads, ck_grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
