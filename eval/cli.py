@@ -9,7 +9,6 @@ def register(subparsers) -> None:
                     "from STUDY_DIR/results/per_case.csv, optional results/synthesis.csv and "
                     "results/memorisation.csv, study.json and the study's manifests. See docs/eval.md.")
     p.add_argument("study_dir", metavar="STUDY_DIR", help="the study folder (holds results/per_case.csv)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.set_defaults(func=_report)
 
     q = subparsers.add_parser(
@@ -22,7 +21,7 @@ def register(subparsers) -> None:
     q.add_argument("study_dir", metavar="STUDY_DIR", help="the study folder")
     q.add_argument("--max-pairs", type=int, default=100, help="MS-SSIM pairs per statistic (seeded sample)")
     q.add_argument("--rule", choices=("max", "p99"), default="max", help="copy-threshold rule (default max)")
-    q.add_argument("--seed", type=int, default=0, help="seed of pair sampling and bootstrap")
+    q.add_argument("--seed", type=int, default=0, help="seed of pair sampling")
     q.add_argument("--no-report", action="store_true", help="do not rebuild the report afterwards")
     q.set_defaults(func=_synthesis_quality)
 
@@ -30,7 +29,7 @@ def register(subparsers) -> None:
 def _report(args) -> int:
     from .report import build_report
 
-    out = build_report(args.study_dir, seed=args.seed)
+    out = build_report(args.study_dir)
     print(f"report: {out / 'report.html'}")
     return 0
 
@@ -47,5 +46,5 @@ def _synthesis_quality(args) -> int:
     for name, path in written.items():
         print(f"{name}: {path}")
     if not args.no_report:
-        print(f"report: {build_report(args.study_dir, seed=args.seed) / 'report.html'}")
+        print(f"report: {build_report(args.study_dir) / 'report.html'}")
     return 0

@@ -30,7 +30,8 @@ def _savefig(fig, path: Path) -> Path:
 
 
 def plot_dice_by_ratio(agg: pd.DataFrame, path: Path, title: str) -> Path:
-    """Mean Dice per mix (paper order) with bootstrap 95 % CI error bars; one panel per backend, one line per region."""
+    """Mean Dice per mix (paper order) with 95 % interval error bars (eval.stats.case_seed_interval); one panel
+    per backend, one line per region."""
     backends = list(dict.fromkeys(agg["backend"]))
     fig, axes = _figure(1, len(backends), (5.5 * len(backends), 4))
     for ax, be in zip(axes[0], backends):
@@ -46,7 +47,7 @@ def plot_dice_by_ratio(agg: pd.DataFrame, path: Path, title: str) -> Path:
                         label=reg)
         ax.set_xticks(x, mixes, rotation=20)
         ax.set_xlabel("training mix (real:synthetic)")
-        ax.set_ylabel("Dice (mean, 95% bootstrap CI)")
+        ax.set_ylabel("Dice (mean, 95% interval)")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{title} — {be}")
         ax.grid(alpha=0.3)

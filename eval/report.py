@@ -33,15 +33,26 @@ from .memorisation import ANATOMY_NOTE, summarise
 from .plots import plot_boxplots, plot_dice_by_ratio, plot_memorisation, plot_montage
 from .records import StudyRecord
 from .results import read_results, real_manifest, synthetic_manifests
-from .stats import aggregate, mix_order, paired_vs_real
+from .stats import (INTERVAL_METHOD, MEAN_REGION, VarianceComponents, aggregate, label_families, min_detectable_delta,
+                    mix_kind, mix_order, paired_tables, paired_vs_real, ratio_interval, reference_run,
+                    variance_components, with_mean_region)
 
 PHANTOM_COHORT = "phantom-v1"
 PHANTOM_NOTE = ("This study used the embedded phantom cohort (phantom-v1): its brain anatomy is real atlas data, "
                 "but its tumours and its extra contrasts are simulated. Dice values here test the pipeline, not "
                 "clinical performance.")
+# the paper's headline gain (README): tumour Dice 0.6675 with 1k real + 2k synthetic cases vs 0.6531 with 1k real
+PAPER_EFFECT = 0.014
+PAPER_EFFECT_TEXT = "+0.014 tumour Dice: 0.6675 with 1k real + 2k synthetic vs 0.6531 with 1k real only"
+DEFAULT_PRIMARY = MEAN_REGION  # StudyParams.primary's default (flows/plan.py)
 FID_NOTE = ("The Fréchet distance is computed on features of the network named in the feature_extractor column. "
             "It is not MedicalNet 3-D FID or RadImageNet 2.5-D FID, and its values are not comparable with "
             "published FIDs.")
+
+
+def primary_region(record: StudyRecord | None) -> str:
+    """The region of the primary comparison declared in the study's parameters ('mean': mean over WT/TC/ET)."""
+    return str((record.parameters if record is not None else {}).get("primary", DEFAULT_PRIMARY))
 
 
 def _primary_test_set(per_case: pd.DataFrame, record: StudyRecord | None) -> str:
@@ -73,6 +84,11 @@ def _mean_sd_ci(r, m: str, digits=3) -> str:
     return s
 
 
+def _p(v) -> str:
+    """' < 0.001' or ' = 0.021' (to follow 'p')."""
+    return " < 0.001" if np.isfinite(float(v)) and float(v) < 0.001 else f" = {_fmt(v)}"
+
+
 def _delta(r) -> str:
     if r is None or not np.isfinite(r["delta_mean"]):
         return "—"
@@ -84,7 +100,7 @@ def _delta(r) -> str:
 
 def dice_table(agg: pd.DataFrame, paired: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     """The paper-style table for one (test set, backend): rows = mixes, columns = regions (+ paired Δ for Dice)."""
-    regions = [r for r in REGIONS if r in set(agg["region"])]
+    regions = [r for r in (*REGIONS, MEAN_REGION) if r in set(agg["region"])]
     runs = mix_order(agg[["mix", "kind", "n_real", "n_synth"]].drop_duplicates())
     rows = []
     for _, run in runs.iterrows():
@@ -168,22 +184,22 @@ class _Doc(_Blocks):
                 f"<style>{style}</style></head><body>\n" + "\n".join(self.html) + "\n</body></html>\n")
 
 
-def _segmentation_section(per_case: pd.DataFrame, test_set: str, out: Path, primary: bool,
-                          seed: int) -> tuple[_Blocks, pd.DataFrame]:
-    """Dice and HD95 tables and plots of one test set; also its rows of report/results.csv."""
+def _segmentation_section(per_case: pd.DataFrame, paired: pd.DataFrame, test_set: str, out: Path,
+                          primary: bool) -> tuple[_Blocks, pd.DataFrame]:
+    """Dice and HD95 tables and plots of one test set; also its rows of report/results.csv. per_case has the
+    'mean' region; paired: ``label_families(paired_vs_real(...))`` of every test set."""
     doc = _Blocks()
     pc = per_case[per_case["test_set"].astype(str) == test_set]
-    agg = aggregate(pc, seed=seed)
-    paired = paired_vs_real(pc, seed=seed)
-    results = agg.merge(paired.drop(columns=["kind"], errors="ignore"), how="left",
-                        on=["mix", "n_real", "n_synth", "backend", "test_set", "region"])
+    agg = aggregate(pc)
+    paired = paired[paired["test_set"].astype(str) == test_set]
+    results = agg.merge(paired, how="left", on=["mix", "n_real", "n_synth", "backend", "test_set", "region"])
     slug = "" if primary else "_" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in test_set)
     doc.h(f"Dice by training mix — test set '{test_set}'" + ("" if primary else " (external)"))
     doc.p("Rows: training mixes (real only, synthetic only, real + synthetic at each ratio). Cells: mean ± sd over "
-          "test cases and seeds [95% CI of a bootstrap over test cases and segmenter seeds]. Δ: paired difference "
-          "with the real-only mix, per test case, seeds averaged per case [95% CI, same bootstrap: test cases "
-          "resampled in pairs, each mix's seeds on their own]. Empty regions: both empty → Dice 1, HD95 0; "
-          "one empty → Dice 0, HD95 = image diagonal.")
+          "test cases and seeds [95 % interval over test cases and segmenter seeds]. Δ: paired difference with the "
+          "real-only mix, per test case, seeds averaged per case [95 % interval, unadjusted for multiplicity]. "
+          f"Intervals: {INTERVAL_METHOD}. 'mean': the mean of WT, TC and ET per test case. Empty regions: both "
+          "empty → Dice 1, HD95 0; one empty → Dice 0, HD95 = image diagonal.")
     for be in dict.fromkeys(agg["backend"]):
         doc.h(f"Segmenter backend: {be}", 3)
         doc.table(dice_table(agg[agg["backend"] == be], paired[paired["backend"] == be] if len(paired) else paired))
@@ -194,56 +210,142 @@ def _segmentation_section(per_case: pd.DataFrame, test_set: str, out: Path, prim
     return doc, results
 
 
-def findings(paired: pd.DataFrame) -> list[str]:
-    """One sentence per (back end, mix, region): the paired Dice difference with real-only data, and whether it is
-    significant (its 95 % bootstrap CI excludes 0) with its sign. paired: eval.stats.paired_vs_real."""
+def _verdict(r) -> str:
+    lo, hi, p_holm = float(r["delta_ci_low"]), float(r["delta_ci_high"]), float(r["p_holm"])
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "too few test cases for an interval"
+    if np.isfinite(p_holm) and p_holm < 0.05:
+        return f"significantly {'better' if r['delta_mean'] > 0 else 'worse'} than real only (Holm-adjusted p < 0.05)"
+    if lo > 0 or hi < 0:
+        return "not significant after the Holm adjustment (the unadjusted 95 % interval excludes 0)"
+    return "no significant difference detected (the 95 % interval includes 0)"
+
+
+def findings(paired: pd.DataFrame, mde: dict | None = None) -> list[str]:
+    """One sentence per (back end, mix, region, test set) of ``label_families(paired_vs_real(...))``, primary family
+    first: the paired Dice difference with real-only data, its unadjusted 95 % interval, its p-value and its
+    Holm-adjusted p-value within its family, and the verdict from the adjusted p-value. mde: {(backend, test set,
+    region): minimum detectable Δ}, added to a verdict of no significant difference."""
     out = []
     multi = paired["backend"].nunique() > 1 if len(paired) else False
-    for _, r in paired.iterrows():
-        lo, hi, d = float(r["delta_ci_low"]), float(r["delta_ci_high"]), float(r["delta_mean"])
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            verdict = "too few test cases for a confidence interval"
-        elif lo > 0:
-            verdict = "significantly better than real only (95 % CI above 0)"
-        elif hi < 0:
-            verdict = "significantly worse than real only (95 % CI below 0)"
-        else:
-            verdict = "no significant difference from real only (95 % CI includes 0)"
-        who = f"{r['mix']} ({r['backend']})" if multi else str(r["mix"])
-        out.append(f"{who}, {r['region']}: Δ Dice {d:+.3f} [{lo:+.3f}, {hi:+.3f}] vs {r['reference_mix']} — {verdict}.")
+    for fam in ("primary", "secondary"):
+        for _, r in paired[paired["family"] == fam].iterrows():
+            verdict = _verdict(r)
+            detect = (mde or {}).get((r["backend"], str(r["test_set"]), r["region"]))
+            if verdict.startswith("no significant") and detect is not None and np.isfinite(detect):
+                verdict += f"; this study detects 80 % of the time only a |Δ| of {detect:.3f} or more"
+            if min(r["n_seeds"], r["n_seeds_reference"]) < 2:
+                verdict += "; one seed on a side: the interval leaves out training noise"
+            who = f"{r['mix']} ({r['backend']})" if multi else str(r["mix"])
+            out.append(f"{fam.capitalize()} — {who}, {r['region']}, test set '{r['test_set']}': Δ Dice "
+                       f"{_delta(r)} vs {r['reference_mix']}, p{_p(r['p_value'])}, Holm-adjusted p{_p(r['p_holm'])} — "
+                       f"{verdict}.")
     return out
 
 
-def synthetic_only_ratio(per_case: pd.DataFrame) -> str | None:
-    """'Synthetic only (0:1) reaches ...× the real-only (1:0) Dice' per region (mean over cases and seeds), the
-    paper's headline ratio (0.6207 / 0.6531 = 0.95); None without both mixes."""
-    mixes = set(per_case["mix"].astype(str))
-    if not {"1:0", "0:1"} <= mixes:
-        return None
-    mean = per_case.groupby(["mix", "region"])["dice"].mean()
-    parts = [f"{r} {mean[('0:1', r)]:.3f}/{mean[('1:0', r)]:.3f} = {mean[('0:1', r)] / mean[('1:0', r)]:.2f}×"
-             for r in dict.fromkeys(per_case["region"]) if mean[("1:0", r)] > 0 and ("0:1", r) in mean]
-    return ("Synthetic only (0:1) vs real only (1:0), mean Dice: " + ", ".join(parts) +
-            " (the paper: 0.6207/0.6531 = 0.95×).") if parts else None
+def synthetic_only_ratio(per_case: pd.DataFrame) -> list[str]:
+    """'Synthetic only reaches R× [interval] the real-only Dice' per back end, test set and synthetic-only mix,
+    per region: the ratio of mean Dice (cases and seeds) with the real-only run of as many real cases as the mix
+    has synthetic ones (else the largest), paired by test case, with its 95 % interval (``ratio_interval``: delta
+    method, same variance components). The paper's headline: 0.6207 / 0.6531 = 0.95. Empty without both mixes."""
+    from .stats import RUN_KEYS
+
+    runs = per_case[list(RUN_KEYS)].drop_duplicates()
+    out = []
+    for _, run in mix_order(runs).iterrows():
+        if mix_kind(run["n_real"], run["n_synth"]) != "synthetic only":
+            continue
+        ctx = runs[(runs["backend"] == run["backend"]) & (runs["test_set"] == run["test_set"])]
+        ref = reference_run(ctx, run["n_synth"])
+        if ref is None:
+            continue
+        sel = lambda r: per_case[(per_case[list(RUN_KEYS)] == r[list(RUN_KEYS)].values).all(axis=1)]  # noqa: E731
+        mine, theirs = sel(run), sel(ref)
+        parts = []
+        for region in (*REGIONS, MEAN_REGION):
+            a, b = mine[mine["region"] == region], theirs[theirs["region"] == region]
+            if a.empty or b.empty:
+                continue
+            num, den = paired_tables(a, b, "dice")
+            ci = ratio_interval(num, den)
+            if np.isfinite(ci.estimate):
+                parts.append(f"{region} {np.nanmean(num):.3f}/{np.nanmean(den):.3f} = {ci.estimate:.2f}× "
+                             f"[{ci.low:.2f}, {ci.high:.2f}]")
+        if parts:
+            out.append(f"Synthetic only ({run['mix']}, {int(run['n_synth'])} synthetic cases) vs real only "
+                       f"({ref['mix']}, {int(ref['n_real'])} real cases), back end {run['backend']}, test set "
+                       f"'{run['test_set']}', mean Dice ratio [95 % interval, delta method]: " + ", ".join(parts) +
+                       " (the paper: 0.6207/0.6531 = 0.95×).")
+    return out
 
 
-def _findings_section(per_case: pd.DataFrame, test_set: str, seed: int) -> _Blocks:
+def _findings_section(per_case: pd.DataFrame, paired: pd.DataFrame, test_set: str, region: str,
+                      mde: dict) -> _Blocks:
     doc = _Blocks()
-    rows = per_case[per_case["test_set"].astype(str) == test_set]
-    paired = paired_vs_real(rows, seed=seed)
     if len(paired):
+        n_primary = int((paired["family"] == "primary").sum())
         doc.h(f"What this study found (test set '{test_set}')")
         seeds = per_case["seed"].nunique()
-        doc.p(f"Paired per test case, seeds averaged per case ({seeds} segmenter seed{'s' if seeds != 1 else ''}); "
-              "significant = the 95 % confidence interval of the mean difference excludes 0, from a bootstrap "
-              "over test cases and each mix's segmenter seeds, so a verdict accounts for training noise as well "
-              "as for the choice of test cases (eval.stats.case_seed_ci; with few seeds it is still optimistic).")
-        lines = findings(paired)
-        ratio = synthetic_only_ratio(rows)
-        if ratio:
-            lines.append(ratio)
+        what = "mean Dice over WT, TC and ET" if region == MEAN_REGION else f"{region} Dice"
+        doc.p(f"Primary comparison (the study parameter 'primary' = '{region}'): each mix vs real only, {what}, on "
+              f"test set '{test_set}': {n_primary} comparison{'s' if n_primary != 1 else ''}, Holm-adjusted among "
+              f"themselves. Every other Δ (each region, every test set) is secondary: Holm-adjusted over the "
+              f"{len(paired) - n_primary} secondary comparisons. Paired per test case, seeds averaged per case "
+              f"({seeds} segmenter seed{'s' if seeds != 1 else ''}); intervals: {INTERVAL_METHOD}; unadjusted 95 %. "
+              "Significant = Holm-adjusted p < 0.05. In simulated null studies of 12–50 test cases and 3–9 seeds "
+              "per mix, this interval excluded 0 in 3–7 % of them at nominal 5 % (about 2 %, conservative, where "
+              "one case's score varies across seeds far more than a mix's gain varies across cases; "
+              "tests/test_eval_calibration.py). Mixes share one real-only reference, so their Δ are not "
+              "independent confirmations of each other.")
+        lines = findings(paired, mde)
+        if lines and not any(line.startswith("Primary") for line in lines):
+            lines.insert(0, f"Primary — no comparison on region '{region}' in test set '{test_set}'.")
+        lines += synthetic_only_ratio(per_case[per_case["test_set"].astype(str) == test_set])
         doc.md += [f"- {line}" for line in lines] + [""]
         doc.html.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
+    return doc
+
+
+def power_table(per_case: pd.DataFrame, test_set: str) -> pd.DataFrame:
+    """Per back end and region of one test set: the measured variance components (as sd), the design (cases ×
+    seeds) and the minimum detectable Δ Dice at 80 % power, two-sided α 0.05 (eval.stats.min_detectable_delta)."""
+    vc = variance_components(per_case[per_case["test_set"].astype(str) == test_set])
+    rows = []
+    for _, r in vc.iterrows():
+        comp = VarianceComponents(r["case_var"], r["seed_var"], r["residual_var"])
+        mde = min_detectable_delta(comp, r["n_cases"], r["n_seeds"]) if r["n_seeds"] >= 2 else float("nan")
+        rows.append({"backend": r["backend"], "region": r["region"],
+                     "cases × seeds": f"{int(r['n_cases'])} × {int(r['n_seeds'])}",
+                     "seed sd": np.sqrt(r["seed_var"]), "case × mix sd": np.sqrt(r["case_var"]),
+                     "case × seed sd": np.sqrt(r["residual_var"]), "minimum detectable Δ": mde,
+                     f"sees the paper's {PAPER_EFFECT:+.3f}": ("n/a" if not np.isfinite(mde) else
+                                                               "yes" if mde <= PAPER_EFFECT else "no")})
+    return pd.DataFrame(rows)
+
+
+def _power_section(table: pd.DataFrame, test_set: str) -> _Blocks:
+    doc = _Blocks()
+    doc.h(f"Power: the smallest Δ this study could detect (test set '{test_set}')")
+    if not len(table):
+        doc.p("Not estimable: the study needs a real-only mix and another mix with at least 2 seeds and 2 test cases "
+              "each.")
+        return doc
+    doc.p("From the study's own variance components (moment estimates: seed = one trained segmenter's mean, case "
+          "× mix = how a mix's per-case gain varies between test cases, case × seed = one case's score across "
+          "seeds), the minimum detectable Δ is the true paired difference of two mixes that this design (its test "
+          "cases × seeds per mix) calls significant 80 % of the time, two-sided α 0.05, before the Holm "
+          "adjustment. A smaller true Δ is more often missed than seen.")
+    doc.table(_round(table, 3))
+    mde = table["minimum detectable Δ"].to_numpy(dtype=float)
+    if np.all(np.isfinite(mde)) and np.all(mde > PAPER_EFFECT):
+        doc.p(f"This study was too small to see the paper's effect ({PAPER_EFFECT_TEXT}): its minimum detectable Δ "
+              f"is {np.min(mde):.3f}–{np.max(mde):.3f}, {np.min(mde) / PAPER_EFFECT:.0f}× or more that effect. "
+              "'No significant difference' here does not mean that there is no difference. "
+              "`medddpm plan --detect D` gives the seeds and test cases needed for a Δ of D.", strong=True)
+    elif np.any(np.isfinite(mde) & (mde > PAPER_EFFECT)):
+        small = ", ".join(f"{r['region']} ({r['backend']})" for _, r in table.iterrows()
+                          if np.isfinite(r["minimum detectable Δ"]) and r["minimum detectable Δ"] > PAPER_EFFECT)
+        doc.p(f"Too small to see the paper's effect ({PAPER_EFFECT_TEXT}) on: {small}.", strong=True)
     return doc
 
 
@@ -391,11 +493,11 @@ def generator_note(study: Path, record: StudyRecord | None) -> str | None:
     return f"Med-DDPM: trained from scratch for {steps} steps on {n} real cases ({seen})."
 
 
-def build_report(study_dir: str | Path, *, seed: int = 0) -> Path:
+def build_report(study_dir: str | Path) -> Path:
     """Build STUDY/report/ from the files listed in this module's docstring; returns the report folder.
 
-    Deterministic: same inputs and seed -> same tables (bootstrap seeded). Raises InputError naming the file
-    if results/per_case.csv is missing or lacks columns.
+    Deterministic: same inputs -> same tables (the intervals are computed, not resampled). Raises InputError
+    naming the file if results/per_case.csv is missing or lacks columns.
     """
     study = Path(study_dir)
     out = study / "report"
@@ -425,9 +527,15 @@ def build_report(study_dir: str | Path, *, seed: int = 0) -> Path:
         doc.p(note)
 
     primary = _primary_test_set(per_case, record)
-    doc += _findings_section(per_case, primary, seed)
+    region = primary_region(record)
+    per_case = with_mean_region(per_case)
+    paired = label_families(paired_vs_real(per_case), primary_region=region, primary_test_set=primary)
+    power = power_table(per_case, primary)
+    mde = {(r["backend"], primary, r["region"]): r["minimum detectable Δ"] for _, r in power.iterrows()}
+    doc += _findings_section(per_case, paired, primary, region, mde)
+    doc += _power_section(power, primary)
     test_sets = [primary, *(ts for ts in dict.fromkeys(per_case["test_set"]) if ts != primary)]
-    sections = [_segmentation_section(per_case, ts, out, ts == primary, seed) for ts in test_sets]
+    sections = [_segmentation_section(per_case, paired, ts, out, ts == primary) for ts in test_sets]
     for blocks, _ in sections:
         doc += blocks
     doc += _montage_section(study, real, out)

@@ -1,23 +1,32 @@
-"""Aggregation of per-case scores: mean ± sd over cases and seeds, seeded bootstrap 95 % CIs, and the paired
-comparison of every training mix with real-only data (paired by test case; ``paired_vs_first``: of runs with a
-reference run, as in bench.bench_sampler_table).
+"""Aggregation of per-case scores: mean ± sd over cases and seeds, 95 % intervals that account for test cases and
+segmenter seeds, the paired comparison of every training mix with real-only data (paired by test case;
+``paired_vs_first``: of runs with a reference run, as in bench.bench_sampler_table), Holm-adjusted families of
+verdicts, and the power of a design (minimum detectable Δ).
 
 Two sources of noise: which test cases were drawn, and which segmenter seeds were trained. The point estimate is
-the mean over test cases of each case's mean over seeds. Its CI is a two-level bootstrap (``case_seed_ci``): each
-resample draws test cases with replacement (shared by the two sides of a paired difference, so pairing by case is
-kept) and, independently for each mix, that mix's segmenter seeds with replacement. A bootstrap over cases alone
-treats the trained segmenters as fixed, so with 8 real training cases one unlucky real-only seed could make a
-difference "significant" in one seed set and reverse in the next. With one seed per mix it reduces to
-the bootstrap over cases. ``sd`` is over every (case, seed) value and ``sd_seeds`` is the spread of the per-seed
-means (training noise).
-Bootstrap: percentile method, seeded (BCa is undefined for the constant samples that perfect Dice produces).
-``bootstrap_ci`` (one level, scipy.stats.bootstrap) serves samples without seeds; the two-level resampling is
-written here because scipy's bootstrap resamples one level only.
+Σ_k sign_k · (mean over test cases of each case's mean over the seeds of table k). Its interval
+(``case_seed_interval``) is a t interval whose variance is the sum of two moment (ANOVA) estimates, as in a linear
+mixed model with random test-case, case × mix and segmenter-seed effects (the estimates equal REML's in a balanced
+design while they are positive):
+- the case component: the variance over test cases of the per-case combination (seed-averaged per case), / n cases;
+- the seed component, for each table: the variance of its per-seed means over test cases less the part of it
+  that the case × seed noise explains (two-way residual mean square / n cases), floored at 0, / its seeds.
+Degrees of freedom: Satterthwaite's, from n − 1 (cases), k − 1 (each table's seeds) and (n − 1)(k − 1) (the
+residual). With 3 seeds per mix the seed part has 2 df per table, so an interval dominated by training noise uses a
+t quantile near 2.8, not 1.96: a bootstrap of 3 seed values cannot see that (it called 13–16 % of null differences
+significant at nominal 5 %, tests/test_eval_calibration.py). Seeds of different mixes are treated as independent:
+the same seed number gives the same initial weights (segment.monai_backend seeds torch before building the
+network), but each mix trains on other cases in another order, so its trained segmenter is a different draw.
+tests/test_eval_calibration.py checks the false-positive rate of this interval over a grid of designs.
+With one seed per table the seed component cannot be estimated: the interval then covers the test cases only.
+
+``sd`` is over every (case, seed) value and ``sd_seeds`` is the spread of the per-seed means (training noise).
+``bootstrap_ci`` (one level, scipy.stats.bootstrap, percentile) serves samples without seeds.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -25,6 +34,9 @@ import pandas as pd
 # columns that identify one training configuration in results/per_case.csv
 RUN_KEYS = ("mix", "n_real", "n_synth", "backend", "test_set")
 METRICS = ("dice", "hd95")
+MEAN_REGION = "mean"  # pseudo-region: the mean over WT, TC and ET of one (run, test case)
+INTERVAL_METHOD = ("t interval, variance = case component + each mix's seed component (moment estimates of a "
+                   "random-effects model), Satterthwaite degrees of freedom (eval.stats.case_seed_interval)")
 
 
 def bootstrap_ci(values, *, statistic: Callable = np.mean, confidence: float = 0.95, n_resamples: int = 2000,
@@ -69,9 +81,14 @@ def mix_order(df: pd.DataFrame) -> pd.DataFrame:
     return df.loc[key.sort_values(["rank", "ratio", "n_real", "n_synth"], kind="stable").index]
 
 
-def _case_means(g: pd.DataFrame, metric: str) -> pd.Series:
-    """Mean over seeds for each test case."""
-    return g.groupby("case_id")[metric].mean()
+def with_mean_region(per_case: pd.DataFrame) -> pd.DataFrame:
+    """per_case plus, for every (run, test set, test case) with all three of WT/TC/ET, a row with region "mean":
+    the mean of its metrics over the three regions (the primary comparison's default endpoint)."""
+    regions = per_case[per_case["region"].isin(("WT", "TC", "ET"))]
+    keys = [c for c in per_case.columns if c not in ("region", *METRICS)]
+    grouped = regions.groupby(keys, sort=False, dropna=False)
+    mean = (grouped[list(METRICS)].sum(min_count=3) / 3)[grouped["region"].nunique() == 3].reset_index()  # NaN if any
+    return pd.concat([per_case, mean.assign(region=MEAN_REGION)[per_case.columns]], ignore_index=True)
 
 
 def _case_by_seed(g: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -79,51 +96,100 @@ def _case_by_seed(g: pd.DataFrame, metric: str) -> pd.DataFrame:
     return g.pivot_table(index="case_id", columns="seed", values=metric, aggfunc="mean", dropna=False)
 
 
-def case_seed_ci(tables, signs=None, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
-                 chunk: int = 250) -> tuple[float, float]:
-    """Two-level percentile bootstrap CI of  Σ_k sign_k · mean over cases of (mean over seeds of tables[k]).
+# ------------------------------------------------------------------------------------------ the interval
 
-    tables: 2-D arrays, cases × seeds, rows in the same case order (the cases are paired across tables); each may
-    have its own seeds. Every resample draws the case rows once for all tables and each table's seed columns on
-    their own (seeds of different mixes train on different data: they are not paired). NaN entries (a missing
-    (case, seed)) are skipped in the means. signs: default +1 each; (+1, −1) gives a paired difference.
-    Same seed -> same CI. Fewer than 2 cases with a value: (nan, nan); no variation at all: (v, v).
+class Interval(NamedTuple):
+    """An estimate with its standard error, Satterthwaite degrees of freedom and two-sided interval (floats, or
+    arrays for a batch of studies)."""
+
+    estimate: float | np.ndarray
+    se: float | np.ndarray
+    df: float | np.ndarray
+    low: float | np.ndarray
+    high: float | np.ndarray
+
+    def p_value(self):
+        """Two-sided p-value of estimate = 0 (t test with the interval's se and df); NaN without an interval."""
+        from scipy.stats import t
+
+        est, se = np.asarray(self.estimate, float), np.asarray(self.se, float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = np.where(se > 0, 2 * t.sf(np.abs(est) / se, self.df), np.where(est == 0, 1.0, 0.0))
+        p = np.where(np.isfinite(est) & np.isfinite(se), p, np.nan)
+        return float(p) if np.ndim(p) == 0 else p
+
+
+def _seed_component(t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(variance of the per-seed means, two-way case × seed residual mean square) of complete tables (..., n, k),
+    and their sum's estimate of the seed variance component (the first less the second / n, floored at 0)."""
+    n, k = t.shape[-2:]
+    seed_means_var = t.mean(axis=-2).var(axis=-1, ddof=1)
+    resid = t - t.mean(axis=-1, keepdims=True) - t.mean(axis=-2, keepdims=True) + t.mean(axis=(-2, -1), keepdims=True)
+    mse = (resid ** 2).sum(axis=(-2, -1)) / ((n - 1) * (k - 1))
+    return seed_means_var, mse, np.maximum(seed_means_var - mse / n, 0.0)
+
+
+def _interval(per_case_combo: np.ndarray, seed_tables: list[tuple[float, np.ndarray]], confidence: float) -> Interval:
+    """The interval from the per-case combination (..., n) and each table's (sign, complete cases × seeds array)."""
+    from scipy.stats import t as student_t
+
+    n = per_case_combo.shape[-1]
+    est = per_case_combo.mean(axis=-1)
+    case_term = per_case_combo.var(axis=-1, ddof=1) / n
+    var, denom = case_term, case_term ** 2 / (n - 1)
+    for sign, tab in seed_tables:
+        n_t, k = tab.shape[-2:]
+        if k < 2 or n_t < 2:
+            continue  # one seed: training noise is not estimable from this table
+        seed_means_var, mse, _ = _seed_component(tab)
+        a_seeds, a_resid = sign ** 2 * seed_means_var / k, -sign ** 2 * mse / (n_t * k)
+        used = a_seeds + a_resid > 0  # a negative estimate is floored at 0 (and then carries no df)
+        var = var + np.where(used, a_seeds + a_resid, 0.0)
+        denom = denom + np.where(used, a_seeds ** 2 / (k - 1) + a_resid ** 2 / ((n_t - 1) * (k - 1)), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.where(denom > 0, var ** 2 / denom, np.inf)
+    se = np.sqrt(var)
+    half = np.where(se > 0, student_t.ppf(0.5 + confidence / 2, np.where(np.isfinite(df), df, 1e9)) * se, 0.0)
+    out = Interval(est, se, df, est - half, est + half)
+    return Interval(*(float(v) for v in out)) if np.ndim(est) == 0 else out
+
+
+def case_seed_interval(tables, signs=None, *, confidence: float = 0.95) -> Interval:
+    """Interval of  Σ_k sign_k · mean over cases of (mean over seeds of tables[k])  (module docstring: the method).
+
+    tables: arrays cases × seeds, rows in the same case order (cases are paired across tables); each may have its
+    own seeds (seeds of different tables are independent). signs: default +1 each; (+1, −1) gives a paired
+    difference. 2-D tables may hold NaN (a missing (case, seed)): cases without a value are dropped, and a table's
+    seed component uses its cases with every seed. Tables with leading batch axes (..., cases, seeds) must be
+    complete; the result is then arrays (the calibration test simulates thousands of studies at once).
+    Fewer than 2 cases: all NaN. No variation: (v, v) with se 0.
     """
     tables = [np.asarray(t, dtype=float) for t in tables]
     signs = [1.0] * len(tables) if signs is None else [float(x) for x in signs]
-    if len({t.shape[0] for t in tables}) != 1 or len(signs) != len(tables) or any(t.ndim != 2 for t in tables):
-        raise ValueError("case_seed_ci: tables must be 2-D with the same cases (rows), one sign per table")
+    if (len({t.shape[:-1] for t in tables}) != 1 or len(signs) != len(tables) or any(t.ndim < 2 for t in tables)):
+        raise ValueError("case_seed_interval: tables must have the same cases (rows), one sign per table")
+    if tables[0].ndim > 2:
+        return _interval(sum(s * t.mean(axis=-1) for s, t in zip(signs, tables)), list(zip(signs, tables)),
+                         confidence)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: a case without a value
-        per_case = sum(sg * np.nanmean(t, axis=1) for sg, t in zip(signs, tables))
-        keep = np.isfinite(per_case)
-        tables = [t[keep] for t in tables]
-        n = int(keep.sum())
-        if n < 2:
-            return float("nan"), float("nan")
-        if all(np.nanmax(t) == np.nanmin(t) for t in tables):
-            v = float(per_case[keep].mean())
-            return v, v
-        rng = np.random.default_rng(seed)
-        stats = []
-        for start in range(0, n_resamples, chunk):
-            b = min(chunk, n_resamples - start)
-            rows = rng.integers(0, n, size=(b, n))
-            total = np.zeros((b, n))
-            for sg, t in zip(signs, tables):
-                cols = rng.integers(0, t.shape[1], size=(b, t.shape[1]))
-                drawn = t[rows[:, :, None], cols[:, None, :]]            # (b, n cases, k seeds)
-                total += sg * np.nanmean(drawn, axis=2)
-            stats.append(np.nanmean(total, axis=1))
-        stats = np.concatenate(stats)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.nanquantile(stats, [alpha, 1 - alpha])
-    return float(lo), float(hi)
+        combo = sum(s * np.nanmean(t, axis=1) for s, t in zip(signs, tables))
+    keep = np.isfinite(combo)
+    if keep.sum() < 2:
+        nan = float("nan")
+        return Interval(nan, nan, nan, nan, nan)
+    seed_tables = []
+    for s, t in zip(signs, tables):
+        t = t[keep][:, np.isfinite(t[keep]).any(axis=0)]  # seeds with a value
+        seed_tables.append((s, t[np.isfinite(t).all(axis=1)]))
+    return _interval(combo[keep], seed_tables, confidence)
 
 
-def aggregate(per_case: pd.DataFrame, *, metrics=METRICS, seed: int = 0, n_resamples: int = 2000) -> pd.DataFrame:
-    """Mean ± sd over cases and seeds with a bootstrap CI over cases and seeds, per (mix, backend, test set,
-    region).
+# ------------------------------------------------------------------------------------------ tables of results
+
+def aggregate(per_case: pd.DataFrame, *, metrics=METRICS, confidence: float = 0.95) -> pd.DataFrame:
+    """Mean ± sd over cases and seeds with its interval over cases and seeds (``case_seed_interval``), per (mix,
+    backend, test set, region).
 
     per_case: rows of results/per_case.csv (needs RUN_KEYS, seed, case_id, region and the metric columns).
     Returns columns RUN_KEYS + region, kind, n_cases, n_seeds, and for each metric m:
@@ -137,31 +203,34 @@ def aggregate(per_case: pd.DataFrame, *, metrics=METRICS, seed: int = 0, n_resam
         row["n_seeds"] = int(g["seed"].nunique())
         for m in metrics:
             vals = g[m].astype(float)
-            row[f"{m}_mean"] = float(_case_means(g, m).mean())
+            row[f"{m}_mean"] = float(g.groupby("case_id")[m].mean().mean())
             row[f"{m}_sd"] = float(vals.std(ddof=1)) if vals.notna().sum() > 1 else float("nan")
             seed_means = g.groupby("seed")[m].mean()
             row[f"{m}_sd_seeds"] = float(seed_means.std(ddof=1)) if len(seed_means) > 1 else float("nan")
-            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = case_seed_ci([_case_by_seed(g, m).to_numpy()], seed=seed,
-                                                                   n_resamples=n_resamples)
+            ci = case_seed_interval([_case_by_seed(g, m).to_numpy()], confidence=confidence)
+            row[f"{m}_ci_low"], row[f"{m}_ci_high"] = ci.low, ci.high
         rows.append(row)
     out = pd.DataFrame(rows)
     return mix_order(out).reset_index(drop=True) if len(out) else out
 
 
-def paired_case_difference(mine: pd.DataFrame, theirs: pd.DataFrame, metric: str = "dice", *, seed: int = 0,
-                           n_resamples: int = 2000) -> tuple[np.ndarray, float, float]:
-    """Per-case difference (mine − theirs) of ``metric``, each side first averaged over its seeds, on the test
-    cases both have a value for, and the two-level bootstrap CI of its mean (``case_seed_ci``: cases resampled in
-    pairs, each side's seeds on their own). mine/theirs: long tables with case_id, seed and ``metric``."""
+def paired_tables(mine: pd.DataFrame, theirs: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cases × seeds tables of both sides on the test cases both have."""
     a, b = _case_by_seed(mine, metric), _case_by_seed(theirs, metric)
     common = a.index.intersection(b.index)
-    a, b = a.loc[common].to_numpy(dtype=float), b.loc[common].to_numpy(dtype=float)
+    return a.loc[common].to_numpy(dtype=float), b.loc[common].to_numpy(dtype=float)
+
+
+def paired_case_difference(mine: pd.DataFrame, theirs: pd.DataFrame, metric: str = "dice", *,
+                           confidence: float = 0.95) -> tuple[np.ndarray, Interval]:
+    """Per-case difference (mine − theirs) of ``metric``, each side first averaged over its seeds, on the test
+    cases both have a value for, and the interval of its mean (``case_seed_interval`` with signs (+1, −1): cases
+    paired, each side's seeds on their own). mine/theirs: long tables with case_id, seed and ``metric``."""
+    a, b = paired_tables(mine, theirs, metric)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         d = np.nanmean(a, axis=1) - np.nanmean(b, axis=1)
-    paired_rows = np.isfinite(d)
-    lo, hi = case_seed_ci([a[paired_rows], b[paired_rows]], (1, -1), seed=seed, n_resamples=n_resamples)
-    return d[paired_rows], lo, hi
+    return d[np.isfinite(d)], case_seed_interval([a, b], (1, -1), confidence=confidence)
 
 
 def reference_run(runs: pd.DataFrame, n_real: int) -> pd.Series | None:
@@ -174,19 +243,22 @@ def reference_run(runs: pd.DataFrame, n_real: int) -> pd.Series | None:
     return pick.iloc[0]
 
 
-def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", seed: int = 0,
-                   n_resamples: int = 2000) -> pd.DataFrame:
-    """Paired difference (mix − real only) of ``metric`` per test case, with a two-level bootstrap CI over test
-    cases and each side's segmenter seeds (``case_seed_ci``).
+def _rows_of(per_case: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
+    return per_case[(per_case[list(RUN_KEYS)] == run[list(RUN_KEYS)].values).all(axis=1)]
+
+
+PAIRED_COLUMNS = (*RUN_KEYS, "region", "reference_mix", "n_pairs", "n_seeds", "n_seeds_reference", "delta_mean",
+                  "delta_se", "delta_df", "delta_ci_low", "delta_ci_high", "p_value", "frac_improved")
+
+
+def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", confidence: float = 0.95) -> pd.DataFrame:
+    """Paired difference (mix − real only) of ``metric`` per test case, with its interval over test cases and
+    each side's segmenter seeds (``case_seed_interval``) and the two-sided p-value of that t interval.
 
     Pairing: same backend, test set, region and test case; each side is first averaged over its seeds.
     The reference is the real-only mix with the same n_real, else the real-only mix with most real cases.
-    Returns columns RUN_KEYS + region, reference_mix, n_pairs, delta_mean, delta_ci_low, delta_ci_high,
-    frac_improved (share of cases where the mix is better), p_wilcoxon (two-sided signed-rank over the per-case
-    differences, seeds averaged: it treats the trained segmenters as fixed; NaN if < 2 pairs or all differences 0).
+    Returns PAIRED_COLUMNS; frac_improved: share of cases where the mix is better (lower HD95 is better).
     """
-    from scipy.stats import wilcoxon
-
     runs = per_case[list(RUN_KEYS)].drop_duplicates()
     rows = []
     for _, run in mix_order(runs).iterrows():
@@ -194,30 +266,142 @@ def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", seed: int = 
         ref = reference_run(same_ctx, run["n_real"])
         if ref is None or (ref[list(RUN_KEYS)] == run[list(RUN_KEYS)]).all():
             continue
-        sel = lambda r: per_case[(per_case[list(RUN_KEYS)] == r[list(RUN_KEYS)].values).all(axis=1)]  # noqa: E731
-        mine, theirs = sel(run), sel(ref)
+        mine, theirs = _rows_of(per_case, run), _rows_of(per_case, ref)
         for region in mine["region"].unique():
-            d, lo, hi = paired_case_difference(mine[mine["region"] == region], theirs[theirs["region"] == region],
-                                               metric, seed=seed, n_resamples=n_resamples)
-            better = d > 0 if metric == "dice" else d < 0  # lower HD95 is better
-            p = float("nan")
-            if len(d) >= 2 and np.any(d != 0):
-                p = float(wilcoxon(d).pvalue)
+            m, t = mine[mine["region"] == region], theirs[theirs["region"] == region]
+            d, ci = paired_case_difference(m, t, metric, confidence=confidence)
+            better = d > 0 if metric == "dice" else d < 0
             rows.append({**{k: run[k] for k in RUN_KEYS}, "region": region, "reference_mix": ref["mix"],
-                         "n_pairs": int(len(d)), "delta_mean": float(d.mean()) if len(d) else float("nan"),
-                         "delta_ci_low": lo, "delta_ci_high": hi,
-                         "frac_improved": float(better.mean()) if len(d) else float("nan"), "p_wilcoxon": p})
-    return pd.DataFrame(rows, columns=[*RUN_KEYS, "region", "reference_mix", "n_pairs", "delta_mean", "delta_ci_low",
-                                       "delta_ci_high", "frac_improved", "p_wilcoxon"])
+                         "n_pairs": int(len(d)), "n_seeds": int(m["seed"].nunique()),
+                         "n_seeds_reference": int(t["seed"].nunique()), "delta_mean": ci.estimate,
+                         "delta_se": ci.se, "delta_df": ci.df, "delta_ci_low": ci.low, "delta_ci_high": ci.high,
+                         "p_value": ci.p_value(), "frac_improved": float(better.mean()) if len(d) else float("nan")})
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control); NaN entries stay NaN and are not counted."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    out[order] = np.minimum(np.maximum.accumulate((m - np.arange(m)) * p[order]), 1.0)
+    return out
+
+
+def label_families(paired: pd.DataFrame, *, primary_region: str, primary_test_set: str) -> pd.DataFrame:
+    """paired (``paired_vs_real``) with columns family ('primary': every mix vs real only on the primary region
+    and test set, all back ends; 'secondary': the rest) and p_holm (Holm-adjusted within its family)."""
+    out = paired.copy()
+    is_primary = (out["region"] == primary_region) & (out["test_set"].astype(str) == str(primary_test_set))
+    out["family"] = np.where(is_primary, "primary", "secondary")
+    out["p_holm"] = np.nan
+    for fam in ("primary", "secondary"):
+        sel = out["family"] == fam
+        out.loc[sel, "p_holm"] = holm(out.loc[sel, "p_value"].to_numpy())
+    return out
+
+
+# ------------------------------------------------------------------------------------------ power
+
+class VarianceComponents(NamedTuple):
+    """Variances of one metric on one region: ``case`` of the per-case difference between two mixes (case × mix;
+    the case's own difficulty cancels in the pairing), ``seed`` of a trained segmenter's mean (per mix), and
+    ``residual`` (case × seed: one test case's score across seeds, beyond the segmenter's mean)."""
+
+    case: float
+    seed: float
+    residual: float
+
+
+def design_variance(vc: VarianceComponents, n_cases: int, n_seeds: int) -> tuple[float, float]:
+    """(variance, Satterthwaite df) of the paired Δ of two mixes with n_seeds seeds each on n_cases test cases,
+    the expected values of the terms ``case_seed_interval`` estimates."""
+    n, k = int(n_cases), int(n_seeds)
+    if n < 2 or k < 2:
+        raise ValueError("design_variance: needs at least 2 test cases and 2 seeds per mix")
+    a_case = (vc.case + 2 * vc.residual / k) / n
+    a_seeds = (vc.seed + vc.residual / n) / k          # each mix
+    a_resid = vc.residual / (n * k)                     # subtracted, each mix
+    var = a_case + 2 * (a_seeds - a_resid)
+    denom = a_case ** 2 / (n - 1) + 2 * a_seeds ** 2 / (k - 1) + 2 * a_resid ** 2 / ((n - 1) * (k - 1))
+    return var, (var ** 2 / denom if denom > 0 else float("inf"))
+
+
+def min_detectable_delta(vc: VarianceComponents, n_cases: int, n_seeds: int, *, alpha: float = 0.05,
+                         power: float = 0.8) -> float:
+    """The smallest true Δ that the two-sided test at ``alpha`` detects with probability ``power``:
+    (t_{1−α/2, ν} + t_{power, ν}) · se, with se and ν of ``design_variance`` (the usual t-test approximation;
+    checked against simulated studies in tests/test_eval_calibration.py)."""
+    from scipy.stats import t
+
+    var, df = design_variance(vc, n_cases, n_seeds)
+    df = min(df, 1e9)
+    return float((t.ppf(1 - alpha / 2, df) + t.ppf(power, df)) * np.sqrt(var))
+
+
+def variance_components(per_case: pd.DataFrame, *, metric: str = "dice") -> pd.DataFrame:
+    """Measured variance components per (backend, test set, region): the mean over the study's mixes of each mix's
+    seed component and case × seed residual, and the mean over its comparisons with real only of the case × mix
+    component (moment estimates floored at 0, as in ``case_seed_interval``). Columns backend, test_set, region,
+    n_cases, n_seeds (the fewest of any mix), case_var, seed_var, residual_var."""
+    rows = []
+    for (backend, test_set, region), g in per_case.groupby(["backend", "test_set", "region"], sort=False):
+        runs = g[list(RUN_KEYS)].drop_duplicates()
+        seed_vars, resids, case_vars = [], [], []
+        for _, run in runs.iterrows():
+            tab = _case_by_seed(_rows_of(g, run), metric).dropna().to_numpy(dtype=float)
+            if tab.shape[0] >= 2 and tab.shape[1] >= 2:
+                _, mse, seed_var = _seed_component(tab)
+                seed_vars.append(float(seed_var))
+                resids.append(float(mse))
+            ref = reference_run(runs, run["n_real"])
+            if ref is None or (ref[list(RUN_KEYS)] == run[list(RUN_KEYS)]).all():
+                continue
+            a, b = paired_tables(_rows_of(g, run), _rows_of(g, ref), metric)
+            full = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+            a, b = a[full], b[full]
+            if len(a) >= 2 and a.shape[1] >= 2 and b.shape[1] >= 2:
+                d_var = (a.mean(axis=1) - b.mean(axis=1)).var(ddof=1)
+                resid_part = _seed_component(a)[1] / a.shape[1] + _seed_component(b)[1] / b.shape[1]
+                case_vars.append(max(float(d_var - resid_part), 0.0))
+        if not seed_vars or not case_vars:
+            continue
+        rows.append({"backend": backend, "test_set": test_set, "region": region,
+                     "n_cases": int(g["case_id"].nunique()), "n_seeds": int(g.groupby("mix")["seed"].nunique().min()),
+                     "case_var": float(np.mean(case_vars)), "seed_var": float(np.mean(seed_vars)),
+                     "residual_var": float(np.mean(resids))})
+    return pd.DataFrame(rows, columns=["backend", "test_set", "region", "n_cases", "n_seeds", "case_var", "seed_var",
+                                       "residual_var"])
+
+
+def ratio_interval(num: np.ndarray, den: np.ndarray, *, confidence: float = 0.95) -> Interval:
+    """Interval of mean(num) / mean(den) (two cases × seeds tables on the same test cases, seeds independent):
+    the delta method on  mean(num) − R · mean(den) , whose variance ``case_seed_interval`` estimates with signs
+    (1, −R) at the estimated ratio R; its se / mean(den) is the ratio's se, with the same df."""
+    from scipy.stats import t
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m_num, m_den = np.nanmean(np.nanmean(num, axis=1)), np.nanmean(np.nanmean(den, axis=1))
+    if not (np.isfinite(m_num) and np.isfinite(m_den)) or m_den <= 0:
+        nan = float("nan")
+        return Interval(nan, nan, nan, nan, nan)
+    ratio = float(m_num / m_den)
+    lin = case_seed_interval([num, den], (1, -ratio), confidence=confidence)
+    se = lin.se / m_den
+    half = float(t.ppf(0.5 + confidence / 2, min(lin.df, 1e9)) * se) if se > 0 else 0.0
+    return Interval(ratio, float(se), lin.df, ratio - half, ratio + half)
 
 
 def paired_vs_first(runs: list[str], scores: dict, seeds: list[int], margin: float,
                     regions=("WT", "TC", "ET")) -> pd.DataFrame:
     """Each run's Dice minus the first run's (the reference, e.g. DDPM-250), per region, paired by test case, with
-    the study's two-level bootstrap CI (``paired_case_difference``: cases resampled jointly, each run's seeds on
-    their own, as the same seed on other samples is a different training). scores[(run, seed)]: a per-case table
-    with case_id, region and dice. 'non-inferior' = the CI's lower end is above -margin; 'equivalent' = the whole
-    CI lies within +-margin."""
+    the study's interval (``paired_case_difference``: cases paired, each run's seeds on their own, as the same seed
+    on other samples is a different training). scores[(run, seed)]: a per-case table with case_id, region and dice.
+    'non-inferior' = the 95 % interval's lower end is above -margin; 'equivalent' = the whole interval lies within
+    +-margin (both at least as strict as the one-sided 2.5 % tests)."""
 
     def long(run: str, region: str) -> pd.DataFrame:
         table = pd.concat(scores[(run, s)].assign(seed=s) for s in seeds)
@@ -226,10 +410,10 @@ def paired_vs_first(runs: list[str], scores: dict, seeds: list[int], margin: flo
     out = []
     for run in runs[1:]:
         for region in regions:
-            d, lo, hi = paired_case_difference(long(run, region), long(runs[0], region))
+            d, ci = paired_case_difference(long(run, region), long(runs[0], region))
             out.append({"run": run, "vs": runs[0], "region": region, "n_cases": len(d),
                         "n_seeds": len(seeds), "delta": round(float(d.mean()), 3),
-                        "ci_low": round(lo, 3), "ci_high": round(hi, 3),
-                        f"non-inferior (margin {margin})": bool(lo > -margin),
-                        f"equivalent (+-{margin})": bool(lo > -margin and hi < margin)})
+                        "ci_low": round(ci.low, 3), "ci_high": round(ci.high, 3),
+                        f"non-inferior (margin {margin})": bool(ci.low > -margin),
+                        f"equivalent (+-{margin})": bool(ci.low > -margin and ci.high < margin)})
     return pd.DataFrame(out)

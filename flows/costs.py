@@ -103,3 +103,103 @@ def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends,
                                                            f"seeds) x {iters} iterations, {what}; {n_test} test cases",
                                 flops * iters * runs, peak))
     return stages
+
+
+# `medddpm plan --detect` without --variance-from: Dice variance components of one region. seed: the default
+# study's real-only TC per-seed means 0.657 / 0.863 / 0.737 (sd 0.10, 2026-12-05, issue 30); case × mix and case ×
+# seed: assumed (0.05, 0.08; the per-case TC sd over cases and seeds there was ≈ 0.08), not measured.
+ASSUMED_DICE_COMPONENTS = {"seed sd": 0.10, "case × mix sd": 0.05, "case × seed sd": 0.08}
+SEED_OPTIONS = (3, 5, 9, 15, 25)
+MAX_TEST_CASES = 1000  # about BraTS 2021's labelled cases: more test cases than that is not a plan
+
+
+def assumed_components():
+    from eval.stats import VarianceComponents
+
+    c = ASSUMED_DICE_COMPONENTS
+    return VarianceComponents(case=c["case × mix sd"] ** 2, seed=c["seed sd"] ** 2, residual=c["case × seed sd"] ** 2)
+
+
+def cases_to_detect(delta: float, components, n_seeds: int, *, max_cases: int = MAX_TEST_CASES, alpha: float = 0.05,
+                    power: float = 0.8) -> int | None:
+    """The fewest test cases with which a paired Δ of ``delta`` between two mixes of n_seeds seeds each is
+    detected with ``power`` (eval.stats.min_detectable_delta), or None if even max_cases do not reach it (the
+    seeds' training noise alone is too large)."""
+    from eval.stats import min_detectable_delta
+
+    mde = lambda n: min_detectable_delta(components, n, n_seeds, alpha=alpha, power=power)  # noqa: E731
+    if mde(max_cases) > delta:
+        return None
+    lo, hi = 2, max_cases  # mde falls as cases are added: the smallest n with mde(n) <= delta
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if mde(mid) <= delta else (mid + 1, hi)
+    return lo
+
+
+def seeds_to_detect(delta: float, components, *, max_cases: int = MAX_TEST_CASES, max_seeds: int = 100_000
+                    ) -> int | None:
+    """The fewest seeds per mix with which some number of test cases up to max_cases detects ``delta``."""
+    if cases_to_detect(delta, components, max_seeds, max_cases=max_cases) is None:
+        return None
+    lo, hi = 2, max_seeds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        reachable = cases_to_detect(delta, components, mid, max_cases=max_cases) is not None
+        lo, hi = (lo, mid) if reachable else (mid + 1, hi)
+    return lo
+
+
+def detection_plan(delta: float, components: dict, stages: list[StageCost], n_seeds_planned: int, tflops: float,
+                   *, seed_options=SEED_OPTIONS, max_cases: int = MAX_TEST_CASES) -> list[dict]:
+    """Per region (components: {region: VarianceComponents}) and seeds per mix (seed_options and the fewest that
+    can reach ``delta`` with at most max_cases test cases): the test cases needed to detect ``delta`` at 80 %
+    power (α 0.05, two-sided, before any multiplicity adjustment; None: not with max_cases) and the study's
+    accelerator hours with that many seeds (the segmenter stages of ``stages``, planned with n_seeds_planned seeds,
+    scale with the seeds; evaluating more test cases is not counted)."""
+    fixed = sum(s.hours(tflops) for s in stages if not s.name.startswith("segmenters"))
+    per_seed = sum(s.hours(tflops) for s in stages if s.name.startswith("segmenters")) / n_seeds_planned
+    rows = []
+    for region, comp in components.items():
+        fewest = seeds_to_detect(delta, comp, max_cases=max_cases)
+        for k in sorted({*seed_options, *([fewest] if fewest else [])}):
+            n = cases_to_detect(delta, comp, k, max_cases=max_cases)
+            rows.append({"region": region, "seeds per mix": k, "test cases": n,
+                         "hours": fixed + k * per_seed, "segmenter hours": k * per_seed})
+    return rows
+
+
+def print_detection_plan(delta: float, stages: list[StageCost], n_seeds: int, n_test: int, tflops: float, unit: str,
+                         variance_from: str | None = None) -> None:
+    """`medddpm plan --detect D`: the minimum detectable Δ of the planned design and, per seeds per mix, the test
+    cases needed for D with the hours that costs (``detection_plan``)."""
+    from eval.stats import VarianceComponents, min_detectable_delta
+
+    if variance_from:
+        from eval.results import read_results
+        from eval.stats import variance_components, with_mean_region
+
+        vc = variance_components(with_mean_region(read_results(variance_from, "per_case", required=True)))
+        vc = vc[vc["test_set"] == vc["test_set"].iloc[0]] if len(vc) else vc
+        components = {f"{r['region']} ({r['backend']})": VarianceComponents(r["case_var"], r["seed_var"],
+                                                                            r["residual_var"])
+                      for _, r in vc.iterrows()}
+        source = f"measured in {variance_from} (results/per_case.csv)"
+    else:
+        components = {"one region": assumed_components()}
+        source = ("assumed: " + ", ".join(f"{k} {v:g}" for k, v in ASSUMED_DICE_COMPONENTS.items()) +
+                  " (seed sd: the default study's TC; pass --variance-from STUDY for measured ones)")
+    print(f"\nDetecting a paired Dice Δ of {delta:g} between two mixes (80 % power, two-sided α 0.05, before any "
+          f"multiplicity adjustment); variance components {source}.")
+    if n_test and n_seeds >= 2:
+        for region, comp in components.items():
+            print(f"  planned design, {region}: {n_test} test cases x {n_seeds} seeds per mix detects "
+                  f"{min_detectable_delta(comp, n_test, n_seeds):.3f}")
+    print(f"{'region':<16} {'seeds/mix':>9} {'test cases':>10} {unit + '-hours':>10} {'of which segmenters':>20}")
+    for row in detection_plan(delta, components, stages, n_seeds, tflops):
+        cases = row["test cases"] if row["test cases"] is not None else f"> {MAX_TEST_CASES}"
+        print(f"{row['region']:<16} {row['seeds per mix']:>9} {cases:>10} {row['hours']:>10.1f} "
+              f"{row['segmenter hours']:>20.1f}")
+    print(f"('> {MAX_TEST_CASES}': not with {MAX_TEST_CASES} test cases, the seeds' training noise is too large; "
+          "the largest seed count listed is the fewest that can reach the Δ. Hours: the study with that many seeds "
+          "per mix; evaluating the test cases is not counted)")

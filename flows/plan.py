@@ -25,6 +25,9 @@ from .mixes import DEFAULT_MIXES, Mix, SynthesisPlan, parse_mixes
 GATE_POLICIES = ("fill", "exclude", "keep")
 GENERATOR_DATA = ("selected", "all")
 SEGMENTER_PROFILE = {"tiny": "tiny", "demo": "demo"}  # any other cohort profile trains the "paper" budget
+PRIMARY_REGIONS = ("mean", "WT", "TC", "ET")  # "mean": the mean Dice over WT, TC and ET of each test case
+# fields added after study keys were published: left out of study_key while at this value, so every earlier key holds
+KEY_IF_SET = {"primary": "mean"}
 JUDGE_BACKEND = "monai"  # its encoder gives the Fréchet features (segment.monai_backend.encoder_features)
 
 
@@ -54,6 +57,9 @@ class StudyParams:
     synth_seed: int = 0
     gate_failures: str = "fill"
     segmenter_config: dict = field(default_factory=dict)
+    # the primary comparison: each mix vs real only on the study's test set, Dice of this region ("mean": over WT, TC
+    # and ET); every other comparison of the report is secondary (eval.report, Holm-adjusted per family)
+    primary: str = "mean"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise once, here)
@@ -66,6 +72,8 @@ class StudyParams:
             raise ConfigError(f"gate_failures must be 'fill', 'exclude' or 'keep', not {self.gate_failures!r}")
         if self.medddpm_on not in GENERATOR_DATA:
             raise ConfigError(f"medddpm_on must be 'selected' or 'all', not {self.medddpm_on!r}")
+        if self.primary not in PRIMARY_REGIONS:
+            raise ConfigError(f"primary must be one of {', '.join(PRIMARY_REGIONS)}, not {self.primary!r}")
         if self.n_real < 1:
             raise ConfigError(f"n_real must be at least 1, got {self.n_real}")
         if not self.backends or not self.seeds:
@@ -82,7 +90,8 @@ class StudyParams:
     @property
     def study_key(self) -> str:
         """'augment-study:<12 hex digits>': one study per parameter set (the registry's used_by)."""
-        return "augment-study:" + content_hash(self.as_dict())[:12]
+        keyed = {k: v for k, v in self.as_dict().items() if not (k in KEY_IF_SET and v == KEY_IF_SET[k])}
+        return "augment-study:" + content_hash(keyed)[:12]
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ def study_record(study: Path, plan: StudyPlan, stages: dict[str, FileRef | None]
 
 
 def dice_by_mix(per_case_csv: str | Path):
-    """Mean Dice with bootstrap CI per (mix, back end, test set, region) in the paper's row order (eval.stats)."""
+    """Mean Dice with its 95 % interval (eval.stats.case_seed_interval) per (mix, back end, test set, region) in
+    the paper's row order."""
     import pandas as pd
 
     from eval.stats import aggregate
@@ -67,8 +68,8 @@ def publish_artifacts(per_case_csv: str | Path, report_dir: str | Path) -> None:
     report_dir = Path(report_dir)
     table = dice_by_mix(per_case_csv)
     create_table_artifact(key=TABLE_KEY, table=json.loads(table.to_json(orient="records")),
-                          description="Dice by training mix (mean over test cases and seeds, 95% CI of a "
-                                      "bootstrap over test cases and seeds)")
+                          description="Dice by training mix (mean over test cases and seeds, 95% interval over "
+                                      "test cases and segmenter seeds)")
     md_file = report_dir / "report.md" if report_dir.is_dir() else report_dir
     text = md_file.read_text() if md_file.exists() else f"Report folder: {report_dir}"
     create_markdown_artifact(key=REPORT_KEY, markdown=text, description=f"augment-study report ({report_dir})")

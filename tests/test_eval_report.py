@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -211,7 +212,7 @@ def test_study_record_round_trip_and_bad_file(tmp_path):
 def test_report_opens_with_one_finding_per_mix_and_region():
     """Known paired differences: a clear gain, a clear loss and noise around 0 give the three verdicts."""
     from eval.report import findings
-    from eval.stats import paired_vs_real
+    from eval.stats import label_families, paired_vs_real
 
     rng = np.random.default_rng(1)
     rows = []
@@ -223,9 +224,10 @@ def test_report_opens_with_one_finding_per_mix_and_region():
             d = base + eff + ((0.05 if c % 2 else -0.05) if mix == "1:2@edited" else rng.normal(0, 0.005))
             rows.append({"run": mix, "mix": mix, "n_real": n_r, "n_synth": n_s, "backend": "monai", "seed": 0,
                          "test_set": "test", "case_id": f"c{c}", "region": "TC", "dice": d, "hd95": 1.0})
-    lines = findings(paired_vs_real(pd.DataFrame(rows)))
-    assert len(lines) == 3
-    by_mix = {line.split(",")[0]: line for line in lines}
+    lines = findings(label_families(paired_vs_real(pd.DataFrame(rows)), primary_region="TC", primary_test_set="test"))
+    assert len(lines) == 3 and all(line.startswith("Primary — ") for line in lines)
+    assert all("one seed on a side" in line for line in lines)          # its interval cannot see training noise
+    by_mix = {line.split(" — ")[1].split(",")[0]: line for line in lines}
     delta = lambda line: float(line.split("Δ Dice ")[1].split(" ")[0])  # noqa: E731
     assert "significantly worse" in by_mix["0:1"] and delta(by_mix["0:1"]) == pytest.approx(-0.2, abs=0.01)
     assert "significantly better" in by_mix["1:1"] and delta(by_mix["1:1"]) == pytest.approx(0.15, abs=0.01)
@@ -237,8 +239,30 @@ def test_built_report_states_the_findings_first(study):
 
     md = (build_report(study) / "report.md").read_text()
     first = md.index("## What this study found (test set 'test')")
-    assert first < md.index("## Dice by training mix")
-    assert md.count("- 0:1, ") == 3 and md.count("- 1:2@edited, ") == 3  # one sentence per mix and region
+    assert first < md.index("## Power: the smallest Δ this study could detect") < md.index("## Dice by training mix")
+    # the declared primary comparison (default: mean Dice over WT/TC/ET on the study's test set), then the rest:
+    # one sentence per mix, region (+ mean) and test set
+    assert md.count("- Primary — 0:1, mean, test set 'test':") == 1 and md.count("- Primary — ") == 3
+    assert md.count("— 0:1, ") == 8 and md.count("- Secondary — 1:2@edited, ") == 7
+    assert md.index("- Primary — ") < md.index("- Secondary — ")
+    assert "t interval, variance = case component + each mix's seed component" in md    # the method is named
+    # 3 test cases x 2 seeds cannot see the paper's +0.014: the report says so
+    assert "This study was too small to see the paper's effect" in md
+
+
+def test_holm_adjustment_can_withdraw_a_verdict():
+    """Two primary comparisons at p 0.03 and 0.04: each unadjusted interval excludes 0, neither survives Holm."""
+    from eval.report import findings
+
+    rows = [{"mix": m, "backend": "monai", "test_set": "test", "region": "mean", "reference_mix": "1:0",
+             "delta_mean": 0.05, "delta_ci_low": 0.004, "delta_ci_high": 0.096, "p_value": p, "p_holm": 0.06,
+             "n_seeds": 3, "n_seeds_reference": 3, "family": "primary"} for m, p in (("1:1", 0.03), ("1:2", 0.04))]
+    lines = findings(pd.DataFrame(rows), {("monai", "test", "mean"): 0.3})
+    assert all("not significant after the Holm adjustment" in line for line in lines)
+    rows[0]["p_holm"] = 0.2
+    rows[0]["delta_ci_low"] = -0.01
+    line = findings(pd.DataFrame(rows[:1]), {("monai", "test", "mean"): 0.3})[0]
+    assert "no significant difference detected" in line and "only a |Δ| of 0.300 or more" in line
 
 
 def test_report_says_where_the_generator_came_from_and_what_it_saw(tmp_path):
@@ -265,11 +289,50 @@ def test_report_says_where_the_generator_came_from_and_what_it_saw(tmp_path):
     assert generator_note(tmp_path, StudyRecord(parameters={})) is None  # no synthetic data, no paragraph
 
 
-def test_synthetic_only_ratio_sentence():
+def test_synthetic_only_ratio_has_an_interval_per_backend():
+    """Per back end (never pooled), against the real-only run of as many real cases, with a delta-method
+    interval that contains the ratio and widens with seed noise."""
     from eval.report import synthetic_only_ratio
 
-    rows = [dict(mix=m, region=r, dice=d) for m, r, d in
-            [("1:0", "WT", 0.8), ("1:0", "TC", 0.6), ("0:1", "WT", 0.4), ("0:1", "TC", 0.6), ("1:1", "WT", 0.9)]]
-    text = synthetic_only_ratio(pd.DataFrame(rows))
-    assert "WT 0.400/0.800 = 0.50×" in text and "TC 0.600/0.600 = 1.00×" in text
-    assert synthetic_only_ratio(pd.DataFrame(rows[:2])) is None  # no synthetic-only mix
+    rng = np.random.default_rng(3)
+    rows = []
+    for backend, real_dice, syn_dice in (("monai", 0.8, 0.4), ("nnunet", 0.6, 0.6)):
+        for mix, n_r, n_s, level in (("1:0", 8, 0, real_dice), ("0:1", 0, 8, syn_dice)):
+            for seed in range(3):
+                off = rng.normal(0, 0.01)
+                for c in range(12):
+                    rows.append(dict(run=f"{mix}-{backend}-s{seed}", mix=mix, n_real=n_r, n_synth=n_s,
+                                     backend=backend, seed=seed, test_set="test", case_id=f"c{c}", region="WT",
+                                     dice=level + off + rng.normal(0, 0.02), hd95=1.0))
+    lines = synthetic_only_ratio(pd.DataFrame(rows))
+    assert len(lines) == 2 and "back end monai" in lines[0] and "back end nnunet" in lines[1]
+    assert "8 synthetic cases" in lines[0] and "(1:0, 8 real cases)" in lines[0]
+    ratio = lambda line: [float(x) for x in re.search(r"= ([\d.]+)× \[([\d.]+), ([\d.]+)\]", line).groups()]  # noqa: E731
+    r, lo, hi = ratio(lines[0])
+    assert r == pytest.approx(0.5, abs=0.03) and lo < r < hi and hi - lo < 0.1
+    r, lo, hi = ratio(lines[1])
+    assert r == pytest.approx(1.0, abs=0.03) and lo < 1.0 < hi
+    assert synthetic_only_ratio(pd.DataFrame(rows)[lambda d: d["mix"] == "1:0"]) == []  # no synthetic-only mix
+
+
+def test_primary_comparison_is_declared_in_the_study_parameters(study, tmp_path):
+    """StudyParams.primary names the primary region (default 'mean', which keeps every published study_key); the
+    report reads it from study.json."""
+    from core.errors import ConfigError
+    from eval.report import build_report
+    from flows.plan import StudyParams
+
+    assert StudyParams(primary="mean").study_key == StudyParams().study_key
+    assert StudyParams(primary="TC").study_key != StudyParams().study_key
+    with pytest.raises(ConfigError, match="primary"):
+        StudyParams(primary="NCR")
+    record = json.loads((study / "study.json").read_text())
+    record["parameters"]["primary"] = "TC"
+    (study / "study.json").write_text(json.dumps(record))
+    try:
+        md = (build_report(study) / "report.md").read_text()
+    finally:
+        record["parameters"].pop("primary")
+        (study / "study.json").write_text(json.dumps(record))
+    assert "the study parameter 'primary' = 'TC'" in md
+    assert md.count("- Primary — ") == 3 and "- Primary — 0:1, TC, test set 'test'" in md

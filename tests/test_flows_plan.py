@@ -89,10 +89,11 @@ def test_bad_cohort_raises_cohort_error_naming_it(toy_cohort, tmp_path):
 
 
 def test_study_key_and_record_parameters_are_the_flow_parameters():
-    """study_key hashes the 18 result-defining parameters (not out/parallel/Dask), mixes in canonical form."""
+    """study_key hashes the 19 result-defining parameters (not out/parallel/Dask), mixes in canonical form;
+    'primary' only where it is not the default (keys of earlier studies unchanged)."""
     p = StudyParams(mixes=["1:1@real", " 1 : 2 @ edited"])
     assert p.mixes == ["1:1", "1:2@edited"]
-    assert len(p.as_dict()) == 18 and "out" not in p.as_dict()
+    assert len(p.as_dict()) == 19 and "out" not in p.as_dict() and p.as_dict()["primary"] == "mean"
     assert p.study_key == StudyParams(mixes=["1:1", "1:2@edited"]).study_key != StudyParams().study_key
 
 
