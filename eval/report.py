@@ -192,7 +192,9 @@ def _segmentation_section(per_case: pd.DataFrame, paired: pd.DataFrame, test_set
     pc = per_case[per_case["test_set"].astype(str) == test_set]
     agg = aggregate(pc)
     paired = paired[paired["test_set"].astype(str) == test_set]
-    results = agg.merge(paired, how="left", on=["mix", "n_real", "n_synth", "backend", "test_set", "region"])
+    # the run's own seed count is aggregate's n_seeds already; the paired table adds the reference's
+    results = agg.merge(paired.drop(columns=["n_seeds"]), how="left",
+                        on=["mix", "n_real", "n_synth", "backend", "test_set", "region"])
     slug = "" if primary else "_" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in test_set)
     doc.h(f"Dice by training mix — test set '{test_set}'" + ("" if primary else " (external)"))
     doc.p("Rows: training mixes (real only, synthetic only, real + synthetic at each ratio). Cells: mean ± sd over "

@@ -148,6 +148,8 @@ def test_build_report_from_fixture_study(study):
     assert html_text.count("data:image/png;base64,") >= 5       # self-contained
     res = pd.read_csv(out / "results.csv")
     assert set(res["test_set"]) == {"test", "brats-ext"}
+    assert not [c for c in res.columns if c.endswith(("_x", "_y"))], list(res.columns)  # no merge leftovers
+    assert {"n_seeds", "n_seeds_reference", "family", "p_holm"} <= set(res.columns)
     d = res[(res["mix"] == "1:1") & (res["region"] == "WT") & (res["test_set"] == "test")].iloc[0]
     assert d["reference_mix"] == "1:0" and d["delta_mean"] > 0
     # deterministic: rebuilding gives the same tables
