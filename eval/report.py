@@ -415,7 +415,11 @@ def _synthesis_section(synth: pd.DataFrame | None) -> _Blocks:
               "masks. ms_ssim_*: mean pairwise MS-SSIM (lower = more diverse), beside the same on real images. "
               "mmd: MONAI MMD between real and synthetic images. frechet_distance: synthetic vs the real cases "
               "Med-DDPM trained on, on the judge segmenter's encoder features; frechet_distance_real_floor: the same "
-              "real cases vs as many other real training cases (what two real sets differ by).")
+              "real cases vs as many other real training cases. The floor is not a like-for-like reference: the "
+              "synthetic images are compared with the very cases the generator was fine-tuned on and the feature "
+              "network was trained on, the floor with other patients, and a few images for 128 features make both "
+              "unstable; a synthetic distance below the floor does not show the samples closer to real than real "
+              "is.")
         for sid, g in synth.groupby("synthetic_id", sort=False):
             doc.h(f"Synthetic cohort {sid}", 3)
             doc.table(_round(g.drop(columns=["synthetic_id"]).fillna({"region": ""})))
@@ -435,7 +439,10 @@ def _memorisation_section(mem: pd.DataFrame | None, out: Path) -> _Blocks:
               "fraction above it. Because the mask carries anatomy, a synthetic image can pass that threshold "
               "against its owner without memorising anything; mask_similarity is the similarity the mask alone "
               "explains (the mask filled with the owner's mean intensity per label), and frac_beyond_mask is the "
-              "fraction of synthetic images more similar to their owner than that: the memorisation signal.")
+              "fraction of synthetic images more similar to their owner than that. It is not a memorisation "
+              "measure: on the embedded phantom, samples on masks the generator never saw still correlate about "
+              "0.69 with the mask's owner, far above the painted mask, so it reads near 1 without any copying. The "
+              "reference is the owner similarity of samples on held-out masks (not yet computed by the study).")
         doc.table(_round(summarise(mem)))
         doc.image(plot_memorisation(mem, out / "memorisation.png"), "nearest-neighbour similarity")
     else:
