@@ -43,6 +43,15 @@ def _shape(cfg: MedDDPMConfig, batch: int):
     return (batch, cfg.in_channels, *get_profile(cfg.profile).shape)
 
 
+def _counting_saved_bytes(cell: list[int]):
+    """saved_tensors_hooks that add the bytes of each tensor autograd saves to cell[0] (and keep the tensor)."""
+    def pack(tn):
+        cell[0] += tn.numel() * tn.element_size()
+        return tn
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda tn: tn)
+
+
 def forward_backward_cost(net: torch.nn.Module, *inputs: torch.Tensor) -> tuple[float, int]:
     """(FLOPs, bytes of the tensors autograd saves for the backward pass) of one forward + backward of ``net`` on
     ``inputs`` (meta tensors: shapes only). A network returning several outputs (deep supervision) is scored on
@@ -50,13 +59,8 @@ def forward_backward_cost(net: torch.nn.Module, *inputs: torch.Tensor) -> tuple[
     from torch.utils.flop_counter import FlopCounterMode
 
     saved = [0]
-
-    def pack(tn):
-        saved[0] += tn.numel() * tn.element_size()
-        return tn
-
     with FlopCounterMode(display=False) as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tn: tn):
+        with _counting_saved_bytes(saved):
             out = net(*inputs)
         (out[0] if isinstance(out, (list, tuple)) else out).float().abs().mean().backward()
     return counter.get_total_flops(), saved[0]
@@ -70,17 +74,11 @@ def checkpointed_activation_bytes(net: torch.nn.Module, units: list[torch.nn.Mod
     (meta tensors), each unit's saved tensors under a hook of its own."""
     outside, kept_inputs, inside, stack = [0], [0], {}, []
 
-    def counter(cell):
-        def pack(tn):
-            cell[0] += tn.numel() * tn.element_size()
-            return tn
-        return pack
-
     def enter(module, args, kwargs=None):
         kept_inputs[0] += sum(a.numel() * a.element_size() for a in (*args, *(kwargs or {}).values())
                               if isinstance(a, torch.Tensor))
         inside[id(module)] = [0]
-        hooks = torch.autograd.graph.saved_tensors_hooks(counter(inside[id(module)]), lambda tn: tn)
+        hooks = _counting_saved_bytes(inside[id(module)])
         hooks.__enter__()
         stack.append(hooks)
 
@@ -90,7 +88,7 @@ def checkpointed_activation_bytes(net: torch.nn.Module, units: list[torch.nn.Mod
     handles = [h for u in units for h in (u.register_forward_pre_hook(enter, with_kwargs=True),
                                           u.register_forward_hook(leave))]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(counter(outside), lambda tn: tn):
+        with _counting_saved_bytes(outside):
             net(*inputs)
     finally:
         for h in handles:
