@@ -106,7 +106,7 @@ def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends,
 
 
 # `medddpm plan --detect` without --variance-from: Dice variance components of one region. seed: the default
-# study's real-only TC per-seed means 0.657 / 0.863 / 0.737 (sd 0.10, 2026-12-05, issue 30); case × mix and case ×
+# study's real-only TC per-seed means 0.657 / 0.863 / 0.737 (sd 0.10, make study 2026-12-05); case × mix and case ×
 # seed: assumed (0.05, 0.08; the per-case TC sd over cases and seeds there was ≈ 0.08), not measured.
 ASSUMED_DICE_COMPONENTS = {"seed sd": 0.10, "case × mix sd": 0.05, "case × seed sd": 0.08}
 SEED_OPTIONS = (3, 5, 9, 15, 25)
@@ -127,7 +127,9 @@ def cases_to_detect(delta: float, components, n_seeds: int, *, max_cases: int = 
     seeds' training noise alone is too large)."""
     from eval.stats import min_detectable_delta
 
-    mde = lambda n: min_detectable_delta(components, n, n_seeds, alpha=alpha, power=power)  # noqa: E731
+    def mde(n: int) -> float:
+        return min_detectable_delta(components, n, n_seeds, alpha=alpha, power=power)
+
     if mde(max_cases) > delta:
         return None
     lo, hi = 2, max_cases  # mde falls as cases are added: the smallest n with mde(n) <= delta
