@@ -117,7 +117,7 @@ def generator(args) -> int:
     mem = summarise(memorisation_table(cohort, manifest, synthetic_id=tag, train_ids=load_manifest(selected)["case_id"],
                                        progress=False)).iloc[0]
     print(f"memorisation (the study's table): owner similarity median {mem.owner_similarity_median:.3f}, mask alone "
-          f"{mem.mask_similarity_median:.3f}, beyond the mask {mem.frac_beyond_mask:.2f}")
+          f"{mem.mask_similarity_median:.3f}, above the painted mask {mem.frac_above_painted_mask:.2f}")
     plot_montage(cohort, manifest, work / f"montage_{tag}.png")
     return 0
 

@@ -7,7 +7,9 @@ runs it with only those packages importable, so the tool and its install list st
 
 Each row is written to the JSON file (--json, or $OUT/gpu_check.json) as soon as it finishes, so a run stopped
 by a timeout keeps its finished rows. A row whose memory estimate (synth.costs, the plan's model) exceeds the
-device's memory less HEADROOM_GIB is skipped with that reason, as is a row not started within --budget-s.
+device's memory less HEADROOM_GIB is skipped with that reason, as is a row not started within --budget-s. Each
+row carries the plan's predicted peak (plan_gib, synth.costs.predicted_peak_bytes) beside the measured
+max_memory_allocated (peak_gib): the GPU half of the memory model's check (docs/decisions/0018).
 
     bash bench/gpu_check.sh                       # on the GPU machine, from the repository root
     python -m bench.gpu_check --smoke --device cpu
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from synth.config import get_config
-    from synth.costs import sample_step_cost, train_step_cost
+    from synth.costs import predicted_peak_bytes
 
     t_start = time.perf_counter()
     device = torch.device(a.device)
@@ -159,40 +161,45 @@ def main(argv=None) -> int:
                      {"device": name, "torch": torch.__version__, "profile": cfg.profile})
     cuda = device.type == "cuda"
 
-    def train_row(label, amp, ck, comp):  # (what, measure it, its memory estimate in bytes)
+    # (what, measure it, the plan's peak in bytes: synth.costs' model with CUDA's autocast policy, tensors only, so
+    # comparable with max_memory_allocated; the CUDA context is in HEADROOM_GIB)
+    def train_row(label, amp, ck, comp):
         return (f"train step, {label}", lambda: train_step_time(cfg, device, amp and cuda, ck, comp, warmup, steps),
-                lambda: train_step_cost(cfg, half_precision=amp, grad_checkpoint=ck).peak_bytes)
+                lambda: predicted_peak_bytes(cfg, half_precision=amp, grad_checkpoint=ck, process=False))
 
     def sample_row(amp):
         return (f"DDIM-{k} per volume, {'bf16' if amp else 'fp32'}", lambda: sample_time(cfg, device, k, amp and cuda),
-                lambda: sample_step_cost(cfg, batch=1).peak_bytes)
+                lambda: predicted_peak_bytes(cfg, train=False, batch=1, process=False))
 
     rows = [train_row("fp32 eager", False, False, False), train_row("bf16 autocast", True, False, False),
             train_row("bf16 + checkpointing", True, True, False), sample_row(False), sample_row(True)]
     if not (a.no_compile or a.smoke):  # last: building it can take minutes
         rows.append(train_row("bf16 + checkpointing + torch.compile", True, True, True))
     for what, measure, estimate in rows:
-        reason = (f"not started within the {a.budget_s:g} s budget"
-                  if time.perf_counter() - t_start > a.budget_s else
-                  None if total is None else memory_skip_reason(estimate(), total))
+        if time.perf_counter() - t_start > a.budget_s:
+            out.add({"what": what, "skipped": f"not started within the {a.budget_s:g} s budget"})
+            continue
+        plan = estimate()
+        reason = None if total is None else memory_skip_reason(plan, total)
         if reason:
-            out.add({"what": what, "skipped": reason})
+            out.add({"what": what, "skipped": reason, "plan_gib": plan / 2 ** 30})
             continue
         try:
             secs, peak = measure()
-            out.add({"what": what, "seconds": secs, "peak_gib": peak})
+            out.add({"what": what, "seconds": secs, "peak_gib": peak, "plan_gib": plan / 2 ** 30})
         except Exception as e:  # an OOM or a compile failure is a row of the table, not the end of the check
             out.add({"what": what, "error": f"{type(e).__name__}: {str(e)[:120]}"})
         if cuda:
             torch.cuda.empty_cache()
     base = next((r["seconds"] for r in out.rows if r["what"] == "train step, fp32 eager" and "seconds" in r), None)
-    print(f"\n| {name} | seconds | peak GiB | vs fp32 eager step |\n|---|---|---|---|")
+    print(f"\n| {name} | seconds | peak GiB | plan GiB | vs fp32 eager step |\n|---|---|---|---|---|")
     for r in out.rows:
+        plan = f"{r['plan_gib']:.1f}" if "plan_gib" in r else ""
         if "seconds" not in r:
-            print(f"| {r['what']} | {r.get('error') or 'skipped: ' + r['skipped']} | | |")
+            print(f"| {r['what']} | {r.get('error') or 'skipped: ' + r['skipped']} | | {plan} | |")
         else:
             ratio = f"{r['seconds'] / base:.2f}x" if base and r["what"].startswith("train") else ""
-            print(f"| {r['what']} | {r['seconds']:.3f} | {r['peak_gib']:.1f} | {ratio} |")
+            print(f"| {r['what']} | {r['seconds']:.3f} | {r['peak_gib']:.1f} | {plan} | {ratio} |")
     return 0
 
 

@@ -10,8 +10,9 @@
 # 2. On the GPU machine, from the repository root, with .whl/ carried along:
 #        bash bench/gpu_check.sh [bench.gpu_check options]
 #    installs from .whl/ (no index) those of the listed packages its python3 lacks, into /tmp/gpu-check-site, and
-#    runs the check: each row is printed and written to $OUT/gpu_check.json (or --json PATH) as it finishes, a row
-#    the plan's memory estimate says cannot fit is skipped with the reason, and the run stops at 440 s.
+#    runs the check: each row is printed and written to $OUT/gpu_check.json (or --json PATH) as it finishes, with
+#    the plan's predicted peak (plan_gib, synth.costs) beside the measured max_memory_allocated (peak_gib); a row
+#    the plan says cannot fit is skipped with the reason, and the run stops at 440 s.
 # nnU-Net's epoch is not in this check: its dependencies (nnunetv2, batchgenerators, SimpleITK, ...) do not fit the
 # 64 MiB that travels to the GPU machine.
 set -euo pipefail

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from core.errors import InputError, ConfigError
 from .labels import TUMOUR_LABELS
+from .case_list import read_case_list, write_record
 from .layouts import CaseSource, default_cohort_name, list_cases
 from .manifest import append_rows, load_manifest, make_row
 from .nifti import check_same_geometry, read_label, read_volume, write_array, write_volume
@@ -146,13 +147,15 @@ def _worker_init() -> None:
 def import_cohort(src: str | Path, out_dir: str | Path, layout: str = "auto", profile: str = "paper-brats",
                   split_seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2, *,
                   cohort: str | None = None, require_tumour: bool = True, channel_map=None, label_map=None,
-                  workers: int = 1) -> ImportReport:
+                  workers: int = 1, cases_from: str | Path | None = None) -> ImportReport:
     """Import every case of ``src`` (layout 'auto' or one of cohort.layouts.LAYOUTS); a bad case is reported
     (never raised) and the others go on.
 
     channel_map / label_map: the user's mapping of source channels / label values to ours ("0=t1,1=t1ce",
     a JSON file or a dict; see cohort.layouts). workers: processes preprocessing cases in parallel (1: in this
     process); the parent alone appends to the manifest, in case order, so appends stay atomic and resumable.
+    cases_from: a case list (cohort.case_list): only its cases are imported, an ID ``src`` does not hold is refused,
+    and the list's sha256 is recorded in out_dir/case_list.json.
     Returns an ImportReport. Raises InputError only when ``src`` itself is unusable (missing, unknown layout,
     unmapped channels or labels, no cases) or the existing manifest is unreadable, and ConfigError for an unknown
     profile, bad split fractions or workers < 1.
@@ -167,7 +170,14 @@ def import_cohort(src: str | Path, out_dir: str | Path, layout: str = "auto", pr
     layout, cases = list_cases(src, layout, modalities=prof.modalities, channel_map=channel_map,
                                label_map=label_map)
     cohort = cohort or default_cohort_name(src, layout)
+    subset = None
+    if cases_from is not None:
+        subset = read_case_list(cases_from)
+        subset.check_known([c.case_id for c in cases], str(src))
+        cases = [c for c in cases if c.case_id in set(subset.case_ids)]
     out_dir.mkdir(parents=True, exist_ok=True)
+    if subset is not None:
+        write_record(out_dir, subset)
     manifest = out_dir / MANIFEST_NAME
     done = set(load_manifest(manifest)["case_id"]) if manifest.exists() else set()
     report = ImportReport(manifest)

@@ -15,6 +15,7 @@ def register(subparsers) -> None:
     _add_export_nnunet(subparsers)
     _add_build_phantom(subparsers)
     _add_edit_masks(subparsers)
+    _add_import_masks(subparsers)
 
 
 # --- validate -------------------------------------------------------------------------------------------------
@@ -68,6 +69,9 @@ def _add_import_options(p, default_cohort_help: str) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="processes preprocessing cases in parallel (default 1; use one per core, e.g. 2)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any case was bad")
+    p.add_argument("--cases-from", metavar="FILE", default=None,
+                   help="import only the cases listed in FILE (one case ID per line, '#' comments); an ID the "
+                        "source lacks is an error; the list's sha256 goes to OUT/case_list.json")
 
 
 def _add_import_cohort(subparsers) -> None:
@@ -112,7 +116,7 @@ def _import_cohort(args) -> int:
     report = import_cohort(args.src, args.out, args.layout, profile=args.profile, split_seed=args.split_seed,
                            val_fraction=args.val_fraction, test_fraction=args.test_fraction, cohort=args.cohort,
                            require_tumour=not args.allow_empty_tumour, channel_map=args.channel_map,
-                           label_map=args.label_map, workers=args.workers)
+                           label_map=args.label_map, workers=args.workers, cases_from=args.cases_from)
     print(report.summary(), file=sys.stderr if report.bad else sys.stdout)
     if report.n_usable == 0:
         return 2
@@ -229,4 +233,50 @@ def _edit_masks(args) -> int:
                      kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()), scale_range=(lo, hi),
                      max_shift_mm=args.max_shift_mm, min_voxels=args.min_voxels, min_inside=args.min_inside)
     print(f"{out}: edited masks written")
+    return 0
+
+
+# --- import-masks (cohort.import_masks) -----------------------------------------------------------------------
+
+def _add_import_masks(subparsers) -> None:
+    p = subparsers.add_parser(
+        "import-masks", help="bring a folder of mask-only NIfTI label maps into a manifest of conditioning masks",
+        description="Import every SRC/*.nii[.gz] label map (user-drawn, or another dataset's; labels 0 background, "
+                    "1 NCR, 2 ED, 3 ET, 4 brain, others via --label-map) as a source=mask row of "
+                    "OUT/data_manifest.csv, on the profile's grid, for `medddpm synthesize --masks`. A mask "
+                    "without the brain/head label (4) the generator is conditioned on gets it from the image it "
+                    "was drawn on (--brain-from image --images DIR: foreground, holes filled, largest component) "
+                    "or from an atlas template placed at the field-of-view centre (--brain-from template; a "
+                    "placement, not a registration: for masks in an atlas-like space such as BraTS's SRI24). "
+                    "Bad masks are listed together; the others are written and a rerun resumes.")
+    p.add_argument("src", help="folder of mask NIfTI files (case id: the file name without .nii/.nii.gz)")
+    p.add_argument("--out", required=True, help="output folder (gets data_manifest.csv and one folder per mask)")
+    p.add_argument("--profile", default="paper-brats",
+                   help="grid of the generator the masks are for: tiny, demo, paper-brats (default), "
+                        "paper-wholehead, authors-brats")
+    p.add_argument("--brain-from", choices=("image", "template"), default=None,
+                   help="where the brain label of a mask lacking it comes from (default: such a mask is refused)")
+    p.add_argument("--images", metavar="DIR", default=None,
+                   help="with --brain-from image: DIR/NAME.nii.gz (or DIR/NAME_*.nii.gz, one per modality) is "
+                        "the image of mask NAME.nii.gz")
+    p.add_argument("--atlas", default="sri24", choices=("sri24", "mni152", "oasis"),
+                   help="with --brain-from template: the atlas whose brain is used (default sri24)")
+    p.add_argument("--label-map", default=None,
+                   help="source value to ours, e.g. '4=ET' (BraTS 2021) or '1=NCR,2=ED,3=ET,5=brain'; unmapped "
+                        "values are kept")
+    p.add_argument("--cohort", default="imported-masks", help="cohort name written into the manifest")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"),
+                   help="split of the rows (default train, the split synthesize reads)")
+    p.add_argument("--cases-from", metavar="FILE", default=None,
+                   help="import only the masks listed in FILE (one case ID per line, '#' comments)")
+    p.set_defaults(func=_import_masks)
+
+
+def _import_masks(args) -> int:
+    from .import_masks import import_masks
+
+    out = import_masks(args.src, args.out, args.profile, brain_from=args.brain_from, images=args.images,
+                       atlas=args.atlas, cohort=args.cohort, split=args.split, label_map=args.label_map,
+                       cases_from=args.cases_from)
+    print(f"{out}: masks imported")
     return 0

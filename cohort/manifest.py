@@ -163,6 +163,26 @@ def check_row_hashes(manifest_path: str | Path, row: pd.Series) -> None:
                               kind="hash-mismatch")
 
 
+def damaged_files(manifest_path: str | Path, df: pd.DataFrame | None = None,
+                  sha256=sha256_file) -> list[tuple[str, Path, str]]:
+    """Every (case_id, file, problem) of a manifest whose file is missing or no longer has its recorded sha256
+    (check_row_hashes' check, but listing all of them instead of stopping at the first): what a resume must not
+    reuse and `medddpm verify` reports. Rows without a recorded hash are not checked."""
+    df = load_manifest(manifest_path) if df is None else df
+    out = []
+    for _, row in df.iterrows():
+        for k, v in row_files(row).items():
+            want = row.get(f"sha256_{k}")
+            if want is None or pd.isna(want) or str(want) == "":
+                continue
+            p = resolve(manifest_path, v)
+            if not p.exists():
+                out.append((str(row["case_id"]), p, "missing"))
+            elif sha256(p) != want:
+                out.append((str(row["case_id"]), p, f"sha256 differs from the manifest's ({str(want)[:12]}…)"))
+    return out
+
+
 def check_same_cohort(manifest: str | Path, reference: str | Path) -> pd.DataFrame:
     """Refuse a manifest that does not describe the same data as ``reference`` (e.g. the repository's
     data_manifest.csv of the embedded default cohort): the same case ids and, per case, the same value in every

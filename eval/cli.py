@@ -43,6 +43,17 @@ def _synthesis_quality(args) -> int:
     written = evaluate_synthesis(args.study_dir, real_manifest=real_manifest(args.study_dir),
                                  train_ids=record.generator_train_ids() if record else None,
                                  max_pairs=args.max_pairs, seed=args.seed, rule=args.rule)
+    holdout = (record.model_extra or {}).get("holdout") if record else None
+    if holdout:  # the study's samples on held-out masks: their fidelity against the other held-out real cases
+        from pathlib import Path
+
+        from .results import write_results
+        from .synthesis import fidelity_table
+
+        study = Path(args.study_dir)
+        fid = fidelity_table(real_manifest(study), study / holdout["manifest"],
+                             reference_ids=holdout["reference_case_ids"], seed=args.seed)
+        written = {**written, **write_results(study, synthesis=fid)}
     for name, path in written.items():
         print(f"{name}: {path}")
     if not args.no_report:

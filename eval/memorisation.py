@@ -12,14 +12,20 @@ The conditioning mask itself is patient anatomy (brain outline, tumour shape and
 image is expected to resemble the real image that owns its mask, and mask-conditioned synthesis is not
 anonymisation. We report that similarity (owner_similarity) separately, beside the part of it the mask alone
 explains: mask_similarity = similarity between the owner and a rendering of the synthetic image's mask with the
-owner's mean intensity per label (mask_rendering). A synthetic image more similar to its owner than that
-(beyond_mask) reproduces patient detail the mask does not carry (e.g. grey/white-matter pattern): a memorisation
-signal that the anatomy threshold alone cannot separate from mask-driven resemblance.
+owner's mean intensity per label (mask_rendering). above_painted_mask flags a sample more similar to its owner than
+that painted mask; it is NOT a memorisation signal (it was called beyond_mask): a generator that learnt brain
+anatomy reproduces grey/white-matter pattern on any mask, so samples on masks it never saw are above it too.
+
+Memorisation is measured against its own baseline (owner_similarity_gap, memorisation_gap): the owner similarity
+of samples on the generator's training masks minus that of samples on held-out masks (masks of real cases the
+generator never saw, the study's HOLDOUT_POOL), with a Welch t interval over mask owners. Without memorisation
+the two are exchangeable (training and held-out cases are draws from one cohort) and the gap is 0.
 
 Output rows follow MEMORISATION_COLUMNS (results/memorisation.csv, docs/eval.md "Report inputs").
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,7 +38,7 @@ from core.errors import ConfigError
 SIMILARITY = "pearson-in-brain"
 MEMORISATION_COLUMNS = ("synthetic_id", "kind", "case_id", "nn_case_id", "nn_similarity", "owner_case_id",
                         "owner_similarity", "mask_similarity", "threshold", "threshold_rule", "copy_nn", "copy_owner",
-                        "beyond_mask", "similarity")
+                        "above_painted_mask", "similarity")
 ANATOMY_NOTE = ("The conditioning mask is itself patient anatomy (brain outline, tumour shape and position), so "
                 "every synthetic image carries the anatomy of the patient who owns its mask. Mask-conditioned "
                 "synthesis is not anonymisation.")
@@ -134,7 +140,7 @@ def memorisation_table(real_manifest: str | Path, synthetic_manifest: str | Path
                      "nn_case_id": tr_rows["case_id"].iloc[j], "nn_similarity": float(cal[i, j]),
                      "owner_case_id": "", "owner_similarity": float("nan"), "mask_similarity": float("nan"),
                      "threshold": thr, "threshold_rule": rule, "copy_nn": bool(cal[i, j] > thr), "copy_owner": False,
-                     "beyond_mask": False, "similarity": SIMILARITY})
+                     "above_painted_mask": False, "similarity": SIMILARITY})
     # the real images owning the masks: training images are in memory, others (e.g. val cases) are read
     owner_ids = {cid: (origins.get(cid) if origins.get(cid) in real_ids else owner_of(cid, parents, real_ids))
                  for cid in sy_rows["case_id"].astype(str)}
@@ -157,7 +163,7 @@ def memorisation_table(real_manifest: str | Path, synthetic_manifest: str | Path
                      "nn_case_id": tr_rows["case_id"].iloc[j], "nn_similarity": float(syn[i, j]),
                      "owner_case_id": owner or "", "owner_similarity": osim, "mask_similarity": msim,
                      "threshold": thr, "threshold_rule": rule, "copy_nn": bool(syn[i, j] > thr),
-                     "copy_owner": bool(osim > thr), "beyond_mask": bool(osim > msim), "similarity": SIMILARITY})
+                     "copy_owner": bool(osim > thr), "above_painted_mask": bool(osim > msim), "similarity": SIMILARITY})
     return pd.DataFrame(rows, columns=list(MEMORISATION_COLUMNS))
 
 
@@ -193,6 +199,68 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                      if own.notna().any() else float("nan"),
                      "mask_similarity_median": float(syn["mask_similarity"].astype(float).median())
                      if own.notna().any() else float("nan"),
-                     "frac_beyond_mask": float(syn.loc[own.notna(), "beyond_mask"].astype(bool).mean())
+                     "frac_above_painted_mask": float(syn.loc[own.notna(), "above_painted_mask"].astype(bool).mean())
                      if own.notna().any() else float("nan")})
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Owner-similarity gap: mean over training-mask owners minus mean over held-out-mask owners, Welch t interval."""
+
+    gap: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n_train: int
+    n_holdout: int
+    train_mean: float
+    holdout_mean: float
+
+
+GAP_METHOD = ("owner-similarity gap = mean over training-mask owners - mean over held-out-mask owners (samples "
+              "averaged per owner first); 95 % Welch t interval (scipy.stats.ttest_ind, equal_var=False)")
+
+
+def owner_similarity_gap(train: Sequence[float], holdout: Sequence[float], confidence: float = 0.95) -> Gap:
+    """Gap between two sets of per-owner similarities with a Welch t interval and two-sided p-value; NaN interval
+    with fewer than 2 values on a side."""
+    from scipy.stats import ttest_ind
+
+    a, b = (np.asarray(v, dtype=float) for v in (train, holdout))
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    gap = float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+    if min(len(a), len(b)) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+        return Gap(gap, float("nan"), float("nan"), float("nan"), len(a), len(b),
+                   float(a.mean()) if len(a) else float("nan"), float(b.mean()) if len(b) else float("nan"))
+    res = ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(confidence)
+    return Gap(gap, float(ci.low), float(ci.high), float(res.pvalue), len(a), len(b), float(a.mean()),
+               float(b.mean()))
+
+
+def per_owner(table: pd.DataFrame, synthetic_id: str) -> pd.Series:
+    """Mean owner_similarity per mask owner of one synthetic cohort (samples of one owner are not independent)."""
+    g = table[(table["synthetic_id"] == synthetic_id) & (table["kind"] == "synthetic")]
+    g = g[g["owner_case_id"].fillna("").astype(str) != ""]
+    return g.groupby(g["owner_case_id"].astype(str))["owner_similarity"].mean()
+
+
+def memorisation_gap(table: pd.DataFrame, holdout_id: str) -> pd.DataFrame:
+    """The memorisation figure: per synthetic cohort other than ``holdout_id`` (samples on held-out masks), its
+    owner-similarity gap against the held-out samples (owner_similarity_gap). Empty without the held-out cohort.
+    A cohort on edited masks compares an edited training mask's sample with the unedited owner, which lowers
+    its owner similarity whether or not the generator memorised."""
+    if table is None or not len(table) or holdout_id not in set(table["synthetic_id"]):
+        return pd.DataFrame()
+    held = per_owner(table, holdout_id)
+    rows = []
+    for sid in dict.fromkeys(table["synthetic_id"]):
+        if sid == holdout_id:
+            continue
+        g = owner_similarity_gap(per_owner(table, sid), held)
+        rows.append({"synthetic_id": sid, "owner_similarity_training_masks": g.train_mean,
+                     "owner_similarity_heldout_masks": g.holdout_mean, "gap": g.gap, "ci_low": g.ci_low,
+                     "ci_high": g.ci_high, "p_value": g.p_value, "n_owners_training": g.n_train,
+                     "n_owners_heldout": g.n_holdout})
     return pd.DataFrame(rows)

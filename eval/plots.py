@@ -126,9 +126,11 @@ def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_sa
     return _savefig(fig, path)
 
 
-def plot_memorisation(mem: pd.DataFrame, path: Path) -> Path:
+def plot_memorisation(mem: pd.DataFrame, path: Path, baseline_id: str | None = None) -> Path:
     """Per synthetic cohort: histograms (outlines) of nearest-training-neighbour similarity of real test images
-    (the calibration), of synthetic images, and of synthetic images to their mask's owner; dashed: threshold."""
+    (the calibration), of synthetic images, and of synthetic images to their mask's owner; dashed: threshold.
+    baseline_id: the cohort of samples on held-out masks, whose owner similarity (the memorisation baseline) is
+    drawn filled in every other cohort's panel."""
     ids = list(dict.fromkeys(mem["synthetic_id"]))
     fig, axes = _figure(1, len(ids), (6 * len(ids), 3.5))
     sims = pd.concat([mem["nn_similarity"], mem["owner_similarity"]]).astype(float).dropna()
@@ -143,6 +145,10 @@ def plot_memorisation(mem: pd.DataFrame, path: Path) -> Path:
         own = syn["owner_similarity"].astype(float).dropna()
         if len(own):
             ax.hist(own, bins=bins, histtype="step", lw=1.5, ls=":", label="synthetic → mask owner")
+        base = mem[(mem["synthetic_id"] == baseline_id) & (mem["kind"] == "synthetic")]["owner_similarity"]
+        base = base.astype(float).dropna()
+        if sid != baseline_id and len(base):
+            ax.hist(base, bins=bins, alpha=0.3, color="grey", label="held-out masks → owner (baseline)")
         ax.axvline(float(g["threshold"].iloc[0]), color="k", ls="--", lw=1, label="copy threshold")
         ax.set_xlabel(f"similarity ({g['similarity'].iloc[0]})")
         ax.set_ylabel("images")

@@ -29,10 +29,11 @@ from core.errors import InputError
 from core.fsutil import atomic_path, atomic_write_text
 from cohort.labels import REGIONS
 
-from .memorisation import ANATOMY_NOTE, summarise
+from .memorisation import ANATOMY_NOTE, GAP_METHOD, memorisation_gap, summarise
 from .plots import plot_boxplots, plot_dice_by_ratio, plot_memorisation, plot_montage
 from .records import StudyRecord
 from .results import read_results, real_manifest, synthetic_manifests
+from .synthesis import HOLDOUT_POOL
 from .stats import (INTERVAL_METHOD, MEAN_REGION, VarianceComponents, aggregate, label_families, min_detectable_delta,
                     mix_kind, mix_order, paired_tables, paired_vs_real, ratio_interval, reference_run,
                     variance_components, with_mean_region)
@@ -45,9 +46,11 @@ PHANTOM_NOTE = ("This study used the embedded phantom cohort (phantom-v1): its b
 PAPER_EFFECT = 0.014
 PAPER_EFFECT_TEXT = "+0.014 tumour Dice: 0.6675 with 1k real + 2k synthetic vs 0.6531 with 1k real only"
 DEFAULT_PRIMARY = MEAN_REGION  # StudyParams.primary's default (flows/plan.py)
-FID_NOTE = ("The Fréchet distance is computed on features of the network named in the feature_extractor column. "
-            "It is not MedicalNet 3-D FID or RadImageNet 2.5-D FID, and its values are not comparable with "
-            "published FIDs.")
+FIDELITY_METRICS = ("fidelity_frd", "fidelity_frd_real", "fidelity_frd_excess")
+FRD_NOTE = ("Radiomics Fréchet distance after the FRD recipe (radiomic features z-scored on the reference set, Fréchet "
+            "distance of Gaussian fits), on the feature set named in the feature_extractor column, computed by this "
+            "project (pyradiomics does not install from PyPI on Python 3.11): values are not comparable with "
+            "published FRDs or FIDs, only with the real-vs-real reference beside them.")
 
 
 def primary_region(record: StudyRecord | None) -> str:
@@ -314,11 +317,14 @@ def power_table(per_case: pd.DataFrame, test_set: str) -> pd.DataFrame:
     vc = variance_components(per_case[per_case["test_set"].astype(str) == test_set])
     rows = []
     for _, r in vc.iterrows():
-        comp = VarianceComponents(r["case_var"], r["seed_var"], r["residual_var"])
+        # seed-paired components (NaN unless every comparison's seeds pair up): the MDE is then the paired one
+        comp = VarianceComponents(r["case_var"], r["seed_var"], r["residual_var"], r["seed_diff_var"],
+                                  r["residual_diff_var"])
         mde = min_detectable_delta(comp, r["n_cases"], r["n_seeds"]) if r["n_seeds"] >= 2 else float("nan")
         rows.append({"backend": r["backend"], "region": r["region"],
                      "cases × seeds": f"{int(r['n_cases'])} × {int(r['n_seeds'])}",
-                     "seed sd": np.sqrt(r["seed_var"]), "case × mix sd": np.sqrt(r["case_var"]),
+                     "seed sd": np.sqrt(r["seed_var"]), "seed-paired sd": np.sqrt(r["seed_diff_var"]),
+                     "case × mix sd": np.sqrt(r["case_var"]),
                      "case × seed sd": np.sqrt(r["residual_var"]), "minimum detectable Δ": mde,
                      f"sees the paper's {PAPER_EFFECT:+.3f}": ("n/a" if not np.isfinite(mde) else
                                                                "yes" if mde <= PAPER_EFFECT else "no")})
@@ -336,7 +342,10 @@ def _power_section(table: pd.DataFrame, test_set: str) -> _Blocks:
           "× mix = how a mix's per-case gain varies between test cases, case × seed = one case's score across "
           "seeds), the minimum detectable Δ is the true paired difference of two mixes that this design (its test "
           "cases × seeds per mix) calls significant 80 % of the time, two-sided α 0.05, before the Holm "
-          "adjustment. A smaller true Δ is more often missed than seen.")
+          "adjustment. A smaller true Δ is more often missed than seen. Where the mixes share their seed numbers "
+          "(the same seed: the same initial weights, data order and augmentation in every mix), Δ are analysed "
+          "paired by seed; 'seed-paired sd' is then the seed component of a difference of two mixes, and the "
+          "minimum detectable Δ is the paired one (found by simulating the design).")
     doc.table(_round(table, 3))
     mde = table["minimum detectable Δ"].to_numpy(dtype=float)
     if np.all(np.isfinite(mde)) and np.all(mde > PAPER_EFFECT):
@@ -406,21 +415,52 @@ def _gate_section(study: Path) -> _Blocks:
     return doc
 
 
+def fidelity_sentence(synth: pd.DataFrame | None) -> str | None:
+    """The held-out fidelity verdict in one sentence (rows FIDELITY_METRICS of results/synthesis.csv), or None."""
+    if synth is None or not len(synth):
+        return None
+    f = synth[synth["metric"].isin(FIDELITY_METRICS)].set_index("metric")
+    if not set(FIDELITY_METRICS) <= set(f.index):
+        return None
+    ci = lambda m: (f"{float(f.loc[m, 'value']):.2f} [{float(f.loc[m, 'ci_low']):.2f}, "  # noqa: E731
+                    f"{float(f.loc[m, 'ci_high']):.2f}]")
+    lo, hi = float(f.loc["fidelity_frd_excess", "ci_low"]), float(f.loc["fidelity_frd_excess", "ci_high"])
+    verdict = ("farther from the held-out real cases than real images are (the excess's 95 % interval lies above 0)"
+               if lo > 0 else "nearer to the held-out real cases than the real images of the same masks are (the "
+               "excess's interval lies below 0: read as less varied samples, not as better than real)" if hi < 0 else
+               "not distinguishable from real images at this sample size (the excess's 95 % interval includes 0; "
+               "its width is what this study can resolve)")
+    return (f"Fidelity on {int(f.loc['fidelity_frd', 'n'])} held-out masks (radiomics Fréchet distance to other "
+            f"held-out real cases, 95 % bootstrap intervals): synthetic {ci('fidelity_frd')}, the real images of the "
+            f"same masks {ci('fidelity_frd_real')}, excess {ci('fidelity_frd_excess')} — the samples are {verdict}.")
+
+
 def _synthesis_section(synth: pd.DataFrame | None) -> _Blocks:
     doc = _Blocks()
     doc.h("Synthesis fidelity and diversity")
     if synth is not None and len(synth):
-        doc.p(FID_NOTE, strong=True)
-        doc.p("semantic_*: a real-only segmenter applied to synthetic images, scored against their conditioning "
-              "masks. ms_ssim_*: mean pairwise MS-SSIM (lower = more diverse), beside the same on real images. "
-              "mmd: MONAI MMD between real and synthetic images. frechet_distance: synthetic vs the real cases "
-              "Med-DDPM trained on, on the judge segmenter's encoder features; frechet_distance_real_floor: the same "
-              "real cases vs as many other real training cases. The floor is not a like-for-like reference: the "
-              "synthetic images are compared with the very cases the generator was fine-tuned on and the feature "
-              "network was trained on, the floor with other patients, and a few images for 128 features make both "
-              "unstable; a synthetic distance below the floor does not show the samples closer to real than real "
-              "is.")
-        for sid, g in synth.groupby("synthetic_id", sort=False):
+        fid = synth[synth["metric"].isin(FIDELITY_METRICS)]
+        doc.h("Fidelity against held-out real cases", 3)
+        sentence = fidelity_sentence(synth)
+        if sentence:
+            doc.p(sentence, strong=True)
+            doc.p("The generator sampled one image on the mask of each of a few real cases it never saw (the held-out "
+                  f"pool {HOLDOUT_POOL}; no segmenter trains on it). fidelity_frd: those samples vs other held-out "
+                  "real cases; fidelity_frd_real: the real images of the same masks vs the same cases, at the same "
+                  "sample sizes (the real-vs-real reference, with the same small-sample bias); fidelity_frd_excess: "
+                  "their difference. No network is trained on any case, so no study case shaped the features. "
+                  + FRD_NOTE)
+            doc.table(_round(fid.drop(columns=["synthetic_id", "region"])))
+        else:
+            doc.p("Not computed: the study made no held-out pool (too few real cases outside the generator's "
+                  "training set, or holdout_masks = 0).")
+        doc.p("Paired fidelity (paired_ms_ssim, a separate measure): MS-SSIM of each synthetic image with the real "
+              "image that owns its (unedited) mask — how closely a sample reproduces its own patient, not how "
+              "realistic the set is. semantic_*: a real-only segmenter applied to synthetic images, scored against "
+              "their conditioning masks. ms_ssim_*: mean pairwise MS-SSIM (lower = more diverse), beside the same "
+              "on real images. mmd: MONAI MMD between synthetic images and the generator's training cases (no "
+              "real-vs-real reference).")
+        for sid, g in synth[~synth["metric"].isin(FIDELITY_METRICS)].groupby("synthetic_id", sort=False):
             doc.h(f"Synthetic cohort {sid}", 3)
             doc.table(_round(g.drop(columns=["synthetic_id"]).fillna({"region": ""})))
     else:
@@ -428,23 +468,52 @@ def _synthesis_section(synth: pd.DataFrame | None) -> _Blocks:
     return doc
 
 
+def memorisation_sentences(gap: pd.DataFrame) -> list[str]:
+    """One sentence per synthetic cohort of memorisation_gap: the owner-similarity gap with its interval."""
+    out = []
+    for _, r in gap.iterrows():
+        if not np.isfinite(r["ci_low"]):
+            out.append(f"Memorisation, {r['synthetic_id']}: gap {r['gap']:+.3f}, no interval (fewer than 2 owners on "
+                       "a side).")
+            continue
+        verdict = ("samples on the training masks resemble their owners more than samples on unseen masks do: "
+                   "the generator reproduces its training patients beyond what their masks carry"
+                   if r["ci_low"] > 0 else "no excess resemblance to the training patients detected"
+                   if r["ci_high"] >= 0 else "samples on these masks resemble their owners less than samples on "
+                   "unseen masks (as expected where they are edited versions of the training masks)")
+        out.append(f"Memorisation, {r['synthetic_id']}: owner similarity {r['owner_similarity_training_masks']:.3f} "
+                   f"on the masks of {int(r['n_owners_training'])} training cases vs "
+                   f"{r['owner_similarity_heldout_masks']:.3f} on {int(r['n_owners_heldout'])} held-out masks, gap "
+                   f"{r['gap']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] (p{_p(r['p_value'])}) — {verdict}.")
+    return out
+
+
 def _memorisation_section(mem: pd.DataFrame | None, out: Path) -> _Blocks:
     doc = _Blocks()
     doc.h("Memorisation and privacy")
     doc.p(ANATOMY_NOTE, strong=True)
     if mem is not None and len(mem):
-        doc.p("For each synthetic image: its most similar training image (Pearson correlation inside the brain, "
-              "mean over modalities) and its similarity to the real image that owns its conditioning mask. Copy "
-              "threshold: calibrated on real test images vs the training images (rule in the table); frac_copy_* = "
-              "fraction above it. Because the mask carries anatomy, a synthetic image can pass that threshold "
-              "against its owner without memorising anything; mask_similarity is the similarity the mask alone "
-              "explains (the mask filled with the owner's mean intensity per label), and frac_beyond_mask is the "
-              "fraction of synthetic images more similar to their owner than that. It is not a memorisation "
-              "measure: on the embedded phantom, samples on masks the generator never saw still correlate about "
-              "0.69 with the mask's owner, far above the painted mask, so it reads near 1 without any copying. The "
-              "reference is the owner similarity of samples on held-out masks (not yet computed by the study).")
+        gap = memorisation_gap(mem, HOLDOUT_POOL)
+        if len(gap):
+            for line in memorisation_sentences(gap):
+                doc.p(line, strong=True)
+            doc.p("The memorisation figure: a sample resembles the patient who owns its mask through the mask itself "
+                  "(anatomy) and through what the generator learnt; the baseline is the owner similarity of samples "
+                  f"on held-out masks ({HOLDOUT_POOL}: masks of real cases the generator never saw). Method: "
+                  f"{GAP_METHOD}. On edited masks the owner similarity is also lowered by the edit, so their gap "
+                  "understates memorisation.")
+            doc.table(_round(gap, 3))
+        else:
+            doc.p("No memorisation baseline: the study made no samples on held-out masks, so the owner similarity "
+                  "below cannot be read as memorisation.", strong=True)
+        doc.p("Descriptives per synthetic cohort: each synthetic image's most similar training image (Pearson "
+              "correlation inside the brain, mean over modalities) and its similarity to the real image that owns "
+              "its conditioning mask. Copy threshold: calibrated on real test images vs the training images (rule in "
+              "the table); frac_copy_* = fraction above it. mask_similarity: the owner vs its mask painted with the "
+              "owner's mean intensity per label; frac_above_painted_mask: the fraction of samples more similar to "
+              "their owner than that — not a memorisation measure (samples on held-out masks are above it too).")
         doc.table(_round(summarise(mem)))
-        doc.image(plot_memorisation(mem, out / "memorisation.png"), "nearest-neighbour similarity")
+        doc.image(plot_memorisation(mem, out / "memorisation.png", HOLDOUT_POOL), "nearest-neighbour similarity")
     else:
         doc.p("Not computed for this study (results/memorisation.csv absent).")
     return doc
@@ -529,6 +598,10 @@ def build_report(study_dir: str | Path) -> Path:
     except InputError:
         real, cohorts = None, []
     doc.p(f"Study folder: {study.resolve()}. Real cohort: {', '.join(cohorts) or 'unknown'}.")
+    subset = record.as_written().get("case_list") if record is not None else None
+    if subset:
+        doc.p(f"Curated subset: the study used only the {subset['n_cases']} real cases listed in {subset['file']} "
+              f"(sha256 {subset['sha256']}).")
     if PHANTOM_COHORT in cohorts:
         doc.p(PHANTOM_NOTE, strong=True)
     note = generator_note(study, record)

@@ -14,10 +14,16 @@ design while they are positive):
 Degrees of freedom: Satterthwaite's, from n − 1 (cases), k − 1 (each table's seeds) and (n − 1)(k − 1) (the
 residual). With 3 seeds per mix the seed part has 2 df per table, so an interval dominated by training noise uses a
 t quantile near 2.8, not 1.96: a bootstrap of 3 seed values cannot see that (it called 13–16 % of null differences
-significant at nominal 5 %, tests/test_eval_calibration.py). Seeds of different mixes are treated as independent:
-the same seed number gives the same initial weights (segment.monai_backend seeds torch before building the
-network), but each mix trains on other cases in another order, so its trained segmenter is a different draw.
-tests/test_eval_calibration.py checks the false-positive rate of this interval over a grid of designs.
+significant at nominal 5 %, tests/test_eval_calibration.py).
+
+Seeds paired across mixes: the same seed number gives the same initial weights, data order (by index into the
+training list) and augmentation draws in every mix (segment.monai_backend), so a segmenter's luck is partly shared
+by the mixes (real-only and synthetic-only seeds of the default study: TC per-seed differences sd 0.04 where each
+mix's seeds spread 0.10; docs/decisions/0016-segmenter-noise.md). When both sides of a difference have the same seeds,
+``paired_case_difference`` analyses them paired: the interval of the one cases × seeds table of differences
+(``case_seed_interval`` of that table), whose seed component is only the part of the training noise that the mixes
+do not share. It is valid whatever that share (with none it has k − 1 seed df instead of 2(k − 1): a little wider).
+tests/test_eval_calibration.py checks the false-positive rate of both intervals over a grid of designs.
 With one seed per table the seed component cannot be estimated: the interval then covers the test cases only.
 
 ``sd`` is over every (case, seed) value and ``sd_seeds`` is the spread of the per-seed means (training noise).
@@ -36,7 +42,9 @@ RUN_KEYS = ("mix", "n_real", "n_synth", "backend", "test_set")
 METRICS = ("dice", "hd95")
 MEAN_REGION = "mean"  # pseudo-region: the mean over WT, TC and ET of one (run, test case)
 INTERVAL_METHOD = ("t interval, variance = case component + each mix's seed component (moment estimates of a "
-                   "random-effects model), Satterthwaite degrees of freedom (eval.stats.case_seed_interval)")
+                   "random-effects model), Satterthwaite degrees of freedom (eval.stats.case_seed_interval); a Δ "
+                   "whose two mixes have the same seeds is analysed paired by seed (the table of per-seed "
+                   "differences, eval.stats.paired_case_difference), otherwise each mix's seeds on their own")
 
 
 def bootstrap_ci(values, *, statistic: Callable = np.mean, confidence: float = 0.95, n_resamples: int = 2000,
@@ -137,6 +145,7 @@ def _interval(per_case_combo: np.ndarray, seed_tables: list[tuple[float, np.ndar
     est = per_case_combo.mean(axis=-1)
     case_term = per_case_combo.var(axis=-1, ddof=1) / n
     var, denom = case_term, case_term ** 2 / (n - 1)
+    seeds_term, seeds_df = 0.0, 0  # the seed terms before the residual's subtraction, and their df
     for sign, tab in seed_tables:
         n_t, k = tab.shape[-2:]
         if k < 2 or n_t < 2:
@@ -146,8 +155,15 @@ def _interval(per_case_combo: np.ndarray, seed_tables: list[tuple[float, np.ndar
         used = a_seeds + a_resid > 0  # a negative estimate is floored at 0 (and then carries no df)
         var = var + np.where(used, a_seeds + a_resid, 0.0)
         denom = denom + np.where(used, a_seeds ** 2 / (k - 1) + a_resid ** 2 / ((n_t - 1) * (k - 1)), 0.0)
+        seeds_term, seeds_df = seeds_term + np.where(used, a_seeds, 0.0), seeds_df + (k - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         df = np.where(denom > 0, var ** 2 / denom, np.inf)
+    if len(seed_tables) == 1:
+        # One table (a seed-paired difference, one mix's mean): where its seed term outweighs the cases', the df are
+        # at most the seeds' own. Satterthwaite's plug-in df grow exactly when the few seeds happen to agree: with 3
+        # seeds it called 7-8 % of null differences significant, 3.3-6.5 % with the cap
+        # (tests/test_eval_calibration.py). Two tables (each side's seeds) are within 3-7 % without it.
+        df = np.where((seeds_df > 0) & (seeds_term > case_term), np.minimum(df, max(seeds_df, 1)), df)
     se = np.sqrt(var)
     half = np.where(se > 0, student_t.ppf(0.5 + confidence / 2, np.where(np.isfinite(df), df, 1e9)) * se, 0.0)
     out = Interval(est, se, df, est - half, est + half)
@@ -215,22 +231,35 @@ def aggregate(per_case: pd.DataFrame, *, metrics=METRICS, confidence: float = 0.
 
 
 def paired_tables(mine: pd.DataFrame, theirs: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Cases × seeds tables of both sides on the test cases both have."""
+    """Cases × seeds tables of both sides on the test cases both have (seed columns in ascending seed order)."""
     a, b = _case_by_seed(mine, metric), _case_by_seed(theirs, metric)
     common = a.index.intersection(b.index)
     return a.loc[common].to_numpy(dtype=float), b.loc[common].to_numpy(dtype=float)
 
 
+def seeds_paired(mine: pd.DataFrame, theirs: pd.DataFrame) -> bool:
+    """Whether two runs' seeds pair up: the same seed numbers (at least 2) on both sides."""
+    seeds = set(mine["seed"].unique())
+    return len(seeds) >= 2 and seeds == set(theirs["seed"].unique())
+
+
 def paired_case_difference(mine: pd.DataFrame, theirs: pd.DataFrame, metric: str = "dice", *,
-                           confidence: float = 0.95) -> tuple[np.ndarray, Interval]:
+                           confidence: float = 0.95, pair_seeds: bool | None = None) -> tuple[np.ndarray, Interval]:
     """Per-case difference (mine − theirs) of ``metric``, each side first averaged over its seeds, on the test
-    cases both have a value for, and the interval of its mean (``case_seed_interval`` with signs (+1, −1): cases
-    paired, each side's seeds on their own). mine/theirs: long tables with case_id, seed and ``metric``."""
+    cases both have a value for, and the interval of its mean. mine/theirs: long tables with case_id, seed and
+    ``metric``. pair_seeds (default: ``seeds_paired``): the interval of the cases × seeds table of differences
+    (same seed on both sides; module docstring); otherwise ``case_seed_interval`` with signs (+1, −1): cases paired,
+    each side's seeds on their own."""
     a, b = paired_tables(mine, theirs, metric)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         d = np.nanmean(a, axis=1) - np.nanmean(b, axis=1)
-    return d[np.isfinite(d)], case_seed_interval([a, b], (1, -1), confidence=confidence)
+    pair = seeds_paired(mine, theirs) if pair_seeds is None else pair_seeds
+    if pair and a.shape[1] != b.shape[1]:
+        raise ValueError("paired_case_difference: pair_seeds needs the same seeds on both sides")
+    ci = (case_seed_interval([a - b], confidence=confidence) if pair
+          else case_seed_interval([a, b], (1, -1), confidence=confidence))
+    return d[np.isfinite(d)], ci
 
 
 def reference_run(runs: pd.DataFrame, n_real: int) -> pd.Series | None:
@@ -248,7 +277,7 @@ def _rows_of(per_case: pd.DataFrame, run: pd.Series) -> pd.DataFrame:
 
 
 PAIRED_COLUMNS = (*RUN_KEYS, "region", "reference_mix", "n_pairs", "n_seeds", "n_seeds_reference", "delta_mean",
-                  "delta_se", "delta_df", "delta_ci_low", "delta_ci_high", "p_value", "frac_improved")
+                  "delta_se", "delta_df", "delta_ci_low", "delta_ci_high", "p_value", "frac_improved", "seeds_paired")
 
 
 def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", confidence: float = 0.95) -> pd.DataFrame:
@@ -275,7 +304,8 @@ def paired_vs_real(per_case: pd.DataFrame, *, metric: str = "dice", confidence: 
                          "n_pairs": int(len(d)), "n_seeds": int(m["seed"].nunique()),
                          "n_seeds_reference": int(t["seed"].nunique()), "delta_mean": ci.estimate,
                          "delta_se": ci.se, "delta_df": ci.df, "delta_ci_low": ci.low, "delta_ci_high": ci.high,
-                         "p_value": ci.p_value(), "frac_improved": float(better.mean()) if len(d) else float("nan")})
+                         "p_value": ci.p_value(), "frac_improved": float(better.mean()) if len(d) else float("nan"),
+                         "seeds_paired": seeds_paired(m, t)})
     return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
 
 
@@ -308,19 +338,35 @@ def label_families(paired: pd.DataFrame, *, primary_region: str, primary_test_se
 class VarianceComponents(NamedTuple):
     """Variances of one metric on one region: ``case`` of the per-case difference between two mixes (case × mix;
     the case's own difficulty cancels in the pairing), ``seed`` of a trained segmenter's mean (per mix), and
-    ``residual`` (case × seed: one test case's score across seeds, beyond the segmenter's mean)."""
+    ``residual`` (case × seed: one test case's score across seeds, beyond the segmenter's mean). With seeds paired
+    across mixes: ``seed_diff`` and ``residual_diff``, the same two of the cases × seeds table of differences (what
+    the mixes' segmenters of one seed do not share); NaN when not measured."""
 
     case: float
     seed: float
     residual: float
+    seed_diff: float = float("nan")
+    residual_diff: float = float("nan")
 
 
-def design_variance(vc: VarianceComponents, n_cases: int, n_seeds: int) -> tuple[float, float]:
+def design_variance(vc: VarianceComponents, n_cases: int, n_seeds: int, *, paired: bool = False
+                    ) -> tuple[float, float]:
     """(variance, Satterthwaite df) of the paired Δ of two mixes with n_seeds seeds each on n_cases test cases,
-    the expected values of the terms ``case_seed_interval`` estimates."""
+    the expected values of the terms ``case_seed_interval`` estimates; paired: the seeds paired across the mixes
+    (``paired_case_difference`` with pair_seeds), from vc.seed_diff and vc.residual_diff."""
     n, k = int(n_cases), int(n_seeds)
     if n < 2 or k < 2:
         raise ValueError("design_variance: needs at least 2 test cases and 2 seeds per mix")
+    if paired:  # one table of differences: case + seed + residual terms of case_seed_interval
+        if not (np.isfinite(vc.seed_diff) and np.isfinite(vc.residual_diff)):
+            raise ValueError("design_variance: paired needs seed_diff and residual_diff")
+        a_case = (vc.case + vc.residual_diff / k) / n
+        a_seeds = (vc.seed_diff + vc.residual_diff / n) / k
+        a_resid = vc.residual_diff / (n * k)
+        var = a_case + a_seeds - a_resid
+        denom = a_case ** 2 / (n - 1) + a_seeds ** 2 / (k - 1) + a_resid ** 2 / ((n - 1) * (k - 1))
+        df = var ** 2 / denom if denom > 0 else float("inf")
+        return var, (min(df, k - 1) if a_seeds > a_case else df)  # the interval's df cap (_interval)
     a_case = (vc.case + 2 * vc.residual / k) / n
     a_seeds = (vc.seed + vc.residual / n) / k          # each mix
     a_resid = vc.residual / (n * k)                     # subtracted, each mix
@@ -329,27 +375,60 @@ def design_variance(vc: VarianceComponents, n_cases: int, n_seeds: int) -> tuple
     return var, (var ** 2 / denom if denom > 0 else float("inf"))
 
 
+PAIRED_SIMULATION_CELLS = 1000  # cases × seeds up to which the paired MDE is simulated (4000 tables: <= 32 MB)
+
+
 def min_detectable_delta(vc: VarianceComponents, n_cases: int, n_seeds: int, *, alpha: float = 0.05,
-                         power: float = 0.8) -> float:
+                         power: float = 0.8, paired: bool | None = None) -> float:
     """The smallest true Δ that the two-sided test at ``alpha`` detects with probability ``power``:
     (t_{1−α/2, ν} + t_{power, ν}) · se, with se and ν of ``design_variance`` (the usual t-test approximation;
-    checked against simulated studies in tests/test_eval_calibration.py)."""
+    checked against simulated studies in tests/test_eval_calibration.py). paired (default: whether vc has the
+    seed-paired components): seeds paired across the mixes; the Δ is then found on 4000 simulated difference tables
+    of the design (``paired_mde_simulated``), as the t approximation misjudges the interval's capped df."""
     from scipy.stats import t
 
-    var, df = design_variance(vc, n_cases, n_seeds)
+    if paired is None:
+        paired = bool(np.isfinite(vc.seed_diff) and np.isfinite(vc.residual_diff))
+    if paired and int(n_cases) * int(n_seeds) <= PAIRED_SIMULATION_CELLS:
+        return paired_mde_simulated(vc, n_cases, n_seeds, alpha=alpha, power=power)
+    # larger designs (planning up to 1000 cases × many seeds): the t approximation, whose capped df matter little
+    # there; simulating them would take gigabytes per call
+    var, df = design_variance(vc, n_cases, n_seeds, paired=paired)
     df = min(df, 1e9)
     return float((t.ppf(1 - alpha / 2, df) + t.ppf(power, df)) * np.sqrt(var))
+
+
+def paired_mde_simulated(vc: VarianceComponents, n_cases: int, n_seeds: int, *, alpha: float = 0.05,
+                         power: float = 0.8, n_studies: int = 4000, seed: int = 0) -> float:
+    """The seed-paired design's minimum detectable Δ: Gaussian cases × seeds tables of differences with the
+    components vc.case, vc.seed_diff and vc.residual_diff, each given ``case_seed_interval`` (the report's interval);
+    the Δ whose shift makes ``power`` of them exclude 0, by bisection on the same tables. Same seed, same value."""
+    n, k = int(n_cases), int(n_seeds)
+    if n < 2 or k < 2:
+        raise ValueError("paired_mde_simulated: needs at least 2 test cases and 2 seeds per mix")
+    rng = np.random.default_rng(seed)
+    d = (rng.normal(0, np.sqrt(vc.case), (n_studies, n, 1)) + rng.normal(0, np.sqrt(vc.seed_diff), (n_studies, 1, k))
+         + rng.normal(0, np.sqrt(vc.residual_diff), (n_studies, n, k)))
+    ci = case_seed_interval([d], confidence=1 - alpha)
+    half = (ci.high - ci.low) / 2
+    lo, hi = 0.0, float(np.quantile(half, power) * 4 + 1e-9)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if np.mean(np.abs(ci.estimate + mid) > half) >= power else (mid, hi)
+    return hi
 
 
 def variance_components(per_case: pd.DataFrame, *, metric: str = "dice") -> pd.DataFrame:
     """Measured variance components per (backend, test set, region): the mean over the study's mixes of each mix's
     seed component and case × seed residual, and the mean over its comparisons with real only of the case × mix
-    component (moment estimates floored at 0, as in ``case_seed_interval``). Columns backend, test_set, region,
-    n_cases, n_seeds (the fewest of any mix), case_var, seed_var, residual_var."""
+    component (moment estimates floored at 0, as in ``case_seed_interval``) and, where every comparison's seeds
+    pair up (``seeds_paired``), of the seed component and residual of the table of differences. Columns backend,
+    test_set, region, n_cases, n_seeds (the fewest of any mix), case_var, seed_var, residual_var, seed_diff_var,
+    residual_diff_var (NaN unless seeds pair up in every comparison)."""
     rows = []
     for (backend, test_set, region), g in per_case.groupby(["backend", "test_set", "region"], sort=False):
         runs = g[list(RUN_KEYS)].drop_duplicates()
-        seed_vars, resids, case_vars = [], [], []
+        seed_vars, resids, case_vars, seed_diffs, resid_diffs, all_paired = [], [], [], [], [], True
         for _, run in runs.iterrows():
             tab = _case_by_seed(_rows_of(g, run), metric).dropna().to_numpy(dtype=float)
             if tab.shape[0] >= 2 and tab.shape[1] >= 2:
@@ -359,21 +438,31 @@ def variance_components(per_case: pd.DataFrame, *, metric: str = "dice") -> pd.D
             ref = reference_run(runs, run["n_real"])
             if ref is None or (ref[list(RUN_KEYS)] == run[list(RUN_KEYS)]).all():
                 continue
-            a, b = paired_tables(_rows_of(g, run), _rows_of(g, ref), metric)
+            mine, theirs = _rows_of(g, run), _rows_of(g, ref)
+            a, b = paired_tables(mine, theirs, metric)
             full = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
             a, b = a[full], b[full]
             if len(a) >= 2 and a.shape[1] >= 2 and b.shape[1] >= 2:
                 d_var = (a.mean(axis=1) - b.mean(axis=1)).var(ddof=1)
-                resid_part = _seed_component(a)[1] / a.shape[1] + _seed_component(b)[1] / b.shape[1]
+                if seeds_paired(mine, theirs):  # the difference table's own residual (shared noise cancels)
+                    _, resid_d, seed_d = _seed_component(a - b)
+                    seed_diffs.append(float(seed_d))
+                    resid_diffs.append(float(resid_d))
+                    resid_part = resid_d / a.shape[1]
+                else:
+                    all_paired = False
+                    resid_part = _seed_component(a)[1] / a.shape[1] + _seed_component(b)[1] / b.shape[1]
                 case_vars.append(max(float(d_var - resid_part), 0.0))
         if not seed_vars or not case_vars:
             continue
         rows.append({"backend": backend, "test_set": test_set, "region": region,
                      "n_cases": int(g["case_id"].nunique()), "n_seeds": int(g.groupby("mix")["seed"].nunique().min()),
                      "case_var": float(np.mean(case_vars)), "seed_var": float(np.mean(seed_vars)),
-                     "residual_var": float(np.mean(resids))})
+                     "residual_var": float(np.mean(resids)),
+                     "seed_diff_var": float(np.mean(seed_diffs)) if all_paired and seed_diffs else float("nan"),
+                     "residual_diff_var": float(np.mean(resid_diffs)) if all_paired and resid_diffs else float("nan")})
     return pd.DataFrame(rows, columns=["backend", "test_set", "region", "n_cases", "n_seeds", "case_var", "seed_var",
-                                       "residual_var"])
+                                       "residual_var", "seed_diff_var", "residual_diff_var"])
 
 
 def ratio_interval(num: np.ndarray, den: np.ndarray, *, confidence: float = 0.95) -> Interval:

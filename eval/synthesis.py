@@ -1,12 +1,14 @@
-"""Quality of a synthetic cohort: semantic consistency, diversity (MS-SSIM), MMD and a Fréchet distance.
+"""Quality of a synthetic cohort: semantic consistency, diversity (MS-SSIM), MMD, paired fidelity and fidelity
+against held-out real cases (fidelity_table: a radiomics Fréchet distance beside real-vs-real at the same n).
 
 All image metrics use MONAI (MultiScaleSSIMMetric, MMDMetric, FIDMetric). Before MS-SSIM and MMD every
 volume is min-max scaled to [0, 1] per channel (data_range 1), the same for real and synthetic images, so
 the numbers do not depend on each cohort's intensity normalisation.
 
-The Fréchet distance is computed on features of whatever 3-D network the caller passes (``feature_fn``) and
-its name is written next to every value: it is NOT the MedicalNet or RadImageNet FID of the literature and
-values are not comparable with published FIDs.
+synthesis_table's optional Fréchet distance (frechet_distance_train_cases) is computed on features of whatever
+3-D network the caller passes (``feature_fn``), against the real cases it is given, with no real-vs-real
+reference; the study no longer computes it. Its name is written next to every value: it is NOT the MedicalNet or
+RadImageNet FID of the literature. The study's distribution-level fidelity is fidelity_table (below).
 
 Output rows follow SYNTHESIS_COLUMNS (the results/synthesis.csv format, docs/eval.md "Report inputs").
 """
@@ -183,17 +185,6 @@ def read_cases(manifest: str | Path, case_ids: Iterable[str] | None = None, *, s
     return df.reset_index(drop=True), cases
 
 
-def _disjoint_real_cases(manifest: str | Path, reference_ids: Iterable[str] | None, n: int) -> list[Case]:
-    """Up to n real training cases of the manifest that are not in the reference set (sorted by case id)."""
-    from cohort.manifest import load_manifest, select
-
-    if reference_ids is None:  # the reference is every real training case: nothing is left to compare with
-        return []
-    ref = {str(c) for c in reference_ids}
-    ids = sorted(c for c in select(load_manifest(manifest), source="real", split="train")["case_id"] if c not in ref)
-    return read_cases(manifest, ids[:n], source="real")[1] if ids else []
-
-
 def mask_key(row: pd.Series) -> str:
     """Identity of the conditioning mask of a synthetic row: parent_case_id plus mask_edit (if any)."""
     edit = row.get("mask_edit")
@@ -311,15 +302,229 @@ def synthesis_table(real_manifest: str | Path, synthetic_manifest: str | Path, *
         note = f"MONAI FIDMetric; {len(fr)} real vs {len(fs)} synthetic, {fr.shape[1]} features"
         if min(len(fr), len(fs)) <= fr.shape[1]:
             note += " (fewer images than features: covariance rank-deficient, value unstable)"
-        rows.append(_row(synthetic_id, "frechet_distance", value=frechet_distance(fr, fs), reference="real images",
+        # no real-vs-real reference is given for it: the reference set is the generator's own training cases
+        # (the study's fidelity against a valid reference is fidelity_table, on held-out masks)
+        rows.append(_row(synthetic_id, "frechet_distance_train_cases", value=frechet_distance(fr, fs),
+                         reference="the real cases of real_case_ids (for a study: the generator's training cases)",
                          feature_extractor=feature_extractor, settings=note))
-        # the floor that makes the number readable: the same distance between the reference real set and as many
-        # other real training cases (disjoint from it), same extractor
-        floor_cases = _disjoint_real_cases(real_manifest, real_case_ids, len(real_vols))
-        if len(floor_cases) >= 2:
-            fo = features([c.image for c in floor_cases], "real (disjoint)")
-            rows.append(_row(synthetic_id, "frechet_distance_real_floor", value=frechet_distance(fr, fo),
-                             reference="other real training cases", feature_extractor=feature_extractor,
-                             settings=f"MONAI FIDMetric; {len(fr)} real vs {len(fo)} other real, {fr.shape[1]} "
-                                      "features (the value two real sets of this size differ by)"))
+    paired = paired_fidelity_row(synthetic_id, syn_rows, syn_cases, real_manifest, settings, seed)
+    if paired is not None:
+        rows.append(paired)
+    return pd.DataFrame(rows, columns=list(SYNTHESIS_COLUMNS))
+
+
+# ------------------------------------------------------------------------------------------ fidelity (held-out)
+# Distribution-level fidelity after the Fréchet Radiomics Distance recipe (FRD, Konz, Osuala et al. 2026:
+# radiomic features -> z-scored on the reference set -> Fréchet distance of Gaussian fits). The frd-score package
+# needs pyradiomics, whose PyPI release does not install on Python >= 3.10 (pyradiomics issue #903), so the
+# features are computed here (scipy.ndimage filters, scipy.stats moments, skimage.feature.graycoprops); they
+# follow pyradiomics' first-order and GLCM definitions but are not its feature set, and values are not comparable
+# with published FRDs. No network is trained on any case, so no study case shaped the features.
+
+HOLDOUT_POOL = "study-holdout-masks"  # the study's pool on held-out masks: fidelity and memorisation only
+RADIOMIC_FILTERS = ("original", "log-sigma1", "log-sigma2", "gradient-sigma1")  # sigma in voxels
+FIRST_ORDER = ("mean", "sd", "skewness", "kurtosis", "p10", "p25", "median", "p75", "p90", "iqr", "mad",
+               "robust_mad", "rms", "entropy", "uniformity", "range_p1_p99")
+GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "ASM", "correlation", "entropy", "variance")
+GLCM_LEVELS = 16
+# the 13 unique neighbour offsets of a 3-D 26-neighbourhood (pyradiomics' GLCM directions at distance 1)
+_OFFSETS_3D = [d for d in itertools.product((-1, 0, 1), repeat=3) if d > (0, 0, 0)]
+RADIOMICS = (f"radiomic features per modality inside the brain (label > 0): first-order {len(FIRST_ORDER)} on "
+             f"{', '.join(RADIOMIC_FILTERS)}; GLCM {len(GLCM_PROPS)} ({GLCM_LEVELS} levels on [-1, 1], 13 3-D "
+             "directions pooled); each channel min-max scaled to [-1, 1] first; z-scored on the held-out real "
+             "reference set (FRD recipe, no training)")
+
+
+def _first_order(x: np.ndarray, lo: float, hi: float) -> list[float]:
+    """pyradiomics-style first-order statistics of the voxel values x (1-D); histogram on the fixed range
+    [lo, hi] (32 bins) so that entropy and uniformity compare across images."""
+    from scipy.stats import kurtosis, skew
+
+    p = np.percentile(x, [1, 10, 25, 50, 75, 90, 99])
+    between = x[(x >= p[1]) & (x <= p[5])]
+    hist = np.histogram(np.clip(x, lo, hi), bins=32, range=(lo, hi))[0] / len(x)
+    nz = hist[hist > 0]
+    return [float(x.mean()), float(x.std(ddof=1)), float(skew(x)), float(kurtosis(x)), p[1], p[2], p[3], p[4], p[5],
+            p[4] - p[2], float(np.abs(x - x.mean()).mean()),
+            float(np.abs(between - between.mean()).mean()) if len(between) else 0.0, float(np.sqrt((x * x).mean())),
+            float(-(nz * np.log2(nz)).sum()), float((hist * hist).sum()), p[6] - p[0]]
+
+
+def glcm_3d(quantised: np.ndarray, region: np.ndarray, levels: int = GLCM_LEVELS) -> np.ndarray:
+    """Symmetric grey-level co-occurrence matrix (levels, levels) of a 3-D image of levels 0..levels-1, pooled over
+    the 13 3-D directions at distance 1, counting voxel pairs with both voxels inside ``region``. Hand-written:
+    skimage.feature.graycomatrix is 2-D only; its graycoprops then reads the matrix."""
+    m = np.zeros((levels, levels), dtype=np.float64)
+    shape = np.array(quantised.shape)
+    for off in _OFFSETS_3D:
+        a = tuple(slice(max(0, -o), s - max(0, o)) for o, s in zip(off, shape))
+        b = tuple(slice(max(0, o), s - max(0, -o)) for o, s in zip(off, shape))
+        both = region[a] & region[b]
+        m += np.bincount(quantised[a][both] * levels + quantised[b][both], minlength=levels * levels).reshape(
+            levels, levels)
+    return m + m.T
+
+
+def radiomic_features(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """One image's radiomic feature vector (RADIOMICS): image (C, X, Y, Z), label (X, Y, Z); features of each
+    modality inside the brain (label > 0), in a fixed order. Each channel is first min-max scaled to [-1, 1], the
+    generator's training normalisation (synth.data), so real images (stored as imported) and samples share a scale."""
+    from scipy import ndimage
+    from skimage.feature import graycoprops
+
+    brain = np.asarray(label) > 0
+    if brain.sum() < 2:
+        brain = np.ones_like(brain, dtype=bool)
+    out = []
+    for ch in 2.0 * unit_range(image).astype(np.float64) - 1.0:
+        filtered = {"original": ch, "log-sigma1": ndimage.gaussian_laplace(ch, 1.0),
+                    "log-sigma2": ndimage.gaussian_laplace(ch, 2.0),
+                    "gradient-sigma1": ndimage.gaussian_gradient_magnitude(ch, 1.0)}
+        for name in RADIOMIC_FILTERS:
+            x = filtered[name][brain]
+            lo, hi = (-1.0, 1.0) if name == "original" else (float(np.percentile(x, 1)), float(np.percentile(x, 99)))
+            out += _first_order(x, lo, max(hi, lo + 1e-6))
+        q = np.clip(((ch + 1) / 2 * GLCM_LEVELS).astype(np.int64), 0, GLCM_LEVELS - 1)
+        glcm = glcm_3d(q, brain)[:, :, None, None]
+        out += [float(graycoprops(glcm, prop)[0, 0]) for prop in GLCM_PROPS]
+    return np.asarray(out, dtype=np.float64)
+
+
+def frechet_distance_low_rank(x: np.ndarray, y: np.ndarray) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets (n, d), exact when n < d.
+
+    |mu_x - mu_y|^2 + tr S_x + tr S_y - 2 tr (S_x S_y)^(1/2), where tr (S_x S_y)^(1/2) is the sum of the singular
+    values of Xc Yc^T / sqrt((n_x - 1)(n_y - 1)) (Xc, Yc: centred data; the non-zero eigenvalues of S_x S_y are
+    those of M M^T with M = Xc Yc^T). Hand-written: MONAI's FIDMetric and scipy.linalg.sqrtm take the matrix
+    square root of a d x d product, which is ill-conditioned (and complex) for the rank-deficient covariances of a
+    few images."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError("the Fréchet distance needs at least 2 feature vectors per set")
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    a, b = len(x) - 1, len(y) - 1
+    cross = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt(a * b)
+    mean_term = float(((x.mean(0) - y.mean(0)) ** 2).sum())
+    return float(mean_term + (xc * xc).sum() / a + (yc * yc).sum() / b - 2 * cross)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Fréchet distances of synthetic images on held-out masks (``synthetic``) and of the real images of those
+    same masks (``real``) to a disjoint held-out real reference set, at the same sample sizes; ``excess`` =
+    synthetic - real. Each with a percentile bootstrap interval (cases of both sets resampled, the synthetic and
+    real images of one mask together)."""
+
+    synthetic: tuple[float, float, float]  # estimate, ci low, ci high
+    real: tuple[float, float, float]
+    excess: tuple[float, float, float]
+    n_masks: int
+    n_reference: int
+    n_features: int
+    n_boot: int
+
+
+def fidelity_from_features(synthetic: np.ndarray, real_same_masks: np.ndarray, reference: np.ndarray, *,
+                           n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> Fidelity:
+    """Fidelity of synthetic feature vectors against a real reference set, beside real-vs-real at the same n.
+
+    synthetic[i] and real_same_masks[i] belong to the same held-out mask (the synthetic image and the real image
+    that owns the mask); reference: other held-out real cases. Features are z-scored with the reference set's mean
+    and sd (FRD v1's reference normalisation; features constant or non-finite in any set are dropped) and
+    compared with frechet_distance_low_rank."""
+    s, r, ref = (np.asarray(v, dtype=np.float64) for v in (synthetic, real_same_masks, reference))
+    if len(s) != len(r):
+        raise ValueError(f"{len(s)} synthetic but {len(r)} real feature vectors: they must pair by mask")
+    if len(s) < 2 or len(ref) < 2:
+        raise ValueError("fidelity needs at least 2 masks and 2 reference cases")
+    mu, sd = ref.mean(0), ref.std(0, ddof=1)
+    keep = np.isfinite(s).all(0) & np.isfinite(r).all(0) & np.isfinite(ref).all(0) & (sd > 1e-12)
+    z = lambda v: (v[:, keep] - mu[keep]) / sd[keep]  # noqa: E731
+    s, r, ref = z(s), z(r), z(ref)
+
+    def distances(i, j):
+        ds, dr = frechet_distance_low_rank(s[i], ref[j]), frechet_distance_low_rank(r[i], ref[j])
+        return ds, dr, ds - dr
+
+    est = distances(np.arange(len(s)), np.arange(len(ref)))
+    rng = np.random.default_rng(seed)
+    boot = np.array([distances(rng.integers(0, len(s), len(s)), rng.integers(0, len(ref), len(ref)))
+                     for _ in range(n_boot)])
+    # resampling with replacement duplicates cases, which inflates a Fréchet distance (fewer distinct points, same
+    # n): the percentile interval is re-centred by the bootstrap's own bias estimate, mean(boot) - estimate
+    q = (1 - confidence) / 2
+    bias = boot.mean(0) - np.asarray(est)
+    lo, hi = np.quantile(boot, q, axis=0) - bias, np.quantile(boot, 1 - q, axis=0) - bias
+    trip = lambda k: (float(est[k]), float(lo[k]), float(hi[k]))  # noqa: E731
+    return Fidelity(trip(0), trip(1), trip(2), len(s), len(ref), int(keep.sum()), n_boot)
+
+
+def mask_owner(row: pd.Series) -> str | None:
+    """The real case whose image is the 'real image of this mask': origin_case_id (synth.synthesize writes it) or
+    parent_case_id, only for an unedited mask (an edited mask has no real image)."""
+    edit = row.get("mask_edit")
+    if edit is not None and not pd.isna(edit) and str(edit):
+        return None
+    for col in ("origin_case_id", "parent_case_id"):
+        v = row.get(col)
+        if v is not None and not pd.isna(v) and str(v):
+            return str(v)
+    return None
+
+
+def paired_fidelity_row(synthetic_id: str, syn_rows: pd.DataFrame, syn_cases: Sequence[Case],
+                        real_manifest: str | Path, settings: MSSSIMSettings, seed: int = 0) -> dict | None:
+    """'paired_ms_ssim': MS-SSIM of each synthetic image with the real image that owns its (unedited) mask, mean
+    and bootstrap interval over those pairs; None when no synthetic case has a real owner in ``real_manifest``."""
+    from cohort.manifest import load_manifest
+
+    real_ids = set(load_manifest(real_manifest)["case_id"].astype(str))
+    pairs = [(k, mask_owner(row)) for k, (_, row) in enumerate(syn_rows.iterrows())]
+    pairs = [(k, o) for k, o in pairs if o in real_ids]
+    if not pairs:
+        return None
+    _, owners = read_cases(real_manifest, [o for _, o in pairs], progress=False)
+    vols = [syn_cases[k].image.data for k, _ in pairs] + [c.image.data for c in owners]
+    values = pairwise_ms_ssim(vols, [(i, len(pairs) + i) for i in range(len(pairs))], settings)
+    return _row(synthetic_id, "paired_ms_ssim", values, reference="the real image of the same mask (its owner)",
+                settings=settings.describe() + "; paired fidelity: one pair per synthetic image", seed=seed)
+
+
+def fidelity_table(real_manifest: str | Path, holdout_manifest: str | Path, *, reference_ids: Iterable[str],
+                   synthetic_id: str = HOLDOUT_POOL, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """results/synthesis.csv rows of the held-out fidelity of a synthetic pool conditioned on held-out masks.
+
+    holdout_manifest: synthetic images on masks of real cases the generator never saw (unedited; each row's owner
+    from mask_owner). reference_ids: other held-out real cases (disjoint from the owners). Rows:
+    fidelity_frd (synthetic vs reference), fidelity_frd_real (the owners' real images vs the same reference, at the
+    same sample sizes), fidelity_frd_excess (their difference: 0 = as close to real as real is to itself), each
+    with a bootstrap interval (fidelity_from_features); paired_ms_ssim (synthetic vs the real image of its mask).
+    """
+    syn_rows, syn_cases = read_cases(holdout_manifest, source="synthetic", progress=False)
+    owners = [mask_owner(r) for _, r in syn_rows.iterrows()]
+    if not syn_cases or any(o is None for o in owners):
+        raise InputError(holdout_manifest, "every held-out synthetic row needs the real case owning its (unedited) "
+                                           "mask (origin_case_id or parent_case_id)", kind="bad-results")
+    reference_ids = [str(c) for c in reference_ids]
+    overlap = sorted(set(owners) & set(reference_ids))
+    if overlap:
+        raise ValueError(f"reference cases {overlap} also own held-out masks: the reference must be disjoint")
+    _, real_cases = read_cases(real_manifest, owners, progress=False)
+    _, ref_cases = read_cases(real_manifest, reference_ids, progress=False)
+    feats = lambda cases: np.stack([radiomic_features(c.image.data, c.label_map) for c in cases])  # noqa: E731
+    fid = fidelity_from_features(feats(syn_cases), feats(real_cases), feats(ref_cases), n_boot=n_boot, seed=seed)
+    note = (f"{fid.n_masks} held-out masks vs {fid.n_reference} other held-out real cases, {fid.n_features} "
+            f"features; Fréchet distance (exact low-rank form); 95 % percentile bootstrap over both sets' cases, "
+            f"re-centred by its bias ({fid.n_boot} resamples, seed {seed})")
+    rows = []
+    for metric, (v, lo, hi), ref in (
+            ("fidelity_frd", fid.synthetic, "held-out real cases (synthetic on other held-out masks)"),
+            ("fidelity_frd_real", fid.real, "held-out real cases (the real images of the same held-out masks)"),
+            ("fidelity_frd_excess", fid.excess, "fidelity_frd - fidelity_frd_real (0: as close as real is)")):
+        row = _row(synthetic_id, metric, value=v, reference=ref, feature_extractor=RADIOMICS, settings=note)
+        rows.append({**row, "ci_low": lo, "ci_high": hi, "n": fid.n_masks})
+    settings = ms_ssim_settings(syn_cases[0].image.shape)
+    paired = paired_fidelity_row(synthetic_id, syn_rows, syn_cases, real_manifest, settings, seed)
+    if paired is not None:
+        rows.append(paired)
     return pd.DataFrame(rows, columns=list(SYNTHESIS_COLUMNS))

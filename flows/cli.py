@@ -29,6 +29,36 @@ def _exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def one_line_user_errors() -> None:
+    """Prefect's console log prints a flow run's exception with its traceback; for the errors a user can cause
+    (MedDDPMError: a bad file or setting, a busy folder) the message alone is kept there, since the CLI ends with
+    it anyway (the API log, i.e. the UI, keeps the traceback). Call after Prefect is imported."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from core.errors import MedDDPMError
+
+    class OneLine(logging.Formatter):
+        def __init__(self, inner: logging.Formatter | None):
+            super().__init__()
+            self.inner = inner or logging.Formatter()
+
+        def format(self, record):
+            if not (record.exc_info and isinstance(record.exc_info[1], MedDDPMError)):
+                return self.inner.format(record)
+            saved = record.exc_info, record.exc_text
+            record.exc_info = record.exc_text = None
+            try:
+                return self.inner.format(record)
+            finally:
+                record.exc_info, record.exc_text = saved
+
+    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, OneLine):
+            handler.setFormatter(OneLine(handler.formatter))
+
+
 def read_params(path: str | None) -> dict:
     """Flow parameters from a JSON file (``--params``, ``--study-params``); {} without one."""
     if not path:
@@ -70,6 +100,9 @@ def register(subparsers) -> None:
     p.add_argument("--external-test", dest="external_test_manifest",
                    help="another real cohort (same profile) evaluated too, reported as its own test set")
     p.add_argument("--checkpoint", dest="medddpm_checkpoint", help="reuse this Med-DDPM checkpoint (no training)")
+    p.add_argument("--cases-from", metavar="FILE",
+                   help="a curated subset: use only the real cases listed in FILE (one case ID per line, '#' "
+                        "comments; an ID the cohort lacks is an error); study.json records its sha256")
     p.add_argument("--medddpm-init", help="what Med-DDPM starts from: shipped (default: fine-tune the project's "
                                           "pre-trained generator of the profile, synth/shipped.py), scratch, or a "
                                           "generator file to fine-tune")
@@ -85,6 +118,10 @@ def register(subparsers) -> None:
     p.add_argument("--gpus", type=int, help="fan the segmenter trainings out one per GPU (Dask workers, each pinned "
                                             "to its GPU); with --dask-address the workers declare --resources GPU=1")
     p.add_argument("--params", help="JSON file of flow parameters (options given on the command line win)")
+    p.add_argument("--wait", help="if another run owns --out: wait this many seconds (or 'unlimited') for it to "
+                                  "finish (default: stop at once, saying who owns it)")
+    p.add_argument("--force", action="store_true", help="run even if the plan's memory model predicts that Med-DDPM "
+                                                        "training or sampling does not fit this device's memory")
     p.set_defaults(func=_study)
 
     r = subparsers.add_parser(
@@ -102,6 +139,8 @@ def register(subparsers) -> None:
     r.add_argument("--max-gate-failures", type=int, help="cases still failing the quality gate that are tolerated "
                                                          "(default 0: such a cohort is not registered)")
     r.add_argument("--device", help="where to sample: auto (default), cpu, cuda, cuda:N, mps")
+    r.add_argument("--wait", help="if another run owns the study folder: wait this many seconds (or 'unlimited') "
+                                  "for it to finish (default: stop at once, saying who owns it)")
     r.set_defaults(func=_regenerate)
     _register_plan(subparsers)
 
@@ -110,17 +149,27 @@ def _study(args) -> int:
     params = read_params(args.params)
     given = {k: getattr(args, k) for k in ("cohort_manifest", "profile", "n_cases", "n_real", "external_test_manifest",
                                            "medddpm_checkpoint", "medddpm_init", "sampler", "sampling_steps",
-                                           "parallel", "dask_address", "dask_workers", "device", "gpus")}
+                                           "parallel", "dask_address", "dask_workers", "device", "gpus",
+                                           "cases_from")}
     given.update(mixes=_csv(args.mixes), backends=_csv(args.backends), seeds=_csv(args.seeds, int))
     params.update({k: v for k, v in given.items() if v is not None})
     if args.network:
         params["segmenter_config"] = {**params.get("segmenter_config", {}), "network": args.network}
     params["out"] = args.out
-    prefect_env(args.out)
-    _exit_cleanly_on_sigterm()
-    from .study import augment_study
+    if not args.force:
+        from .costs import study_memory_refusal
 
-    result = augment_study(**params)
+        study_memory_refusal(params.get("profile") or "demo", params.get("device"),
+                             trains=not params.get("medddpm_checkpoint"), overrides=params.get("medddpm_config"))
+    from core.lock import folder_lock, parse_wait
+
+    with folder_lock(args.out, parse_wait(args.wait), what="medddpm study"):  # one run owns the study folder
+        prefect_env(args.out)
+        _exit_cleanly_on_sigterm()
+        from .study import augment_study
+
+        one_line_user_errors()
+        result = augment_study(**params)
     print(f"report: {result['report']}\nper-case results: {result['per_case']}")
     return 0
 
@@ -128,11 +177,15 @@ def _study(args) -> int:
 def _regenerate(args) -> int:
     params = {k: getattr(args, k) for k in ("study_dir", "count", "checkpoint", "masks", "sampler", "steps", "seed",
                                             "keep", "max_gate_failures", "device") if getattr(args, k) is not None}
-    prefect_env(args.study_dir)
-    _exit_cleanly_on_sigterm()
-    from .regenerate import regenerate_cohort
+    from core.lock import folder_lock, parse_wait
 
-    result = regenerate_cohort(**params)
+    with folder_lock(args.study_dir, parse_wait(args.wait), what="medddpm regenerate-cohort"):
+        prefect_env(args.study_dir)
+        _exit_cleanly_on_sigterm()
+        from .regenerate import regenerate_cohort
+
+        one_line_user_errors()
+        result = regenerate_cohort(**params)
     print(f"registered {result['cohort_id']}: {result['manifest']}" +
           (f"; pruned {', '.join(result['pruned'])}" if result["pruned"] else ""))
     return 0
@@ -189,7 +242,8 @@ def _plan(args) -> int:
     stages = estimate_study_cost(args.profile, n_real, n_test, _csv(args.mixes), _csv(args.backends),
                                  list(range(args.seeds)), medddpm_steps=args.medddpm_steps,
                                  sampling_steps=args.sampling_steps, half_precision=half,
-                                 grad_checkpoint=args.grad_checkpoint)
+                                 grad_checkpoint=args.grad_checkpoint,
+                                 device_type="cuda" if args.on == "gpu" else "cpu")
     unit = "GPU" if args.on == "gpu" else "CPU"
     print(f"Study plan: profile {args.profile}, {n_real} real training cases per mix, {n_test} test cases; "
           f"{tflops:g} TFLOP/s sustained ({'given' if args.tflops else 'assumed' if args.on == 'gpu' else 'measured'})")
@@ -200,6 +254,17 @@ def _plan(args) -> int:
     print(f"{'total':<22} {total:>10.1f} {max(s.peak_bytes for s in stages) / GIB:>9.1f}  "
           f"(peak memory: {'bf16 autocast' if half else 'fp32'}"
           f"{', activation checkpointing' if args.grad_checkpoint else ''}; weights, Adam and EMA in fp32)")
+    if args.on == "gpu":
+        from .costs import gpu_fit_table
+
+        print("\nMed-DDPM on a GPU: predicted peak (synth.costs: PyTorch's MemTracker on fake tensors, CUDA's autocast "
+              "policy, 1 GiB CUDA context) and the cards it fits")
+        rows = gpu_fit_table(args.profile)
+        cards = [k for k in rows[0] if k.endswith(" GB")]
+        print(f"{'':<34} {'peak GiB':>9}  " + "  ".join(f"{c:>6}" for c in cards))
+        for r in rows:
+            print(f"{r['what']:<34} {r['peak_bytes'] / GIB:>9.1f}  " + "  ".join(
+                f"{'fits' if r[c] else '-':>6}" for c in cards))
     if args.detect:
         from .costs import print_detection_plan
 

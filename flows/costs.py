@@ -74,7 +74,7 @@ def segmenter_step_cost(backend: str, seg_profile: str, grid: tuple[int, int, in
 def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends, seeds, *,
                         medddpm_steps: int | None = None, sampling_steps: int | None = None,
                         half_precision: bool = True, grad_checkpoint: bool = False,
-                        seg_profile: str | None = None) -> list[StageCost]:
+                        seg_profile: str | None = None, device_type: str = "cuda") -> list[StageCost]:
     """The stages of an augment study with their FLOPs and peak memory (see the module docstring)."""
     from cohort.profiles import get_profile
     from synth import defaults
@@ -87,13 +87,15 @@ def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends,
     mix_list = parse_mixes(mixes)
     synth_plan = SynthesisPlan.for_mixes(mix_list, n_real)
     volumes = synth_plan.from_real_masks + synth_plan.from_edited_masks
-    train = train_step_cost(cfg, half_precision=half_precision, grad_checkpoint=grad_checkpoint)
-    sample = sample_step_cost(cfg)
+    train = train_step_cost(cfg, half_precision=half_precision, grad_checkpoint=grad_checkpoint,
+                            device_type=device_type)
+    sample = sample_step_cost(cfg, batch=defaults.BATCH_SIZE, device_type=device_type)
     stages = [StageCost("Med-DDPM training", f"{steps} steps x {cfg.batch_size * cfg.grad_accum} volumes "
                                              f"({train.parameters / 1e6:.1f} M parameters, {cfg.profile} grid)",
                         train.flops * steps, train.peak_bytes),
-              StageCost("synthesis", f"{volumes} volumes x {k} denoising steps ({defaults.SAMPLER}; quality-gate "
-                                     "redraws not counted)", sample.flops * k * volumes, sample.peak_bytes)]
+              StageCost("synthesis", f"{volumes} volumes x {k} denoising steps ({defaults.SAMPLER}, batch "
+                                     f"{defaults.BATCH_SIZE}; quality-gate redraws not counted)",
+                        sample.flops * k * volumes / defaults.BATCH_SIZE, sample.peak_bytes)]
     grid = get_profile(cfg.profile).shape
     seg_profile = seg_profile or SEGMENTER_PROFILE.get(profile, "paper")
     for backend in backends:
@@ -103,6 +105,45 @@ def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends,
                                                            f"seeds) x {iters} iterations, {what}; {n_test} test cases",
                                 flops * iters * runs, peak))
     return stages
+
+
+def gpu_fit_table(profile: str) -> list[dict]:
+    """Per Med-DDPM choice (training: fp32 / bf16 x checkpointing off / on; sampling: batch 4 and 1, fp32), the
+    predicted peak on a GPU (synth.costs.predicted_peak_bytes, CUDA's autocast policy, the CUDA context included)
+    and whether it fits each card of synth.costs.GPU_SIZES_GB."""
+    from synth import defaults
+    from synth.config import get_config
+    from synth.costs import GPU_SIZES_GB, predicted_peak_bytes
+
+    cfg = get_config(profile)
+    rows = []
+    for half in (False, True):
+        for ckpt in (False, True):
+            rows.append((f"training, {'bf16' if half else 'fp32'}{' + checkpointing' if ckpt else ''}",
+                         predicted_peak_bytes(cfg, half_precision=half, grad_checkpoint=ckpt)))
+    for batch in sorted({defaults.BATCH_SIZE, 1}, reverse=True):
+        rows.append((f"sampling, batch {batch} (fp32)", predicted_peak_bytes(cfg, train=False, batch=batch)))
+    return [{"what": what, "peak_bytes": peak, **{f"{gb} GB": peak <= gb * 1e9 for gb in GPU_SIZES_GB}}
+            for what, peak in rows]
+
+
+def study_memory_refusal(profile: str, device_name: str | None, *, trains: bool = True,
+                         overrides: dict | None = None) -> None:
+    """ConfigError before a study starts when the plan's memory model (synth.costs.memory_refusal) says its Med-DDPM
+    training step (``trains``) or a sampling network evaluation (synthesize's batch) does not fit the device."""
+    from core.device import autocast_dtype, resolve_device
+    from core.errors import ConfigError
+    from synth import defaults
+    from synth.config import get_config
+    from synth.costs import memory_refusal
+
+    cfg = get_config(profile, **(overrides or {}))
+    device = resolve_device(device_name or cfg.device)
+    why = (memory_refusal(cfg, device, train=True, half_precision=autocast_dtype(device, cfg.precision) is not None,
+                          grad_checkpoint=cfg.grad_checkpoint) if trains else None)
+    why = why or memory_refusal(cfg, device, train=False, batch=defaults.BATCH_SIZE)
+    if why:
+        raise ConfigError(f"medddpm study: {why}", kind="out-of-memory")
 
 
 # `medddpm plan --detect` without --variance-from: Dice variance components of one region. seed: the default
@@ -183,8 +224,8 @@ def print_detection_plan(delta: float, stages: list[StageCost], n_seeds: int, n_
 
         vc = variance_components(with_mean_region(read_results(variance_from, "per_case", required=True)))
         vc = vc[vc["test_set"] == vc["test_set"].iloc[0]] if len(vc) else vc
-        components = {f"{r['region']} ({r['backend']})": VarianceComponents(r["case_var"], r["seed_var"],
-                                                                            r["residual_var"])
+        components = {f"{r['region']} ({r['backend']})": VarianceComponents(
+                          r["case_var"], r["seed_var"], r["residual_var"], r["seed_diff_var"], r["residual_diff_var"])
                       for _, r in vc.iterrows()}
         source = f"measured in {variance_from} (results/per_case.csv)"
     else:

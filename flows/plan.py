@@ -7,6 +7,7 @@ before any work runs. Pure (reads manifests, imports no Prefect), so it is teste
     plan.runs         # one segmenter per (mix, back end, seed): its real cases and how many synthetic ones
     plan.test_sets    # the real test split (+ an external cohort)
     plan.judge        # the real-only MONAI run whose model judges the synthetic images
+    plan.holdout      # samples on held-out masks (fidelity and memorisation references; never trains a segmenter)
     plan.jobs(pool_orders)  # after synthesis: each run's case ids, given each pool in gate-policy order (pool_order)
 
 flows/study.py runs the plan as Prefect tasks (docs/flows.md).
@@ -27,8 +28,9 @@ GENERATOR_DATA = ("selected", "all")
 SEGMENTER_PROFILE = {"tiny": "tiny", "demo": "demo"}  # any other cohort profile trains the "paper" budget
 PRIMARY_REGIONS = ("mean", "WT", "TC", "ET")  # "mean": the mean Dice over WT, TC and ET of each test case
 # fields added after study keys were published: left out of study_key while at this value, so every earlier key holds
-KEY_IF_SET = {"primary": "mean"}
-JUDGE_BACKEND = "monai"  # its encoder gives the Fréchet features (segment.monai_backend.encoder_features)
+KEY_IF_SET = {"primary": "mean", "holdout_masks": 8, "cases_from": None}
+JUDGE_BACKEND = "monai"  # its predictions on the synthetic pools give their semantic consistency
+MIN_HOLDOUT = 2  # held-out masks (and reference cases) below which no held-out pool is planned
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,12 @@ class StudyParams:
     # the primary comparison: each mix vs real only on the study's test set, Dice of this region ("mean": over WT, TC
     # and ET); every other comparison of the report is secondary (eval.report, Holm-adjusted per family)
     primary: str = "mean"
+    # held-out masks synthesised once each for the fidelity and memorisation references (eval.synthesis.fidelity_table,
+    # eval.memorisation.memorisation_gap); 0: none. Never used to train a segmenter.
+    holdout_masks: int = 8
+    # a curated subset: a case list (cohort.case_list) whose rows of the real cohort the study uses; None: all.
+    # study.json records the list's sha256 (flows.record); the key counts the path only
+    cases_from: str | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen: normalise once, here)
@@ -76,6 +84,8 @@ class StudyParams:
             raise ConfigError(f"primary must be one of {', '.join(PRIMARY_REGIONS)}, not {self.primary!r}")
         if self.n_real < 1:
             raise ConfigError(f"n_real must be at least 1, got {self.n_real}")
+        if self.holdout_masks < 0:
+            raise ConfigError(f"holdout_masks must be 0 (none) or more, got {self.holdout_masks}")
         if not self.backends or not self.seeds:
             raise ConfigError("backends and seeds must each name at least one value")
 
@@ -103,6 +113,19 @@ class PoolPlan:
     cohort_id: str
     out_dir: str
     count: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class HoldoutPlan:
+    """Samples on held-out masks: one per mask of ``mask_ids`` (real cases the generator never trains on), written to
+    STUDY/synthetic/<cohort_id>/; ``reference_ids``: the other held-out real cases, the real reference of the
+    fidelity measure. Used by the fidelity and memorisation stages only, never by a segmenter."""
+
+    cohort_id: str
+    out_dir: str
+    mask_ids: list[str]
+    reference_ids: list[str]
     seed: int
 
 
@@ -146,6 +169,7 @@ class StudyPlan:
     runs: list[RunPlan]
     test_sets: list[TestSetPlan]
     judge: str | None  # run name of the judge segmenter (None: no real-only MONAI run)
+    holdout: HoldoutPlan | None = None  # samples on held-out masks (None: no generator or too few held-out cases)
 
     @property
     def needs_generator(self) -> bool:
@@ -214,7 +238,31 @@ def plan_study(params: StudyParams, cohort_manifest: str | Path, study_dir: str 
     test_sets = [TestSetPlan("test", None, test_ids)]
     if params.external_test_manifest:
         test_sets.append(external_test_set(params.external_test_manifest))
-    return StudyPlan(params, str(study), train_ids, test_ids, synthesis, pools, runs, test_sets, judge)
+    holdout = plan_holdout(params, cohort, train_ids, study) if pools else None
+    return StudyPlan(params, str(study), train_ids, test_ids, synthesis, pools, runs, test_sets, judge, holdout)
+
+
+def plan_holdout(params: StudyParams, cohort, train_ids: list[str], study: Path) -> HoldoutPlan | None:
+    """The held-out pool: real cases the generator never trains on (with medddpm_on="selected" every real case but
+    the selected ones, any split; with "all" every real case outside the train split), sorted; a seeded draw
+    (synth_seed) of min(holdout_masks, half of them) gives the masks to synthesise, the rest is the real reference.
+    None when holdout_masks is 0 or fewer than MIN_HOLDOUT cases would be on either side."""
+    import numpy as np
+
+    from cohort.manifest import select
+    from eval.synthesis import HOLDOUT_POOL
+
+    real = select(cohort, source="real")
+    seen = set(train_ids) if params.medddpm_on == "selected" else set(real["case_id"][real["split"] == "train"])
+    held = sorted(set(real["case_id"].astype(str)) - {str(c) for c in seen})
+    n = min(params.holdout_masks, len(held) // 2)
+    if n < MIN_HOLDOUT:
+        return None
+    pick = np.random.default_rng(params.synth_seed).choice(len(held), size=n, replace=False)
+    masks = sorted(held[i] for i in pick)
+    reference = [c for c in held if c not in set(masks)]
+    return HoldoutPlan(HOLDOUT_POOL, str(study / "synthetic" / HOLDOUT_POOL), masks, reference,
+                       params.synth_seed + 2)
 
 
 def external_test_set(manifest: str | Path) -> TestSetPlan:

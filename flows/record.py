@@ -18,11 +18,13 @@ REPORT_KEY = "augment-study-report"
 def study_record(study: Path, plan: StudyPlan, stages: dict[str, FileRef | None], *, cohort: FileRef,
                  checkpoint: FileRef | None, pools: dict[str, FileRef],
                  pool_orders: dict[str, tuple[list[str], set[str]]], jobs: list[dict], test_sets: list[dict],
-                 trained: list[dict]) -> StudyRecord:
+                 trained: list[dict], holdout: FileRef | None = None, case_list: dict | None = None) -> StudyRecord:
     """study.json's content. ``stages``: each cached stage's output by stage name (None: the stage did not run);
     their hashes and wall times are recorded, except for the files the study was given (a cohort already inside the
     study folder, a Med-DDPM checkpoint to reuse), which no stage made. Stable across reruns: the times are those
-    of the task runs that did the work."""
+    of the task runs that did the work. ``holdout``: the samples on held-out masks (plan.holdout), recorded with
+    their masks' owners and the real reference cases under "holdout". ``case_list``: the curated subset's
+    cohort.case_list.CaseList.record() (file, sha256, n_cases), recorded under "case_list"."""
     params = plan.params
     given = {str(Path(f).resolve()) for f in (params.cohort_manifest, params.medddpm_checkpoint) if f}
     made = {name: r for name, r in stages.items() if r is not None and r.path not in given}
@@ -44,7 +46,18 @@ def study_record(study: Path, plan: StudyPlan, stages: dict[str, FileRef | None]
         wall_seconds={**{name: r.seconds for name, r in made.items()},
                       "segmenters (train+predict+evaluate, sum over runs)": round(sum(run_seconds.values()), 3)},
         versions=package_versions(),
+        **({"holdout": holdout_record(study, plan, holdout)} if holdout is not None else {}),
+        **({"case_list": case_list} if case_list is not None else {}),
     )
+
+
+def holdout_record(study: Path, plan: StudyPlan, holdout: FileRef) -> dict:
+    """study.json's "holdout": the pool on held-out masks (fidelity and memorisation only, never a segmenter's)."""
+    h = plan.holdout
+    path = Path(holdout.path)
+    return {"manifest": str(path.relative_to(study)) if study in path.parents else str(path), "sha256": holdout.sha256,
+            "mask_case_ids": list(h.mask_ids), "reference_case_ids": list(h.reference_ids), "seed": h.seed,
+            "used_by_segmenters": False}
 
 
 def dice_by_mix(per_case_csv: str | Path):

@@ -22,9 +22,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from core.device import cuda_cache_released
+from core.lock import folder_lock
 
 # absolute imports: however Prefect loads this file (module path or file path), FileRef and the tasks are the
 # classes of the flows package, so cached results of any run validate as parameters of any other run
+from cohort.case_list import read_case_list, write_subset
 from flows import registry, tasks
 from flows.mixes import DEFAULT_MIXES
 from flows.plan import StudyParams, StudyPlan, plan_study, pool_order
@@ -124,11 +126,14 @@ def augment_study(
     gate_failures: str = "fill",
     segmenter_config: dict | None = None,
     primary: str = "mean",
+    holdout_masks: int = 8,
+    cases_from: str | None = None,
     parallel: int = 0,
     dask_address: str | None = None,
     dask_workers: int = 0,
     device: str = "auto",
     gpus: int = 0,
+    wait: float | None = 0,
 ) -> dict[str, Any]:
     """The augmentation study. Parameters (all JSON, so a deployment run can override any of them):
 
@@ -145,15 +150,28 @@ def augment_study(
     sampler / sampling_steps: synth's sampler (ddpm, ddim, dpmpp2m). gate_failures: what to do with synthetic
     cases that still fail synth's quality gate after its redraws: "fill" (default) uses cases that passed first
     and failures only where a mix needs more, counted in study.json and the log; "exclude" never uses them (the
-    study stops if a mix lacks cases); "keep" ignores the gate. parallel: segmenter trainings at once in threads
+    study stops if a mix lacks cases); "keep" ignores the gate. holdout_masks: masks of real cases the generator
+    never sees, synthesised once each for the fidelity and memorisation references (flows.plan.HoldoutPlan; never
+    used by a segmenter; 0: none). cases_from: a case list (one ID per line, cohort.case_list): the study uses only
+    the listed rows of the real cohort, records the list's sha256 in study.json and names it in the report.
+    parallel: segmenter trainings at once in threads
     (default 0 = flows.runners.auto_parallel: at tiny/demo on the CPU, where each uses one torch thread, enough to
     keep every core busy to the end, e.g. 3 for 9 trainings on 2 cores; otherwise 2); dask_address / dask_workers:
     run them on Dask. device: where Med-DDPM, synthesis and the segmenters run (auto = CUDA when
     present; cpu, cuda, cuda:N, mps). gpus: fan the segmenter trainings out one per GPU on Dask (each task asks
     for GPU_RESOURCE; with dask_address the workers must declare it: `dask worker ... --resources GPU=1`); each
     worker sees only its own GPU, where a segmenter runs on plain cuda (cuda:N names the flow process's GPU).
+    wait: if another run owns ``out`` (core.lock), seconds to wait for it (None: as long as it takes; 0: stop at
+    once naming the owner); where it runs, not what it computes, so not a StudyParams field nor in the study key.
     """
     params = StudyParams.pick(locals())  # first statement: locals() holds exactly the flow's parameters
+    with folder_lock(out, wait, what="augment-study flow"):  # the CLI's lock, taken again in the same process
+        return _run_study(params, out, parallel, dask_address, dask_workers, device, gpus)
+
+
+def _run_study(params: StudyParams, out: str, parallel: int, dask_address: str | None, dask_workers: int,
+               device: str, gpus: int) -> dict[str, Any]:
+    """augment_study's stages, run while the study folder is held."""
     t_start = time.perf_counter()
     check_gpu_count(gpus, dask_address)  # before any work, not once Med-DDPM has trained
     study = Path(out).resolve()
@@ -161,11 +179,15 @@ def augment_study(
     runtime = {"device": device} if device != "auto" else {}  # where it runs: not part of what is computed
 
     cohort = real_cohort(study, params)
+    subset = read_case_list(params.cases_from) if params.cases_from is not None else None
+    if subset is not None:  # a curated subset: the listed rows of the real cohort, beside it (cohort.case_list)
+        cohort = ref(write_subset(cohort.path, subset))
     plan = plan_study(params, cohort.path, study)
     selected = run_cached(tasks.select_training_cases, study, cohort, params.n_real, params.cohort_seed)
     checkpoint = generator(study, plan, cohort, selected, runtime)
     masks = edited_masks(study, plan, selected)
     pools = synthetic_pools(study, plan, checkpoint, selected, masks, device)
+    holdout = holdout_pool(study, plan, checkpoint, cohort, device)
     manifest = run_cached(tasks.merge, study, [cohort, *pools.values()], str(study / "data_manifest.csv"))
     pool_orders = {name: pool_order(pool.path, params.gate_failures) for name, pool in pools.items()}
     jobs = segmenter_jobs(plan, pool_orders, segmenter_runtime(runtime, gpus))
@@ -173,14 +195,16 @@ def augment_study(
     runner = segmenter_task_runner(dask_address, dask_workers, parallel or auto_parallel(jobs), gpus)
     trained, segment_seconds = segmenters(study, manifest, jobs, test_sets, runner, GPU_RESOURCE if gpus else None)
     per_case = run_cached(tasks.collect, study, str(study), [e for t in trained for e in t["evals"]])
-    quality = synthesis_quality(study, plan, cohort, pools, pool_orders, trained)
+    quality = synthesis_quality(study, plan, cohort, pools, pool_orders, trained, holdout)
 
     # study.json records each stage's hash and wall time by these names (None: the stage did not run)
     stages = {"cohort": cohort, "select": selected, "medddpm": checkpoint, "edit-masks": masks,
-              **{f"synthesize-{name}-masks": pool for name, pool in pools.items()}, "merge": manifest,
+              **{f"synthesize-{name}-masks": pool for name, pool in pools.items()},
+              "synthesize-holdout-masks": holdout, "merge": manifest,
               "collect": per_case, "synthesis-quality": quality}
     record = study_record(study, plan, stages, cohort=cohort, checkpoint=checkpoint, pools=pools,
-                          pool_orders=pool_orders, jobs=jobs, test_sets=test_sets, trained=trained)
+                          pool_orders=pool_orders, jobs=jobs, test_sets=test_sets, trained=trained, holdout=holdout,
+                          case_list=subset.record() if subset is not None else None)
     report = run_cached(tasks.build_report, study, str(study),
                         [per_case, ref(record.write(study)), *([quality] if quality else [])])
     registry.mark_used(study, [p.cohort_id for p in plan.pools], params.study_key)
@@ -263,6 +287,19 @@ def synthetic_pools(study: Path, plan: StudyPlan, checkpoint: FileRef | None, se
     return pools
 
 
+def holdout_pool(study: Path, plan: StudyPlan, checkpoint: FileRef | None, cohort: FileRef,
+                 device: str = "auto") -> FileRef | None:
+    """One sample on each held-out mask of the plan (flows.plan.HoldoutPlan), for the fidelity and memorisation
+    references; None when the plan has none. Not registered as a study pool and not merged into the manifest the
+    segmenters read: no mix can take it."""
+    if plan.holdout is None or checkpoint is None:
+        return None
+    h, params = plan.holdout, plan.params
+    with cuda_cache_released():
+        return run_cached(tasks.synthesize_holdout, study, checkpoint, cohort, h.mask_ids, h.out_dir,
+                          params.sampler, params.sampling_steps, h.seed, h.cohort_id, device)
+
+
 def segmenter_jobs(plan: StudyPlan, pool_orders: dict[str, tuple[list[str], set[str]]],
                    runtime: dict) -> list[dict]:
     """The train-segmenters jobs: the plan's runs with their case ids (StudyPlan.jobs) and where they run; logs
@@ -286,18 +323,17 @@ def segmenters(study: Path, manifest: FileRef, jobs: list[dict], test_sets: list
     """The train-segmenters subflow on ``runner``; rerun without the cache if a cached result changed on disk.
     Returns its result and the stage's wall seconds."""
     t0 = time.perf_counter()
-    fan_out = train_segmenters.with_options(task_runner=runner)
-    trained = fan_out(str(study), manifest, jobs, test_sets, resources=resources)
-    if not all(r.is_intact() for t in trained for r in (t["model"], *t["evals"])):
-        get_run_logger().warning("cached segmenter results changed on disk; recomputing them")
-        trained = fan_out(str(study), manifest, jobs, test_sets, refresh=True, resources=resources)
+    trained = run_cached(train_segmenters.with_options(task_runner=runner), study, str(study), manifest, jobs,
+                         test_sets, resources=resources)
     return trained, time.perf_counter() - t0
 
 
 def synthesis_quality(study: Path, plan: StudyPlan, cohort: FileRef, pools: dict[str, FileRef],
-                      pool_orders: dict[str, tuple[list[str], set[str]]], trained: list[dict]) -> FileRef | None:
-    """results/synthesis.csv and memorisation.csv (eval), the plan's judge segmenter predicting every pool; None
-    if the study made no synthetic data."""
+                      pool_orders: dict[str, tuple[list[str], set[str]]], trained: list[dict],
+                      holdout: FileRef | None = None) -> FileRef | None:
+    """results/synthesis.csv and memorisation.csv (eval), the plan's judge segmenter predicting every pool; with
+    the held-out pool, its fidelity against the other held-out real cases and the memorisation baseline. None if
+    the study made no synthetic data."""
     if not pools:
         return None
     judge = next((t for t in trained if t["run"] == plan.judge), None)
@@ -308,4 +344,5 @@ def synthesis_quality(study: Path, plan: StudyPlan, cohort: FileRef, pools: dict
                 tasks.predict, study, judge["model"], pool, pool_orders[name][0],
                 str(study / "predictions" / f"{judge['run']}--synthetic-{name}-masks"))
     return run_cached(tasks.evaluate_synthesis, study, str(study), cohort, plan.generator_train_ids,
-                      list(pools.values()), preds, judge["model"] if judge else None)
+                      list(pools.values()), preds, judge["model"] if judge else None, holdout,
+                      plan.holdout.reference_ids if holdout is not None else None)

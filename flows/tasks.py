@@ -21,10 +21,10 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from core.errors import MedDDPMError
+from core.errors import InputError, MedDDPMError
 from core.fsutil import atomic_write_text
 
-from .refs import FileRef, hash_path, ref
+from .refs import FileRef, damaged_refs, hash_path, ref
 
 # Key = task inputs (FileRefs carry content hashes) + the task's source code. Prefect's default also adds the
 # flow run id, which would make every new run recompute everything; we leave that out on purpose.
@@ -74,15 +74,57 @@ def with_study_storage(task_, study_dir: str | Path):
     return task_.with_options(result_storage=results_storage(study_dir))
 
 
-def run_cached(task_, study_dir: str | Path, *args, **kwargs) -> FileRef:
-    """Run a task with its results in the study folder; a cache hit whose files were deleted or changed since
-    (FileRef.is_intact) is run again."""
-    t = with_study_storage(task_, study_dir)
+# How to rebuild a stage's output whose library resume keeps what it finds (it checks no hashes): said when a rerun
+# of the task still leaves a damaged file. Med-DDPM training and synthesis verify and repair on resume themselves.
+REBUILD = {
+    "build-phantom-cohort": "delete {folder} and rerun the same command: the phantom cohort is rebuilt with the same "
+                            "bytes (make study checks them against data_manifest.csv)",
+    "stage-cohort": "the staged file is a hard link (or copy) of your cohort's: restore that file from your source "
+                    "data, then rerun",
+    "edit-masks": "delete {folder} and rerun the same command: the masks are edited again with the same seed",
+}
+DEFAULT_REBUILD = "restore it, or delete {folder} and rerun the same command to make it again"
+
+
+def run_cached(task_, study_dir: str | Path, *args, **kwargs):
+    """Run a task with its results in the study folder. A cache hit whose files were deleted or changed since
+    (flows.refs.damaged_refs: the result's files, and the files a manifest or index lists with their sha256) is
+    run again; if that run still returns damaged files (a library resume that reused them), InputError names the
+    first one and how to rebuild it, instead of handing damaged data to the next stage.
+
+    ``task_`` may also be a subflow of cached tasks (train-segmenters) that takes ``refresh``: it is run again
+    with refresh=True (its tasks store their results in the study folder themselves)."""
+    from prefect import Flow
+
+    is_flow = isinstance(task_, Flow)
+    t = task_ if is_flow else with_study_storage(task_, study_dir)
     out = t(*args, **kwargs)
-    if not out.is_intact():
-        get_run_logger().warning(f"{task_.name}: cached result {out.path} is missing or changed; recomputing")
-        out = t.with_options(refresh_cache=True)(*args, **kwargs)
+    damage = damaged_refs(out)
+    if damage:
+        f, problem = damage[0]
+        more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+        get_run_logger().warning(f"{task_.name}: cached result is damaged: {f}: {problem}{more}; recomputing")
+        out = t(*args, **{**kwargs, "refresh": True}) if is_flow else t.with_options(refresh_cache=True)(*args,
+                                                                                                          **kwargs)
+        refuse_damaged(task_.name, out)
     return out
+
+
+def refuse_damaged(stage: str, result) -> None:
+    """InputError naming the first damaged file of ``result`` (a FileRef or lists/dicts of them) and how to
+    rebuild it; nothing if it is intact."""
+    for made in (r for r in _file_refs(result) if r.damage()):
+        f, problem = made.damage()[0]
+        folder = Path(made.path) if Path(made.path).is_dir() else Path(made.path).parent  # what the stage wrote
+        hint = REBUILD.get(stage, DEFAULT_REBUILD).format(folder=folder)
+        raise InputError(f, f"{problem}; the {stage} stage reused it on resume. {hint}", kind="damaged")
+
+
+def _file_refs(result) -> list[FileRef]:
+    if isinstance(result, FileRef):
+        return [result]
+    values = result.values() if isinstance(result, dict) else result if isinstance(result, (list, tuple)) else []
+    return [r for v in values for r in _file_refs(v)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,28 +250,41 @@ def collect(study_dir: str, results: list[FileRef]) -> Path:
     return write_results(study_dir, per_case=df, append=False)["per_case"]
 
 
+@task(name="synthesize-holdout-masks", **STUDY_TASK)
+@timed
+def synthesize_holdout(checkpoint: FileRef, cohort: FileRef, mask_ids: list[str], out_dir: str, sampler: str,
+                       steps: int, seed: int, cohort_id: str, device: str = "auto") -> Path:
+    """One sample on the mask of each held-out real case (any split): the fidelity and memorisation references of
+    flows.plan.HoldoutPlan, never used to train a segmenter."""
+    from synth.synthesize import SynthesisConfig, synthesize_cohort
+
+    return synthesize_cohort(checkpoint.path, cohort.path, out_dir, SynthesisConfig(
+        count=len(mask_ids), sampler=sampler, steps=steps, seed=seed, sources=("real",), splits=None,
+        case_ids=tuple(mask_ids), cohort_name=cohort_id, case_prefix=f"{cohort_id}_", device=device))
+
+
 @task(name="evaluate-synthesis", **STUDY_TASK)
 @timed
 def evaluate_synthesis(study_dir: str, real: FileRef, train_ids: list[str] | None, pools: list[FileRef],
-                       predictions: dict[str, FileRef], judge: FileRef | None) -> Path:
-    """results/synthesis.csv and results/memorisation.csv (eval.results.evaluate_synthesis). ``real``: the real
-    cohort; ``train_ids``: the real cases Med-DDPM trained on (None: every real training case); ``pools`` only key
-    the cache. ``predictions``: the real-only segmenter's predictions on each synthetic pool (semantic
-    consistency); ``judge``: its model folder, whose encoder also gives the features of the Fréchet distance."""
+                       predictions: dict[str, FileRef], judge: FileRef | None, holdout: FileRef | None = None,
+                       holdout_reference_ids: list[str] | None = None) -> Path:
+    """results/synthesis.csv and results/memorisation.csv (eval.results.evaluate_synthesis) for every synthetic
+    cohort of the study, plus the held-out fidelity rows (eval.synthesis.fidelity_table) when the study made a
+    held-out pool. ``real``: the real cohort; ``train_ids``: the real cases Med-DDPM trained on (None: every real
+    training case); ``pools`` and ``holdout`` only key the cache. ``predictions``: the real-only segmenter's
+    predictions on each synthetic pool (semantic consistency); ``judge``: its model folder (named in those rows).
+    ``holdout_reference_ids``: the held-out real cases the held-out samples are compared with."""
     from eval.results import evaluate_synthesis as _evaluate
+    from eval.results import write_results
+    from eval.synthesis import fidelity_table
 
-    kw = {}
-    if judge is not None:
-        from segment.monai_backend import encoder_features, load_model
-
-        model, cfg = load_model(judge.path)
-        name = Path(judge.path).name
-        kw = dict(feature_fn=functools.partial(encoder_features, (model, cfg)),
-                  feature_extractor=f"{type(model).__name__} bottleneck of the real-only segmenter {name} "
-                                    f"(trained in this study)",
-                  segmenter=f"real-only segmenter {name}")
+    kw = {"segmenter": f"real-only segmenter {Path(judge.path).name}"} if judge is not None else {}
     written = _evaluate(study_dir, real_manifest=real.path, train_ids=train_ids,
                         predictions={k: read_predictions(v) for k, v in predictions.items()}, **kw)
+    if holdout is not None and holdout_reference_ids:
+        fid = fidelity_table(real.path, holdout.path, reference_ids=holdout_reference_ids,
+                             synthetic_id=Path(holdout.path).parent.name)
+        written = write_results(study_dir, synthesis=fid)
     return written["synthesis"]
 
 

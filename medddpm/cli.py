@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module exposes register(subparsers). Order = order in --help.
-VERB_MODULES = ("cohort.cli", "synth.cli", "synth.import_cli", "segment.cli", "eval.cli", "flows.cli")
+VERB_MODULES = ("cohort.cli", "synth.cli", "synth.import_cli", "segment.cli", "eval.cli", "flows.cli", "flows.verify")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except MedDDPMError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the user named or must fix (missing, no permission, disk full)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, its permissions and the free space, then rerun "
+              "(the run resumes)", file=sys.stderr)
         return 2
     return int(rc or 0)
 

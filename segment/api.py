@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Sequence
 
 from core.errors import InputError
-from core.fsutil import atomic_write_text
+from core.fsutil import atomic_write_text, sha256_file
 from core.provenance import package_versions
 
 from .config import BACKEND_MODULES, RUNTIME_FIELDS, SegmenterConfig, as_config, load_config
@@ -68,6 +68,7 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
     val_ids = validation_ids(manifest, train_ids, cfg.val_ids)
     cfg = cfg.replace(modalities=common_modalities(manifest, train_ids) if cfg.modalities is None else cfg.modalities,
                       val_ids=list(val_ids))
+    _refuse_damaged_inputs(manifest, train_ids)
     data_hash, entries = training_data_hash(manifest, train_ids)
 
     model_dir = Path(out_dir)
@@ -81,9 +82,11 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
         old = json.loads(cfg_path.read_text())
         old_identity = {k: v for k, v in old.get("config", {}).items() if k not in RUNTIME_FIELDS}
         if old_identity != cfg.identity() or old.get("training_data_hash") != data_hash:
-            raise InputError(cfg_path, "this model directory holds a different training (config or training data "
-                                        "differ); choose another out_dir or delete it", kind="model-mismatch")
-        if is_trained(model_dir):
+            what = "config" if old_identity != cfg.identity() else "training cases (their files' sha256)"
+            raise InputError(cfg_path, f"this model directory holds a training with another {what}, which is kept; "
+                                        "train this one into another out_dir (or delete that training first if it "
+                                        "is no longer wanted)", kind="model-mismatch")
+        if is_trained(model_dir) and _intact_or_cleared(model_dir, cfg):
             return model_dir
     else:
         atomic_write_text(cfg_path, json.dumps(record, indent=2))
@@ -91,7 +94,69 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
                       json.dumps({"training_data_hash": data_hash, "files": entries}, indent=1))
 
     backend(cfg.backend).train(manifest, train_ids, val_ids, model_dir, cfg)
+    _write_model_record(model_dir)
     return model_dir
+
+
+# sha256 of a finished model's files, written when training ends: a resume that finds the model finished reuses it
+# only if they still match (a training run writes the files anew, and ends by writing this record again)
+MODEL_RECORD = "model_record.json"
+RECORDED_FILES = (*MODEL_FILES, "training_summary.json")
+
+
+def _write_model_record(model_dir: Path) -> None:
+    files = {f: sha256_file(model_dir / f) for f in RECORDED_FILES if (model_dir / f).exists()}
+    atomic_write_text(model_dir / MODEL_RECORD, json.dumps({"sha256": files}, indent=1, sort_keys=True) + "\n")
+
+
+def model_damage(model_dir: str | Path) -> list[tuple[Path, str]]:
+    """(file, problem) for each file of a finished model whose sha256 differs from its model record (none
+    without a record: a model trained before records existed)."""
+    model_dir = Path(model_dir)
+    try:
+        recorded = json.loads((model_dir / MODEL_RECORD).read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        return []
+    out = []
+    for f, want in recorded.items():
+        p = model_dir / f
+        if not p.exists():
+            out.append((p, "missing"))
+        elif sha256_file(p) != want:
+            out.append((p, f"sha256 differs from {model_dir / MODEL_RECORD}"))
+    return out
+
+
+def _intact_or_cleared(model_dir: Path, cfg: SegmenterConfig) -> bool:
+    """True if a finished model matches its record. A damaged MONAI model is cleared for training again from
+    epoch 0 (seeded: on the same machine the same weights; False); a damaged nnU-Net model is refused, since
+    nnU-Net keeps its own checkpoints beside it."""
+    damage = model_damage(model_dir)
+    if not damage:
+        return True
+    path, problem = damage[0]
+    if cfg.backend != "monai":
+        raise InputError(path, f"damaged: {problem}. Delete {model_dir} and rerun the same command to train it "
+                               "again", kind="damaged")
+    print(f"{path}: {problem}; training this segmenter again", flush=True)
+    for f in (*RECORDED_FILES[2:], "resume.pt", MODEL_RECORD):  # keep config.json and training_data.json
+        (model_dir / f).unlink(missing_ok=True)
+    return False
+
+
+def _refuse_damaged_inputs(manifest: Path, train_ids: Sequence[str]) -> None:
+    """A training case whose file no longer has its manifest sha256 is refused before any comparison with an
+    earlier training in model_dir: the damage is upstream, and the message names it (not model_dir)."""
+    from cohort.manifest import damaged_files
+
+    from .data import rows_for
+
+    damage = damaged_files(manifest, rows_for(manifest, train_ids))
+    if damage:
+        cid, path, problem = damage[0]
+        raise InputError(path, f"training case {cid}: {problem} ({len(damage)} damaged file(s) in {manifest}); "
+                               "rebuild it first: rerun the stage that made it (a study rerun redraws damaged "
+                               "synthetic cases)", kind="damaged")
 
 
 def predict(model_dir: str | Path, manifest: str | Path, case_ids: Sequence[str] | str,

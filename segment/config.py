@@ -31,7 +31,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # seconds on 2 cores: unit tests only
         "tiny": dict(epochs=20, iters_per_epoch=6, batch_size=2, lr=3e-3, patience=100, min_epochs=0, init_filters=8,
                      blocks_down=(1, 1, 1), blocks_up=(1, 1), patch_size=None, num_threads=1, val_every=1,
-                     augment="light"),
+                     augment="light", ema_decay=0.0),
         # ~2.5 min per training on one core at 32x40x32 (DynUNet, the demo's default network). 400 steps without
         # early stopping (validation every 5 epochs keeps the best): with 200 steps and patience 5 the tumour core
         # and enhancing tumour were not learnt (TC/ET 0.28/0.19 in the default study); at 300 steps they were, but
@@ -39,11 +39,11 @@ PROFILE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # landed anywhere between TC 0.60 and 0.86 (docs/decisions/0006-segmenter-recipe.md)
         "demo": dict(epochs=40, iters_per_epoch=10, batch_size=2, lr=3e-3, patience=100, min_epochs=10,
                      init_filters=8, blocks_down=(1, 1, 2, 2), blocks_up=(1, 1, 1), patch_size=None, num_threads=1,
-                     val_every=5, augment="light"),
+                     val_every=5, augment="light", ema_decay=0.0),
         # BraTS-size: SegResNet as in MONAI's BraTS tutorial, 128^3 patches; shape-checked, not trained here
         "paper": dict(epochs=300, iters_per_epoch=250, batch_size=2, lr=1e-3, patience=50, min_epochs=100,
                       init_filters=16, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1), patch_size=(128, 128, 128),
-                      val_every=1, augment="light"),
+                      val_every=1, augment="light", ema_decay=0.0),
     },
     "nnunet": {  # budget from NNUNET_BUDGETS below (the trainer class carries it into nnU-Net)
         "tiny": dict(num_threads=1),
@@ -71,6 +71,10 @@ NETWORK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 
 # where a training runs does not change what it learns: a run started on the CPU may be resumed on a GPU
 RUNTIME_FIELDS = ("device",)
+# fields added after segmenters were trained and hashed, with the values that train as before the field existed:
+# left out of to_dict() (config.json) and identity() at those values, so existing model folders keep their hash
+# and resume (as flows.plan leaves such fields out of study_key)
+ADDED_FIELD_DEFAULTS: dict[str, tuple[Any, ...]] = {"ema_decay": (None, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class SegmenterConfig:
     blocks_up: tuple[int, ...] | None = None
     patch_size: tuple[int, int, int] | None = None
     augment: str | None = None           # MONAI back end: "light" | "nnunet" (AUGMENTATIONS); profile default
+    ema_decay: float | None = None       # MONAI back end: exponential moving average of the weights per step (0 = off)
     trainer: str | None = None           # nnU-Net trainer class name
     network: str | None = None           # MONAI back end: "segresnet" or "dynunet" (default: DEFAULT_NETWORK)
     num_threads: int | None = None       # torch threads in train/predict (restored afterwards); profile default
@@ -131,11 +136,12 @@ class SegmenterConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data, less ADDED_FIELD_DEFAULTS' fields at their old behaviour's values."""
         d = dataclasses.asdict(self)
         for k in ("blocks_down", "blocks_up", "patch_size"):
             if d[k] is not None:
                 d[k] = list(d[k])
-        return d
+        return {k: v for k, v in d.items() if k not in ADDED_FIELD_DEFAULTS or v not in ADDED_FIELD_DEFAULTS[k]}
 
     def identity(self) -> dict[str, Any]:
         """to_dict() without the settings that do not change what is trained (RUNTIME_FIELDS): what a model

@@ -169,8 +169,19 @@ class _Progress:
     stale: int = 0          # validations since the best one
 
 
-def _resume(path: Path, model, opt, sched) -> _Progress:
-    """Load resume.pt (the last finished epoch) into model, optimiser and scheduler; a fresh _Progress without it."""
+def weight_average(model: torch.nn.Module, cfg: SegmenterConfig):
+    """torch's AveragedModel keeping an exponential moving average of the weights (decay cfg.ema_decay per
+    optimiser step), or None when cfg.ema_decay is 0: the averaged weights are what is validated and saved."""
+    if not cfg.ema_decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(cfg.ema_decay)), use_buffers=True)
+
+
+def _resume(path: Path, model, opt, sched, ema=None) -> _Progress:
+    """Load resume.pt (the last finished epoch) into model, optimiser, scheduler and the weight average; a fresh
+    _Progress without it."""
     if not path.exists():
         return _Progress()
     try:
@@ -181,10 +192,12 @@ def _resume(path: Path, model, opt, sched) -> _Progress:
     model.load_state_dict(st["model"])
     opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(st["ema"])
     return _Progress(int(st["epoch"]) + 1, float(st["best"]), int(st["best_epoch"]), int(st["stale"]))
 
 
-def _train_epoch(model, opt, loss_fn, tfm, cases: list[Case], cfg: SegmenterConfig, epoch: int) -> float:
+def _train_epoch(model, opt, loss_fn, tfm, cases: list[Case], cfg: SegmenterConfig, epoch: int, ema=None) -> float:
     """cfg.iters_per_epoch optimiser steps on batches drawn from the cases; returns the mean loss.
 
     All randomness is derived from (seed, epoch): a resumed run replays the same stream.
@@ -208,6 +221,8 @@ def _train_epoch(model, opt, loss_fn, tfm, cases: list[Case], cfg: SegmenterConf
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         losses.append(float(loss.detach()))
     return float(np.mean(losses))
 
@@ -226,10 +241,13 @@ def _validate(model, cfg: SegmenterConfig, cases: list[Case], epoch: int, progre
     return val
 
 
-def _checkpoint(path: Path, model, opt, sched, epoch: int, progress: _Progress) -> None:
+def _checkpoint(path: Path, model, opt, sched, epoch: int, progress: _Progress, ema=None) -> None:
     """resume.pt after a finished epoch (weights_only-loadable: tensors and numbers only)."""
-    _save_resume(path, dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            epoch=epoch, best=progress.best, best_epoch=progress.best_epoch, stale=progress.stale))
+    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                 epoch=epoch, best=progress.best, best_epoch=progress.best_epoch, stale=progress.stale)
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    _save_resume(path, state)
 
 
 def _finish(model_dir: Path, model, progress: _Progress, log: list[dict], n_train: int, n_val: int) -> None:
@@ -267,7 +285,9 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
         # background, the small NCR/ET labels collapsed into ED on the demo phantom (val ET Dice 0.30 -> 0.00)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
         tfm = train_transforms(cfg)
-        progress = _resume(resume_path, model, opt, sched)
+        ema = weight_average(model, cfg)
+        evaluated = model if ema is None else ema.module  # the weights that are validated and saved
+        progress = _resume(resume_path, model, opt, sched, ema)
         log = read_csv_log(log_path, "epoch", progress.epoch - 1)
 
         bar = tqdm(range(progress.epoch, cfg.epochs), desc=f"segment[monai] {model_dir.name}", unit="epoch",
@@ -276,17 +296,17 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
             if val_cases and progress.stale >= cfg.patience and epoch >= cfg.min_epochs:
                 break  # early stopping
             t0 = time.perf_counter()
-            loss = _train_epoch(model, opt, loss_fn, tfm, train_cases, cfg, epoch)
+            loss = _train_epoch(model, opt, loss_fn, tfm, train_cases, cfg, epoch, ema)
             lr = opt.param_groups[0]["lr"]
             sched.step()
-            val = _validate(model, cfg, val_cases, epoch, progress, best_path)
+            val = _validate(evaluated, cfg, val_cases, epoch, progress, best_path)
             log.append(dict(epoch=epoch, train_loss=f"{loss:.5f}", val_dice=f"{val:.4f}", lr=f"{lr:.3g}",
                             seconds=f"{time.perf_counter() - t0:.2f}"))
             atomic_write_csv(log_path, log, LOG_COLUMNS)
-            _checkpoint(resume_path, model, opt, sched, epoch, progress)
+            _checkpoint(resume_path, model, opt, sched, epoch, progress, ema)
             bar.set_postfix(loss=f"{loss:.3f}", val_dice=f"{val:.3f}", best=f"{progress.best:.3f}")
         bar.close()
-    _finish(model_dir, model, progress, log, len(train_ids), len(val_ids))
+    _finish(model_dir, evaluated, progress, log, len(train_ids), len(val_ids))
     return model_dir
 
 

@@ -8,6 +8,7 @@ def register(subparsers) -> None:
     _add_train(subparsers)
     _add_synthesize(subparsers)
     _add_synthesize_merge(subparsers)
+    _add_distill(subparsers)
 
 
 def _add_train(subparsers) -> None:
@@ -23,9 +24,17 @@ def _add_train(subparsers) -> None:
     _add_training_recipe(p)
     p.add_argument("--sources", help="comma-separated manifest sources to train on (default: real)")
     p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--cases-from", metavar="FILE",
+                   help="train only on the manifest's training rows listed in FILE (one case ID per line, '#' "
+                        "comments); an ID the manifest lacks is an error. The rows go to cases_<sha256>.csv beside "
+                        "the manifest (the training record names it) and the list's sha256 to OUT/case_list.json")
     _add_training_runtime(p)
     p.add_argument("--init-from", help="generator (file or folder, e.g. from import-weights) whose weights and "
                                        "network settings training starts from (fine-tuning)")
+    p.add_argument("--wait", help="if another run owns --out: wait this many seconds (or 'unlimited') for it to "
+                                  "finish (default: stop at once, saying who owns it)")
+    p.add_argument("--force", action="store_true", help="run even if the plan's memory model predicts that the "
+                                                        "step does not fit this device's memory")
     p.set_defaults(func=_train)
 
 
@@ -84,7 +93,7 @@ def _add_synthesize(subparsers) -> None:
     from core.device import DEVICE_HELP
 
     from . import defaults
-    from .schedulers import SAMPLERS, SPACINGS
+    from .schedulers import DISTILLED, SAMPLERS, SPACINGS
 
     s = subparsers.add_parser(
         "synthesize", help="generate a paired image-mask cohort from conditioning masks",
@@ -94,11 +103,13 @@ def _add_synthesize(subparsers) -> None:
     s.add_argument("--checkpoint", required=True, help="generator.safetensors (or the training folder)")
     s.add_argument("--masks", required=True, help="manifest with the conditioning masks (real or source=mask rows)")
     s.add_argument("--count", type=int, required=True, help="number of synthetic cases")
-    s.add_argument("--sampler", choices=SAMPLERS, default=defaults.SAMPLER,
+    s.add_argument("--sampler", choices=(*SAMPLERS, DISTILLED), default=defaults.SAMPLER,
                    help=f"ddpm (the paper's, with 250 steps), ddim, dpmpp2m or dpmpp2m-sde (default "
-                        f"{defaults.SAMPLER})")
-    s.add_argument("--steps", type=int, default=defaults.STEPS,
-                   help=f"sampling steps, 1-250 (default {defaults.STEPS}; the paper: ddpm with 250)")
+                        f"{defaults.SAMPLER}); distilled: a student from `medddpm distill`, sampled as its card says "
+                        "(DDIM eta 0 at its own steps)")
+    s.add_argument("--steps", type=int,
+                   help=f"sampling steps, 1-250 (default {defaults.STEPS}, a distilled student's own; the paper: ddpm "
+                        "with 250)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0, help="base seed")
     s.add_argument("--eta", type=float, default=defaults.ETA,
@@ -125,6 +136,10 @@ def _add_synthesize(subparsers) -> None:
     s.add_argument("--max-retries", type=int, default=defaults.MAX_RETRIES, help="quality-gate redraws per case")
     s.add_argument("--threads", type=int, help="torch threads")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--wait", help="if another run owns --out (or this --shard of it): wait this many seconds (or "
+                                  "'unlimited') for it to finish (default: stop at once, saying who owns it)")
+    s.add_argument("--force", action="store_true", help="run even if the plan's memory model predicts that the "
+                                                        "network evaluation does not fit this device's memory")
     s.set_defaults(func=_synthesize)
 
 
@@ -137,6 +152,20 @@ def _add_synthesize_merge(subparsers) -> None:
     m.add_argument("--shards", type=int, required=True, help="N, the number of shards")
     m.add_argument("--count", type=int, required=True, help="the --count every shard was given")
     m.set_defaults(func=_merge)
+
+
+def _listed_cases_manifest(manifest: str, cases_from: str, out: str) -> str:
+    """The manifest's rows listed in ``cases_from`` (cohort.case_list), written beside it (same data root) as
+    cases_<sha256 of the list, 12 hex>.csv; the list is recorded in out/case_list.json."""
+    from pathlib import Path
+
+    from cohort.case_list import read_case_list, write_record, write_subset
+
+    cases = read_case_list(cases_from)
+    subset = write_subset(manifest, cases)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_record(out, cases)
+    return str(subset)
 
 
 def _train(args) -> int:
@@ -174,7 +203,12 @@ def _train(args) -> int:
         check_nproc(args.nproc, resolve_device(cfg.device))  # one clear error here, not one per process
         rank_shard(cfg.batch_size, cfg.grad_accum, args.nproc)
         return launch(args.nproc, _without_option(getattr(args, "cli_args", None) or sys.argv[1:], "--nproc"))
-    path = train_medddpm(args.manifest, args.profile, args.out, config)
+    if args.cases_from:
+        args.manifest = _listed_cases_manifest(args.manifest, args.cases_from, args.out)
+    if not args.force:
+        _refuse_if_it_cannot_fit(config if not isinstance(config, dict) else None, args.profile, overrides)
+    with _owning(args.out, args.wait, "medddpm train"):
+        path = train_medddpm(args.manifest, args.profile, args.out, config)
     if os.environ.get("RANK", "0") == "0":
         print(f"generator: {path}")
     return 0
@@ -198,17 +232,84 @@ def _without_option(cli_args: list[str], option: str) -> list[str]:
 
 
 def _synthesize(args) -> int:
+    import os
+
+    from . import defaults
     from .synthesize import SynthesisConfig, synthesize_cohort
 
     splits = None if args.splits == "all" else tuple(args.splits.split(","))
-    config = SynthesisConfig(count=args.count, sampler=args.sampler, steps=args.steps, seed=args.seed, eta=args.eta,
+    steps = args.steps
+    if steps is None and args.sampler == "distilled":
+        from .distill import student_steps_of
+
+        steps = student_steps_of(args.checkpoint)
+    config = SynthesisConfig(count=args.count, sampler=args.sampler, steps=steps or defaults.STEPS, seed=args.seed,
+                             eta=args.eta,
                              spacing=args.spacing, analytic=args.analytic_variance, batch_size=args.batch_size,
                              splits=splits, max_retries=args.max_retries, num_threads=args.threads,
                              progress=not args.no_progress, device=args.device, shard=_shard(args.shard),
                              deterministic=args.deterministic)
-    path = synthesize_cohort(args.checkpoint, args.masks, args.out, config)
+    if not args.force:
+        _refuse_sampling_if_it_cannot_fit(args.checkpoint, args.device, min(args.batch_size, args.count))
+    shard = config.shard if config.shard != "auto" else (os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1"))
+    with _owning(args.out, args.wait, "medddpm synthesize", f"shard-{shard[0]}-of-{shard[1]}" if shard else ""):
+        path = synthesize_cohort(args.checkpoint, args.masks, args.out, config)
     print(f"manifest: {path}")
     return 0
+
+
+def _refuse_if_it_cannot_fit(config, profile: str, overrides: dict) -> None:
+    """ConfigError (one line: the prediction, the device's memory, the choices that fit) when the plan's memory
+    model (synth.costs.memory_refusal) says a training step does not fit the device."""
+    from core.device import autocast_dtype, resolve_device
+    from core.errors import ConfigError
+
+    from .checkpoint import adopt_init_network
+    from .config import get_config
+    from .costs import memory_refusal
+
+    cfg = adopt_init_network(config or get_config(profile, **overrides))
+    device = resolve_device(cfg.device)
+    why = memory_refusal(cfg, device, train=True, half_precision=autocast_dtype(device, cfg.precision) is not None,
+                         grad_checkpoint=cfg.grad_checkpoint)
+    if why:
+        raise ConfigError(why, kind="out-of-memory")
+
+
+def _refuse_sampling_if_it_cannot_fit(checkpoint: str, device_name: str, batch: int) -> None:
+    """As _refuse_if_it_cannot_fit, for one sampling network evaluation of ``batch`` volumes (fp32)."""
+    import json
+
+    from safetensors import safe_open
+
+    from core.device import resolve_device
+    from core.errors import ConfigError
+
+    from .checkpoint import resolve_generator
+    from .config import MedDDPMConfig
+    from .costs import memory_refusal
+
+    try:
+        with safe_open(str(resolve_generator(checkpoint)), framework="pt") as f:
+            cfg = MedDDPMConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+    except Exception:  # an unreadable generator: synthesize_cohort names the file and the problem
+        return
+    why = memory_refusal(cfg, resolve_device(device_name), train=False, batch=batch)
+    if why:
+        raise ConfigError(why, kind="out-of-memory")
+
+
+def _owning(out: str, wait: str | None, what: str, part: str = ""):
+    """core.lock.folder_lock on ``out`` (``part``: a shard's own lock, so shards share a folder), except in a
+    torchrun worker of `train --nproc`, whose launcher holds it."""
+    import contextlib
+    import os
+
+    from core.lock import folder_lock, parse_wait
+
+    if what == "medddpm train" and "LOCAL_RANK" in os.environ:
+        return contextlib.nullcontext()
+    return folder_lock(out, parse_wait(wait), what=what, name=part)
 
 
 def _shard(text: str | None):
@@ -227,4 +328,53 @@ def _merge(args) -> int:
     from .synthesize import merge_shards
 
     print(f"manifest: {merge_shards(args.out, args.shards, args.count)}")
+    return 0
+
+
+def _add_distill(subparsers) -> None:
+    from core.device import DEVICE_HELP
+
+    from .distill import STUDENT_STEPS, DistillConfig
+
+    d = subparsers.add_parser(
+        "distill", help="distil a trained generator into a 1-8-step student (progressive distillation)",
+        description="Progressive distillation (Salimans & Ho 2022): halving rounds from the generator's DDIM "
+                    "(eta 0) at --teacher-steps down to --steps, each student trained on the manifest's training "
+                    "cases to make one DDIM step where its teacher makes two. Writes OUT/generator.safetensors (sample "
+                    "it with `medddpm synthesize --sampler distilled`) and OUT/distill_card.json. Checkpointed; "
+                    "rerunning the same command resumes (same bytes on the CPU).")
+    d.add_argument("--checkpoint", required=True, help="the teacher: generator.safetensors (or its training folder; "
+                                                       "trained or imported, ε or v prediction)")
+    d.add_argument("--manifest", required=True, help="data_manifest.csv whose training rows the students learn on")
+    d.add_argument("--steps", type=int, required=True, choices=STUDENT_STEPS, help="the student's sampling steps")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--teacher-steps", type=int, default=DistillConfig.teacher_steps,
+                   help="the first teacher's DDIM steps, --steps times a power of two "
+                        f"(default {DistillConfig.teacher_steps})")
+    d.add_argument("--round-steps", type=int, default=DistillConfig.round_steps,
+                   help=f"optimizer steps per halving round (default {DistillConfig.round_steps})")
+    d.add_argument("--lr", type=float, default=DistillConfig.lr, help="Adam learning rate (cosine decay per round)")
+    d.add_argument("--lr-min", type=float, default=DistillConfig.lr_min, help="learning rate each round ends at")
+    d.add_argument("--batch-size", type=int, help="volumes per micro-batch (default: the teacher's)")
+    d.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the teacher's)")
+    d.add_argument("--ema-decay", type=float, default=DistillConfig.ema_decay, help="EMA decay of each student")
+    d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.add_argument("--checkpoint-every", type=int, default=DistillConfig.checkpoint_every,
+                   help="steps between checkpoints")
+    d.add_argument("--threads", type=int, help="torch threads")
+    d.add_argument("--device", default="auto", help=f"where to train: {DEVICE_HELP} (default auto)")
+    d.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels (slower)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=_distill)
+
+
+def _distill(args) -> int:
+    from .distill import DistillConfig, distill_generator
+
+    config = DistillConfig(steps=args.steps, teacher_steps=args.teacher_steps, round_steps=args.round_steps,
+                           lr=args.lr, lr_min=args.lr_min, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                           ema_decay=args.ema_decay, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                           num_threads=args.threads, progress=not args.no_progress, device=args.device,
+                           deterministic=args.deterministic)
+    print(f"student: {distill_generator(args.checkpoint, args.manifest, args.out, config)}")
     return 0

@@ -201,6 +201,7 @@ class Sampler:
     eta: float = 0.0
     spacing: str = "leading"
     analytic: bool = False  # Analytic-DPM's reverse variance (ANALYTIC_SAMPLERS only)
+    label_as: str | None = None  # what label() records instead (a distilled student's 'distilled-N')
 
     @property
     def stochastic(self) -> bool:
@@ -210,6 +211,8 @@ class Sampler:
         """How a manifest records the sampler: 'ddim(eta=1)' for a stochastic eta sampler, else the name;
         'analytic-' in front with Analytic-DPM's variance; a spacing other than leading is appended
         ('dpmpp2m-sde(eta=1)/logsnr', 'analytic-ddim(eta=1)/quadratic')."""
+        if self.label_as is not None:
+            return self.label_as
         base = f"{self.name}(eta={self.eta:g})" if self.name in ETA_SAMPLERS and self.eta else self.name
         base = f"analytic-{base}" if self.analytic else base
         return base if self.spacing == "leading" else f"{base}/{self.spacing}"
@@ -231,6 +234,16 @@ def make_sampler(name: str = defaults.SAMPLER, timesteps: int = 250, schedule: s
         raise ConfigError(f"Analytic-DPM's variance is for {ANALYTIC_SAMPLERS}, not {name!r}")
     return Sampler(name, NoiseSchedule.build(timesteps, schedule), float(eta) if name in ETA_SAMPLERS else 0.0,
                    spacing, bool(analytic))
+
+
+DISTILLED = "distilled"  # synthesize's sampler name for a distilled student (synth.distill); not in SAMPLERS
+
+
+def distilled_sampler(steps: int, schedule: NoiseSchedule) -> Sampler:
+    """How a progressively distilled student samples (synth.distill): DDIM at eta 0 on the leading spacing's
+    ``steps`` timesteps, the update its training targets were made with; recorded as 'distilled-<steps>'."""
+    sampling_timesteps(schedule.T, steps, "leading")  # refuses a step count outside 1..T
+    return Sampler("ddim", schedule, 0.0, "leading", False, label_as=f"{DISTILLED}-{int(steps)}")
 
 
 def run_sampler(denoise, x: torch.Tensor, sampler: Sampler, steps: int, noise_fn=None,

@@ -18,7 +18,8 @@ from core.determinism import deterministic_algorithms
 from core.device import resolve_device
 from core.errors import InputError, ConfigError
 from core.fsutil import atomic_write_text, sha256_file
-from cohort.manifest import append_rows, case_files, check_rows, load_manifest, make_row, select, write_manifest
+from cohort.manifest import (append_rows, case_files, check_rows, damaged_files, load_manifest, make_row, select,
+                             write_manifest)
 from cohort.nifti import read_label, write_array
 from cohort.profiles import get_profile
 from core.threads import torch_threads
@@ -26,10 +27,11 @@ from cohort.volume import spacing_of
 
 from .checkpoint import RANGES_FILE, SOURCE_META, load_generator, resolve_generator
 from .config import MedDDPMConfig
+from .mask_check import check_masks
 from .network import condition_from_label
 from .quality import MARGIN, check_sample, load_gate_ranges
 from . import defaults
-from .schedulers import Sampler, make_sampler, sample
+from .schedulers import DISTILLED, NoiseSchedule, Sampler, distilled_sampler, make_sampler, sample
 
 REPORT_FILE = "quality_report.csv"
 REPORT_HEADER = "case_id,attempt,seed,passed,failures\n"
@@ -153,6 +155,8 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     gen = _load_generator(gen_path, config, device)
     rows = _mask_rows(masks_manifest, config.sources, config.splits, config.case_ids)
     indices = range(config.count) if shard is None else range(shard[0], config.count, shard[1])  # this process's cases
+    check_masks(masks_manifest, rows.iloc[sorted({i % len(rows) for i in indices})], gen.cfg)  # all problems, 1 error
+    repaired = _remove_damaged(manifest, report_file)
     jobs, report_rows = _pending_jobs(manifest, report_file, rows, indices, config.case_prefix)
 
     from tqdm.auto import tqdm
@@ -161,19 +165,65 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
                desc=f"synthesize ({config.sampler}, {config.steps} steps)", disable=not config.progress,
                dynamic_ncols=True)
     with deterministic_algorithms(config.deterministic), torch_threads(config.num_threads):
-        for b in range(0, len(jobs), config.batch_size):
-            batch = jobs[b:b + config.batch_size]
+        for batch, keep in _batches(jobs, set(repaired), rows, indices, config):
             masks = _read_masks(masks_manifest, batch, gen.cfg)
             draws, report = _draw_until_pass(gen, config, batch, masks)
-            report_rows += report
+            report_rows += [r for r in report if r["case_id"] in keep]
             append_rows(manifest, [_write_case(manifest, job, mask, draw, gen, config)
-                                   for job, mask, draw in zip(batch, masks, draws)])
+                                   for job, mask, draw in zip(batch, masks, draws) if job.case_id in keep])
             atomic_write_text(report_file, pd.DataFrame(report_rows).to_csv(index=False))
-            bar.update(len(batch))
+            bar.update(len(keep))
     bar.close()
+    if repaired:  # the redrawn cases' rows back in their places: the manifest as the first run wrote it
+        order = {_job(i, rows, config.case_prefix).case_id: i for i in indices}
+        df = load_manifest(manifest)
+        write_manifest(df.iloc[sorted(range(len(df)), key=lambda k: order.get(df["case_id"].iloc[k], -1))], manifest)
     if not report_file.exists():
         atomic_write_text(report_file, REPORT_HEADER)
     return manifest
+
+
+def _remove_damaged(manifest: Path, report_file: Path) -> list[str]:
+    """Cases of a resumed run whose files are missing or no longer have the manifest's sha256: their rows (and
+    quality-report rows) and files are removed, so they are drawn again with their seeds (case_seed), which gives
+    the same bytes on the same machine and software. Returns their case ids."""
+    if not manifest.exists():
+        return []
+    damaged = sorted({cid for cid, _, _ in damaged_files(manifest)})
+    if not damaged:
+        return []
+    print(f"{manifest.parent}: {len(damaged)} synthetic case(s) damaged or missing ({', '.join(damaged[:5])}"
+          f"{' ...' if len(damaged) > 5 else ''}); drawing them again with their seeds", flush=True)
+    df = load_manifest(manifest)
+    write_manifest(df[~df["case_id"].isin(damaged)], manifest)
+    if report_file.exists() and report_file.stat().st_size > len(REPORT_HEADER):
+        rep = pd.read_csv(report_file)
+        atomic_write_text(report_file, rep[~rep["case_id"].isin(damaged)].to_csv(index=False))
+    for cid in damaged:
+        for f in (manifest.parent / cid).glob("*") if (manifest.parent / cid).is_dir() else ():
+            f.unlink()
+    return damaged
+
+
+def _job(index: int, rows: pd.DataFrame, case_prefix: str) -> _Job:
+    row = rows.iloc[index % len(rows)]  # masks used round-robin
+    return _Job(index, f"{case_prefix}{index:05d}_{row['case_id']}", row)
+
+
+def _batches(jobs: list[_Job], redraw: set[str], rows: pd.DataFrame, indices: range, config: SynthesisConfig):
+    """(batch to draw, case ids of it to write). A damaged case is drawn again inside the batch a run from the
+    start drew it in: its neighbours' conditioning shapes the float rounding of a batched network call, so the
+    same seed alone gives other bytes (measured: every image hash differed). The other pending cases in batches
+    of batch_size, as always."""
+    size = config.batch_size
+    every = [_job(i, rows, config.case_prefix) for i in indices]
+    position = {job.case_id: k for k, job in enumerate(every)}
+    for chunk in sorted({position[c] // size for c in redraw}):
+        batch = every[chunk * size:(chunk + 1) * size]
+        yield batch, {job.case_id for job in batch} & redraw
+    rest = [job for job in jobs if job.case_id not in redraw]
+    for b in range(0, len(rest), size):
+        yield rest[b:b + size], {job.case_id for job in rest[b:b + size]}
 
 
 def _pending_jobs(manifest: Path, report_file: Path, rows: pd.DataFrame, indices: range,
@@ -185,20 +235,24 @@ def _pending_jobs(manifest: Path, report_file: Path, rows: pd.DataFrame, indices
     if report_file.exists():  # keep only records of finished cases (the rest are redone)
         old = pd.read_csv(report_file)
         report_rows = old[old["case_id"].isin(done)].to_dict("records") if len(old) else []
-    jobs = []
-    for i in indices:  # masks used round-robin
-        row = rows.iloc[i % len(rows)]
-        job = _Job(i, f"{case_prefix}{i:05d}_{row['case_id']}", row)
-        if job.case_id not in done:
-            jobs.append(job)
+    jobs = [job for job in (_job(i, rows, case_prefix) for i in indices) if job.case_id not in done]
     return jobs, report_rows
 
 
 def _load_generator(gen_path: Path, config: SynthesisConfig, device: str) -> _Generator:
     model, cfg, meta = load_generator(gen_path)
     model.to(resolve_device(device))  # samples come back to the CPU (synth.schedulers.sample) before writing
-    sampler = make_sampler(config.sampler, cfg.timesteps, cfg.schedule, eta=config.eta, spacing=config.spacing,
-                           analytic=config.analytic)
+    if config.sampler == DISTILLED:  # a distilled student samples as its card says, at its own step count
+        from .distill import student_card
+
+        student_steps = int(student_card(meta, gen_path)["student_steps"])
+        if config.steps != student_steps:
+            raise ConfigError(f"{gen_path} is a {student_steps}-step distilled student: sample it with steps "
+                              f"{student_steps} (--steps {student_steps}, or leave --steps out), not {config.steps}")
+        sampler = distilled_sampler(student_steps, NoiseSchedule.build(cfg.timesteps, cfg.schedule))
+    else:
+        sampler = make_sampler(config.sampler, cfg.timesteps, cfg.schedule, eta=config.eta, spacing=config.spacing,
+                               analytic=config.analytic)
     sampler.timesteps(config.steps)  # refuses a step count outside 1..T before any work
     return _Generator(model, cfg, sampler, sha256_file(gen_path),
                       load_gate_ranges(gen_path.parent / RANGES_FILE, imported=SOURCE_META in meta))

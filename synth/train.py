@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from core.determinism import deterministic_algorithms
 from core.device import autocast_dtype, resolve_device
 from core.errors import InputError, ConfigError
-from core.fsutil import atomic_torch_save, atomic_write_csv, atomic_write_text, read_csv_log, sha256_bytes
+from core.fsutil import atomic_path, atomic_write_csv, atomic_write_text, read_csv_log, sha256_bytes, sha256_file
 from cohort.manifest import FILE_COLUMNS
 from cohort.profiles import get_profile
 from core.threads import torch_threads
@@ -36,10 +36,14 @@ from .config import MedDDPMConfig, get_config
 from .data import StepBatchSampler, case_loader, collate_pair, rank_shard, training_dataset, training_rows
 from .distributed import Ranks, mean_over_ranks, process_group, rank_device, ranks_from_env
 from .network import build_unet
-from .quality import intensity_ranges, save_ranges
+from .quality import GATE_FORMAT, intensity_ranges, save_ranges
 from .schedulers import make_training_scheduler, model_input
 
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
+# The training record: the sha256 of the generator, the resumable state and the intensity ranges as written, so a
+# resume reuses none of them damaged. The state's entry lists the hashes a kill may leave on disk (the old and the
+# new state while the new one is renamed into place), so an interrupted checkpoint is never taken for damage.
+RECORD_FILE = "checkpoints/record.json"
 
 
 def lr_at(config: MedDDPMConfig, step: int) -> float:
@@ -235,19 +239,77 @@ def _check_settings(cfg: MedDDPMConfig, ranks: Ranks):
 def _resume_state(out: Path, cfg: MedDDPMConfig, cases_hash: str) -> dict | None:
     """The last checkpoint (every rank reads the same file), checked against this run's settings; None if new."""
     state_path = out / STATE_FILE
+    _verify_run_files(out)
     if not state_path.exists():
         return None
     st = load_state(state_path)
     _check_resume(state_path, st, cfg, cases_hash)
+    if int(st["step"]) < cfg.steps:
+        print(f"{out}: resuming Med-DDPM training at step {int(st['step'])} of {cfg.steps} (the last checkpoint of "
+              "a run that stopped there)", flush=True)
     return st
 
 
+def read_training_record(out: str | Path) -> dict | None:
+    """The training record of a training folder (RECORD_FILE), or None (a run from before records existed)."""
+    try:
+        return json.loads((Path(out) / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def training_damage(out: str | Path) -> list[tuple[Path, str]]:
+    """(file, problem) for each file of a training folder whose sha256 differs from its training record: the
+    resumable state, the generator, the intensity ranges. [] when intact or when there is no record."""
+    out, record = Path(out), read_training_record(out)
+    if record is None:
+        return []
+    damage = []
+    for name, key in ((STATE_FILE, "state_sha256"), (GENERATOR_FILE, "generator_sha256"),
+                      (RANGES_FILE, "ranges_sha256")):
+        want = record.get(key)
+        wanted = want if isinstance(want, list) else [want]
+        try:
+            intact = want is None or sha256_file(out / name) in wanted
+        except FileNotFoundError:  # not written yet, or removed for rebuilding (by another rank)
+            continue
+        if not intact:
+            damage.append((out / name, f"sha256 differs from the training record {out / RECORD_FILE}"))
+    return damage
+
+
+def _verify_run_files(out: Path) -> None:
+    """Before a resume: a damaged state is refused (it cannot be rebuilt); a damaged generator or intensity-range
+    file is removed, and made again from the state (the generator: the same bytes) or from the training cases."""
+    for path, problem in training_damage(out):
+        if path == out / STATE_FILE:
+            raise InputError(path, f"damaged: {problem}, so training cannot resume from it. Restore it, or delete "
+                                   f"{path.parent} and rerun the same command to train again from step 0",
+                             kind="damaged")
+        print(f"{path}: {problem}; rebuilding it", flush=True)
+        path.unlink(missing_ok=True)  # every rank checks; _finish / the next checkpoint writes it again
+
+
+def _ranges_current(path: Path) -> bool:
+    """Whether the intensity-ranges file exists in the current gate format."""
+    try:
+        return json.loads(path.read_text()).get("format") == GATE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _write_run_files(out: Path, manifest, cfg: MedDDPMConfig, rows, cases_hash: str, dataset, device) -> None:
-    """config.json, and the quality gate's intensity ranges (once), read one case at a time."""
+    """config.json, and the quality gate's intensity ranges, read one case at a time: written once, and again when
+    missing (removed as damaged) or of an older gate format (synth.quality.GATE_FORMAT), the training record then
+    following (a finished run's folder thus gets the current gate from the same command)."""
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / RANGES_FILE).exists():
+    if not _ranges_current(out / RANGES_FILE):
         cases = case_loader(dataset, _data_workers(cfg, device), batch_size=None)
         save_ranges(out / RANGES_FILE, intensity_ranges(cases, cfg.modalities))
+        record = read_training_record(out)
+        if record is not None:
+            atomic_write_text(out / RECORD_FILE, json.dumps(
+                {**record, "ranges_sha256": sha256_file(out / RANGES_FILE)}, indent=1))
     atomic_write_text(out / CONFIG_FILE, json.dumps({**cfg.to_dict(), "config_hash": cfg.hash(),
                                                      "manifest": str(Path(manifest).resolve()),
                                                      "train_cases": rows["case_id"].tolist(),
@@ -370,10 +432,18 @@ def _checkpoint(run: _Run) -> None:
     cfg = run.cfg
     atomic_write_csv(run.out / LOSS_LOG, run.log_rows, LOG_FIELDS)
     save_generator(run.out / GENERATOR_FILE, run.ema, cfg, run.step)
-    atomic_torch_save({"model": run.net.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.opt.state_dict(),
-                       "scaler": run.scaler.state_dict(), "rng": run.rng.get_state(), "step": run.step,
-                       "config_hash": cfg.hash(), "config": cfg.to_json(), "lr_horizon": cfg.steps,
-                       "training_cases_hash": run.cases_hash}, run.out / STATE_FILE)
+    record = {"step": run.step, "generator_sha256": sha256_file(run.out / GENERATOR_FILE),
+              "ranges_sha256": sha256_file(run.out / RANGES_FILE) if (run.out / RANGES_FILE).exists() else None}
+    before = (read_training_record(run.out) or {}).get("state_sha256") or []
+    with atomic_path(run.out / STATE_FILE) as tmp:
+        torch.save({"model": run.net.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.opt.state_dict(),
+                    "scaler": run.scaler.state_dict(), "rng": run.rng.get_state(), "step": run.step,
+                    "config_hash": cfg.hash(), "config": cfg.to_json(), "lr_horizon": cfg.steps,
+                    "training_cases_hash": run.cases_hash}, tmp)
+        state_sha = sha256_file(tmp)
+        # a kill from here until the record below leaves the old or the new state: both count as intact
+        atomic_write_text(run.out / RECORD_FILE, json.dumps({**record, "state_sha256": [*before[-1:], state_sha]}))
+    atomic_write_text(run.out / RECORD_FILE, json.dumps({**record, "state_sha256": [state_sha]}, indent=1))
 
 
 def _train_steps(run: _Run, batches) -> None:
@@ -405,7 +475,12 @@ def _train_steps(run: _Run, batches) -> None:
 
 def _finish(run: _Run) -> None:
     """A run resumed at its last step still leaves its generator, state and loss curve."""
-    if not (run.out / GENERATOR_FILE).exists() or not (run.out / STATE_FILE).exists():
+    if not (run.out / STATE_FILE).exists() or read_training_record(run.out) is None:  # a run without record
         _checkpoint(run)
+    elif not (run.out / GENERATOR_FILE).exists():  # removed as damaged: the same bytes again from the state's EMA
+        save_generator(run.out / GENERATOR_FILE, run.ema, run.cfg, run.step)
+        record = read_training_record(run.out)
+        atomic_write_text(run.out / RECORD_FILE, json.dumps(
+            {**record, "generator_sha256": sha256_file(run.out / GENERATOR_FILE)}, indent=1))
     if run.log_rows:
         plot_loss(run.out / LOSS_LOG, run.out / "loss_curve.png")

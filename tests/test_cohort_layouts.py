@@ -3,6 +3,7 @@ mapping) and one tumour drawn in each convention lands as the same NCR/ED/ET vox
 clear InputError; the worker pool gives the serial import's manifest."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -156,3 +157,27 @@ def test_workers_give_the_serial_manifest_keep_bad_cases_and_resume(tmp_path):
     assert load_manifest(rep.manifest).equals(load_manifest(serial.manifest))
     again = import_brats(src, tmp_path / "out", profile="tiny", workers=2)
     assert again.imported == [] and again.skipped == good
+
+
+def test_import_cohort_cases_from_imports_the_listed_cases_records_the_list_and_refuses_unknown_ids(tmp_path,
+                                                                                                     capsys):
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_brats_case(src, f"BraTS2021_{i:05d}", rng)
+    listed = tmp_path / "picks.txt"
+    listed.write_text("# hand-picked\nBraTS2021_00002\nBraTS2021_00000  # good one\n")
+    out = tmp_path / "out"
+    assert medddpm_main(["import-brats", str(src), "--out", str(out), "--profile", "tiny",
+                         "--cases-from", str(listed)]) == 0
+    assert load_manifest(out / "data_manifest.csv")["case_id"].tolist() == ["BraTS2021_00000", "BraTS2021_00002"]
+    record = json.loads((out / "case_list.json").read_text())
+    assert record["sha256"] == hashlib.sha256(listed.read_bytes()).hexdigest() and record["n_cases"] == 2
+    capsys.readouterr()
+    bad = tmp_path / "bad.txt"
+    bad.write_text("BraTS2021_00001\nBraTS2021_00042\nBraTS2021_00077\n")
+    assert medddpm_main(["import-brats", str(src), "--out", str(tmp_path / "x"), "--profile", "tiny",
+                         "--cases-from", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "BraTS2021_00042, BraTS2021_00077" in err and "BraTS2021_00001" not in err
+    assert not (tmp_path / "x").exists()

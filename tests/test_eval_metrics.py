@@ -286,3 +286,36 @@ def test_variance_components_recover_planted_ones_and_give_the_study_mde():
     # more seeds and cases can only shrink the minimum detectable Δ
     comp = VarianceComponents(0.01, 0.01, 0.01)
     assert min_detectable_delta(comp, 12, 3) > min_detectable_delta(comp, 12, 6) > min_detectable_delta(comp, 50, 6)
+
+
+def test_variance_components_of_seed_paired_mixes():
+    """Seeds that pair up (the same seed numbers in both mixes) whose offsets are mostly shared: the difference
+    table's seed component is the unshared part only (2 × 0.02² here, against 0.06² + 0.02² per mix), the paired
+    minimum detectable Δ is smaller than the unpaired one; seeds that do not pair up give NaN."""
+    rng = np.random.default_rng(12)
+    n, k = 40, 8
+    difficulty, shared = rng.normal(0.7, 0.15, n), rng.normal(0, 0.06, k)
+
+    def rows_for(seeds):
+        rows = []
+        for mix, n_r, n_s in (("1:0", 8, 0), ("1:1", 8, 8)):
+            inter = rng.normal(0, 0.05, n)
+            for j, seed in enumerate(seeds[mix]):
+                off = shared[j] + rng.normal(0, 0.02)
+                rows += [{"run": f"{mix}-s{seed}", "mix": mix, "n_real": n_r, "n_synth": n_s, "backend": "monai",
+                          "seed": seed, "test_set": "test", "case_id": f"c{c}", "region": "TC",
+                          "dice": difficulty[c] + inter[c] + off + rng.normal(0, 0.03), "hd95": 1.0}
+                         for c in range(n)]
+        return pd.DataFrame(rows)
+
+    vc = variance_components(rows_for({"1:0": range(k), "1:1": range(k)})).iloc[0]
+    assert vc["seed_diff_var"] < 0.5 * vc["seed_var"] and vc["seed_diff_var"] < 4 * 2 * 0.02 ** 2
+    assert vc["residual_diff_var"] == pytest.approx(2 * 0.03 ** 2, rel=0.2)
+    comp = VarianceComponents(vc["case_var"], vc["seed_var"], vc["residual_var"], vc["seed_diff_var"],
+                              vc["residual_diff_var"])
+    assert min_detectable_delta(comp, 12, 3) < 0.8 * min_detectable_delta(comp, 12, 3, paired=False)
+    unpaired = rows_for({"1:0": range(k), "1:1": range(k, 2 * k)})
+    other = variance_components(unpaired).iloc[0]
+    assert np.isnan(other["seed_diff_var"]) and np.isnan(other["residual_diff_var"])
+    assert list(paired_vs_real(unpaired)["seeds_paired"]) == [False]
+    assert list(paired_vs_real(rows_for({"1:0": range(k), "1:1": range(k)}))["seeds_paired"]) == [True]

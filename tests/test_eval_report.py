@@ -338,3 +338,46 @@ def test_primary_comparison_is_declared_in_the_study_parameters(study, tmp_path)
         (study / "study.json").write_text(json.dumps(record))
     assert "the study parameter 'primary' = 'TC'" in md
     assert md.count("- Primary — ") == 3 and "- Primary — 0:1, TC, test set 'test'" in md
+
+
+def test_report_states_fidelity_against_held_out_cases_and_memorisation_against_its_baseline(study, tmp_path):
+    """The held-out fidelity rows give one sentence with both distances and the excess; the memorisation figure is
+    the owner-similarity gap against the held-out samples, with its interval; the retired measures are gone."""
+    import shutil
+
+    from eval.memorisation import MEMORISATION_COLUMNS
+    from eval.report import build_report
+    from eval.results import write_results
+    from eval.synthesis import HOLDOUT_POOL, SYNTHESIS_COLUMNS
+
+    s = tmp_path / "s"
+    shutil.copytree(study, s)
+    fid = pd.DataFrame([
+        {"synthetic_id": HOLDOUT_POOL, "metric": m, "region": "", "value": v, "sd": np.nan, "ci_low": lo,
+         "ci_high": hi, "n": 3, "reference": "held-out real cases", "feature_extractor": "radiomics",
+         "settings": "3 held-out masks vs 5 other held-out real cases"}
+        for m, v, lo, hi in (("fidelity_frd", 260.0, 200.0, 330.0), ("fidelity_frd_real", 120.0, 90.0, 160.0),
+                             ("fidelity_frd_excess", 140.0, 60.0, 210.0))], columns=list(SYNTHESIS_COLUMNS))
+    write_results(s, synthesis=fid)
+
+    def mem_rows(sid, owners, sims):
+        return [{"synthetic_id": sid, "kind": "synthetic", "case_id": f"{sid}_{o}", "nn_case_id": "ph_000",
+                 "nn_similarity": x, "owner_case_id": o, "owner_similarity": x, "mask_similarity": 0.3,
+                 "threshold": 0.95, "threshold_rule": "max", "copy_nn": False, "copy_owner": False,
+                 "above_painted_mask": True, "similarity": "pearson-in-brain"} for o, x in zip(owners, sims)]
+
+    mem = pd.DataFrame(mem_rows("study-real-masks", ["ph_000", "ph_001", "ph_002"], [0.90, 0.92, 0.95])
+                       + mem_rows(HOLDOUT_POOL, ["ph_006", "ph_007", "ph_008"], [0.70, 0.72, 0.69]),
+                       columns=list(MEMORISATION_COLUMNS))
+    write_results(s, memorisation=mem, append=False)
+    md = (build_report(s) / "report.md").read_text()
+    assert ("Fidelity on 3 held-out masks (radiomics Fréchet distance to other held-out real cases, 95 % bootstrap "
+            "intervals): synthetic 260.00 [200.00, 330.00], the real images of the same masks 120.00 [90.00, 160.00], "
+            "excess 140.00 [60.00, 210.00] — the samples are farther from the held-out real cases than real images "
+            "are") in md
+    line = next(x for x in md.splitlines() if x.startswith("**Memorisation, study-real-masks:"))
+    assert "owner similarity 0.923 on the masks of 3 training cases vs 0.703 on 3 held-out masks, gap +0.220 [" in line
+    assert "the generator reproduces its training patients" in line
+    assert "frac_above_painted_mask" in md
+    for retired in ("frac_beyond_mask", "frechet_distance_real_floor", "the memorisation signal"):
+        assert retired not in md

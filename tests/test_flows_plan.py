@@ -41,7 +41,7 @@ def test_plan_of_the_paper_mixes(toy_cohort, tmp_path):
     assert r.config == {"profile": "tiny", "epochs": 2, "backend": "monai", "seed": 1}
     assert r.model_dir == str(tmp_path.resolve() / "segmenters" / r.run)
     assert runs["r0-s1-nnunet-s0" + cfg].real_ids == []
-    # the judge: the first real-only run of the MONAI back end (its encoder gives the Fréchet features)
+    # the judge: the first real-only run of the MONAI back end (its predictions: the pools' semantic consistency)
     assert plan.judge == "r1-s0-monai-s0" + cfg
     assert [t.name for t in plan.test_sets] == ["test"] and plan.test_sets[0].manifest is None
 
@@ -63,6 +63,29 @@ def test_jobs_follow_the_gate_policy(toy_cohort, tmp_path):
     assert jobs["1:0"]["case_ids"] == plan.train_ids and jobs["1:0"]["columns"]["n_synth"] == 0
     with pytest.raises(InputError, match="study-real-masks.*mix 0:1 needs 3 synthetic cases but only 2"):
         plan.jobs({"real": pool_order(pool, "exclude")})
+
+
+def test_holdout_pool_is_held_out_from_the_generator_and_every_segmenter(toy_cohort, tmp_path):
+    """The held-out masks and the real reference are disjoint, drawn (seeded) from the real cases the generator
+    never trains on, and no run takes a case from them; with medddpm_on="all" only non-train cases qualify."""
+    params = StudyParams(mixes=["1:0", "0:1", "1:2@edited"], n_real=3, synth_seed=4)
+    plan = plan_study(params, toy_cohort, tmp_path)
+    h = plan.holdout
+    held = {f"toy_{i:03d}" for i in range(10)} - set(plan.train_ids)
+    assert len(h.mask_ids) == 3 and set(h.mask_ids) | set(h.reference_ids) == held  # min(8, 7 // 2) masks
+    assert not set(h.mask_ids) & set(h.reference_ids) and h.mask_ids == sorted(h.mask_ids)
+    assert h.cohort_id == "study-holdout-masks" and h.out_dir == str(tmp_path.resolve() / "synthetic" / h.cohort_id)
+    assert h.seed not in {p.seed for p in plan.pools}
+    assert all(set(r.real_ids).isdisjoint(held) for r in plan.runs)
+    assert {p.name for p in plan.pools} == {"real", "edited"}  # the held-out pool is no mix's pool
+    assert plan_study(params, toy_cohort, tmp_path).holdout == h  # same seed, same draw
+    assert plan_study(StudyParams(n_real=3, synth_seed=5), toy_cohort, tmp_path).holdout.mask_ids != h.mask_ids
+    every = plan_study(StudyParams(n_real=3, medddpm_on="all"), toy_cohort, tmp_path).holdout
+    assert set(every.mask_ids) | set(every.reference_ids) == {"toy_006", "toy_007", "toy_008", "toy_009"}
+    assert plan_study(StudyParams(n_real=3, holdout_masks=0), toy_cohort, tmp_path).holdout is None
+    assert plan_study(StudyParams(mixes=["1:0"], n_real=3), toy_cohort, tmp_path).holdout is None  # no generator
+    with pytest.raises(ConfigError, match="holdout_masks"):
+        StudyParams(holdout_masks=-1)
 
 
 def test_external_test_set_and_generator_data(toy_cohort, tmp_path):
@@ -89,12 +112,14 @@ def test_bad_cohort_raises_cohort_error_naming_it(toy_cohort, tmp_path):
 
 
 def test_study_key_and_record_parameters_are_the_flow_parameters():
-    """study_key hashes the 19 result-defining parameters (not out/parallel/Dask), mixes in canonical form;
-    'primary' only where it is not the default (keys of earlier studies unchanged)."""
+    """study_key hashes the 21 result-defining parameters (not out/parallel/Dask), mixes in canonical form;
+    'primary', 'holdout_masks' and 'cases_from' only where they are not the default (keys of earlier studies
+    unchanged)."""
     p = StudyParams(mixes=["1:1@real", " 1 : 2 @ edited"])
     assert p.mixes == ["1:1", "1:2@edited"]
-    assert len(p.as_dict()) == 19 and "out" not in p.as_dict() and p.as_dict()["primary"] == "mean"
+    assert len(p.as_dict()) == 21 and "out" not in p.as_dict() and p.as_dict()["primary"] == "mean"
     assert p.study_key == StudyParams(mixes=["1:1", "1:2@edited"]).study_key != StudyParams().study_key
+    assert StudyParams(holdout_masks=0).study_key != StudyParams().study_key
 
 
 def test_planning_imports_no_prefect():
@@ -103,13 +128,14 @@ def test_planning_imports_no_prefect():
 
 
 def test_params_picked_from_the_flow_signature_are_all_its_result_parameters():
-    """Every parameter of augment_study is a StudyParams field except where and how it runs."""
+    """Every parameter of augment_study is a StudyParams field except where and how it runs (and waits)."""
     import inspect
 
     from flows.study import augment_study
 
     names = set(inspect.signature(augment_study.fn).parameters)
-    assert names - set(StudyParams().as_dict()) == {"out", "parallel", "dask_address", "dask_workers", "device", "gpus"}
+    assert names - set(StudyParams().as_dict()) == {"out", "parallel", "dask_address", "dask_workers", "device", "gpus",
+                                                    "wait"}
     assert StudyParams.pick({"n_real": 3, "out": "x", "parallel": 1}) == StudyParams(n_real=3)
 
 

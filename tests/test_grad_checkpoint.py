@@ -97,19 +97,20 @@ def test_monai_checkpointing_recomputes_one_resnet_or_attention_block_at_a_time(
 
 
 def test_monai_checkpointing_keeps_each_skip_once():
-    """The skip concatenation of MONAI's up blocks runs inside the ResNet block's checkpoint: the concatenated
-    tensor (a second copy of the skip) is not kept for the backward pass."""
+    """The skip concatenation of MONAI's up blocks runs inside the ResNet block's checkpoint segments: the
+    concatenated tensor (a second copy of the skip) is not kept for the backward pass."""
     from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 
     cfg = get_config("tiny").replace(grad_checkpoint=True)
     torch.manual_seed(0)
     net = build_unet(cfg).train()
     up_resnets = [m for b in net.up_blocks for m in b.resnets if isinstance(m, DiffusionUNetResnetBlock)]
-    _assert_concatenations_not_saved(net, up_resnets, torch.randn(2, cfg.in_channels, 16, 16, 16))
+    # each block's first GroupNorm sees concat(h, skip)
+    _assert_concatenations_not_saved(net, [m.norm1 for m in up_resnets], torch.randn(2, cfg.in_channels, 16, 16, 16))
 
 
 def _assert_concatenations_not_saved(net, resnets, x):
-    """The inputs of ``resnets`` (concat(h, skip)) seen in the forward pass are not among the tensors autograd
+    """The first inputs of ``resnets`` (concat(h, skip)) seen in the forward pass are not among the tensors autograd
     keeps for the backward pass (they are held here so their memory cannot be reused by a kept tensor)."""
     concatenated, saved = [], set()
     handles = [m.register_forward_pre_hook(lambda _m, args: concatenated.append(args[0])) for m in resnets]

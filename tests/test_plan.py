@@ -160,10 +160,10 @@ def test_gpu_check_skips_a_row_the_plan_says_cannot_fit(monkeypatch):
 
     from bench import gpu_check
 
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(total_memory=80 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(total_memory=40 * 2 ** 30))
     total = gpu_check.device_memory(torch.device("cuda", 0))
-    assert total == 80 * 2 ** 30 and gpu_check.device_memory(torch.device("cpu")) is None
-    fp32 = train_step_cost(get_config("paper-brats")).peak_bytes
-    assert "more than this device's 80.0 GiB" in gpu_check.memory_skip_reason(fp32, total)
+    assert total == 40 * 2 ** 30 and gpu_check.device_memory(torch.device("cpu")) is None
+    fp32 = train_step_cost(get_config("paper-brats")).peak_bytes  # ~70 GiB: an 80 GB card's, not a 40 GB one's
+    assert "more than this device's 40.0 GiB" in gpu_check.memory_skip_reason(fp32, total)
     assert gpu_check.memory_skip_reason(total - 3 * 2 ** 30, total) is None
     assert gpu_check.memory_skip_reason(fp32, None) is None  # the CPU: nothing skipped for memory

@@ -1,0 +1,84 @@
+"""Distil the shipped demo generator (synth/shipped.SHIPPED["demo"]) into an N-step student and write it with its
+card beside the generator. Resumable: rerunning after an interruption continues (`medddpm distill` resumes), and
+rerunning after it finished only writes the card again.
+
+    .venv/bin/python scripts/distill_demo_generator.py --work /work/distill [--steps 4] [--round-steps 1000]
+
+It builds the demo generator's own pre-training cohort (synth.shipped.PRETRAIN_COHORT: 160 phantom cases, seed
+1000, none of them a study case, so a study's test cases stay unseen by the student too) and runs
+
+    medddpm distill --checkpoint synth/pretrained/demo-phantom-v4.safetensors --manifest COHORT --steps N
+                    --teacher-steps DEMO["teacher_steps"] --round-steps R ... --threads 2
+
+(progressive distillation: log2(teacher_steps / N) halving rounds of R optimizer steps, synth/distill.py), then
+copies the student to synth/pretrained/demo-phantom-v4-distilled-N.safetensors with a JSON card: the teacher's
+sha256, the method and its settings, the commands, the training cases' hash and the measured time. The study
+uses it once synth.shipped lists it (not done by this script).
+
+Time (measured 2026-12-05 on the shared 2-core machine under a load of ~8, docs/decisions/0019-distillation.md):
+one demo distillation step (batch 2: two teacher network calls without gradient, one student step) took 5.8-15 s
+there; on a quiet machine a demo training step takes ~0.5 s and a distillation step ~1.7 training steps, so the
+default 3 x 1000 steps is projected at ~45 min on 2 quiet cores (not yet measured).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from core.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
+from synth.shipped import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+# the demo student's recipe: DDIM-32 (eta 0) teacher halved to N steps; lr and EMA as synth.distill.DistillConfig
+DEMO = {"teacher_steps": 32, "round_steps": 1000, "lr": 1e-4, "lr_min": 1e-5, "seed": 0, "checkpoint_every": 100}
+
+
+def student_name(steps: int) -> str:
+    return Path(SHIPPED["demo"]).stem + f"-distilled-{steps}.safetensors"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", required=True, help="working folder (cohort/ and the distillation's folder)")
+    ap.add_argument("--steps", type=int, default=4, choices=(1, 2, 4, 8), help="the student's sampling steps")
+    ap.add_argument("--round-steps", type=int, default=DEMO["round_steps"], help="optimizer steps per round")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    work = Path(args.work).resolve()
+    medddpm = str(Path(sys.executable).parent / "medddpm")
+    manifest = str(work / "cohort" / "data_manifest.csv")
+    teacher = (SHIPPED_DIR / SHIPPED["demo"]).relative_to(REPO)
+    out = work / f"distilled-{args.steps}"
+    commands = [[medddpm, "build-phantom", "--out", str(work / "cohort"), "--cases", str(PRETRAIN_COHORT["n_cases"]),
+                 "--seed", str(PRETRAIN_COHORT["seed"]), "--profile", PRETRAIN_COHORT["profile"]],
+                [medddpm, "distill", "--checkpoint", str(teacher), "--manifest", manifest, "--out", str(out),
+                 "--steps", str(args.steps), "--teacher-steps", str(DEMO["teacher_steps"]),
+                 "--round-steps", str(args.round_steps), "--lr", str(DEMO["lr"]), "--lr-min", str(DEMO["lr_min"]),
+                 "--seed", str(DEMO["seed"]), "--checkpoint-every", str(DEMO["checkpoint_every"]),
+                 "--threads", str(args.threads), "--no-progress"]]
+    t0 = time.perf_counter()
+    for cmd in commands:
+        subprocess.run(cmd, check=True, cwd=REPO)
+    dest = SHIPPED_DIR / student_name(args.steps)
+    atomic_write_bytes(dest, (out / "generator.safetensors").read_bytes())  # never a half-copied shipped file
+    run_card = json.loads((out / "distill_card.json").read_text())
+    card = {"file": dest.name, "sha256": sha256_file(dest), "profile": "demo",
+            "what": f"{args.steps}-step student of the shipped demo generator (progressive distillation on "
+                    "SIMULATED-tumour phantom cases with real atlas anatomy; sample with --sampler distilled)",
+            "pretrain_cohort": PRETRAIN_COHORT, **{k: run_card[k] for k in (
+                "method", "reference", "teacher_sha256", "teacher_steps", "student_steps", "sampler", "rounds",
+                "settings", "training_cases_hash", "round_seconds")},
+            "teacher": str(teacher), "distill_seconds": round(sum(run_card["round_seconds"]), 1),
+            "commands": [" ".join(["medddpm", *c[1:]]) for c in commands],
+            "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_text(dest.with_suffix(".json"), json.dumps(card, indent=1) + "\n")
+    print(json.dumps(card, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Progressive distillation (synth.distill): the oracle (an analytic denoiser whose N-step student must reproduce its
+2N-step DDIM samples), the verb's resume after SIGKILL (same bytes), and synthesis with a distilled student."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.errors import ConfigError, InputError
+from cohort.manifest import load_manifest
+from synth.checkpoint import STATE_FILE, load_generator
+from synth.distill import (CARD_FILE, DistillConfig, RoundPlan, distill_generator, distillation_loss,
+                           student_steps_of)
+from synth.schedulers import NoiseSchedule, distilled_sampler, make_sampler, sample
+from synth.synthesize import SynthesisConfig, synthesize_cohort
+from synth.train import train_medddpm
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the machine is shared
+
+FAST = {"num_threads": 1, "progress": False}
+S = 0.3  # the oracle's data: every voxel of x0 ~ N(0, S²)
+
+
+class LinearV(torch.nn.Module):
+    """A v-prediction "network" v̂ = θ_t · x_t (its input's first channel), one scalar per timestep. With θ_t the
+    exact coefficient it is the Gaussian data's exact denoiser (the teacher); as a trainable family it holds the
+    exact distilled student, since every DDIM step of a linear denoiser is a linear map."""
+
+    def __init__(self, theta: torch.Tensor, trainable: bool):
+        super().__init__()
+        self.theta = torch.nn.Parameter(theta.clone().float(), requires_grad=trainable)
+
+    def forward(self, inp, t):
+        return self.theta[t].view(-1, 1, 1, 1, 1) * inp[:, :1]
+
+
+def exact_v_coefficients(schedule: NoiseSchedule) -> torch.Tensor:
+    """v = (√ᾱ·x_t − E[x0 | x_t])/√(1−ᾱ) with E[x0 | x_t] = √ᾱ·S²/(ᾱS² + 1 − ᾱ)·x_t, per timestep."""
+    a = schedule.alphas_cumprod
+    return (a.sqrt() - a.sqrt() * S * S / (a * S * S + 1 - a)) / (1 - a).sqrt()
+
+
+def _samples(model, sampler, steps: int, n: int = 4, side: int = 16) -> torch.Tensor:
+    cond = torch.zeros((n, 0, side, side, side))
+    return sample(model, sampler, cond, 1, steps, list(range(100, 100 + n)), prediction="v")
+
+
+def test_oracle_student_reproduces_the_teachers_2n_step_distribution_and_plain_n_steps_do_not():
+    """Distil the exact denoiser of Gaussian data from its DDIM-4 (eta 0) to a 2-step student with the module's
+    loss and Adam; sampled with the distilled sampler, the student's samples have the teacher's DDIM-4 mean and
+    sd (0.161), which the teacher's own DDIM-2 (sd 0.082) misses by far."""
+    schedule = NoiseSchedule.build()
+    teacher = LinearV(exact_v_coefficients(schedule), trainable=False)
+    student = LinearV(exact_v_coefficients(schedule), trainable=True)  # initialised from the teacher (the method)
+    plan = RoundPlan.build(schedule.T, 2)
+    assert plan.student_ts == (249, 124) and plan.teacher_ts == (249, 187, 124, 62)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        x0 = S * torch.randn((8, 1, 6, 6, 6), generator=g)
+        k = torch.randint(0, plan.n, (8,), generator=g)
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        distillation_loss(student, teacher, x0, torch.zeros((8, 0, 6, 6, 6)), k, noise, plan, schedule, "v",
+                          1.0).backward()
+        opt.step()
+    ddim0 = make_sampler("ddim", eta=0.0, spacing="leading")
+    target = _samples(teacher, ddim0, 4)
+    plain = _samples(teacher, ddim0, 2)
+    distilled = _samples(student, distilled_sampler(2, schedule), 2)
+    assert abs(float(target.std()) - 0.161) < 0.01  # the teacher's DDIM-4, as bench.gaussian_probe measures it
+    assert abs(float(distilled.std()) - float(target.std())) < 0.01, (float(distilled.std()), float(target.std()))
+    assert abs(float(distilled.mean()) - float(target.mean())) < 0.005
+    assert abs(float(plain.std()) - float(target.std())) > 0.05  # so the test can fail: 2 plain steps are far off
+    # the same starting noise ends on (nearly) the same sample: the student's step is the teacher's two steps
+    assert float((distilled - target).abs().max()) < 1e-3
+
+
+def test_round_plan_and_settings_are_checked():
+    with pytest.raises(ConfigError, match="power of two"):
+        DistillConfig(steps=4, teacher_steps=24).rounds()
+    with pytest.raises(ConfigError, match="one of"):
+        DistillConfig(steps=3, teacher_steps=24).rounds()
+    assert DistillConfig(steps=1, teacher_steps=32).rounds() == 5
+    for n in (1, 2, 4, 8, 16):  # every other 2n-step timestep is an n-step timestep; the last step ends clean
+        plan = RoundPlan.build(250, n)
+        assert [plan.triple(k)[0] for k in range(n)] == list(plan.student_ts) and plan.triple(n - 1)[2] == -1
+
+
+@pytest.fixture(scope="module")
+def teacher(toy_cohort, tmp_path_factory):
+    """A tiny-profile generator (a few steps: the tests check bytes and bookkeeping, not quality)."""
+    return train_medddpm(toy_cohort, "tiny", tmp_path_factory.mktemp("teacher"), {**FAST, "steps": 6,
+                                                                                  "checkpoint_every": 6})
+
+
+DISTILL = dict(steps=1, teacher_steps=4, round_steps=6, checkpoint_every=2, num_threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def student(toy_cohort, teacher, tmp_path_factory):
+    """An uninterrupted 2-round distillation of the tiny teacher (4 -> 2 -> 1 steps)."""
+    return distill_generator(teacher, toy_cohort, tmp_path_factory.mktemp("student"), DistillConfig(**DISTILL))
+
+
+def test_student_is_a_generator_with_a_card(student, teacher):
+    model, cfg, meta = load_generator(student)
+    card = json.loads((student.parent / CARD_FILE).read_text())
+    from core.fsutil import sha256_file
+
+    assert card["teacher_sha256"] == sha256_file(teacher) and card["student_sha256"] == sha256_file(student)
+    assert card["method"] == "progressive-distillation" and card["student_steps"] == 1 and card["rounds"] == 2
+    assert card["sampler"] == "distilled-1" and card["settings"]["round_steps"] == 6
+    assert json.loads(meta["distillation"])["teacher_sha256"] == card["teacher_sha256"]
+    assert student_steps_of(student.parent) == 1 and (student.parent / "intensity_ranges.json").exists()
+    teacher_model, _, _ = load_generator(teacher)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                      teacher_model.state_dict().values()))  # it learned
+
+
+def test_distill_verb_resumes_after_sigkill_to_the_same_bytes(toy_cohort, teacher, student, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "medddpm.cli", "distill", "--checkpoint", str(teacher), "--manifest",
+           str(toy_cohort), "--out", str(out), "--steps", "1", "--teacher-steps", "4", "--round-steps", "6",
+           "--checkpoint-every", "2", "--threads", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    root = Path(__file__).parents[1]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = out / "rounds" / "round-1-4to2" / STATE_FILE
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "generator.safetensors").exists()  # killed mid-way
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "generator.safetensors").read_bytes() == student.read_bytes()
+    # other settings in the same folder are refused, not mixed in
+    with pytest.raises(InputError, match="other settings.*round_steps"):
+        distill_generator(teacher, toy_cohort, out, DistillConfig(**{**DISTILL, "round_steps": 8}))
+
+
+def test_synthesize_with_the_distilled_sampler_records_it_and_runs_ddim_eta0_on_the_students_steps(
+        toy_cohort, teacher, student, tmp_path):
+    out = synthesize_cohort(student, toy_cohort, tmp_path / "syn", SynthesisConfig(
+        count=1, sampler="distilled", steps=1, max_retries=0, **FAST))
+    row = load_manifest(out).iloc[0]
+    assert row["sampler"] == "distilled-1" and int(row["steps"]) == 1
+    from cohort.manifest import case_files
+    from cohort.nifti import read_array, read_label
+    from synth.network import condition_from_label
+
+    model, cfg, _ = load_generator(student)
+    lab, _ = read_label(case_files(out, row).label)
+    x = sample(model, make_sampler("ddim", eta=0.0, spacing="leading"), condition_from_label(lab, cfg.condition)[None],
+               cfg.out_channels, 1, [int(row["seed"])], prediction=cfg.prediction)
+    written = read_array(case_files(out, row).images["t1"])[0]
+    np.testing.assert_allclose(written, x[0, 0].numpy(), atol=1e-6)  # the plain DDIM eta 0 chain, 1 step
+    with pytest.raises(ConfigError, match="1-step distilled student"):
+        synthesize_cohort(student, toy_cohort, tmp_path / "syn2", SynthesisConfig(
+            count=1, sampler="distilled", steps=4, **FAST))
+    with pytest.raises(InputError, match="not a distilled student"):
+        synthesize_cohort(teacher, toy_cohort, tmp_path / "syn3", SynthesisConfig(
+            count=1, sampler="distilled", steps=1, **FAST))
+
+
+@pytest.mark.parametrize("changes", [{"architecture": "authors", "attention_levels": (False, False, True)},
+                                     {"prediction": "v"}], ids=["authors-architecture", "v-prediction"])
+def test_generators_of_either_architecture_and_prediction_distil_and_sample(toy_cohort, tmp_path, changes):
+    """An (untrained) generator of the authors' network, and a v-prediction one, go through one round and
+    synthesis with the distilled sampler; a v-teacher's loss counts the x0 error with truncated SNR (floor 1)."""
+    from synth.checkpoint import save_generator
+    from synth.config import get_config
+    from synth.network import build_unet
+
+    cfg = get_config("tiny").replace(**changes)
+    torch.manual_seed(0)
+    gen = save_generator(tmp_path / "gen" / "generator.safetensors", build_unet(cfg), cfg, 0)
+    student = distill_generator(gen, toy_cohort, tmp_path / "student", DistillConfig(**{**DISTILL, "round_steps": 2,
+                                                                                         "teacher_steps": 2}))
+    card = json.loads((student.parent / CARD_FILE).read_text())
+    assert card["teacher_architecture"] == cfg.architecture and card["teacher_prediction"] == cfg.prediction
+    assert card["loss_weight_floor"] == (1.0 if cfg.prediction == "v" else None)
+    _, scfg, _ = load_generator(student)
+    assert scfg.architecture == cfg.architecture and scfg.prediction == cfg.prediction
+    out = synthesize_cohort(student, toy_cohort, tmp_path / "syn", SynthesisConfig(
+        count=1, sampler="distilled", steps=1, max_retries=0, **FAST))
+    assert load_manifest(out).iloc[0]["sampler"] == "distilled-1"
