@@ -11,9 +11,9 @@ real test split with eval.segmentation. Prints one row per run with its wall sec
 first run, the gate pass rate, the mean MS-SSIM across masks (eval.synthesis, as the study's report; the real cases'
 value is printed once) and mean Dice per region with its spread over seeds (--seeds with no value skips the
 segmenters). With seeds, a second table gives each run's paired Dice difference from the first run per region, with
-the study's two-level bootstrap CI over test cases and seeds, and whether it is non-inferior (CI above -margin) or
-equivalent (CI within +-margin): eval.stats.paired_vs_first. Synthesis runs first, alone; then --jobs trainings at
-once, one torch thread each. Everything is resumable under --work.
+the study's calibrated interval over test cases and seeds (seeds paired across runs), and whether it is
+non-inferior (CI above -margin) or equivalent (CI within +-margin): eval.stats.paired_vs_first. Synthesis runs
+first, alone; then --jobs trainings at once, one torch thread each. Everything is resumable under --work.
 """
 from __future__ import annotations
 

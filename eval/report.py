@@ -407,9 +407,13 @@ def _gate_section(study: Path) -> _Blocks:
     table = gate_table(study)
     if len(table):
         doc.h("Synthetic images: quality gate")
-        doc.p("synth's MAISI-style gate, per case and modality against envelopes learnt from the generator's "
-              "training cases: each tissue label's median intensity, the background outside the brain, and the "
-              "noise level inside the brain (docs/medddpm.md). A failing sample is redrawn with new seeds; a case "
+        doc.p("synth's MAISI-style gate, per case against envelopes learnt from the generator's training cases "
+              "(variances moderated toward the pooled spread, so a label seen in one or two training cases gets a "
+              "wide but finite range): each tissue label's median intensity and the background per modality; "
+              "which modality is which (the correlation and the tumour contrast of each pair of modalities, each "
+              "modality's brain 95th percentile), so swapped or copied contrasts fail; and sharpness (a texture "
+              "ratio inside the brain that blur lowers and noise or a painted mask raise). Pass rates on real "
+              "and corrupted cases: docs/benchmarks.md (gate). A failing sample is redrawn with new seeds; a case "
               "still failing is kept and marked (the study's gate_failures setting decides whether mixes use it).")
         doc.table(table)
     return doc

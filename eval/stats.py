@@ -487,8 +487,9 @@ def ratio_interval(num: np.ndarray, den: np.ndarray, *, confidence: float = 0.95
 def paired_vs_first(runs: list[str], scores: dict, seeds: list[int], margin: float,
                     regions=("WT", "TC", "ET")) -> pd.DataFrame:
     """Each run's Dice minus the first run's (the reference, e.g. DDPM-250), per region, paired by test case, with
-    the study's interval (``paired_case_difference``: cases paired, each run's seeds on their own, as the same seed
-    on other samples is a different training). scores[(run, seed)]: a per-case table with case_id, region and dice.
+    the study's interval (``paired_case_difference``: cases paired, and seeds paired when every run has the same
+    seeds, since a seed gives the same initial weights and data order on any samples: decisions/0016).
+    scores[(run, seed)]: a per-case table with case_id, region and dice.
     'non-inferior' = the 95 % interval's lower end is above -margin; 'equivalent' = the whole interval lies within
     +-margin (both at least as strict as the one-sided 2.5 % tests)."""
 

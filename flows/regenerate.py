@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from core.errors import InputError
+from core.lock import folder_lock
 from eval.records import STUDY_JSON, StudyRecord
 
 from flows import registry, tasks  # absolute: see flows/study.py
@@ -59,10 +60,18 @@ def regenerate_cohort(
     keep: int | None = None,
     max_gate_failures: int = 0,
     device: str = "auto",
+    wait: float | None = 0,
 ) -> dict[str, Any]:
     """Synthesise, gate and register cohort regen-vNNN. count: cases (default: one per mask). keep: retention
     (the newest ``keep`` regenerated cohorts stay, plus any a study used; None keeps all). max_gate_failures:
-    cases still failing synth's quality gate after its redraws that are tolerated (default 0)."""
+    cases still failing synth's quality gate after its redraws that are tolerated (default 0). wait: if another run
+    owns the study folder (core.lock), seconds to wait for it (None: as long as it takes; 0: stop at once)."""
+    with folder_lock(study_dir, wait, what="regenerate-cohort flow"):  # the CLI's lock, taken again in-process
+        return _regenerate(study_dir, count, checkpoint, masks, sampler, steps, seed, keep, max_gate_failures, device)
+
+
+def _regenerate(study_dir: str, count: int | None, checkpoint: str | None, masks: str | None, sampler: str,
+                steps: int, seed: int | None, keep: int | None, max_gate_failures: int, device: str) -> dict[str, Any]:
     logger = get_run_logger()
     study = Path(study_dir).resolve()
     ck = ref(checkpoint or current_checkpoint(study))

@@ -165,6 +165,7 @@ def augment_study(
     once naming the owner); where it runs, not what it computes, so not a StudyParams field nor in the study key.
     """
     params = StudyParams.pick(locals())  # first statement: locals() holds exactly the flow's parameters
+    check_gpu_count(gpus, dask_address)  # before any work (and before the lock creates the folder)
     with folder_lock(out, wait, what="augment-study flow"):  # the CLI's lock, taken again in the same process
         return _run_study(params, out, parallel, dask_address, dask_workers, device, gpus)
 
@@ -173,7 +174,6 @@ def _run_study(params: StudyParams, out: str, parallel: int, dask_address: str |
                device: str, gpus: int) -> dict[str, Any]:
     """augment_study's stages, run while the study folder is held."""
     t_start = time.perf_counter()
-    check_gpu_count(gpus, dask_address)  # before any work, not once Med-DDPM has trained
     study = Path(out).resolve()
     study.mkdir(parents=True, exist_ok=True)
     runtime = {"device": device} if device != "auto" else {}  # where it runs: not part of what is computed

@@ -21,13 +21,22 @@ def _flags() -> tuple:
             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
 
 
+def _computes(inputs) -> bool:
+    """Whether a module call computes on real data: not the memory plan's count on fake or meta tensors (the CLI's
+    refusal check runs the network that way before the run, outside its determinism scope)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]  # none: called with keywords only, not judged
+    return bool(tensors) and not any(isinstance(t, FakeTensor) or t.is_meta for t in tensors)
+
+
 class _FlagsSeen:
-    """A global forward pre-hook recording the flags every module call runs under."""
+    """A global forward pre-hook recording the flags every module call on real data runs under."""
 
     def __enter__(self):
         self.seen = set()
         self.handle = torch.nn.modules.module.register_module_forward_pre_hook(
-            lambda _m, _inp: self.seen.add(_flags()))
+            lambda _m, _inp: self.seen.add(_flags()) if _computes(_inp) else None)
         return self
 
     def __exit__(self, *exc):

@@ -344,6 +344,28 @@ def test_cli_study_on_a_held_folder_says_who_holds_it_before_any_work(tmp_path):
     assert not (study / "cohort").exists()  # nothing was started
 
 
+def test_flows_take_the_folder_lock_themselves(tmp_path):
+    """A deployment run calls the flow, not the CLI: augment-study and regenerate-cohort take the study folder's
+    lock in their own body, so a run elsewhere holding it stops them before any work."""
+    from flows.regenerate import regenerate_cohort
+    from flows.study import augment_study
+
+    study = tmp_path / "study"
+    holder = subprocess.Popen([sys.executable, "-c", "from core.lock import folder_lock\nimport time\n"
+                               f"with folder_lock({str(study)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(30)\n"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusy, match=f"pid {holder.pid}"):
+            augment_study.fn(out=str(study), profile="tiny")
+        with pytest.raises(FolderBusy, match=f"pid {holder.pid}"):
+            regenerate_cohort.fn(study_dir=str(study))
+        assert not (study / "cohort").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+
+
 def test_verify_cli_lists_damage_and_exits_1(tmp_path):
     from cohort.manifest import append_rows, make_row
     from cohort.nifti import write_array

