@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import resource
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,18 @@ def time_calls(fn: Callable[[], object], repeat: int, warmup: int = 0) -> Timing
 # --- memory and CPU time ------------------------------------------------------------------------------------------
 
 def own_peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory of this process so far: VmHWM of /proc/self/status on Linux, else ru_maxrss. Not
+    ru_maxrss on Linux: a process started by fork + exec inherits its parent's high-water mark there (the kernel
+    keeps the old mm's peak in the signal struct at exec), so a child of a large parent (a long pytest run)
+    reported the parent's size as its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def cpu_seconds(children_only: bool = False) -> float:
