@@ -101,6 +101,23 @@ def _delta(r) -> str:
     return s
 
 
+# a staged arm's mix label ("A>B": trained on A, then fine-tuned on B; flows/mixes.py), by the kinds of its stages
+STAGED_KINDS = {"synthetic only>real only": "synthetic pre-train → real fine-tune"}
+
+
+def training_data(mix: str, kind: str) -> str:
+    """The report's name of a mix's training data: its kind (eval.stats.mix_kind), or for a staged arm "A>B"
+    (e.g. "0:1>1:0") what its stages train on, e.g. "synthetic pre-train → real fine-tune"."""
+    if ">" not in str(mix):
+        return kind
+    kinds = []
+    for part in str(mix).split(">"):
+        r, s_ = (int(x) for x in part.split("@")[0].split(":"))
+        kinds.append(mix_kind(r, s_))
+    key = ">".join(kinds)
+    return STAGED_KINDS.get(key, f"{kinds[0]} pre-train → {kinds[1]} fine-tune")
+
+
 def dice_table(agg: pd.DataFrame, paired: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     """The paper-style table for one (test set, backend): rows = mixes, columns = regions (+ paired Δ for Dice)."""
     regions = [r for r in (*REGIONS, MEAN_REGION) if r in set(agg["region"])]
@@ -108,7 +125,7 @@ def dice_table(agg: pd.DataFrame, paired: pd.DataFrame, metric: str = "dice") ->
     rows = []
     for _, run in runs.iterrows():
         a = agg[agg["mix"] == run["mix"]].set_index("region")
-        row = {"training data": run["kind"], "mix": run["mix"], "real": int(run["n_real"]),
+        row = {"training data": training_data(run["mix"], run["kind"]), "mix": run["mix"], "real": int(run["n_real"]),
                "synthetic": int(run["n_synth"]),
                "cases × seeds": f"{int(a['n_cases'].iloc[0])} × {int(a['n_seeds'].iloc[0])}"}
         for reg in regions:
@@ -200,7 +217,11 @@ def _segmentation_section(per_case: pd.DataFrame, paired: pd.DataFrame, test_set
                         on=["mix", "n_real", "n_synth", "backend", "test_set", "region"])
     slug = "" if primary else "_" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in test_set)
     doc.h(f"Dice by training mix — test set '{test_set}'" + ("" if primary else " (external)"))
-    doc.p("Rows: training mixes (real only, synthetic only, real + synthetic at each ratio). Cells: mean ± sd over "
+    staged = [m for m in dict.fromkeys(agg["mix"].astype(str)) if ">" in m]
+    doc.p("Rows: training mixes (real only, synthetic only, real + synthetic at each ratio" +
+          (f"; {', '.join(staged)}: trained on the first mix, then fine-tuned from those weights on the second, "
+           "with the same budget and seed as real only (its 'synthetic' column counts the pre-training pool)"
+           if staged else "") + "). Cells: mean ± sd over "
           "test cases and seeds [95 % interval over test cases and segmenter seeds]. Δ: paired difference with the "
           "real-only mix, per test case, seeds averaged per case [95 % interval, unadjusted for multiplicity]. "
           f"Intervals: {INTERVAL_METHOD}. 'mean': the mean of WT, TC and ET per test case. Empty regions: both "
@@ -241,7 +262,8 @@ def findings(paired: pd.DataFrame, mde: dict | None = None) -> list[str]:
                 verdict += f"; this study detects 80 % of the time only a |Δ| of {detect:.3f} or more"
             if min(r["n_seeds"], r["n_seeds_reference"]) < 2:
                 verdict += "; one seed on a side: the interval leaves out training noise"
-            who = f"{r['mix']} ({r['backend']})" if multi else str(r["mix"])
+            arm = f" ({training_data(r['mix'], '')})" if ">" in str(r["mix"]) else ""
+            who = f"{r['mix']}{arm} ({r['backend']})" if multi else f"{r['mix']}{arm}"
             out.append(f"{fam.capitalize()} — {who}, {r['region']}, test set '{r['test_set']}': Δ Dice "
                        f"{_delta(r)} vs {r['reference_mix']}, p{_p(r['p_value'])}, Holm-adjusted p{_p(r['p_holm'])} — "
                        f"{verdict}.")
@@ -402,8 +424,42 @@ def gate_table(study: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def sampler_table(study: Path) -> pd.DataFrame:
+    """Per synthetic cohort: the sampler that made it (the manifest's sampler column, e.g. 'ddim(eta=1)' or
+    'distilled-2') with its steps and cases; several values (a cohort resumed with other settings) are listed."""
+    from cohort.manifest import load_manifest
+
+    rows = []
+    for sid, man in synthetic_manifests(study).items():
+        df = load_manifest(man)
+        if "sampler" not in df.columns or not len(df):
+            continue
+        made = df.groupby([df["sampler"].astype(str), df["steps"].astype(str)], sort=True).size()
+        for (sampler, steps), n in made.items():
+            rows.append({"synthetic cohort": sid, "sampler": sampler, "steps": steps, "cases": int(n)})
+    return pd.DataFrame(rows)
+
+
+def sampler_note(table: pd.DataFrame) -> str:
+    """What the samplers of sampler_table are, in one paragraph (a distilled student's network evaluations)."""
+    text = ("Which sampler made each synthetic cohort (the manifests' sampler and steps columns). Every sampler "
+            "here calls the network once per step, so steps are the network evaluations per drawn volume (the "
+            "paper's DDPM: 250).")
+    distilled = sorted({s for s in table["sampler"] if s.startswith("distilled-")}) if len(table) else []
+    if distilled:
+        text += (f" {', '.join(distilled)}: a progressively distilled N-step student of a trained generator "
+                 "(medddpm distill, synth.distill; sampled with DDIM at eta 0 on its own N timesteps), "
+                 "250 / N times fewer network evaluations than DDPM-250.")
+    return text
+
+
 def _gate_section(study: Path) -> _Blocks:
     doc = _Blocks()
+    samplers = sampler_table(study)
+    if len(samplers):
+        doc.h("Synthetic images: samplers")
+        doc.p(sampler_note(samplers))
+        doc.table(samplers)
     table = gate_table(study)
     if len(table):
         doc.h("Synthetic images: quality gate")
@@ -513,7 +569,8 @@ def _memorisation_section(mem: pd.DataFrame | None, out: Path) -> _Blocks:
         doc.p("Descriptives per synthetic cohort: each synthetic image's most similar training image (Pearson "
               "correlation inside the brain, mean over modalities) and its similarity to the real image that owns "
               "its conditioning mask. Copy threshold: calibrated on real test images vs the training images (rule in "
-              "the table); frac_copy_* = fraction above it. mask_similarity: the owner vs its mask painted with the "
+              "the table; it lies between different patients, and samples exceed it through their mask alone, so no "
+              "fraction above it is reported). mask_similarity: the owner vs its mask painted with the "
               "owner's mean intensity per label; frac_above_painted_mask: the fraction of samples more similar to "
               "their owner than that — not a memorisation measure (samples on held-out masks are above it too).")
         doc.table(_round(summarise(mem)))
@@ -545,6 +602,19 @@ def _reproducibility_section(record: StudyRecord | None) -> _Blocks:
     return doc
 
 
+def student_note(checkpoint: Path) -> str:
+    """' It is a distilled N-step student ...' from the distill_card.json beside a checkpoint made by `medddpm
+    distill` (synth.distill), else ''."""
+    card_file = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "distill_card.json"
+    if not card_file.exists():
+        return ""
+    c = json.loads(card_file.read_text())
+    rounds = f"{c.get('rounds')} halving round{'' if c.get('rounds') == 1 else 's'}"
+    return (f" It is a {c.get('student_steps')}-step student distilled ({c.get('method')}, {rounds} from the "
+            f"teacher's DDIM-{c.get('teacher_steps')} at eta 0) from the generator {c.get('teacher')} "
+            f"(sha256 {str(c.get('teacher_sha256'))[:12]}…), sampled as {c.get('sampler')}.")
+
+
 def generator_note(study: Path, record: StudyRecord | None) -> str | None:
     """One paragraph on where the study's Med-DDPM came from and which real cases it saw (from the training run's
     own config.json), or None for a study without synthetic data."""
@@ -553,7 +623,7 @@ def generator_note(study: Path, record: StudyRecord | None) -> str | None:
         return None
     if params.get("medddpm_checkpoint"):
         return (f"Med-DDPM: the given checkpoint {params['medddpm_checkpoint']} (not trained by this study; which real "
-                "cases it saw is not known here).")
+                "cases it saw is not known here)." + student_note(Path(params["medddpm_checkpoint"])))
     cfg_file = study / "medddpm" / "config.json"
     if not cfg_file.exists():
         return None

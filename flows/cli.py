@@ -90,7 +90,8 @@ def register(subparsers) -> None:
                                                             "(default: build the embedded phantom cohort)")
     p.add_argument("--profile", help="cohort/model profile: tiny, demo (default), paper-brats, paper-wholehead")
     p.add_argument("--cases", dest="n_cases", type=int, help="phantom cohort size (default 48)")
-    p.add_argument("--mixes", help="comma list of R:S[@real|@edited], default 1:0,0:1,1:2@edited")
+    p.add_argument("--mixes", help="comma list of R:S[@real|@edited], default 1:0,0:1,1:2@edited; 'A>B' trains on A, "
+                                   "then fine-tunes on B (0:1>1:0: synthetic pre-training, real fine-tuning)")
     p.add_argument("--n-real", type=int, help="real training cases per mix (data-scarce regime; default 8)")
     p.add_argument("--backends", help="comma list of segmenter back ends: monai, nnunet (default monai)")
     p.add_argument("--seeds", help="comma list of segmenter seeds (default 0,1,2)")
@@ -106,8 +107,10 @@ def register(subparsers) -> None:
     p.add_argument("--medddpm-init", help="what Med-DDPM starts from: shipped (default: fine-tune the project's "
                                           "pre-trained generator of the profile, synth/shipped.py), scratch, or a "
                                           "generator file to fine-tune")
-    p.add_argument("--sampler", help=f"synthesis sampler (default {defaults.SAMPLER})")
-    p.add_argument("--steps", dest="sampling_steps", type=int, help=f"sampling steps (default {defaults.STEPS})")
+    p.add_argument("--sampler", help=f"synthesis sampler (default {defaults.SAMPLER}); distilled: --checkpoint is a "
+                                     "student of `medddpm distill`, used as is (not fine-tuned) at its own steps")
+    p.add_argument("--steps", dest="sampling_steps", type=int, help=f"sampling steps (default {defaults.STEPS}; "
+                                                                     "with --sampler distilled the student's own)")
     p.add_argument("--parallel", type=int, help="segmenter trainings at once in threads (default: at tiny/demo on "
                                                        "the CPU enough to keep every core busy, e.g. 3 for 9 "
                                                        "trainings on 2 cores; otherwise 2)")
@@ -117,6 +120,8 @@ def register(subparsers) -> None:
                                     "cpu, cuda, cuda:N, mps")
     p.add_argument("--gpus", type=int, help="fan the segmenter trainings out one per GPU (Dask workers, each pinned "
                                             "to its GPU); with --dask-address the workers declare --resources GPU=1")
+    p.add_argument("--preview-every", dest="medddpm_preview_every", type=int,
+                   help="Med-DDPM training previews every N steps in OUT/medddpm/previews/ (default 0: none)")
     p.add_argument("--params", help="JSON file of flow parameters (options given on the command line win)")
     p.add_argument("--wait", help="if another run owns --out: wait this many seconds (or 'unlimited') for it to "
                                   "finish (default: stop at once, saying who owns it)")
@@ -132,8 +137,9 @@ def register(subparsers) -> None:
     r.add_argument("--count", type=int, help="cases (default one per conditioning mask)")
     r.add_argument("--checkpoint", help="Med-DDPM checkpoint (default: the one the study used)")
     r.add_argument("--masks", help="manifest of conditioning masks (default: the study's edited masks)")
-    r.add_argument("--sampler", help=f"sampler (default {defaults.SAMPLER})")
-    r.add_argument("--steps", type=int, help=f"sampling steps (default {defaults.STEPS})")
+    r.add_argument("--sampler", help=f"sampler (default {defaults.SAMPLER}; a distilled student's checkpoint: "
+                                     "distilled, as its card says)")
+    r.add_argument("--steps", type=int, help=f"sampling steps (default {defaults.STEPS}; a distilled student's own)")
     r.add_argument("--seed", type=int, help="sampling seed (default derived from the new version number)")
     r.add_argument("--keep", type=int, help="retention: newest regenerated cohorts kept (default all)")
     r.add_argument("--max-gate-failures", type=int, help="cases still failing the quality gate that are tolerated "
@@ -150,12 +156,15 @@ def _study(args) -> int:
     given = {k: getattr(args, k) for k in ("cohort_manifest", "profile", "n_cases", "n_real", "external_test_manifest",
                                            "medddpm_checkpoint", "medddpm_init", "sampler", "sampling_steps",
                                            "parallel", "dask_address", "dask_workers", "device", "gpus",
-                                           "cases_from")}
+                                           "cases_from", "medddpm_preview_every")}
     given.update(mixes=_csv(args.mixes), backends=_csv(args.backends), seeds=_csv(args.seeds, int))
     params.update({k: v for k, v in given.items() if v is not None})
     if args.network:
         params["segmenter_config"] = {**params.get("segmenter_config", {}), "network": args.network}
     params["out"] = args.out
+    from .plan import StudyParams, check_generator_choice
+
+    check_generator_choice(StudyParams.pick(params))  # bad settings or generator: refused before the folder exists
     if not args.force:
         from .costs import study_memory_refusal
 
@@ -207,11 +216,19 @@ def _register_plan(subparsers) -> None:
     p.add_argument("--n-real", type=int, help="real training cases per mix (default: the cohort's, else 1000, "
                                               "the paper's)")
     p.add_argument("--n-test", type=int, default=0, help="real test cases (default: the cohort's)")
-    p.add_argument("--mixes", default=",".join(DEFAULT_MIXES), help="comma list of R:S[@real|@edited]")
+    p.add_argument("--mixes", default=",".join(DEFAULT_MIXES), help="comma list of R:S[@real|@edited] or A>B "
+                                                                     "(pre-train on A, fine-tune on B: 0:1>1:0)")
     p.add_argument("--backends", default="nnunet", help="comma list: monai, nnunet (default nnunet)")
     p.add_argument("--seeds", type=int, default=3, help="segmenter seeds per mix (default 3)")
     p.add_argument("--medddpm-steps", type=int, help="Med-DDPM optimizer steps (default: the profile's)")
     p.add_argument("--sampling-steps", type=int, help="denoising steps per volume (default: synth's default)")
+    p.add_argument("--distill", type=int, metavar="N", help="also distil the trained generator into an N-step student "
+                                                           "(medddpm distill; N = 1, 2, 4, 8) and synthesise with "
+                                                           "it; prints the distillation hours for every N")
+    p.add_argument("--round-steps", type=int, help="with --distill: optimizer steps per halving round (default: "
+                                                   "medddpm distill's)")
+    p.add_argument("--teacher-steps", type=int, help="with --distill: the teacher's DDIM steps the rounds halve "
+                                                     "(default: medddpm distill's)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast (memory estimate)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing (memory estimate)")
     p.add_argument("--on", choices=("gpu", "cpu"), default="gpu", help="throughput default: gpu or cpu")
@@ -243,7 +260,7 @@ def _plan(args) -> int:
                                  list(range(args.seeds)), medddpm_steps=args.medddpm_steps,
                                  sampling_steps=args.sampling_steps, half_precision=half,
                                  grad_checkpoint=args.grad_checkpoint,
-                                 device_type="cuda" if args.on == "gpu" else "cpu")
+                                 device_type="cuda" if args.on == "gpu" else "cpu", distill=_distill_plan(args))
     unit = "GPU" if args.on == "gpu" else "CPU"
     print(f"Study plan: profile {args.profile}, {n_real} real training cases per mix, {n_test} test cases; "
           f"{tflops:g} TFLOP/s sustained ({'given' if args.tflops else 'assumed' if args.on == 'gpu' else 'measured'})")
@@ -265,8 +282,43 @@ def _plan(args) -> int:
         for r in rows:
             print(f"{r['what']:<34} {r['peak_bytes'] / GIB:>9.1f}  " + "  ".join(
                 f"{'fits' if r[c] else '-':>6}" for c in cards))
+    if args.distill:
+        print_distillation_plan(args, tflops, unit)
     if args.detect:
         from .costs import print_detection_plan
 
         print_detection_plan(args.detect, stages, args.seeds, n_test, tflops, unit, args.variance_from)
     return 0
+
+
+def _distill_plan(args) -> dict | None:
+    """estimate_study_cost's ``distill`` from `plan --distill N [--round-steps R] [--teacher-steps T]`."""
+    if not args.distill:
+        if args.round_steps or args.teacher_steps:
+            from core.errors import ConfigError
+
+            raise ConfigError("--round-steps and --teacher-steps set a distillation: add --distill N")
+        return None
+    return {"steps": args.distill, "round_steps": args.round_steps, "teacher_steps": args.teacher_steps}
+
+
+def print_distillation_plan(args, tflops: float, unit: str) -> None:
+    """`medddpm plan --distill N`: the hours of distilling the profile's generator into each student N (synth.distill's
+    rounds and settings; flows.costs.distillation_table) and its network evaluations per volume vs DDPM-250."""
+    from synth import defaults
+
+    from .costs import distillation_table
+
+    rows = distillation_table(args.profile, tflops, teacher_steps=args.teacher_steps, round_steps=args.round_steps,
+                              device_type="cuda" if args.on == "gpu" else "cpu")
+    vs_default = f"vs {defaults.SAMPLER}-{defaults.STEPS}"
+    print(f"\nDistilling the {args.profile} generator (progressive distillation, medddpm distill): per round, round "
+          "steps x (2 teacher evaluations without gradient + 1 student training step); the student trains in fp32 "
+          "without TF32, so a GPU sustains less than a bf16 --tflops")
+    print(f"{'student steps':>13} {'rounds':>6} {unit + '-hours':>10} {'evaluations/volume':>18} {'vs DDPM-250':>11} "
+          f"{vs_default:>11}")
+    for r in rows:
+        print(f"{r['student steps']:>13} {r['rounds']:>6} {r['hours']:>10.2f} {r['evaluations per volume']:>18} "
+              f"{r['vs DDPM-250']:>10.1f}x {r[vs_default]:>10.2f}x")
+    print(f"(network evaluations per synthesised volume, quality-gate redraws not counted: the {args.distill}-step "
+          f"student {args.distill}, DDPM-250 250: {250 / args.distill:g}x fewer)")

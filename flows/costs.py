@@ -11,11 +11,12 @@ measures real seconds per step on a GPU; divide its FLOPs by its seconds for you
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from .mixes import SynthesisPlan, parse_mixes
+from .mixes import SynthesisPlan, parse_mixes, trainings_per_seed
 from .plan import SEGMENTER_PROFILE
 
 CPU_TFLOPS = 0.037   # measured: the demo training step at 37.3 GFLOP/s on 2 cores (docs/benchmarks.md)
@@ -74,8 +75,11 @@ def segmenter_step_cost(backend: str, seg_profile: str, grid: tuple[int, int, in
 def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends, seeds, *,
                         medddpm_steps: int | None = None, sampling_steps: int | None = None,
                         half_precision: bool = True, grad_checkpoint: bool = False,
-                        seg_profile: str | None = None, device_type: str = "cuda") -> list[StageCost]:
-    """The stages of an augment study with their FLOPs and peak memory (see the module docstring)."""
+                        seg_profile: str | None = None, device_type: str = "cuda",
+                        distill: dict | None = None) -> list[StageCost]:
+    """The stages of an augment study with their FLOPs and peak memory (see the module docstring). ``distill``:
+    {"steps": N[, "round_steps", "teacher_steps"]} adds distilling the trained generator into an N-step student
+    (distillation_cost) and synthesises with it (N steps, sampler distilled-N)."""
     from cohort.profiles import get_profile
     from synth import defaults
     from synth.config import get_config
@@ -83,7 +87,8 @@ def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends,
 
     cfg = get_config(profile)
     steps = medddpm_steps or cfg.steps
-    k = sampling_steps or defaults.STEPS
+    k = distill["steps"] if distill else sampling_steps or defaults.STEPS
+    sampler = f"distilled-{k}" if distill else defaults.SAMPLER
     mix_list = parse_mixes(mixes)
     synth_plan = SynthesisPlan.for_mixes(mix_list, n_real)
     volumes = synth_plan.from_real_masks + synth_plan.from_edited_masks
@@ -93,18 +98,76 @@ def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends,
     stages = [StageCost("Med-DDPM training", f"{steps} steps x {cfg.batch_size * cfg.grad_accum} volumes "
                                              f"({train.parameters / 1e6:.1f} M parameters, {cfg.profile} grid)",
                         train.flops * steps, train.peak_bytes),
-              StageCost("synthesis", f"{volumes} volumes x {k} denoising steps ({defaults.SAMPLER}, batch "
+              *([distillation_cost(profile, k, teacher_steps=distill.get("teacher_steps"),
+                                   round_steps=distill.get("round_steps"), device_type=device_type)]
+                if distill else []),
+              StageCost("synthesis", f"{volumes} volumes x {k} denoising steps ({sampler}, batch "
                                      f"{defaults.BATCH_SIZE}; quality-gate redraws not counted)",
                         sample.flops * k * volumes / defaults.BATCH_SIZE, sample.peak_bytes)]
     grid = get_profile(cfg.profile).shape
     seg_profile = seg_profile or SEGMENTER_PROFILE.get(profile, "paper")
     for backend in backends:
         flops, peak, iters, what = segmenter_step_cost(backend, seg_profile, grid, len(cfg.modalities))
-        runs = len(mix_list) * len(seeds)
-        stages.append(StageCost(f"segmenters ({backend})", f"{runs} runs ({len(mix_list)} mixes x {len(seeds)} "
-                                                           f"seeds) x {iters} iterations, {what}; {n_test} test cases",
+        per_seed = trainings_per_seed(mix_list)  # a staged arm ("0:1>1:0") adds its fine-tuning (and pre-training)
+        runs = per_seed * len(seeds)
+        extra = f" + {per_seed - len(mix_list)} pre-training" if per_seed > len(mix_list) else ""
+        stages.append(StageCost(f"segmenters ({backend})", f"{runs} runs ({len(mix_list)} mixes{extra} x "
+                                                           f"{len(seeds)} seeds) x {iters} iterations, {what}; "
+                                                           f"{n_test} test cases",
                                 flops * iters * runs, peak))
     return stages
+
+
+def distillation_cost(profile: str, student_steps: int, *, teacher_steps: int | None = None,
+                      round_steps: int | None = None, device_type: str = "cuda") -> StageCost:
+    """Distilling the profile's generator into a ``student_steps``-step student (synth.distill, DistillConfig's
+    defaults unless given): per round, round_steps optimizer steps, each = per micro-batch two teacher network
+    evaluations without gradient (synth.costs.sample_step_cost at the training batch) + one student training step
+    (synth.costs.train_step_cost); the rounds halve teacher_steps down to student_steps (DistillConfig.rounds).
+    The student trains in fp32 without TF32 (synth.distill.round_config, no_tf32), so its peak is fp32 training's
+    plus the teacher's fp32 weights."""
+    from synth.distill import DistillConfig
+
+    dc = DistillConfig(steps=student_steps, **{k: v for k, v in (("teacher_steps", teacher_steps),
+                                                                  ("round_steps", round_steps)) if v is not None})
+    rounds = dc.rounds()  # ConfigError for an N outside 1, 2, 4, 8 or teacher steps not N times a power of two
+    per_step, peak, volumes = _distillation_step(profile, device_type)
+    return StageCost(f"distillation ({student_steps} steps)",
+                     f"{rounds} rounds (DDIM-{dc.teacher_steps} eta 0 -> {student_steps}) x {dc.round_steps} steps x "
+                     f"(2 teacher evaluations without gradient + 1 student training step) of {volumes} volumes, fp32",
+                     per_step * dc.round_steps * rounds, peak)
+
+
+@functools.lru_cache(maxsize=8)
+def _distillation_step(profile: str, device_type: str) -> tuple[float, float, int]:
+    """(FLOPs, peak bytes, volumes) of one distillation step of the profile's generator (distillation_cost)."""
+    from synth.config import get_config
+    from synth.costs import sample_step_cost, train_step_cost
+
+    cfg = get_config(profile)
+    train = train_step_cost(cfg, half_precision=False, grad_checkpoint=False, device_type=device_type)
+    teacher_eval = sample_step_cost(cfg, batch=cfg.batch_size, device_type=device_type)
+    return (train.flops + 2 * teacher_eval.flops * cfg.grad_accum, train.peak_bytes + 4 * train.parameters,
+            cfg.batch_size * cfg.grad_accum)
+
+
+def distillation_table(profile: str, tflops: float, *, teacher_steps: int | None = None,
+                       round_steps: int | None = None, device_type: str = "cuda") -> list[dict]:
+    """Per student N in synth.distill.STUDENT_STEPS: the hours of distilling it (distillation_cost at ``tflops``)
+    and its network evaluations per volume against DDPM-250's 250 and synth's default sampler's steps."""
+    from synth import defaults
+    from synth.distill import STUDENT_STEPS, DistillConfig
+
+    rows = []
+    for n in STUDENT_STEPS:
+        teacher = teacher_steps or DistillConfig(steps=n).teacher_steps
+        if teacher <= n or teacher % n or (teacher // n) & (teacher // n - 1):
+            continue  # teacher steps that are not N times a power of two (>= 2): no such student
+        cost = distillation_cost(profile, n, teacher_steps=teacher, round_steps=round_steps, device_type=device_type)
+        rows.append({"student steps": n, "rounds": DistillConfig(steps=n, teacher_steps=teacher).rounds(),
+                     "hours": cost.hours(tflops), "evaluations per volume": n, "vs DDPM-250": 250 / n,
+                     f"vs {defaults.SAMPLER}-{defaults.STEPS}": defaults.STEPS / n})
+    return rows
 
 
 def gpu_fit_table(profile: str) -> list[dict]:

@@ -4,7 +4,8 @@ before any work runs. Pure (reads manifests, imports no Prefect), so it is teste
     params = StudyParams(mixes=["1:0", "0:1"], n_real=8)       # bad settings -> ConfigError
     plan = plan_study(params, "STUDY/cohort/data_manifest.csv", "STUDY")
     plan.pools        # synthetic pools to make: count, seed, conditioning masks
-    plan.runs         # one segmenter per (mix, back end, seed): its real cases and how many synthetic ones
+    plan.runs         # one segmenter per (mix, back end, seed): its real cases and how many synthetic ones (a staged
+                      # arm "0:1>1:0": a fine-tuning run whose pretrain_run is the study's 0:1 run of that seed)
     plan.test_sets    # the real test split (+ an external cohort)
     plan.judge        # the real-only MONAI run whose model judges the synthetic images
     plan.holdout      # samples on held-out masks (fidelity and memorisation references; never trains a segmenter)
@@ -20,6 +21,7 @@ from pathlib import Path
 from core.errors import InputError, ConfigError
 from core.identity import content_hash
 from synth.defaults import SAMPLER, STEPS
+from synth.schedulers import DISTILLED
 
 from .mixes import DEFAULT_MIXES, Mix, SynthesisPlan, parse_mixes
 
@@ -88,6 +90,14 @@ class StudyParams:
             raise ConfigError(f"holdout_masks must be 0 (none) or more, got {self.holdout_masks}")
         if not self.backends or not self.seeds:
             raise ConfigError("backends and seeds must each name at least one value")
+        if self.sampler == DISTILLED and not self.medddpm_checkpoint:
+            # a study's own generator is trained or fine-tuned with the denoising loss: never a student
+            raise ConfigError(f"sampler {DISTILLED!r} samples a student made by `medddpm distill`: pass it as "
+                              "medddpm_checkpoint (--checkpoint STUDENT/generator.safetensors; used as is, not "
+                              "fine-tuned). To distil this study's generator, run the study with another sampler, "
+                              "then `medddpm distill --checkpoint STUDY/medddpm --manifest STUDY/cohort/"
+                              f"train_n{self.n_real}_seed{self.cohort_seed}.csv --steps N --out STUDENT` (the "
+                              "selected cases: the student then saw no other real case)")
 
     @classmethod
     def pick(cls, values: dict) -> "StudyParams":
@@ -141,11 +151,18 @@ class RunPlan:
     n_synth: int
     config: dict
     model_dir: str
+    # a staged arm (mix "A>B"): the run of mix A (same back end and seed) whose model this run fine-tunes
+    pretrain_run: str | None = None
+    # False: a pre-training that is not itself one of the study's mixes, trained for its staged arm only
+    evaluate: bool = True
+    n_synth_seen: int | None = None  # synthetic cases over all stages (per_case.csv's n_synth); None: n_synth
 
     @property
     def columns(self) -> dict:
-        """The columns that identify this run in per_case.csv."""
-        return {"run": self.run, "mix": self.mix.label, "n_real": len(self.real_ids), "n_synth": self.n_synth,
+        """The columns that identify this run in per_case.csv (a staged arm counts its pre-training pool in
+        n_synth: Mix.seen)."""
+        n_synth = self.n_synth if self.n_synth_seen is None else self.n_synth_seen
+        return {"run": self.run, "mix": self.mix.label, "n_real": len(self.real_ids), "n_synth": n_synth,
                 "backend": self.backend, "seed": self.seed}
 
 
@@ -197,7 +214,7 @@ class StudyPlan:
                                   f"gate_failures='keep'", kind="quality-gate")
             jobs.append({"run": r.run, "case_ids": r.real_ids + synth_ids, "config": r.config,
                          "model_dir": r.model_dir, "gate_failed_cases": len(set(synth_ids) & failed),
-                         "columns": r.columns})
+                         "columns": r.columns, "pretrain_run": r.pretrain_run, "evaluate": r.evaluate})
         return jobs
 
 
@@ -224,22 +241,42 @@ def plan_study(params: StudyParams, cohort_manifest: str | Path, study_dir: str 
     # a non-default segmenter config gets its own run folders, so changing it on a finished study trains new
     # segmenters beside the old ones instead of colliding with them (segment refuses a model_dir of another config)
     variant = f"-cfg{content_hash(params.segmenter_config)[:6]}" if params.segmenter_config else ""
-    runs = []
-    for mix in mixes:
+    def run_of(mix: Mix, backend: str, seed: int, **staged) -> RunPlan:
         n_r, n_s = mix.counts(params.n_real)
-        for backend in params.backends:
-            for seed in params.seeds:
-                run = f"{mix.slug}-{backend}-s{seed}{variant}"
-                config = {"profile": seg_profile, **params.segmenter_config, "backend": backend, "seed": int(seed)}
-                runs.append(RunPlan(run, mix, backend, int(seed), train_ids[:n_r], n_s, config,
-                                    str(study / "segmenters" / run)))
-    judge = next((r.run for r in runs if r.n_synth == 0 and r.backend == JUDGE_BACKEND), None)
+        run = f"{mix.slug}-{backend}-s{seed}{variant}"
+        config = {"profile": seg_profile, **params.segmenter_config, "backend": backend, "seed": int(seed)}
+        return RunPlan(run, mix, backend, int(seed), train_ids[:n_r], n_s, config, str(study / "segmenters" / run),
+                       **staged)
+
+    runs = [run_of(mix, b, s) for mix in mixes if mix.pretrain is None for b in params.backends for s in params.seeds]
+    runs += staged_runs([m for m in mixes if m.pretrain is not None], runs, params, run_of)
+    judge = next((r.run for r in runs if r.n_synth == 0 and r.backend == JUDGE_BACKEND and r.mix.pretrain is None
+                  and r.evaluate), None)
 
     test_sets = [TestSetPlan("test", None, test_ids)]
     if params.external_test_manifest:
         test_sets.append(external_test_set(params.external_test_manifest))
     holdout = plan_holdout(params, cohort, train_ids, study) if pools else None
     return StudyPlan(params, str(study), train_ids, test_ids, synthesis, pools, runs, test_sets, judge, holdout)
+
+
+def staged_runs(staged: list[Mix], planned: list[RunPlan], params: StudyParams, run_of) -> list[RunPlan]:
+    """The runs of the staged arms ("A>B"), after the study's other runs (``planned``): per back end and seed, the
+    fine-tuning run, which starts from the study's run of A with that back end and seed; where A is not one of the
+    study's mixes, that pre-training run is planned too (trained, never evaluated: it is no arm of the study).
+    Same seeds as every other mix, so the arm is seed-paired with real only."""
+    out: list[RunPlan] = []
+    for mix in staged:
+        for backend in params.backends:
+            for seed in params.seeds:
+                first = next((r for r in [*planned, *out] if r.mix == mix.pretrain and r.backend == backend
+                              and r.seed == int(seed)), None)
+                if first is None:
+                    first = run_of(mix.pretrain, backend, seed, evaluate=False)
+                    out.append(first)
+                seen = mix.seen(params.n_real)[1]
+                out.append(run_of(mix, backend, seed, pretrain_run=first.run, n_synth_seen=seen))
+    return out
 
 
 def plan_holdout(params: StudyParams, cohort, train_ids: list[str], study: Path) -> HoldoutPlan | None:
@@ -290,3 +327,69 @@ def pool_order(pool_manifest: str | Path, gate_failures: str) -> tuple[list[str]
         return ids.tolist(), bad
     passing = ids[~failed.to_numpy()].tolist()
     return (passing if gate_failures == "exclude" else passing + ids[failed.to_numpy()].tolist()), bad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distilled students (synth.distill): which generator samples how; the flows check this before any work
+
+def student_steps(checkpoint: str | Path) -> int | None:
+    """A distilled student's sampling steps from its card (synth.distill.student_steps_of), None for a generator
+    that is no student; an unreadable or missing file is synth's InputError naming it."""
+    from synth.distill import student_steps_of
+
+    try:
+        return student_steps_of(checkpoint)
+    except InputError as e:
+        if e.kind == "bad-checkpoint":  # readable, but no distillation card in its metadata
+            return None
+        raise
+
+
+def distilled_steps(checkpoint: str | Path, steps: int, setting: str = "sampling_steps") -> int:
+    """The steps sampler 'distilled' runs ``checkpoint`` with: the student's own (its card). ``steps`` may be synth's
+    default (taken as "the student's own") or the student's; anything else is a ConfigError naming the file. A
+    checkpoint that is no student: synth's InputError naming it (before any work when called first)."""
+    from synth.distill import student_steps_of
+
+    n = student_steps_of(checkpoint)
+    if int(steps) not in (STEPS, n):
+        raise ConfigError(f"{checkpoint} is a {n}-step distilled student: sampler {DISTILLED!r} samples it with its "
+                          f"own {n} steps; leave {setting} out or set it to {n}, not {steps}")
+    return n
+
+
+def refuse_student_with_another_sampler(checkpoint: str | Path, sampler: str, setting: str = "sampler") -> None:
+    """ConfigError naming ``checkpoint`` if it is a distilled student and ``sampler`` is not 'distilled': a student
+    learnt one step per two of its teacher's DDIM eta-0 steps at its own timesteps, so any other chain (DDIM-25 eta 1)
+    samples it off the path it was trained on."""
+    n = student_steps(checkpoint)
+    if n is not None and sampler != DISTILLED:
+        raise ConfigError(f"{checkpoint} is a {n}-step distilled student (medddpm distill): sample it with "
+                          f"{setting} {DISTILLED!r} (its own {n} steps), not {sampler!r}")
+
+
+def check_generator_choice(params: StudyParams) -> None:
+    """Before any work: a distilled student (synth.distill) is sampled only with sampler "distilled" at its own steps
+    and is never fine-tuned. sampler "distilled" needs medddpm_checkpoint to be a student (StudyParams refuses it
+    without one; a file that is no student: synth's InputError naming it); a student given as medddpm_checkpoint
+    with another sampler, or as medddpm_init (the study would fine-tune it with the denoising loss, which undoes
+    the distillation), is a ConfigError naming the file and saying what to do instead."""
+    if params.medddpm_checkpoint:
+        if params.sampler == DISTILLED:
+            distilled_steps(params.medddpm_checkpoint, params.sampling_steps)
+        else:
+            refuse_student_with_another_sampler(params.medddpm_checkpoint, params.sampler)
+    elif (params.medddpm_init not in ("shipped", "scratch") and Path(params.medddpm_init).exists()
+          and student_steps(params.medddpm_init) is not None):  # a missing file: the generator stage names it
+        raise ConfigError(f"{params.medddpm_init} is a distilled student: the study fine-tunes medddpm_init with the "
+                          "denoising loss, which would undo its distillation. Use it as is (medddpm_checkpoint="
+                          f"{params.medddpm_init}, sampler {DISTILLED!r}), or fine-tune its teacher (the card's "
+                          "'teacher') in a study and distil that study's generator with `medddpm distill`")
+
+
+def synthesis_steps(params: StudyParams) -> int:
+    """The steps the study samples with: a distilled student's own (its card; check_generator_choice has checked
+    sampling_steps), else sampling_steps."""
+    if params.sampler == DISTILLED:
+        return distilled_steps(params.medddpm_checkpoint, params.sampling_steps)
+    return params.sampling_steps

@@ -4,6 +4,11 @@ Each run synthesises with new seeds (derived from the new version number, so a c
 again resumes the same version instead of starting another), passes synth's quality gate, registers the result
 as ``regen-vNNN`` in STUDY/synthetic/registry.json and STUDY/synthetic/data_manifest.csv, and keeps earlier
 cohorts. ``keep`` prunes the oldest regenerated cohorts beyond that number, never one that a study used.
+
+A distilled student (synth.distill; e.g. the checkpoint of a study run with sampler "distilled") is sampled as its
+card says: sampler "distilled" at the student's own steps, also when sampler and steps are left at synth's defaults
+(the card's own sampler); another sampler named for a student, or sampler "distilled" for a generator that is no
+student, is refused naming the file before any work (``sampling_for``).
 """
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ from core.lock import folder_lock
 from eval.records import STUDY_JSON, StudyRecord
 
 from flows import registry, tasks  # absolute: see flows/study.py
+from flows.plan import distilled_steps, refuse_student_with_another_sampler, student_steps
 from flows.refs import ref
 from flows.tasks import run_cached
 from synth import defaults
+from synth.schedulers import DISTILLED
 
 SEED_BASE = 10_000  # regenerated cohort vN samples with seed SEED_BASE + N (study pools use small seeds)
 
@@ -74,7 +81,11 @@ def _regenerate(study_dir: str, count: int | None, checkpoint: str | None, masks
                 steps: int, seed: int | None, keep: int | None, max_gate_failures: int, device: str) -> dict[str, Any]:
     logger = get_run_logger()
     study = Path(study_dir).resolve()
-    ck = ref(checkpoint or current_checkpoint(study))
+    ck_path = checkpoint or current_checkpoint(study)
+    sampler, steps = sampling_for(ck_path, sampler, int(steps))  # before any work: a student samples as its card says
+    if sampler == DISTILLED:
+        logger.info(f"{ck_path}: a {steps}-step distilled student, sampled with {DISTILLED}-{steps}")
+    ck = ref(ck_path)
     mask_ref = ref(masks or default_masks(study))
     if count is None:
         from cohort.manifest import load_manifest
@@ -96,6 +107,22 @@ def _regenerate(study_dir: str, count: int | None, checkpoint: str | None, masks
     publish_registry(study)
     return {"cohort_id": cohort_id, "manifest": synthetic.path, "seed": seed, "pruned": pruned,
             "registry_manifest": str(merged) if merged else None}
+
+
+def sampling_for(checkpoint: str | Path, sampler: str, steps: int) -> tuple[str, int]:
+    """(sampler, steps) that regenerate-cohort samples ``checkpoint`` with. sampler "distilled": the student's own
+    steps (flows.plan.distilled_steps: a file that is no student is synth's InputError naming it). A student with
+    sampler and steps left at synth's defaults: its card's sampler ("distilled", its steps), so the nightly
+    deployment of a study that ran on a student keeps sampling it as it was made to be sampled. A student with
+    another sampler named: ConfigError naming the file. Any other generator: as given."""
+    if sampler == DISTILLED:
+        return sampler, distilled_steps(checkpoint, steps, setting="steps")
+    if student_steps(checkpoint) is None:
+        return sampler, steps
+    if (sampler, steps) == (defaults.SAMPLER, defaults.STEPS):
+        return DISTILLED, student_steps(checkpoint)
+    refuse_student_with_another_sampler(checkpoint, sampler)  # raises: a student with another sampler
+    return sampler, steps
 
 
 def quality_gate(manifest: Path, count: int, max_failures: int) -> dict:

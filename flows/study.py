@@ -29,7 +29,7 @@ from core.lock import folder_lock
 from cohort.case_list import read_case_list, write_subset
 from flows import registry, tasks
 from flows.mixes import DEFAULT_MIXES
-from flows.plan import StudyParams, StudyPlan, plan_study, pool_order
+from flows.plan import StudyParams, StudyPlan, check_generator_choice, plan_study, pool_order, synthesis_steps
 from flows.record import publish_artifacts, study_record
 from flows.refs import FileRef, ref
 from flows.runners import (GPU_RESOURCE, auto_parallel, check_gpu_count, gpu_submit, segmenter_runtime,
@@ -42,10 +42,13 @@ from synth.defaults import SAMPLER, STEPS
 # single-step flows (also usable on their own, e.g. from the CLI or a deployment)
 
 @flow(name="train-medddpm", log_prints=True)
-def train_medddpm_flow(manifest: str, out: str, profile: str = "demo", config: dict | None = None) -> str:
-    """Train (or resume) Med-DDPM on a manifest's real training rows; returns the checkpoint path."""
+def train_medddpm_flow(manifest: str, out: str, profile: str = "demo", config: dict | None = None,
+                       preview_every: int = 0) -> str:
+    """Train (or resume) Med-DDPM on a manifest's real training rows; returns the checkpoint path. preview_every:
+    sample previews every that many steps, each a file and an artifact (flows.tasks.publish_preview); 0: none."""
     out_dir = Path(out).resolve()
-    return run_cached(tasks.train_medddpm, out_dir, ref(manifest), profile, str(out_dir), config or {}).path
+    return run_cached(tasks.train_medddpm, out_dir, ref(manifest), profile, str(out_dir), config or {},
+                      preview_every=preview_every).path
 
 
 @flow(name="synthesize-cohort", log_prints=True)
@@ -79,16 +82,27 @@ def train_segmenters(study_dir: str, manifest: FileRef, jobs: list[dict], test_s
 
     preload(sorted({job["config"]["backend"] for job in jobs}))
     study = Path(study_dir)
-    train_t, predict_t, eval_t = (with_study_storage(t, study).with_options(refresh_cache=refresh)
-                                  for t in (tasks.train_segmenter, tasks.predict, tasks.evaluate))
+    train_t, fine_tune_t, predict_t, eval_t = (
+        with_study_storage(t, study).with_options(refresh_cache=refresh)
+        for t in (tasks.train_segmenter, tasks.fine_tune_segmenter, tasks.predict, tasks.evaluate))
     # Every training is submitted before any prediction: a task whose inputs are futures waits for them inside a
     # worker thread, so a prediction queued right behind its own training held the second worker idle and the
     # trainings ran one at a time (the default study's 9 trainings took 1078 s on 2 threads instead of ~600 s).
-    models = [gpu_submit(train_t, manifest, job["case_ids"], job["model_dir"], job["config"], resources=resources)
-              for job in jobs]
+    # A fine-tuning (staged arm) takes its pre-training run's model as input; the plan lists it after that run.
+    by_run: dict[str, Any] = {}
+    for job in jobs:
+        if job.get("pretrain_run"):
+            by_run[job["run"]] = gpu_submit(fine_tune_t, by_run[job["pretrain_run"]], manifest, job["case_ids"],
+                                            job["model_dir"], job["config"], resources=resources)
+        else:
+            by_run[job["run"]] = gpu_submit(train_t, manifest, job["case_ids"], job["model_dir"], job["config"],
+                                            resources=resources)
     pending = []
-    for job, model in zip(jobs, models):
-        evals = []
+    for job in jobs:
+        model, evals = by_run[job["run"]], []
+        if not job.get("evaluate", True):  # a pre-training for a staged arm only: no arm of the study
+            pending.append((job["run"], model, evals))
+            continue
         for ts in test_sets:
             pred_dir = study / "predictions" / (job["run"] if ts["name"] == "test" else f"{job['run']}--{ts['name']}")
             preds = gpu_submit(predict_t, model, ts["manifest"], ts["case_ids"], str(pred_dir), resources=resources)
@@ -134,11 +148,13 @@ def augment_study(
     device: str = "auto",
     gpus: int = 0,
     wait: float | None = 0,
+    medddpm_preview_every: int = 0,
 ) -> dict[str, Any]:
     """The augmentation study. Parameters (all JSON, so a deployment run can override any of them):
 
     out: study folder. cohort_manifest: the real cohort (None = build the embedded phantom cohort with n_cases and
-    cohort_seed at ``profile``). mixes: "R:S[@real|@edited]" (flows/mixes.py). n_real: real training cases used
+    cohort_seed at ``profile``). mixes: "R:S[@real|@edited]", or "A>B" to pre-train on mix A and fine-tune on B
+    (e.g. "0:1>1:0"; flows/mixes.py). n_real: real training cases used
     by every mix (the data-scarce regime). backends: segmenter back ends ("monai", "nnunet"). seeds: one
     segmenter per (mix, back end, seed). external_test_manifest: another real cohort at the same profile,
     evaluated too (test_set = its cohort name). medddpm_checkpoint: reuse a trained model instead of training.
@@ -147,6 +163,7 @@ def augment_study(
     medddpm_init: what Med-DDPM starts from: "shipped" (default: fine-tune the generator the project ships for the
     profile, pre-trained on phantom cases that are not this study's, synth/shipped.py; from scratch where none
     ships, e.g. tiny), "scratch", or a generator file to fine-tune (e.g. the authors' imported weights).
+    sampler "distilled": medddpm_checkpoint is a student of `medddpm distill`, used as is, at its own steps.
     sampler / sampling_steps: synth's sampler (ddpm, ddim, dpmpp2m). gate_failures: what to do with synthetic
     cases that still fail synth's quality gate after its redraws: "fill" (default) uses cases that passed first
     and failures only where a mix needs more, counted in study.json and the log; "exclude" never uses them (the
@@ -163,15 +180,18 @@ def augment_study(
     worker sees only its own GPU, where a segmenter runs on plain cuda (cuda:N names the flow process's GPU).
     wait: if another run owns ``out`` (core.lock), seconds to wait for it (None: as long as it takes; 0: stop at
     once naming the owner); where it runs, not what it computes, so not a StudyParams field nor in the study key.
+    medddpm_preview_every: Med-DDPM training previews every that many steps (synth.preview; PNG files in
+    medddpm/previews/ and an artifact each); 0 (default): none. They change nothing computed: not in the study key.
     """
     params = StudyParams.pick(locals())  # first statement: locals() holds exactly the flow's parameters
     check_gpu_count(gpus, dask_address)  # before any work (and before the lock creates the folder)
+    check_generator_choice(params)  # a distilled student: sampled with its own steps, never fine-tuned
     with folder_lock(out, wait, what="augment-study flow"):  # the CLI's lock, taken again in the same process
-        return _run_study(params, out, parallel, dask_address, dask_workers, device, gpus)
+        return _run_study(params, out, parallel, dask_address, dask_workers, device, gpus, medddpm_preview_every)
 
 
 def _run_study(params: StudyParams, out: str, parallel: int, dask_address: str | None, dask_workers: int,
-               device: str, gpus: int) -> dict[str, Any]:
+               device: str, gpus: int, preview_every: int = 0) -> dict[str, Any]:
     """augment_study's stages, run while the study folder is held."""
     t_start = time.perf_counter()
     study = Path(out).resolve()
@@ -184,7 +204,7 @@ def _run_study(params: StudyParams, out: str, parallel: int, dask_address: str |
         cohort = ref(write_subset(cohort.path, subset))
     plan = plan_study(params, cohort.path, study)
     selected = run_cached(tasks.select_training_cases, study, cohort, params.n_real, params.cohort_seed)
-    checkpoint = generator(study, plan, cohort, selected, runtime)
+    checkpoint = generator(study, plan, cohort, selected, runtime, preview_every)
     masks = edited_masks(study, plan, selected)
     pools = synthetic_pools(study, plan, checkpoint, selected, masks, device)
     holdout = holdout_pool(study, plan, checkpoint, cohort, device)
@@ -232,7 +252,7 @@ def real_cohort(study: Path, params: StudyParams) -> FileRef:
 
 
 def generator(study: Path, plan: StudyPlan, cohort: FileRef, selected: FileRef,
-              runtime: dict | None = None) -> FileRef | None:
+              runtime: dict | None = None, preview_every: int = 0) -> FileRef | None:
     """The Med-DDPM checkpoint (given, or trained on the selected cases or the whole cohort); None if no mix needs
     synthetic cases. It trains in the flow process, which then gives the GPU memory it cached back (a segmenter
     worker may share the GPU)."""
@@ -244,7 +264,8 @@ def generator(study: Path, plan: StudyPlan, cohort: FileRef, selected: FileRef,
     train_on = selected if plan.generator_train_ids is not None else cohort
     with cuda_cache_released():
         return run_cached(tasks.train_medddpm, study, train_on, params.profile, str(study / "medddpm"),
-                          {**generator_init(params), **params.medddpm_config, **(runtime or {})})
+                          {**generator_init(params), **params.medddpm_config, **(runtime or {})},
+                          preview_every=preview_every)
 
 
 def generator_init(params: StudyParams) -> dict:
@@ -279,11 +300,11 @@ def synthetic_pools(study: Path, plan: StudyPlan, checkpoint: FileRef | None, se
         for pool in plan.pools:
             masks = edited if pool.name == "edited" else selected
             pools[pool.name] = run_cached(tasks.synthesize, study, checkpoint, masks, pool.out_dir, pool.count,
-                                          params.sampler, params.sampling_steps, pool.seed, pool.cohort_id, device)
+                                          params.sampler, synthesis_steps(params), pool.seed, pool.cohort_id, device)
     for pool in plan.pools:
         made = pools[pool.name]
         registry.register(study, pool.cohort_id, made.path, made.sha256, kind="study-pool",
-                          checkpoint_sha256=checkpoint.sha256, sampler=params.sampler, steps=params.sampling_steps)
+                          checkpoint_sha256=checkpoint.sha256, sampler=params.sampler, steps=synthesis_steps(params))
     return pools
 
 
@@ -297,7 +318,7 @@ def holdout_pool(study: Path, plan: StudyPlan, checkpoint: FileRef | None, cohor
     h, params = plan.holdout, plan.params
     with cuda_cache_released():
         return run_cached(tasks.synthesize_holdout, study, checkpoint, cohort, h.mask_ids, h.out_dir,
-                          params.sampler, params.sampling_steps, h.seed, h.cohort_id, device)
+                          params.sampler, synthesis_steps(params), h.seed, h.cohort_id, device)
 
 
 def segmenter_jobs(plan: StudyPlan, pool_orders: dict[str, tuple[list[str], set[str]]],

@@ -176,12 +176,36 @@ def merge(manifests: list[FileRef], out: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # synth
 
-@task(name="train-medddpm", **STUDY_TASK)
+PREVIEW_ARTIFACT = "medddpm-training-preview"  # key: each preview of a run is a new version of one artifact
+
+
+def publish_preview(png: Path, step: int, steps: int) -> None:
+    """A Med-DDPM training preview (synth.preview) as a Prefect markdown artifact naming the PNG file: the UI
+    cannot show a file of the machine that trains (a browser refuses file:// images), so it links and names it."""
+    from prefect.artifacts import create_markdown_artifact
+
+    png = Path(png).resolve()
+    create_markdown_artifact(
+        key=PREVIEW_ARTIFACT, description=f"Med-DDPM training preview, step {step} of {steps}",
+        markdown=f"**Med-DDPM training preview, step {step} of {steps}**: samples of the EMA weights on fixed masks "
+                 f"beside the masks' real images, and the loss curve.\n\nFile: [`{png}`]({png.as_uri()}) (the newest "
+                 f"preview is always `{png.parent / 'latest.png'}`)")
+
+
+# preview_every is left out of the cache key: previews change nothing that is trained
+@task(name="train-medddpm", **{**STUDY_TASK, "cache_policy": (INPUTS - "preview_every") + TASK_SOURCE})
 @timed
-def train_medddpm(manifest: FileRef, profile: str, out_dir: str, config: dict) -> Path:
+def train_medddpm(manifest: FileRef, profile: str, out_dir: str, config: dict, preview_every: int = 0) -> Path:
+    """synth.train.train_medddpm; preview_every > 0: previews every that many steps (synth.preview), each also
+    published as an artifact (publish_preview)."""
     from synth.train import train_medddpm as _train
 
-    return _train(manifest.path, profile, out_dir, config)
+    if not preview_every:
+        return _train(manifest.path, profile, out_dir, config)
+    from synth.preview import PreviewConfig
+
+    return _train(manifest.path, profile, out_dir, config, preview=PreviewConfig(every=preview_every),
+                  on_preview=publish_preview)
 
 
 @task(name="synthesize-cohort", **STUDY_TASK)
@@ -206,6 +230,17 @@ def train_segmenter(manifest: FileRef, case_ids: list[str], out_dir: str, config
     from segment.api import train
 
     return train(manifest.path, case_ids, out_dir, config)
+
+
+@task(name="fine-tune-segmenter", **STUDY_TASK)
+@timed
+def fine_tune_segmenter(pretrained: FileRef, manifest: FileRef, case_ids: list[str], out_dir: str,
+                        config: dict) -> Path:
+    """train_segmenter starting from the weights of a finished segmenter (a staged arm's pre-training run): its
+    model.safetensors and sha256 enter the config (segment.api.pretrained_init), so other weights train anew."""
+    from segment.api import pretrained_init, train
+
+    return train(manifest.path, case_ids, out_dir, {**config, **pretrained_init(pretrained.path)})
 
 
 @task(name="predict", **STUDY_TASK)

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from core.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
+from pretrain_demo_generator import REPO, pretrain_cohort, run_all, ship, write_card  # this script's folder
 from synth.shipped import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR
 
-REPO = Path(__file__).resolve().parent.parent
 # the demo student's recipe: DDIM-32 (eta 0) teacher halved to N steps; lr and EMA as synth.distill.DistillConfig
 DEMO = {"teacher_steps": 32, "round_steps": 1000, "lr": 1e-4, "lr_min": 1e-5, "seed": 0, "checkpoint_every": 100}
 
@@ -49,24 +47,21 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     work = Path(args.work).resolve()
-    medddpm = str(Path(sys.executable).parent / "medddpm")
-    manifest = str(work / "cohort" / "data_manifest.csv")
+    medddpm, manifest, build = pretrain_cohort(work)
     teacher = (SHIPPED_DIR / SHIPPED["demo"]).relative_to(REPO)
     out = work / f"distilled-{args.steps}"
-    commands = [[medddpm, "build-phantom", "--out", str(work / "cohort"), "--cases", str(PRETRAIN_COHORT["n_cases"]),
-                 "--seed", str(PRETRAIN_COHORT["seed"]), "--profile", PRETRAIN_COHORT["profile"]],
+    commands = [build,
                 [medddpm, "distill", "--checkpoint", str(teacher), "--manifest", manifest, "--out", str(out),
                  "--steps", str(args.steps), "--teacher-steps", str(DEMO["teacher_steps"]),
                  "--round-steps", str(args.round_steps), "--lr", str(DEMO["lr"]), "--lr-min", str(DEMO["lr_min"]),
                  "--seed", str(DEMO["seed"]), "--checkpoint-every", str(DEMO["checkpoint_every"]),
                  "--threads", str(args.threads), "--no-progress"]]
     t0 = time.perf_counter()
-    for cmd in commands:
-        subprocess.run(cmd, check=True, cwd=REPO)
+    run_all(commands)
     dest = SHIPPED_DIR / student_name(args.steps)
-    atomic_write_bytes(dest, (out / "generator.safetensors").read_bytes())  # never a half-copied shipped file
+    sha256 = ship(out / "generator.safetensors", dest)
     run_card = json.loads((out / "distill_card.json").read_text())
-    card = {"file": dest.name, "sha256": sha256_file(dest), "profile": "demo",
+    card = {"file": dest.name, "sha256": sha256, "profile": "demo",
             "what": f"{args.steps}-step student of the shipped demo generator (progressive distillation on "
                     "SIMULATED-tumour phantom cases with real atlas anatomy; sample with --sampler distilled)",
             "pretrain_cohort": PRETRAIN_COHORT, **{k: run_card[k] for k in (
@@ -75,8 +70,7 @@ def main(argv=None) -> int:
             "teacher": str(teacher), "distill_seconds": round(sum(run_card["round_seconds"]), 1),
             "commands": [" ".join(["medddpm", *c[1:]]) for c in commands],
             "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}
-    atomic_write_text(dest.with_suffix(".json"), json.dumps(card, indent=1) + "\n")
-    print(json.dumps(card, indent=1))
+    write_card(dest, card)
     return 0
 
 

@@ -69,6 +69,35 @@ CHAIN = {"scratch": (None, [V2_STAGES, V3_STAGES, V4_STAGES]), "v1": (V1_FILE, [
          "v2": (V2_FILE, [V3_STAGES, V4_STAGES]), "v3": (V3_FILE, [V4_STAGES])}
 
 
+def pretrain_cohort(work: Path) -> tuple[str, str, list[str]]:
+    """(the medddpm command of this interpreter, the manifest of the demo generator's pre-training cohort in
+    work/cohort, the command that builds it: synth.shipped.PRETRAIN_COHORT). scripts/distill_demo_generator.py
+    uses it too."""
+    medddpm = str(Path(sys.executable).parent / "medddpm")
+    build = [medddpm, "build-phantom", "--out", str(work / "cohort"), "--cases", str(PRETRAIN_COHORT["n_cases"]),
+             "--seed", str(PRETRAIN_COHORT["seed"]), "--profile", PRETRAIN_COHORT["profile"]]
+    return medddpm, str(work / "cohort" / "data_manifest.csv"), build
+
+
+def run_all(commands: list[list[str]]) -> None:
+    """Run each command in the repository, stopping at the first that fails."""
+    for cmd in commands:
+        subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def ship(generator: Path, dest: Path) -> str:
+    """Copy ``generator`` to ``dest`` (never a half-copied shipped file); its sha256."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest, generator.read_bytes())
+    return sha256_file(dest)
+
+
+def write_card(dest: Path, card: dict) -> None:
+    """The shipped file's JSON card beside it (same name, .json), also printed."""
+    atomic_write_text(dest.with_suffix(".json"), json.dumps(card, indent=1) + "\n")
+    print(json.dumps(card, indent=1))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="working folder (cohort/ and one folder per training run)")
@@ -77,11 +106,8 @@ def main(argv=None) -> int:
                          "versions' runs too) or scratch (v1's run too)")
     args = ap.parse_args(argv)
     work = Path(args.work).resolve()
-    medddpm = str(Path(sys.executable).parent / "medddpm")
-    manifest = str(work / "cohort" / "data_manifest.csv")
-    commands = [[medddpm, "build-phantom", "--out", str(work / "cohort"), "--cases",
-                 str(PRETRAIN_COHORT["n_cases"]), "--seed", str(PRETRAIN_COHORT["seed"]), "--profile",
-                 PRETRAIN_COHORT["profile"]]]
+    medddpm, manifest, build = pretrain_cohort(work)
+    commands = [build]
     init, versions = CHAIN[args.start]
     if init is None:
         commands.append([medddpm, "train", "--manifest", manifest, "--out", str(work / "v1"), *V1_ARGS])
@@ -92,17 +118,15 @@ def main(argv=None) -> int:
                          str(init), *stage_args])
         init = work / name / "generator.safetensors"
     t0 = time.perf_counter()
-    for cmd in commands:
-        subprocess.run(cmd, check=True, cwd=REPO)
+    run_all(commands)
     last = init.parent
     run = json.loads((last / "config.json").read_text())
     dest = SHIPPED_DIR / SHIPPED["demo"]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dest, (last / "generator.safetensors").read_bytes())  # never a half-copied shipped file
+    sha256 = ship(last / "generator.safetensors", dest)
     logs = [(work / name / "loss_log.csv").read_text().splitlines() for name, _ in V4_STAGES]  # the last: `last`'s
     prev_card = json.loads(V3_FILE.with_suffix(".json").read_text())  # the version v4's stage starts from
     train_seconds = sum(float(row.split(",")[3]) for log in logs for row in log[1:])
-    card = {"file": dest.name, "sha256": sha256_file(dest), "profile": "demo",
+    card = {"file": dest.name, "sha256": sha256, "profile": "demo",
             "what": "Med-DDPM demo network (EMA weights) pre-trained on SIMULATED-tumour phantom cases (real atlas "
                     "anatomy); fine-tuned by the demo study (flows medddpm_init='shipped')",
             "pretrain_cohort": PRETRAIN_COHORT, "train_cases": len(run["train_cases"]),
@@ -112,8 +136,7 @@ def main(argv=None) -> int:
             "commands": [" ".join(["medddpm", *c[1:]]) for c in commands],
             "last_loss_row": logs[-1][-1], "stage_train_seconds": round(train_seconds, 1),
             "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}
-    atomic_write_text(dest.with_suffix(".json"), json.dumps(card, indent=1) + "\n")
-    print(json.dumps(card, indent=1))
+    write_card(dest, card)
     return 0
 
 

@@ -69,6 +69,8 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
     cfg = cfg.replace(modalities=common_modalities(manifest, train_ids) if cfg.modalities is None else cfg.modalities,
                       val_ids=list(val_ids))
     _refuse_damaged_inputs(manifest, train_ids)
+    if cfg.init_from is not None:
+        check_pretrained(cfg)
     data_hash, entries = training_data_hash(manifest, train_ids)
 
     model_dir = Path(out_dir)
@@ -96,6 +98,41 @@ def train(manifest: str | Path, case_ids: Sequence[str] | str, out_dir: str | Pa
     backend(cfg.backend).train(manifest, train_ids, val_ids, model_dir, cfg)
     _write_model_record(model_dir)
     return model_dir
+
+
+def pretrained_init(model_dir: str | Path) -> dict[str, str]:
+    """The SegmenterConfig fields that make a training start from a finished segmenter's weights (fine-tuning):
+    {"init_from": its model.safetensors, "init_sha256": that file's sha256}."""
+    weights = Path(model_dir).resolve() / "model.safetensors"
+    if not is_trained(model_dir):
+        raise InputError(weights, "not a finished segmenter: train the pre-training run first", kind="missing-file")
+    return {"init_from": str(weights), "init_sha256": sha256_file(weights)}
+
+
+# what must match between a pretrained model and its fine-tuning for the weights to carry over (besides the back
+# end): the input channels, and for MONAI the network's architecture
+_SAME_AS_PRETRAINED = {"monai": ("modalities", "network", "init_filters", "blocks_down", "blocks_up"),
+                       "nnunet": ("modalities",)}
+
+
+def check_pretrained(cfg: SegmenterConfig) -> None:
+    """Refuse (one line naming the file) initial weights that are missing, changed since their sha256 was taken, or
+    of a model whose back end, channels or (MONAI) architecture differ from cfg's."""
+    weights = Path(cfg.init_from)
+    if not weights.exists():
+        raise InputError(weights, "missing: the pretrained segmenter's weights (init_from)", kind="missing-file")
+    if sha256_file(weights) != cfg.init_sha256:
+        raise InputError(weights, f"sha256 differs from init_sha256 {cfg.init_sha256[:12]}...: the pretrained model "
+                                  "changed; fine-tune from it again with its new sha256", kind="damaged")
+    pre = load_config(weights.parent)
+    if pre.backend != cfg.backend:
+        raise InputError(weights, f"a {pre.backend} model cannot initialise a {cfg.backend} training",
+                         kind="model-mismatch")
+    for k in _SAME_AS_PRETRAINED[cfg.backend]:
+        if getattr(pre, k) != getattr(cfg, k):
+            raise InputError(weights, f"pretrained with {k}={getattr(pre, k)}, this training has "
+                                      f"{k}={getattr(cfg, k)}: the weights do not fit; pre-train with the same {k}",
+                             kind="model-mismatch")
 
 
 # sha256 of a finished model's files, written when training ends: a resume that finds the model finished reuses it

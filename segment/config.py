@@ -69,12 +69,14 @@ NETWORK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-# where a training runs does not change what it learns: a run started on the CPU may be resumed on a GPU
-RUNTIME_FIELDS = ("device",)
+# where a training runs does not change what it learns: a run started on the CPU may be resumed on a GPU; nor does
+# where the initial weights lie (init_from): their sha256 (init_sha256) is what identifies them
+RUNTIME_FIELDS = ("device", "init_from")
 # fields added after segmenters were trained and hashed, with the values that train as before the field existed:
 # left out of to_dict() (config.json) and identity() at those values, so existing model folders keep their hash
 # and resume (as flows.plan leaves such fields out of study_key)
-ADDED_FIELD_DEFAULTS: dict[str, tuple[Any, ...]] = {"ema_decay": (None, 0.0)}
+ADDED_FIELD_DEFAULTS: dict[str, tuple[Any, ...]] = {"ema_decay": (None, 0.0), "init_from": (None,),
+                                                    "init_sha256": (None,)}
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,10 @@ class SegmenterConfig:
     network: str | None = None           # MONAI back end: "segresnet" or "dynunet" (default: DEFAULT_NETWORK)
     num_threads: int | None = None       # torch threads in train/predict (restored afterwards); profile default
     device: str = "auto"                 # auto (CUDA when present) | cpu | cuda | cuda:N | mps; not part of identity()
+    # fine-tuning: the model.safetensors of a finished segmenter (same back end and modalities) whose weights this
+    # training starts from, and that file's sha256 (part of identity(); segment.api.train checks the file against it)
+    init_from: str | None = None
+    init_sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "SegmenterConfig":
@@ -130,6 +136,9 @@ class SegmenterConfig:
         for k in ("blocks_down", "blocks_up", "patch_size"):
             if (v := changes.get(k, getattr(self, k))) is not None:
                 changes[k] = tuple(int(x) for x in v)
+        if (self.init_from is None) != (self.init_sha256 is None):
+            raise ConfigError("init_from and init_sha256 go together: the pretrained model.safetensors and its "
+                              "sha256 (segment.api.pretrained_init gives both)")
         return self.replace(**changes)
 
     def replace(self, **changes) -> "SegmenterConfig":

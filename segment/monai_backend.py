@@ -278,7 +278,10 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
     with torch_threads(cfg.num_threads):
         with _INIT_LOCK:
             torch.manual_seed(cfg.seed)
-            model = build_network(cfg, len(mods)).to(resolve_device(cfg.device))
+            model = build_network(cfg, len(mods))
+        if cfg.init_from is not None:  # fine-tuning (checked by segment.api.check_pretrained); a resume overrides it
+            load_weights(model, Path(cfg.init_from))
+        model = model.to(resolve_device(cfg.device))
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.epochs, power=0.9)
         # Dice over the tumour labels only, pooled over the batch (as nnU-Net): with the per-sample Dice including
@@ -308,6 +311,19 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
         bar.close()
     _finish(model_dir, evaluated, progress, log, len(train_ids), len(val_ids))
     return model_dir
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """A model.safetensors into model, every weight (the output layer too: pre-training and fine-tuning predict the
+    same labels); InputError naming the file when its tensors do not fit the network."""
+    from safetensors.torch import load_model as load_safetensors
+
+    try:
+        load_safetensors(model, str(path), strict=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(path, f"these weights do not fit the network being trained ({first}); pre-train with the "
+                               "same network, channels and sizes", kind="model-mismatch") from e
 
 
 def load_model(model_dir: str | Path) -> tuple[torch.nn.Module, SegmenterConfig]:

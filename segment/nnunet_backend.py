@@ -11,6 +11,13 @@ model_dir/
   nnunet/raw/Dataset001_segment/        the export (splits_final.json: validation holds real cases only)
   nnunet/preprocessed/, nnunet/results/  nnU-Net's own folders (results/... /fold_0/checkpoint_final.pth)
   nnunet/logs/<step>.log                 nnU-Net's console output per step
+
+Fine-tuning (cfg.init_from: a finished nnU-Net segmenter's model.safetensors) follows nnU-Net's pre-training recipe:
+the pretrained model's plans are copied in as dataset PRETRAINED_DATASET and moved onto this dataset with nnU-Net's
+move_plans_between_datasets (instead of planning anew, so the network is the pretrained one), this dataset is
+preprocessed with them, and training starts from the weights (run_training's pretrained_weights, which nnU-Net
+loads into every layer but the segmentation heads). The weights file given to nnU-Net is
+nnunet/pretrained_weights.pth, written from init_from (whose sha256 the config holds).
 """
 from __future__ import annotations
 
@@ -38,6 +45,11 @@ from .config import SegmenterConfig, load_config
 DATASET_ID, DATASET_NAME = 1, "segment"
 DATASET = f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
 CONFIGURATION, FOLD, PLANS = "3d_fullres", 0, "nnUNetPlans"
+# the pretrained model's plans, beside this dataset in nnunet/preprocessed/, as move_plans_between_datasets reads them.
+# They keep the plans identifier nnUNetPlans on this dataset: a fine-tuning never plans its dataset itself, so
+# nothing of its own is overwritten, and the trained folder is where predict looks (trained_model_folder)
+PRETRAINED_ID = 2
+PRETRAINED_DATASET = f"Dataset{PRETRAINED_ID:03d}_pretrained"
 TRAINER_DIR = Path(__file__).resolve().parent / "nnunet_trainers"
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +187,11 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
                       val_ids=val_ids or None, split_seed=cfg.seed)
     pre_done = r["preprocessed"] / DATASET / ".medddpm_preprocessed"
     if not pre_done.exists():
-        _run_child(model_dir, "plan", ["--n-proc", str(n_proc)], training=False, n_proc=n_proc, threads=1)
+        plan_args = ["--n-proc", str(n_proc)]
+        if cfg.init_from is not None:
+            _stage_pretrained_plans(model_dir, Path(cfg.init_from).parent)
+            plan_args.append("--transfer-plans")
+        _run_child(model_dir, "plan", plan_args, training=False, n_proc=n_proc, threads=1)
         atomic_write_text(pre_done, "ok\n")
     # the planner copies splits_final.json from raw; make sure fold 0 is ours (validation real-only)
     shutil.copyfile(raw_ds / "splits_final.json", r["preprocessed"] / DATASET / "splits_final.json")
@@ -185,12 +201,39 @@ def train(manifest: Path, train_ids: list[str], val_ids: list[str], model_dir: P
         args = ["--trainer", cfg.trainer, "--threads", str(threads)]
         if (fold_dir / "checkpoint_latest.pth").exists():
             args.append("--continue")  # resume after a kill: nnU-Net continues from its latest checkpoint
+        elif cfg.init_from is not None:  # nnU-Net loads pretrained weights only at the start of a training
+            args += ["--pretrained-weights", str(_pretrained_weights(model_dir, Path(cfg.init_from)))]
         _run_child(model_dir, "train", args, training=True, n_proc=n_proc, threads=threads, epochs=cfg.epochs,
                    device=str(resolve_device(cfg.device)))
     summary = _write_log_and_weights(model_dir, cfg)
     summary.update(n_train=len(train_ids), n_val=len(val_ids), trainer=cfg.trainer)
     atomic_write_text(model_dir / "training_summary.json", json.dumps(summary, indent=2))
     return model_dir
+
+
+def _stage_pretrained_plans(model_dir: Path, pretrained_dir: Path) -> Path:
+    """The pretrained model's nnUNetPlans.json as dataset PRETRAINED_DATASET of this model's preprocessed folder
+    (where move_plans_between_datasets looks for the source plans)."""
+    src = roots(pretrained_dir)["preprocessed"] / DATASET / f"{PLANS}.json"
+    if not src.exists():
+        raise InputError(src, "missing: the pretrained nnU-Net model's plans, needed to fine-tune from it; train "
+                              "the pre-training run again", kind="missing-file")
+    dst = roots(model_dir)["preprocessed"] / PRETRAINED_DATASET / f"{PLANS}.json"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return dst
+
+
+def _pretrained_weights(model_dir: Path, weights: Path) -> Path:
+    """init_from's weights as the checkpoint file nnU-Net's load_pretrained_weights reads ({"network_weights"})."""
+    from safetensors.torch import load_file
+
+    from core.fsutil import atomic_torch_save
+
+    out = roots(model_dir)["base"] / "pretrained_weights.pth"
+    atomic_torch_save({"network_weights": load_file(str(weights))}, out)
+    return out
 
 
 def predict(model_dir: Path, manifest: Path, case_ids: list[str], out_dir: Path, device: str | None = None
@@ -243,7 +286,16 @@ def _child_plan(a) -> None:
                                                                       preprocess)
 
     extract_fingerprints([DATASET_ID], num_processes=a.n_proc, check_dataset_integrity=True)
-    plan_experiments([DATASET_ID])
+    if a.transfer_plans:  # nnU-Net's plan transfer (nnUNetv2_move_plans_between_datasets); the planner that it
+        # replaces also puts dataset.json beside the plans, where the trainer reads it
+        from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import (
+            move_plans_between_datasets)
+
+        move_plans_between_datasets(PRETRAINED_ID, DATASET_ID, PLANS, PLANS)
+        shutil.copyfile(Path(os.environ["nnUNet_raw"]) / DATASET / "dataset.json",
+                        Path(os.environ["nnUNet_preprocessed"]) / DATASET / "dataset.json")
+    else:
+        plan_experiments([DATASET_ID])
     preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(a.n_proc,))
 
 
@@ -253,7 +305,7 @@ def _child_train(a) -> None:
 
     torch.set_num_threads(a.threads)
     run_training(DATASET, CONFIGURATION, FOLD, trainer_class_name=a.trainer, continue_training=a.continue_,
-                 device=torch.device(a.device))
+                 pretrained_weights=a.pretrained_weights, device=torch.device(a.device))
 
 
 def _child_predict(a) -> None:
@@ -277,11 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="step", required=True)
     s = sub.add_parser("plan")
     s.add_argument("--n-proc", type=int, default=2)
+    s.add_argument("--transfer-plans", action="store_true",
+                   help=f"take the plans of {PRETRAINED_DATASET} (fine-tuning) instead of planning")
     s.set_defaults(func=_child_plan)
     s = sub.add_parser("train")
     s.add_argument("--trainer", required=True)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--continue", dest="continue_", action="store_true")
+    s.add_argument("--pretrained-weights", default=None, help="checkpoint whose network_weights training starts from")
     s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps")
     s.set_defaults(func=_child_train)
     s = sub.add_parser("predict")

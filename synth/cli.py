@@ -29,6 +29,7 @@ def _add_train(subparsers) -> None:
                         "comments); an ID the manifest lacks is an error. The rows go to cases_<sha256>.csv beside "
                         "the manifest (the training record names it) and the list's sha256 to OUT/case_list.json")
     _add_training_runtime(p)
+    _add_preview(p)
     p.add_argument("--init-from", help="generator (file or folder, e.g. from import-weights) whose weights and "
                                        "network settings training starts from (fine-tuning)")
     p.add_argument("--wait", help="if another run owns --out: wait this many seconds (or 'unlimited') for it to "
@@ -87,6 +88,36 @@ def _add_training_runtime(p) -> None:
                                              "runs torchrun --standalone --nproc_per_node N; several nodes: "
                                              "run torchrun yourself (README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_preview(p) -> None:
+    """Training previews (synth.preview): samples on fixed masks while training runs."""
+    from .preview import DEFAULT_MASKS, DEFAULT_SAMPLING_STEPS
+
+    p.add_argument("--preview-every", type=int, metavar="N",
+                   help="every N optimizer steps and at the last one, write OUT/previews/step_<step>.png and "
+                        "OUT/previews/latest.png: samples of the EMA weights (DDIM, eta 0) on fixed training masks "
+                        "with fixed seeds, beside the masks' real images, and the loss curve; changes nothing that "
+                        "is trained (default: no previews)")
+    p.add_argument("--preview-masks", metavar="IDS",
+                   help=f"comma-separated training case IDs whose masks the previews sample on (default: "
+                        f"{DEFAULT_MASKS} spread over the training rows)")
+    p.add_argument("--preview-steps", type=int, default=DEFAULT_SAMPLING_STEPS, metavar="K",
+                   help=f"DDIM steps per preview sample (default {DEFAULT_SAMPLING_STEPS})")
+
+
+def _preview_settings(args):
+    """The PreviewConfig of --preview-* (None without --preview-every)."""
+    if args.preview_every is None:
+        if args.preview_masks:
+            from core.errors import ConfigError
+
+            raise ConfigError("--preview-masks needs --preview-every N")
+        return None
+    from .preview import PreviewConfig
+
+    ids = tuple(c.strip() for c in args.preview_masks.split(",") if c.strip()) if args.preview_masks else None
+    return PreviewConfig(every=args.preview_every, case_ids=ids, sampling_steps=args.preview_steps)
 
 
 def _add_synthesize(subparsers) -> None:
@@ -203,12 +234,14 @@ def _train(args) -> int:
         check_nproc(args.nproc, resolve_device(cfg.device))  # one clear error here, not one per process
         rank_shard(cfg.batch_size, cfg.grad_accum, args.nproc)
         return launch(args.nproc, _without_option(getattr(args, "cli_args", None) or sys.argv[1:], "--nproc"))
+    preview = _preview_settings(args)  # a bad setting stops here, before any work
     if args.cases_from:
         args.manifest = _listed_cases_manifest(args.manifest, args.cases_from, args.out)
     if not args.force:
         _refuse_if_it_cannot_fit(config if not isinstance(config, dict) else None, args.profile, overrides)
     with _owning(args.out, args.wait, "medddpm train"):
-        path = train_medddpm(args.manifest, args.profile, args.out, config)
+        path = train_medddpm(args.manifest, args.profile, args.out, config,
+                             **({"preview": preview} if preview is not None else {}))
     if os.environ.get("RANK", "0") == "0":
         print(f"generator: {path}")
     return 0

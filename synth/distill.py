@@ -23,7 +23,7 @@ v-student the x0 error counts max(SNR, 1) ("truncated SNR", the paper's choice; 
 
 Training reuses synth.train's run: each round is a training run of the student's config (init_from = the round's
 teacher) in rounds/round-K/, with its data order, random generator, EMA, atomic checkpoints, loss log and resume
-(synth.train._setup/_update_ema/_checkpoint); only the optimizer step (teacher targets) is this module's. A run
+(synth.train._setup and its step loop _train_steps); only each step's loss (teacher targets) is this module's. A run
 killed at any point and rerun continues to the same bytes on the CPU (tests/test_distill.py).
 
 The output folder holds generator.safetensors (the final student, in the format synth.train writes, with the card
@@ -53,8 +53,8 @@ from .data import training_dataset, training_rows
 from .distributed import ranks_from_env
 from .schedulers import (DISTILLED, NoiseSchedule, convert_model_output, ddim_update, distilled_sampler,
                          model_input, sampling_timesteps)
-from .train import (_Run, _batches, _checkpoint, _finish, _resume_state, _setup, _update_ema, _write_run_files,
-                    lr_at, min_snr_weights, training_cases_hash)
+from .train import (_Run, _batches, _finish, _resume_state, _setup, _train_steps, _write_run_files,
+                    min_snr_weights, training_cases_hash)
 
 METHOD = "progressive-distillation"
 REFERENCE = "Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models"
@@ -303,47 +303,29 @@ def _distil_round(cfg: MedDDPMConfig, out: Path, plan: RoundPlan, schedule: Nois
     teacher, _, _ = load_generator(cfg.init_from)
     teacher = teacher.to(device).eval().requires_grad_(False)
     run = _setup(cfg, out, device, ranks, len(dataset), cases_hash, state)
-    _distil_steps(run, _batches(dataset, run), teacher, plan, schedule)
+    _train_steps(run, _batches(dataset, run),
+                 lambda run_, batches: _distillation_backward(run_, batches, teacher, plan, schedule),
+                 desc=f"distil {2 * plan.n}->{plan.n} steps", what="distillation")
     _finish(run)
     return out / GENERATOR_FILE
 
 
-def _distil_steps(run: _Run, batches, teacher, plan: RoundPlan, schedule: NoiseSchedule) -> None:
-    """Optimizer steps from run.step to cfg.steps: synth.train's loop with the distillation loss. Each micro-batch
-    draws its student steps k, then its noise, from the run's generator (checkpointed: a resume continues them)."""
-    from tqdm.auto import tqdm
-
+def _distillation_backward(run: _Run, batches, teacher, plan: RoundPlan, schedule: NoiseSchedule) -> float:
+    """The forward and backward passes of one distillation step (synth.train._train_steps runs the rest of the
+    step): each micro-batch draws its student steps k, then its noise, from the run's generator (checkpointed: a
+    resume continues them); returns the step's mean loss."""
     cfg = run.cfg
     shape = (cfg.out_channels, *get_profile(cfg.profile).shape)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"distil {2 * plan.n}->{plan.n} steps", dynamic_ncols=True,
-               disable=not cfg.progress)
-    run.model.train()
-    while run.step < cfg.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(cfg, run.step)
-        for g in run.opt.param_groups:
-            g["lr"] = lr
-        run.opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            x0, cond = next(batches)
-            k = torch.randint(0, plan.n, (x0.shape[0],), generator=run.rng)
-            noise = torch.randn((x0.shape[0], *shape), generator=run.rng, dtype=torch.float64)
-            loss = distillation_loss(run.model, teacher, x0.to(run.device), cond.to(run.device), k, noise, plan,
-                                     schedule, cfg.prediction, cfg.snr_weight_floor, cfg.channels_last)
-            (loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
-        if not math.isfinite(total):
-            raise RuntimeError(f"{run.out}: distillation loss became {total} at step {run.step + 1}; lower --lr")
-        run.opt.step()
-        run.step += 1
-        _update_ema(run)
-        run.log_rows.append({"step": run.step, "loss": f"{total:.6f}", "lr": f"{lr:.3g}",
-                             "seconds": f"{time.perf_counter() - t0:.4f}"})
-        bar.update(1)
-        if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
-            _checkpoint(run)
-    bar.close()
+    total = 0.0
+    for _ in range(cfg.grad_accum):
+        x0, cond = next(batches)
+        k = torch.randint(0, plan.n, (x0.shape[0],), generator=run.rng)
+        noise = torch.randn((x0.shape[0], *shape), generator=run.rng, dtype=torch.float64)
+        loss = distillation_loss(run.model, teacher, x0.to(run.device), cond.to(run.device), k, noise, plan,
+                                 schedule, cfg.prediction, cfg.snr_weight_floor, cfg.channels_last)
+        (loss / cfg.grad_accum).backward()
+        total += float(loss.detach()) / cfg.grad_accum
+    return total
 
 
 def student_card(meta: dict, path: Path | str = "generator") -> dict:

@@ -153,6 +153,7 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     _clean_partial(out)
 
     gen = _load_generator(gen_path, config, device)
+    _refuse_other_generator(manifest, gen, config)
     rows = _mask_rows(masks_manifest, config.sources, config.splits, config.case_ids)
     indices = range(config.count) if shard is None else range(shard[0], config.count, shard[1])  # this process's cases
     check_masks(masks_manifest, rows.iloc[sorted({i % len(rows) for i in indices})], gen.cfg)  # all problems, 1 error
@@ -224,6 +225,24 @@ def _batches(jobs: list[_Job], redraw: set[str], rows: pd.DataFrame, indices: ra
     rest = [job for job in jobs if job.case_id not in redraw]
     for b in range(0, len(rest), size):
         yield rest[b:b + size], {job.case_id for job in rest[b:b + size]}
+
+
+def _refuse_other_generator(manifest: Path, gen: "_Generator", config: SynthesisConfig) -> None:
+    """A resumed run continues the cases already in ``manifest`` only if they were made by this generator, sampler
+    and step count; otherwise the folder holds another cohort (a study rerun with another checkpoint or sampler),
+    and resuming would hand its cases on as this run's."""
+    if not manifest.exists():
+        return
+    df = load_manifest(manifest)
+    if not len(df) or not {"generator_checkpoint", "sampler", "steps"} <= set(df.columns):
+        return
+    made = sorted({(str(g)[:12], str(s), int(n)) for g, s, n in
+                   zip(df["generator_checkpoint"], df["sampler"], df["steps"])})
+    this = (gen.sha256[:12], gen.sampler.label(), int(config.steps))
+    if made != [this]:
+        raise InputError(manifest, f"holds cases made by generator/sampler/steps {made}, not this run's {this}; "
+                                   "use another output folder (or delete this one to make the cohort anew)",
+                         kind="config-mismatch")
 
 
 def _pending_jobs(manifest: Path, report_file: Path, rows: pd.DataFrame, indices: range,

@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from .config import MedDDPMConfig, get_config
 from .data import StepBatchSampler, case_loader, collate_pair, rank_shard, training_dataset, training_rows
 from .distributed import Ranks, mean_over_ranks, process_group, rank_device, ranks_from_env
 from .network import build_unet
+from .preview import PreviewConfig, Previews
 from .quality import GATE_FORMAT, intensity_ranges, save_ranges
 from .schedulers import make_training_scheduler, model_input
 
@@ -143,6 +145,16 @@ def _check_resume(state_path: Path, st: dict, cfg: MedDDPMConfig, cases_hash: st
                                       "the same manifest rows or use another --out folder", kind="cases-mismatch")
 
 
+def draw_loss_curve(ax, steps, losses) -> None:
+    """The loss per step and its running mean on ``ax`` (loss_curve.png; the previews' lower panel)."""
+    import pandas as pd
+
+    loss = pd.Series(losses, dtype=float)
+    ax.plot(steps, loss, lw=0.5, alpha=0.4, label="per step")
+    ax.plot(steps, loss.rolling(max(1, len(loss) // 50), min_periods=1).mean(), lw=1.5, label="smoothed")
+    ax.set_xlabel("optimizer step"), ax.set_ylabel("denoising loss"), ax.legend(), ax.set_title("Med-DDPM training")
+
+
 def plot_loss(log_path: str | Path, png_path: str | Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -153,9 +165,7 @@ def plot_loss(log_path: str | Path, png_path: str | Path) -> Path:
 
     df = pd.read_csv(log_path)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(df["step"], df["loss"], lw=0.5, alpha=0.4, label="per step")
-    ax.plot(df["step"], df["loss"].rolling(max(1, len(df) // 50), min_periods=1).mean(), lw=1.5, label="smoothed")
-    ax.set_xlabel("optimizer step"), ax.set_ylabel("denoising loss"), ax.legend(), ax.set_title("Med-DDPM training")
+    draw_loss_curve(ax, df["step"], df["loss"])
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, dpi=100)
@@ -190,7 +200,8 @@ class _Run:
 
 
 def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
-                  config: MedDDPMConfig | dict | None = None) -> Path:
+                  config: MedDDPMConfig | dict | None = None, preview: PreviewConfig | None = None,
+                  on_preview: Callable[[Path, int, int], None] | None = None) -> Path:
     """Train (or resume) a Med-DDPM generator; return the path of its EMA weights (generator.safetensors).
 
     manifest: data_manifest.csv; rows with source in config.sources and split in config.splits are used
@@ -202,6 +213,11 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
     config.init_from (CLI --init-from): start from that generator's weights, taking its network settings
     (e.g. the authors' imported weights); the file's sha256 goes into the config (init_from_sha256), its hash and
     config.json.
+    preview (CLI --preview-every): sample previews to out_dir/previews/ while training (synth.preview; they change
+    nothing that is trained); on_preview(png, step, steps) is called after each one is written (e.g. a Prefect
+    artifact, flows.tasks). The progress bar names the profile's step budget where --steps is below it (not when
+    fine-tuning: the budget is for training from scratch), and the first steps' time is projected onto this run's
+    steps and that budget (printed once).
     """
     cfg = _as_config(profile, config)
     if cfg.init_from:  # fine-tuning: the network is the init generator's, and the file counts by its content
@@ -217,8 +233,14 @@ def train_medddpm(manifest: str | Path, profile: str, out_dir: str | Path,
         dataset = training_dataset(manifest, cfg, rows, shape=grid.shape)
         if ranks.main:
             _write_run_files(out, manifest, cfg, rows, cases_hash, dataset, device)
+        previews = (Previews(preview, manifest, cfg, rows, out, on_preview)
+                    if preview is not None and ranks.main and int((state or {}).get("step", 0)) < cfg.steps else None)
         run = _setup(cfg, out, device, ranks, len(dataset), cases_hash, state)
-        _train_steps(run, _batches(dataset, run))
+        sched = make_training_scheduler(cfg.timesteps, cfg.schedule)
+        # the profile's steps are a budget for training from scratch; a fine-tuning run's own steps are its budget
+        budget = cfg.steps if cfg.init_from else get_config(profile).steps
+        _train_steps(run, _batches(dataset, run), lambda run_, batches: _optimizer_step(run_, batches, sched),
+                     desc=train_description(cfg.steps, budget), preview=previews, budget=budget)
         if ranks.main:
             _finish(run)
     return out / GENERATOR_FILE
@@ -385,9 +407,9 @@ def _step_draws(run: _Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _optimizer_step(run: _Run, batches, sched) -> float:
-    """One optimizer step over this rank's micro-batches; the step's mean loss over all ranks."""
+    """The diffusion loss's forward and backward passes of one optimizer step over this rank's micro-batches
+    (_train_steps zeroes the gradients before and steps the optimizer after); the step's mean loss over all ranks."""
     cfg = run.cfg
-    run.opt.zero_grad(set_to_none=True)
     draws = _step_draws(run)
     total = 0.0
     for i, (t, noise) in enumerate(draws):
@@ -401,12 +423,7 @@ def _optimizer_step(run: _Run, batches, sched) -> float:
                                   cfg.snr_weight_floor) / len(draws)
             run.scaler.scale(loss).backward()
         total += float(loss.detach())
-    total = mean_over_ranks(total, run.ranks, run.device)
-    if not math.isfinite(total):
-        raise RuntimeError(f"{run.out}: training loss became {total} at step {run.step + 1}; lower the lr")
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    return total
+    return mean_over_ranks(total, run.ranks, run.device)
 
 
 @torch.no_grad()
@@ -446,30 +463,77 @@ def _checkpoint(run: _Run) -> None:
     atomic_write_text(run.out / RECORD_FILE, json.dumps({**record, "state_sha256": [state_sha]}, indent=1))
 
 
-def _train_steps(run: _Run, batches) -> None:
-    """Optimizer steps from run.step to cfg.steps, with EMA updates, the loss log and periodic checkpoints."""
+PROJECT_AFTER = 3  # steps timed (after this call's first, which warms up) before the projection is printed
+
+
+def _steps_text(n: int) -> str:
+    """100000 -> '100k', 12000 -> '12k', 700 -> '700'."""
+    return f"{n // 1000}k" if n >= 10_000 and n % 1000 == 0 else str(n)
+
+
+def train_description(steps: int, budget: int | None) -> str:
+    """The progress bar's description: it names the profile's step budget when this run's --steps is below it."""
+    if budget is not None and steps < budget:
+        return f"Med-DDPM train ({_steps_text(steps)} of the profile's {_steps_text(budget)} steps)"
+    return "Med-DDPM train"
+
+
+def projection(seconds_per_step: float, steps: int, budget: int) -> str:
+    """The once-printed projection: this run's steps and the profile's budget at the measured time per step."""
+    def dur(sec: float) -> str:
+        return f"{sec / 3600:.1f} h" if sec >= 5400 else f"{sec / 60:.1f} min" if sec >= 90 else f"{sec:.0f} s"
+
+    text = f"Med-DDPM train: {seconds_per_step:.3g} s per step here (the median of {PROJECT_AFTER} steps): "
+    text += f"this run's {_steps_text(steps)} steps take about {dur(seconds_per_step * steps)}"
+    if budget != steps:
+        text += f", the profile's {_steps_text(budget)} steps about {dur(seconds_per_step * budget)}"
+    return text + " (checkpoints and previews not counted)"
+
+
+def _train_steps(run: _Run, batches, backward, desc: str = "Med-DDPM train", what: str = "training",
+                 preview: Previews | None = None, budget: int | None = None) -> None:
+    """Optimizer steps from run.step to cfg.steps: the lr of the step, zeroed gradients, ``backward(run, batches)``
+    (the forward and backward passes of one step over its micro-batches; returns the step's mean loss), the
+    optimizer step (through the loss scaler, which only fp16 enables), the EMA update, the loss log, the progress bar
+    and periodic checkpoints. Training (_optimizer_step) and distillation (synth.distill) share it. ``what`` names
+    the loss in the error of a non-finite one; ``preview``: a synth.preview.Previews, called after each step (rank 0
+    only; it draws nothing from the run's generator). ``budget``: the profile's steps, onto which the time of this
+    call's first steps is projected (printed once by rank 0)."""
     from tqdm.auto import tqdm
 
     cfg = run.cfg
-    sched = make_training_scheduler(cfg.timesteps, cfg.schedule)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="Med-DDPM train", dynamic_ncols=True,
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=desc, dynamic_ncols=True,
                disable=not cfg.progress or not run.ranks.main)
     run.model.train()
+    timed = []  # seconds of this call's steps after its first, until the projection is printed
     while run.step < cfg.steps:
         t0 = time.perf_counter()
         lr = lr_at(cfg, run.step)
         for g in run.opt.param_groups:
             g["lr"] = lr
-        loss = _optimizer_step(run, batches, sched)
+        run.opt.zero_grad(set_to_none=True)
+        loss = backward(run, batches)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"{run.out}: {what} loss became {loss} at step {run.step + 1}; lower the lr (--lr)")
+        run.scaler.step(run.opt)
+        run.scaler.update()
         run.step += 1
         _update_ema(run)
+        seconds = time.perf_counter() - t0
         if run.ranks.main:
             run.log_rows.append({"step": run.step, "loss": f"{loss:.6f}", "lr": f"{lr:.3g}",
-                                 "seconds": f"{time.perf_counter() - t0:.4f}"})
+                                 "seconds": f"{seconds:.4f}"})
+            if budget is not None and timed is not None:
+                timed.append(seconds)
+                if len(timed) == PROJECT_AFTER + 1:
+                    tqdm.write(projection(float(np.median(timed[1:])), cfg.steps, budget))
+                    timed = None
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2g}")
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
             _checkpoint(run)
+        if preview is not None and run.ranks.main:
+            preview.after_step(run)
     bar.close()
 
 

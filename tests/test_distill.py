@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +16,7 @@ from synth.distill import (CARD_FILE, DistillConfig, RoundPlan, distill_generato
 from synth.schedulers import NoiseSchedule, distilled_sampler, make_sampler, sample
 from synth.synthesize import SynthesisConfig, synthesize_cohort
 from synth.train import train_medddpm
+from tests.resume_helpers import kill_once_written, medddpm_command, run_to_end
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the machine is shared
 
@@ -128,22 +123,12 @@ def test_student_is_a_generator_with_a_card(student, teacher):
 
 def test_distill_verb_resumes_after_sigkill_to_the_same_bytes(toy_cohort, teacher, student, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "medddpm.cli", "distill", "--checkpoint", str(teacher), "--manifest",
-           str(toy_cohort), "--out", str(out), "--steps", "1", "--teacher-steps", "4", "--round-steps", "6",
-           "--checkpoint-every", "2", "--threads", "1", "--no-progress"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    root = Path(__file__).parents[1]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = out / "rounds" / "round-1-4to2" / STATE_FILE
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert state.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    cmd = medddpm_command("distill", "--checkpoint", str(teacher), "--manifest", str(toy_cohort), "--out", str(out),
+                          "--steps", "1", "--teacher-steps", "4", "--round-steps", "6", "--checkpoint-every", "2",
+                          "--threads", "1", "--no-progress")
+    kill_once_written(cmd, out / "rounds" / "round-1-4to2" / STATE_FILE)
     assert not (out / "generator.safetensors").exists()  # killed mid-way
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_to_end(cmd)
     assert (out / "generator.safetensors").read_bytes() == student.read_bytes()
     # other settings in the same folder are refused, not mixed in
     with pytest.raises(InputError, match="other settings.*round_steps"):

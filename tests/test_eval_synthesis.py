@@ -110,6 +110,8 @@ def test_memorisation_planted_copy_detected_independent_not(toy_cohort, tmp_path
     s = summarise(t).iloc[0]
     assert s["n_calibration"] == 2 and s["n_synthetic"] == 6
     assert s["frac_above_painted_mask"] <= 0.5 and "frac_beyond_mask" not in s.index
+    # no fraction above the between-patient copy threshold: samples pass it through their mask alone
+    assert not [c for c in s.index if c.startswith("frac_copy")]
 
 
 def test_copy_threshold_rules_and_similarity():

@@ -128,14 +128,15 @@ def test_planning_imports_no_prefect():
 
 
 def test_params_picked_from_the_flow_signature_are_all_its_result_parameters():
-    """Every parameter of augment_study is a StudyParams field except where and how it runs (and waits)."""
+    """Every parameter of augment_study is a StudyParams field except where and how it runs (and waits, and
+    previews its Med-DDPM training)."""
     import inspect
 
     from flows.study import augment_study
 
     names = set(inspect.signature(augment_study.fn).parameters)
     assert names - set(StudyParams().as_dict()) == {"out", "parallel", "dask_address", "dask_workers", "device", "gpus",
-                                                    "wait"}
+                                                    "wait", "medddpm_preview_every"}
     assert StudyParams.pick({"n_real": 3, "out": "x", "parallel": 1}) == StudyParams(n_real=3)
 
 

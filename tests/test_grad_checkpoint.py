@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import synth.grad_checkpoint as grad_checkpoint
@@ -42,6 +43,7 @@ def _assert_same_step(net, ref, x, t):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow  # default-suite budget (15 min on 2 cores): CI runs it with -m slow
 def test_plan_checkpointing_lowers_the_authors_networks_memory():
     """Checkpointing the authors' network must not raise the plan's peak (it doubled it: the block count of a
     network without MONAI's down_blocks/up_blocks was 1)."""

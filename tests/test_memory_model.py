@@ -53,6 +53,7 @@ def test_segmented_resnet_checkpointing_lowers_the_counted_peak(monkeypatch):
     assert segmented.voxel < 0.95 * per_block.voxel, (segmented, per_block)
 
 
+@pytest.mark.slow  # default-suite budget (15 min on 2 cores): CI runs it with -m slow
 def test_prediction_holds_against_a_measured_training_step():
     """One fp32 demo training step at a reduced grid, measured in its own process (RSS rise, bench.bench_fullsize):
     the plan's prediction is within +-25 % of it, with checkpointing and without."""
@@ -116,6 +117,7 @@ def test_refusal_names_the_choices_that_fit(monkeypatch):
     assert costs.memory_refusal(cfg, cpu, train=True, grad_checkpoint=True) is None
 
 
+@pytest.mark.slow  # default-suite budget (15 min on 2 cores): CI runs it with -m slow
 def test_synthesize_and_study_stop_before_starting(tiny_limit, monkeypatch, capsys, tmp_path):
     import flows.study
     import synth.synthesize

@@ -19,6 +19,7 @@ from synth.costs import sample_step_cost, train_step_cost
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # default-suite budget (15 min on 2 cores): CI runs it with -m slow
 def test_paper_brats_memory_falls_with_bf16_and_checkpointing_and_flops_scale_with_the_batch():
     cfg = get_config("paper-brats")
     fp32 = train_step_cost(cfg)

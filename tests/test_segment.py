@@ -1,6 +1,7 @@
 """MONAI segmenter back end behind segment.api: it learns, keeps geometry, is deterministic and resumes."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -26,6 +27,26 @@ def trained(toy_cohort, tmp_path_factory):
     model_dir = api.train(toy_cohort, "train", root / "model_a", SegmenterConfig(profile="tiny", seed=0))
     preds = api.predict(model_dir, toy_cohort, TRAIN, root / "pred_a")
     return model_dir, preds, root
+
+
+@contextlib.contextmanager
+def killed_after_epochs(monkeypatch, n: int):
+    """The training inside is killed (KeyboardInterrupt) right after its n-th epoch's resume.pt is written, as a kill
+    between epochs would; the real writer is back afterwards, so the next api.train resumes."""
+    real_save, calls = monai_backend._save_resume, {"n": 0}
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(monai_backend, "_save_resume", save_then_die)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(monai_backend, "_save_resume", real_save)
 
 
 def test_model_dir_holds_the_contract_files(trained, toy_cohort):
@@ -81,22 +102,11 @@ def test_predictions_keep_geometry_and_label_range(trained, toy_cohort, tmp_path
 def test_same_seed_same_predictions_and_resume_after_kill(trained, toy_cohort, monkeypatch):
     """Determinism: a second run with the same seed, killed after epoch 3 and rerun, predicts bit-identically."""
     model_a, preds_a, root = trained
-    real_save = monai_backend._save_resume
-    calls = {"n": 0}
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(monai_backend, "_save_resume", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_epochs(monkeypatch, 3):
         api.train(toy_cohort, "train", root / "model_b", SegmenterConfig(profile="tiny", seed=0))
     assert (root / "model_b" / "resume.pt").exists() and not (root / "model_b" / "model.safetensors").exists()
     with pytest.raises(InputError, match="not a finished"):
         api.predict(root / "model_b", toy_cohort, TRAIN, root / "pred_b")
-    monkeypatch.setattr(monai_backend, "_save_resume", real_save)
     api.train(toy_cohort, "train", root / "model_b", SegmenterConfig(profile="tiny", seed=0))  # resumes at epoch 3
     preds_b = api.predict(root / "model_b", toy_cohort, TRAIN, root / "pred_b")
     assert sha256_arrays(preds_b) == sha256_arrays(preds_a)
@@ -311,6 +321,7 @@ print("NEW", new)
     assert "NEW []" in out.stdout, out.stdout[-3000:]
 
 
+@pytest.mark.slow  # default-suite budget (15 min on 2 cores): CI runs it with -m slow
 def test_weight_average_is_what_is_saved_and_resumes_exactly(trained, toy_cohort, tmp_path, monkeypatch):
     """ema_decay > 0: the optimiser's path is the same (same losses as without it), the saved weights are the
     moving average (another file), and a run killed after epoch 3 resumes to the same bytes. ema_decay 0 is the old
@@ -323,17 +334,7 @@ def test_weight_average_is_what_is_saved_and_resumes_exactly(trained, toy_cohort
     assert (ema_dir / "model.safetensors").read_bytes() != (model_a / "model.safetensors").read_bytes()
     assert load_config(ema_dir).ema_decay == 0.9 and "ema_decay" not in json.loads(
         (model_a / "config.json").read_text())["config"]
-    real_save, calls = monai_backend._save_resume, {"n": 0}
-
-    def save_then_die(path, state):
-        real_save(path, state)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(monai_backend, "_save_resume", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_epochs(monkeypatch, 3):
         api.train(toy_cohort, "train", tmp_path / "ema_b", cfg)
-    monkeypatch.setattr(monai_backend, "_save_resume", real_save)
     api.train(toy_cohort, "train", tmp_path / "ema_b", cfg)
     assert (tmp_path / "ema_b" / "model.safetensors").read_bytes() == (ema_dir / "model.safetensors").read_bytes()

@@ -84,3 +84,31 @@ def test_nnunet_learns_and_keeps_geometry(nn_trained, tmp_path):
         lab, aff = read_array(path)
         assert lab.shape == vol.shape and np.allclose(aff, vol.affine, atol=1e-5), cid
         assert set(np.unique(lab)) <= {0, 1, 2, 3}
+
+
+@pytest.mark.slow
+def test_fine_tuning_transfers_the_plans_and_starts_from_the_weights(nn_trained, tmp_path):
+    """The staged arm on nnU-Net: the fine-tuning dataset is preprocessed with the pretrained model's plans moved over
+    by nnU-Net's move_plans_between_datasets (its intensity normalisation comes from the pre-training data, not
+    from its own fingerprint), and nnU-Net loads the pretrained weights before its first epoch."""
+    from safetensors.torch import load_file
+
+    mixed, pre_dir, _, _ = nn_trained
+    cfg = SegmenterConfig(backend="nnunet", profile="tiny", **api.pretrained_init(pre_dir))
+    tuned = api.train(mixed, REAL_TRAIN, tmp_path / "tuned", cfg)
+    plans_of = lambda d: json.loads(  # noqa: E731
+        (nnunet_backend.roots(d)["preprocessed"] / nnunet_backend.DATASET / "nnUNetPlans.json").read_text())
+    own_fingerprint = json.loads((nnunet_backend.roots(tuned)["preprocessed"] / nnunet_backend.DATASET
+                                  / "dataset_fingerprint.json").read_text())
+    assert plans_of(tuned) == plans_of(pre_dir)
+    key = "foreground_intensity_properties_per_channel"
+    assert plans_of(tuned)[key] != own_fingerprint[key]  # planning anew would have taken these
+    ckpt = nnunet_backend.load_checkpoint(nnunet_backend.roots(tuned)["base"] / "pretrained_weights.pth")
+    pre_w = load_file(str(pre_dir / "model.safetensors"))
+    assert set(ckpt["network_weights"]) == set(pre_w)
+    assert all(np.array_equal(ckpt["network_weights"][k].numpy(), pre_w[k].numpy()) for k in pre_w)
+    log = (nnunet_backend.roots(tuned)["base"] / "logs" / "train.log").read_text()
+    assert "Loading pretrained weights from file" in log and "pretrained_weights.pth" in log
+    preds = api.predict(tuned, mixed, ["toy_006"], tmp_path / "pred")  # the transferred plans predict too
+    assert read_array(preds["toy_006"])[0].shape == read_case(mixed, load_manifest(mixed).set_index(
+        "case_id", drop=False).loc["toy_006"]).image.shape

@@ -128,6 +128,7 @@ def test_two_ranks_of_batch_one_train_the_weights_of_one_process_of_batch_two(to
         (tmp_path / "one" / "intensity_ranges.json").read_text()
 
 
+@pytest.mark.slow  # default-suite budget (15 min on 2 cores): CI runs it with -m slow
 def test_torchrun_job_with_a_killed_rank_resumes_and_finishes_the_single_process_loss_curve(toy_cohort, tmp_path):
     import psutil
 

@@ -2,11 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +19,7 @@ from synth.network import build_unet, condition_from_label
 from synth.schedulers import make_sampler, sample
 from synth.synthesize import SynthesisConfig, synthesize_cohort
 from synth.train import denoising_loss, train_medddpm
+from tests.resume_helpers import kill_once_written, medddpm_command, run_to_end
 
 FAST = {"num_threads": 1, "progress": False}  # one thread: the machine is shared, two threads thrash
 
@@ -189,6 +185,12 @@ def test_synthetic_cohort_pairs_images_with_the_conditioning_masks_bit_for_bit(t
     np.testing.assert_allclose(a, b, atol=1e-3)
     report = pd.read_csv(out / "quality_report.csv")
     assert set(report["case_id"]) == set(df["case_id"])
+    # the folder's cases are this sampler's: another sampler, step count or generator is refused, not resumed
+    for other in (dataclasses.replace(config, count=4, steps=4), dataclasses.replace(config, count=4, sampler="ddpm")):
+        with pytest.raises(InputError, match="holds cases made by generator/sampler/steps") as err:
+            synthesize_cohort(trained, masks, out, other)
+        assert str(out / "data_manifest.csv") in str(err.value)
+    assert len(load_manifest(manifest)) == 3
 
 
 def test_quality_gate_redraws_failures_and_reports_them(trained, toy_cohort, tmp_path):
@@ -230,22 +232,12 @@ def test_cli_synthesize_passes_spacing_and_analytic_variance_to_the_sampler(trai
 
 def test_cli_train_resumes_after_sigkill_and_continues_the_loss_curve(toy_cohort, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "medddpm.cli", "train", "--manifest", str(toy_cohort), "--profile", "tiny",
-           "--out", str(out), "--steps", "16", "--checkpoint-every", "4", "--threads", "1", "--no-progress"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    state = out / STATE_FILE
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert state.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = load_state(state)["step"]
+    cmd = medddpm_command("train", "--manifest", str(toy_cohort), "--profile", "tiny", "--out", str(out), "--steps",
+                          "16", "--checkpoint-every", "4", "--threads", "1", "--no-progress")
+    kill_once_written(cmd, out / STATE_FILE)
+    killed_at = load_state(out / STATE_FILE)["step"]
     assert killed_at < 16
-    done = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_to_end(cmd)
     log = pd.read_csv(out / "loss_log.csv")
     assert log["step"].tolist() == list(range(1, 17))  # no gap, no duplicate
     # the resumed curve equals an uninterrupted run (RNG, optimizer and data order are restored)

@@ -49,6 +49,7 @@ def _draws(labels, n_draws=4, seed=0):
     return draws
 
 
+@pytest.mark.slow  # default-suite budget (15 min on 2 cores): CI runs it with -m slow
 def test_held_out_real_cases_pass_over_training_draws_with_rare_ncr(phantom):
     images, labels, mods = phantom
     passed = []
