@@ -165,7 +165,7 @@ def test_flow_process_releases_cached_gpu_memory_after_medddpm_stages(monkeypatc
     made.write_text("x")
     made = ref(made)
 
-    def run_cached(task_, study_dir, *args):
+    def run_cached(task_, study_dir, *args, **kwargs):
         ran.append(task_.name)
         return made
 
@@ -180,7 +180,7 @@ def test_flow_process_releases_cached_gpu_memory_after_medddpm_stages(monkeypatc
     assert ran == ["train-medddpm", "synthesize-cohort", "synthesize-cohort"]
     assert released == ([1, 3] if initialized else [])  # once after training, once after both pools
 
-    def out_of_memory(*a):
+    def out_of_memory(*a, **k):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(study, "run_cached", out_of_memory)
