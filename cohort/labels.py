@@ -26,6 +26,13 @@ def tumour_mask(label: np.ndarray) -> np.ndarray:
     return np.isin(label, TUMOUR_LABELS)
 
 
+def tumour_slice(label: np.ndarray) -> int:
+    """Axial index through the tumour's centre (the middle slice if the label map has no tumour): where every
+    montage and preview cuts a volume."""
+    tumour = np.argwhere(tumour_mask(label))
+    return int(np.round(tumour[:, 2].mean())) if len(tumour) else label.shape[2] // 2
+
+
 def brain_mask(label: np.ndarray) -> np.ndarray:
     """Brain including tumour (label 4 plus all tumour labels)."""
     return (label == BRAIN) | tumour_mask(label)

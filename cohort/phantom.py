@@ -25,7 +25,7 @@ from scipy import ndimage
 from .atlases import ATLAS_INFO, ATLAS_NAMES, Atlas, copy_licence_texts, load_atlas
 from core.errors import InputError, ConfigError
 from core.fsutil import atomic_write_text
-from .labels import BRAIN, ED, ET, MODALITIES, NCR
+from .labels import BRAIN, ED, ET, MODALITIES, NCR, tumour_slice
 from .profiles import Profile, get_profile
 
 COHORT_NAME = "phantom-v1"
@@ -507,8 +507,7 @@ def montage(manifest: str | Path, out_png: str | Path, case_ids: list[str] | Non
     for r, row in enumerate(rows):
         case = read_case(manifest, row)
         vol, lab = case.image, case.label_map
-        tum = np.isin(lab, (NCR, ED, ET))
-        z = int(np.round(np.argwhere(tum)[:, 2].mean())) if tum.any() else lab.shape[2] // 2
+        z = tumour_slice(lab)
         names = [m for m in cols if m in vol.channels]
         for c, m in enumerate(names):
             sl = vol.channel(m)[:, :, z]

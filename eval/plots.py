@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from core.fsutil import atomic_path
-from cohort.labels import MODALITIES, REGIONS, tumour_mask
+from cohort.labels import MODALITIES, REGIONS, tumour_slice
 
 from .stats import mix_order
 
@@ -75,12 +75,6 @@ def plot_boxplots(per_case: pd.DataFrame, path: Path, title: str) -> Path:
         ax.tick_params(axis="x", labelrotation=20)
         ax.grid(alpha=0.3)
     return _savefig(fig, path)
-
-
-def tumour_slice(label: np.ndarray) -> int:
-    """Axial index through the tumour's centre (the middle slice if the label map has no tumour)."""
-    tumour = np.argwhere(tumour_mask(label))
-    return int(np.round(tumour[:, 2].mean())) if len(tumour) else label.shape[2] // 2
 
 
 def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_samples: int = 2) -> Path | None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from core.errors import ConfigError
+
 from .mixes import SynthesisPlan, parse_mixes, trainings_per_seed
 from .plan import SEGMENTER_PROFILE
 
@@ -160,11 +162,14 @@ def distillation_table(profile: str, tflops: float, *, teacher_steps: int | None
 
     rows = []
     for n in STUDENT_STEPS:
-        teacher = teacher_steps or DistillConfig(steps=n).teacher_steps
-        if teacher <= n or teacher % n or (teacher // n) & (teacher // n - 1):
-            continue  # teacher steps that are not N times a power of two (>= 2): no such student
-        cost = distillation_cost(profile, n, teacher_steps=teacher, round_steps=round_steps, device_type=device_type)
-        rows.append({"student steps": n, "rounds": DistillConfig(steps=n, teacher_steps=teacher).rounds(),
+        dc = DistillConfig(steps=n, **({"teacher_steps": teacher_steps} if teacher_steps else {}))
+        try:
+            rounds = dc.rounds()
+        except ConfigError:  # teacher steps that are not N times a power of two (>= 2): no such student
+            continue
+        cost = distillation_cost(profile, n, teacher_steps=dc.teacher_steps, round_steps=round_steps,
+                                 device_type=device_type)
+        rows.append({"student steps": n, "rounds": rounds,
                      "hours": cost.hours(tflops), "evaluations per volume": n, "vs DDPM-250": 250 / n,
                      f"vs {defaults.SAMPLER}-{defaults.STEPS}": defaults.STEPS / n})
     return rows

@@ -117,10 +117,11 @@ def sampling_for(checkpoint: str | Path, sampler: str, steps: int) -> tuple[str,
     another sampler named: ConfigError naming the file. Any other generator: as given."""
     if sampler == DISTILLED:
         return sampler, distilled_steps(checkpoint, steps, setting="steps")
-    if student_steps(checkpoint) is None:
+    own = student_steps(checkpoint)
+    if own is None:
         return sampler, steps
     if (sampler, steps) == (defaults.SAMPLER, defaults.STEPS):
-        return DISTILLED, student_steps(checkpoint)
+        return DISTILLED, own
     refuse_student_with_another_sampler(checkpoint, sampler)  # raises: a student with another sampler
     return sampler, steps
 

@@ -296,15 +296,16 @@ def synthetic_pools(study: Path, plan: StudyPlan, checkpoint: FileRef | None, se
     conditioned on the selected cases' masks or on their edited versions. Synthesis runs in the flow process,
     which then gives the GPU memory it cached back."""
     params, pools = plan.params, {}
+    steps = synthesis_steps(params)  # a distilled student's own steps: read from its card once
     with cuda_cache_released():
         for pool in plan.pools:
             masks = edited if pool.name == "edited" else selected
             pools[pool.name] = run_cached(tasks.synthesize, study, checkpoint, masks, pool.out_dir, pool.count,
-                                          params.sampler, synthesis_steps(params), pool.seed, pool.cohort_id, device)
+                                          params.sampler, steps, pool.seed, pool.cohort_id, device)
     for pool in plan.pools:
         made = pools[pool.name]
         registry.register(study, pool.cohort_id, made.path, made.sha256, kind="study-pool",
-                          checkpoint_sha256=checkpoint.sha256, sampler=params.sampler, steps=synthesis_steps(params))
+                          checkpoint_sha256=checkpoint.sha256, sampler=params.sampler, steps=steps)
     return pools
 
 

@@ -23,7 +23,7 @@ import torch
 
 from core.errors import ConfigError, InputError
 from core.fsutil import atomic_path, atomic_write_bytes
-from cohort.labels import tumour_mask
+from cohort.labels import tumour_slice
 from cohort.profiles import get_profile
 
 from .config import MedDDPMConfig
@@ -145,7 +145,7 @@ class Previews:
         for r, (item, synthetic) in enumerate(zip(self.items, samples)):
             label = np.asarray(item["label"])[0]
             real = np.asarray(item["image"])
-            z = _tumour_slice(label)
+            z = tumour_slice(label)
             ax = fig.add_subplot(grid[r, 0])
             ax.imshow(np.rot90(label[:, :, z]), cmap="viridis", vmin=0, vmax=4, interpolation="nearest")
             ax.set_ylabel(f"{self.case_ids[r]}\nseed {self.settings.seed + r}", fontsize=7)
@@ -163,13 +163,6 @@ class Previews:
                      f"(eta 0), the same seeds at every step{note}", fontsize=9)
         fig.tight_layout(rect=(0, 0, 1, 0.97))
         return fig
-
-
-def _tumour_slice(label: np.ndarray) -> int:
-    """Axial index through the tumour's centre (the middle slice if the mask has no tumour), as the report's
-    montage (eval.plots.tumour_slice, which synth may not import)."""
-    tumour = np.argwhere(tumour_mask(label))
-    return int(np.round(tumour[:, 2].mean())) if len(tumour) else label.shape[2] // 2
 
 
 def _title(ax, row: int, text: str) -> None:
