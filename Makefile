@@ -24,10 +24,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The default cohort is built first and checked against data_manifest.csv (every file's sha256), so a machine that
 # makes other data stops within a minute, not after the training; the study then reuses the built cohort.
 # build-phantom's defaults are the study's (tests/test_phantom.py checks that).
+# SAMPLER=distilled: the study samples with the shipped distilled student (synth/shipped.py) instead of training one.
 study: $(VENV)/.installed
 	$(VENV)/bin/medddpm build-phantom --out $(STUDY_DIR)/cohort
 	$(VENV)/bin/medddpm validate $(STUDY_DIR)/cohort/data_manifest.csv --against data_manifest.csv
-	$(VENV)/bin/medddpm study --out $(STUDY_DIR)
+	$(VENV)/bin/medddpm study --out $(STUDY_DIR) $(if $(SAMPLER),--sampler $(SAMPLER))
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

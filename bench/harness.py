@@ -173,7 +173,7 @@ def segmenter_scores(manifest: str, case_ids: list[str], test_ids: list[str], ou
 
     scores_csv = Path(out) / "scores.csv"
     if not scores_csv.exists():
-        cfg = SegmenterConfig(profile="demo", seed=seed, device="cpu", **overrides)
+        cfg = SegmenterConfig(**{"profile": "demo", "seed": seed, "device": "cpu", **overrides})
         model = train(manifest, case_ids, Path(out) / "model", cfg)
         preds = predict(model, manifest, test_ids, Path(out) / "pred")
         evaluate_predictions(preds, manifest).to_csv(scores_csv, index=False)

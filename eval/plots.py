@@ -120,6 +120,47 @@ def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_sa
     return _savefig(fig, path)
 
 
+def plot_sampler_montage(real_manifest: Path, pools: dict[str, Path], owners: list[str], path: Path,
+                         modality: str = "t1ce") -> Path:
+    """Samplers side by side on the same masks (bench.bench_sampler_table): rows = the real image, then each pool
+    (name -> synthetic manifest) in order; columns = the masks of ``owners`` (real case ids), each cut on the axial
+    slice through its tumour (tumour_slice) and windowed as plot_montage does. One modality (``modality`` if the
+    images have it, else their first): the grid compares samplers, not channels. A cell stays empty where a pool
+    has no sample on that mask."""
+    from cohort.manifest import read_case, load_manifest
+
+    real = load_manifest(real_manifest).set_index("case_id", drop=False)
+    cells: dict[tuple[str, str], tuple] = {}
+    for owner in owners:
+        case = read_case(real_manifest, real.loc[owner])
+        cells[("real", owner)] = (case.image, case.label_map)
+    for name, pool in pools.items():
+        syn = load_manifest(pool)
+        for owner in owners:
+            hit = syn[syn["parent_case_id"].astype(str) == owner].head(1)
+            if len(hit):
+                sample = read_case(pool, hit.iloc[0])
+                cells[(name, owner)] = (sample.image, sample.label_map)
+    channels = cells[("real", owners[0])][0].channels
+    shown = modality if modality in channels else channels[0]
+    names = ["real", *pools]
+    fig, axes = _figure(len(names), len(owners), (2.6 * len(owners), 2.4 * len(names)))
+    for i, name in enumerate(names):
+        for j, owner in enumerate(owners):
+            ax = axes[i, j]
+            if (name, owner) in cells:
+                vol, lab = cells[(name, owner)]
+                z = tumour_slice(cells[("real", owner)][1])  # the mask's own slice, the same in every row
+                lo, hi = np.percentile(vol.channel(shown)[lab > 0], [1, 99])
+                ax.imshow(np.rot90(vol.channel(shown)[:, :, z]), cmap="gray", vmin=lo, vmax=hi)
+            ax.set_title(f"mask of {owner}" if i == 0 else "", fontsize=9)
+            ax.set_ylabel(name, fontsize=9) if j == 0 else None
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{shown}, same masks in every row; axial slice through each mask's tumour; each image windowed to "
+                 "its own 1-99 % inside the brain", fontsize=9)
+    return _savefig(fig, path)
+
+
 def plot_memorisation(mem: pd.DataFrame, path: Path, baseline_id: str | None = None) -> Path:
     """Per synthetic cohort: histograms (outlines) of nearest-training-neighbour similarity of real test images
     (the calibration), of synthetic images, and of synthetic images to their mask's owner; dashed: threshold.

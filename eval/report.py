@@ -603,16 +603,19 @@ def _reproducibility_section(record: StudyRecord | None) -> _Blocks:
 
 
 def student_note(checkpoint: Path) -> str:
-    """' It is a distilled N-step student ...' from the distill_card.json beside a checkpoint made by `medddpm
-    distill` (synth.distill), else ''."""
-    card_file = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "distill_card.json"
-    if not card_file.exists():
+    """' It is a distilled N-step student ...' from the card of a generator made by `medddpm distill` (synth.distill):
+    distill_card.json beside a run's checkpoint, or the JSON card of the same name beside a shipped student
+    (synth.shipped); '' for any other generator. (eval does not import synth: the card is read as JSON.)"""
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    cards = [folder / "distill_card.json"] + ([checkpoint.with_suffix(".json")] if checkpoint.suffix else [])
+    c = next((json.loads(f.read_text()) for f in cards if f.is_file()), {})
+    if "student_steps" not in c:
         return ""
-    c = json.loads(card_file.read_text())
     rounds = f"{c.get('rounds')} halving round{'' if c.get('rounds') == 1 else 's'}"
     return (f" It is a {c.get('student_steps')}-step student distilled ({c.get('method')}, {rounds} from the "
             f"teacher's DDIM-{c.get('teacher_steps')} at eta 0) from the generator {c.get('teacher')} "
-            f"(sha256 {str(c.get('teacher_sha256'))[:12]}…), sampled as {c.get('sampler')}.")
+            f"(sha256 {str(c.get('teacher_sha256'))[:12]}…), sampled as {c.get('sampler')}; not fine-tuned on "
+            "this study's cases.")
 
 
 def generator_note(study: Path, record: StudyRecord | None) -> str | None:

@@ -22,6 +22,7 @@ from core.errors import InputError, ConfigError
 from core.identity import content_hash
 from synth.defaults import SAMPLER, STEPS
 from synth.schedulers import DISTILLED
+from synth.shipped import checked_shipped_file, is_shipped_file, shipped_student_path
 
 from .mixes import DEFAULT_MIXES, Mix, SynthesisPlan, parse_mixes
 
@@ -90,9 +91,14 @@ class StudyParams:
             raise ConfigError(f"holdout_masks must be 0 (none) or more, got {self.holdout_masks}")
         if not self.backends or not self.seeds:
             raise ConfigError("backends and seeds must each name at least one value")
+        if self.sampler == DISTILLED and not self.medddpm_checkpoint and shipped_student_path(self.profile):
+            # the profile's shipped student (synth.shipped), used as is: named here so that the study's key, record
+            # and report name the file; check_generator_choice checks it against its card before any work
+            set_("medddpm_checkpoint", str(shipped_student_path(self.profile)))
         if self.sampler == DISTILLED and not self.medddpm_checkpoint:
             # a study's own generator is trained or fine-tuned with the denoising loss: never a student
-            raise ConfigError(f"sampler {DISTILLED!r} samples a student made by `medddpm distill`: pass it as "
+            raise ConfigError(f"sampler {DISTILLED!r} samples a student made by `medddpm distill` (profile "
+                              f"{self.profile!r} ships none): pass it as "
                               "medddpm_checkpoint (--checkpoint STUDENT/generator.safetensors; used as is, not "
                               "fine-tuned). To distil this study's generator, run the study with another sampler, "
                               "then `medddpm distill --checkpoint STUDY/medddpm --manifest STUDY/cohort/"
@@ -370,11 +376,14 @@ def refuse_student_with_another_sampler(checkpoint: str | Path, sampler: str, se
 
 def check_generator_choice(params: StudyParams) -> None:
     """Before any work: a distilled student (synth.distill) is sampled only with sampler "distilled" at its own steps
-    and is never fine-tuned. sampler "distilled" needs medddpm_checkpoint to be a student (StudyParams refuses it
-    without one; a file that is no student: synth's InputError naming it); a student given as medddpm_checkpoint
+    and is never fine-tuned. sampler "distilled" needs medddpm_checkpoint to be a student (StudyParams names the
+    profile's shipped student when none is given, and refuses it where none ships; a shipped file is checked against
+    its card here; a file that is no student: synth's InputError naming it); a student given as medddpm_checkpoint
     with another sampler, or as medddpm_init (the study would fine-tune it with the denoising loss, which undoes
     the distillation), is a ConfigError naming the file and saying what to do instead."""
     if params.medddpm_checkpoint:
+        if is_shipped_file(params.medddpm_checkpoint):
+            checked_shipped_file(Path(params.medddpm_checkpoint))  # the bytes its card names, or one error
         if params.sampler == DISTILLED:
             distilled_steps(params.medddpm_checkpoint, params.sampling_steps)
         else:

@@ -2,7 +2,8 @@
 card beside the generator. Resumable: rerunning after an interruption continues (`medddpm distill` resumes), and
 rerunning after it finished only writes the card again.
 
-    .venv/bin/python scripts/distill_demo_generator.py --work /work/distill [--steps 4] [--round-steps 1000]
+    .venv/bin/python scripts/distill_demo_generator.py --work /work/distill [--steps 2] [--teacher-steps 8] \\
+        [--round-steps 1000]
 
 It builds the demo generator's own pre-training cohort (synth.shipped.PRETRAIN_COHORT: 160 phantom cases, seed
 1000, none of them a study case, so a study's test cases stay unseen by the student too) and runs
@@ -11,9 +12,10 @@ It builds the demo generator's own pre-training cohort (synth.shipped.PRETRAIN_C
                     --teacher-steps DEMO["teacher_steps"] --round-steps R ... --threads 2
 
 (progressive distillation: log2(teacher_steps / N) halving rounds of R optimizer steps, synth/distill.py), then
-copies the student to synth/pretrained/demo-phantom-v4-distilled-N.safetensors with a JSON card: the teacher's
+copies the student to synth/pretrained/demo-phantom-v4-distilled-N.safetensors, and its quality gate's ranges to
+synth/pretrained/intensity_ranges.json (synthesis reads them beside a generator), with a JSON card: the teacher's
 sha256, the method and its settings, the commands, the training cases' hash and the measured time. The study
-uses it once synth.shipped lists it (not done by this script).
+uses it once synth.shipped.SHIPPED_STUDENTS lists it (not done by this script).
 
 Time (measured 2026-12-05 on the shared 2-core machine under a load of ~8, docs/decisions/0019-distillation.md):
 one demo distillation step (batch 2: two teacher network calls without gradient, one student step) took 5.8-15 s
@@ -29,10 +31,13 @@ import time
 from pathlib import Path
 
 from pretrain_demo_generator import REPO, pretrain_cohort, run_all, ship, write_card  # this script's folder
+from synth.checkpoint import RANGES_FILE
 from synth.shipped import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR
 
-# the demo student's recipe: DDIM-32 (eta 0) teacher halved to N steps; lr and EMA as synth.distill.DistillConfig
-DEMO = {"teacher_steps": 32, "round_steps": 1000, "lr": 1e-4, "lr_min": 1e-5, "seed": 0, "checkpoint_every": 100}
+# the demo student's recipe: DDIM-8 (eta 0) teacher halved to N steps (two rounds for N = 2: the v4 generator's
+# DDIM-8 lies as close to its DDIM-16 as DDIM-16's own spread, decision 0019, and each round costs ~16 min on 2
+# cores, so 32 -> 2 would pass the 60-min target); lr and EMA as synth.distill.DistillConfig
+DEMO = {"teacher_steps": 8, "round_steps": 1000, "lr": 1e-4, "lr_min": 1e-5, "seed": 0, "checkpoint_every": 100}
 
 
 def student_name(steps: int) -> str:
@@ -42,7 +47,8 @@ def student_name(steps: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="working folder (cohort/ and the distillation's folder)")
-    ap.add_argument("--steps", type=int, default=4, choices=(1, 2, 4, 8), help="the student's sampling steps")
+    ap.add_argument("--steps", type=int, default=2, choices=(1, 2, 4, 8), help="the student's sampling steps")
+    ap.add_argument("--teacher-steps", type=int, default=DEMO["teacher_steps"], help="the first teacher's DDIM steps")
     ap.add_argument("--round-steps", type=int, default=DEMO["round_steps"], help="optimizer steps per round")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -52,7 +58,7 @@ def main(argv=None) -> int:
     out = work / f"distilled-{args.steps}"
     commands = [build,
                 [medddpm, "distill", "--checkpoint", str(teacher), "--manifest", manifest, "--out", str(out),
-                 "--steps", str(args.steps), "--teacher-steps", str(DEMO["teacher_steps"]),
+                 "--steps", str(args.steps), "--teacher-steps", str(args.teacher_steps),
                  "--round-steps", str(args.round_steps), "--lr", str(DEMO["lr"]), "--lr-min", str(DEMO["lr_min"]),
                  "--seed", str(DEMO["seed"]), "--checkpoint-every", str(DEMO["checkpoint_every"]),
                  "--threads", str(args.threads), "--no-progress"]]
@@ -60,6 +66,9 @@ def main(argv=None) -> int:
     run_all(commands)
     dest = SHIPPED_DIR / student_name(args.steps)
     sha256 = ship(out / "generator.safetensors", dest)
+    # the quality gate's ranges (from the pre-training cohort's training cases, as distill writes them): synthesis
+    # reads intensity_ranges.json beside a generator, so the shipped files share one, made from PRETRAIN_COHORT
+    ranges_sha256 = ship(out / RANGES_FILE, SHIPPED_DIR / RANGES_FILE)
     run_card = json.loads((out / "distill_card.json").read_text())
     card = {"file": dest.name, "sha256": sha256, "profile": "demo",
             "what": f"{args.steps}-step student of the shipped demo generator (progressive distillation on "
@@ -67,6 +76,7 @@ def main(argv=None) -> int:
             "pretrain_cohort": PRETRAIN_COHORT, **{k: run_card[k] for k in (
                 "method", "reference", "teacher_sha256", "teacher_steps", "student_steps", "sampler", "rounds",
                 "settings", "training_cases_hash", "round_seconds")},
+            "gate_ranges": RANGES_FILE, "gate_ranges_sha256": ranges_sha256,
             "teacher": str(teacher), "distill_seconds": round(sum(run_card["round_seconds"]), 1),
             "commands": [" ".join(["medddpm", *c[1:]]) for c in commands],
             "this_invocation_wall_seconds": round(time.perf_counter() - t0, 1)}

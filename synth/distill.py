@@ -338,6 +338,12 @@ def student_card(meta: dict, path: Path | str = "generator") -> dict:
 
 def student_steps_of(checkpoint: str | Path) -> int:
     """A distilled student's sampling steps, from its card (an InputError naming the file if it is no student)."""
+    return int(read_student_card(checkpoint)["student_steps"])
+
+
+def read_student_card(checkpoint: str | Path) -> dict:
+    """A distilled student's card from its own metadata, wherever the file lies (an InputError naming the file if
+    it is no student or unreadable)."""
     from safetensors import safe_open
 
     path = resolve_generator(checkpoint)
@@ -347,4 +353,4 @@ def student_steps_of(checkpoint: str | Path) -> int:
     except Exception as e:
         raise InputError(path, f"not a readable safetensors generator ({type(e).__name__}: {e})",
                          kind="unreadable") from e
-    return int(student_card(meta, path)["student_steps"])
+    return student_card(meta, path)

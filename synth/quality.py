@@ -296,10 +296,13 @@ def judge(statistics: dict, envs: dict[tuple[str, str], tuple[float, float]]) ->
 
 
 def check_sample(image: np.ndarray, label: np.ndarray, ranges: dict | None, modalities: tuple[str, ...],
-                 margin: float = MARGIN, k: float | None = None) -> list[str]:
+                 margin: float = MARGIN, k: float | None = None,
+                 envs: dict[tuple[str, str], tuple[float, float]] | None = None) -> list[str]:
     """Failed checks of one sample (empty list = pass), each "<check> <where>: <value> outside [<low>, <high>]"
     (correlations as Pearson r). image: (C, X, Y, Z) in model space; label: (X, Y, Z). ranges None (an imported
-    generator without ranges): nothing is judged. k: a fixed tolerance factor instead of the moderated one."""
+    generator without ranges): nothing is judged. k: a fixed tolerance factor instead of the moderated one. envs:
+    ``envelopes(ranges, margin, k)`` computed once by a caller that checks many samples (it costs about as much as
+    the sample's own statistics)."""
     if ranges is None:
         return []
-    return judge(case_statistics(image, label, modalities), envelopes(ranges, margin, k))
+    return judge(case_statistics(image, label, modalities), envs if envs is not None else envelopes(ranges, margin, k))

@@ -22,6 +22,10 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
 # outside the installed package: scripts/demo_generator_chain/; docs/decisions/0008-shipped-demo-generator.md).
 # Only these files are package data (pyproject.toml).
 SHIPPED = {"demo": "demo-phantom-v4.safetensors"}
+# cohort profile -> the distilled student of its shipped generator (scripts/distill_demo_generator.py: progressive
+# distillation, sampled with --sampler distilled at its own steps; docs/decisions/0019-distillation.md). A study with
+# sampler "distilled" and no checkpoint uses it as is (flows.plan.StudyParams).
+SHIPPED_STUDENTS = {"demo": "demo-phantom-v4-distilled-2.safetensors"}
 # the phantom cohort the demo generator was pre-trained on: not the study's (cohort seed 0)
 PRETRAIN_COHORT = dict(n_cases=160, seed=1000, profile="demo")
 # fine-tuning on a study's cases: short, low learning rate, EMA from the start (the pre-trained weights are
@@ -33,9 +37,22 @@ FINE_TUNE = {"demo": dict(steps=300, lr=2e-4, lr_schedule="cosine", lr_min=2e-5,
 def shipped_generator(profile: str) -> Path | None:
     """The shipped generator of a cohort profile (None if the project ships none), checked against its card."""
     name = SHIPPED.get(profile)
-    if name is None:
-        return None
-    path = SHIPPED_DIR / name
+    return None if name is None else checked_shipped_file(SHIPPED_DIR / name)
+
+
+def shipped_student_path(profile: str) -> Path | None:
+    """Where the shipped distilled student of a profile lies (None if none ships); plain data, no disk read: the
+    study's parameters name it, ``checked_shipped_file`` checks it before use."""
+    name = SHIPPED_STUDENTS.get(profile)
+    return None if name is None else SHIPPED_DIR / name
+
+
+def is_shipped_file(path: str | Path) -> bool:
+    return Path(path).resolve().parent == SHIPPED_DIR.resolve()
+
+
+def checked_shipped_file(path: Path) -> Path:
+    """``path`` (a shipped generator or student), after checking it against the sha256 of its JSON card."""
     card = path.with_suffix(".json")
     if not path.exists() or not card.exists():
         raise InputError(path, f"the shipped generator or its card {card.name} is missing from this checkout",

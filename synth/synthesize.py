@@ -29,7 +29,7 @@ from .checkpoint import RANGES_FILE, SOURCE_META, load_generator, resolve_genera
 from .config import MedDDPMConfig
 from .mask_check import check_masks
 from .network import condition_from_label
-from .quality import MARGIN, check_sample, load_gate_ranges
+from .quality import MARGIN, check_sample, envelopes, load_gate_ranges
 from . import defaults
 from .schedulers import DISTILLED, NoiseSchedule, Sampler, distilled_sampler, make_sampler, sample
 
@@ -309,6 +309,7 @@ def _draw_until_pass(gen: _Generator, config: SynthesisConfig, jobs: list[_Job],
     and the quality report's row of every attempt."""
     cfg = gen.cfg
     cond = torch.stack([condition_from_label(mask.label, cfg.condition) for mask in masks])
+    envs = envelopes(gen.ranges, config.gate_margin) if gen.ranges is not None else None  # once, not per sample
     attempts = [0] * len(jobs)
     draws: list[_Draw | None] = [None] * len(jobs)
     report = []
@@ -319,7 +320,7 @@ def _draw_until_pass(gen: _Generator, config: SynthesisConfig, jobs: list[_Job],
                    channels_last=cfg.channels_last, prediction=cfg.prediction).numpy()
         still = []
         for j, k in enumerate(todo):
-            failures = check_sample(x[j], masks[k].label, gen.ranges, cfg.modalities, config.gate_margin)
+            failures = check_sample(x[j], masks[k].label, gen.ranges, cfg.modalities, config.gate_margin, envs=envs)
             draws[k] = _Draw(x[j], failures, attempts[k], seeds[j])
             report.append({"case_id": jobs[k].case_id, "attempt": attempts[k], "seed": seeds[j],
                            "passed": not failures, "failures": "; ".join(failures)})

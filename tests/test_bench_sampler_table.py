@@ -1,10 +1,17 @@
 """The sampler table's paired comparison with the reference sampler (eval.stats.paired_vs_first, used by
 bench.bench_sampler_table; the target 'within 0.02 of DDPM-250'): planted Dice differences must come out as
-non-inferior / equivalent or not."""
+non-inferior / equivalent or not; and the bench end to end with a tiny generator and its distilled student
+(issue 33): the student's row, timings of fresh volumes (min <= median), fidelity intervals, the montage, and the
+errors of a 'distilled' run without a student."""
 from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from eval.stats import paired_vs_first
 
@@ -33,3 +40,102 @@ def test_paired_difference_recovers_planted_offsets_and_judges_the_margin():
         assert not out.loc[("better", region), "equivalent (+-0.02)"]
         worse = out.loc[("worse", region)]
         assert worse["ci_low"] < worse["delta"] < worse["ci_high"] < -0.02
+
+
+# --------------------------------------------------------------- the bench end to end with a distilled student
+
+@pytest.fixture(scope="module")
+def tiny_generators(toy_cohort, tmp_path_factory):
+    """(teacher, student): an untrained tiny generator and its 1-step student after one 2 -> 1 round of 2 steps
+    (as tests/test_distill_flows.py makes them: speed and plumbing, not quality); the teacher gets the student's
+    gate ranges (distill writes them from the cohort; a generator saved untrained has none)."""
+    import torch
+
+    from synth.checkpoint import RANGES_FILE, save_generator
+    from synth.config import get_config
+    from synth.distill import DistillConfig, distill_generator
+    from synth.network import build_unet
+
+    root = tmp_path_factory.mktemp("generators")
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    teacher = save_generator(root / "teacher" / "generator.safetensors", build_unet(cfg), cfg, 0)
+    student = distill_generator(teacher, toy_cohort, root / "student", DistillConfig(
+        steps=1, teacher_steps=2, round_steps=2, checkpoint_every=2, num_threads=1, progress=False))
+    shutil.copy(student.parent / RANGES_FILE, teacher.parent / RANGES_FILE)
+    return teacher, student
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_bench_times_the_student_beside_the_samplers_with_fidelity_intervals_and_a_montage(
+        toy_cohort, tiny_generators, tmp_path, capsys, monkeypatch):
+    from bench.bench_sampler_table import main
+
+    teacher, student = tiny_generators
+    work, montage = tmp_path / "work", tmp_path / "montage.png"
+    base = ["--generator", str(teacher), "--student", str(student), "--cohort", str(toy_cohort), "--work", str(work),
+            "--runs", "ddim:4:0", "distilled", "--n-real", "3", "--n-boot", "100", "--montage", str(montage)]
+    import synth.synthesize
+
+    calls, synthesize = [], synth.synthesize.synthesize_cohort
+
+    def recording(gen, masks, out, config):  # (folder under work, cases there before, cases after) of each call
+        before = len(pd.read_csv(Path(out) / "data_manifest.csv")) if (Path(out) / "data_manifest.csv").exists() else 0
+        manifest = synthesize(gen, masks, out, config)
+        calls.append(("/".join(Path(out).relative_to(work).parts[:2]), before, len(pd.read_csv(manifest))))
+        return manifest
+
+    monkeypatch.setattr(synth.synthesize, "synthesize_cohort", recording)
+    assert main([*base, "--repeats", "2", "--seeds"]) == 0
+    # the pools, then the timings into empty folders, repeat 1 of every run before repeat 2 of any
+    assert calls == [("ddim_4_0/synthetic", 0, 3), ("distilled-1/synthetic", 0, 3)] + \
+        [("timing/ddim_4_0", 0, 3), ("timing/distilled-1", 0, 3)] * 2
+    table = pd.read_csv(work / "sampler_table.csv").set_index("run")
+    assert list(table.index) == ["ddim:4:0", "distilled-1"]  # the student's row is named by its card's steps
+    assert (table["s/volume min"] > 0).all() and (table["s/volume min"] <= table["s/volume median"]).all()
+    assert table.loc["ddim:4:0", "x first (min)"] == 1.0 and "s/volume" not in table.columns
+    timings = pd.read_csv(work / "sampler_timings.csv")
+    assert timings["run"].tolist() == ["ddim:4:0", "ddim:4:0", "distilled-1", "distilled-1"]
+    assert not (work / "timing" / "distilled-1").exists()  # the throwaway folders are gone
+    # the student's pool was made by the student with sampler distilled-1 (synth records it)
+    pool = pd.read_csv(work / "distilled-1" / "synthetic" / "data_manifest.csv")
+    assert set(pool["sampler"]) == {"distilled-1"} and len(pool) == 3
+    fidelity = pd.read_csv(work / "sampler_fidelity.csv").set_index("run")
+    assert list(fidelity.index) == ["ddim:4:0", "distilled-1"]
+    for metric in ("fidelity_frd", "fidelity_frd_excess", "paired_ms_ssim"):
+        assert (fidelity[f"{metric}_lo"] <= fidelity[metric]).all() and \
+            (fidelity[metric] <= fidelity[f"{metric}_hi"]).all(), metric
+        assert (fidelity[f"{metric}_lo"] < fidelity[f"{metric}_hi"]).all(), metric  # an interval, not a point
+    assert (fidelity["n"] == 3).all() and (fidelity["gate pass"] == fidelity["gate_passed"].astype(str) + "/3").all()
+    assert montage.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert f"student {student}: 1-step, distilled from --generator; gate ranges the same" in out
+    assert "fidelity_frd_excess" in out
+    # resumed (and a killed bench's timing folder left behind): the pools are read, each timing writes and gates
+    # all its volumes anew into an empty folder, so its seconds are never a resumed pool's ~0
+    (work / "timing" / "ddim_4_0").mkdir(parents=True)
+    shutil.copy(work / "ddim_4_0" / "synthetic" / "data_manifest.csv", work / "timing" / "ddim_4_0")
+    calls.clear()
+    assert main([*base, "--seeds", "0", "--jobs", "1", "--segmenter", '{"epochs": 1, "iters_per_epoch": 1}']) == 0
+    assert calls == [("ddim_4_0/synthetic", 3, 3), ("distilled-1/synthetic", 3, 3), ("timing/ddim_4_0", 0, 3),
+                     ("timing/distilled-1", 0, 3)]
+    # the segmenters trained on each pool: the student's paired Dice difference from the first run, per region
+    deltas = pd.read_csv(work / "sampler_deltas.csv")
+    assert deltas["run"].tolist() == ["distilled-1"] * 3 and set(deltas["vs"]) == {"ddim:4:0"}
+
+
+def test_distilled_run_needs_a_student_and_a_student_file(toy_cohort, tiny_generators, tmp_path):
+    from bench.bench_sampler_table import main
+
+    teacher, _ = tiny_generators
+    base = ["--generator", str(teacher), "--cohort", str(toy_cohort), "--work", str(tmp_path / "w"), "--seeds"]
+    with pytest.raises(SystemExit, match="run 'distilled' needs --student PATH"):
+        main([*base, "--runs", "ddpm:4", "distilled"])
+    # synth's messages, naming the file
+    with pytest.raises(SystemExit, match=f"{re.escape(str(teacher))}: not a distilled student"):
+        main([*base, "--runs", "distilled", "--student", str(teacher)])
+    with pytest.raises(SystemExit, match="takes no fields"):
+        main([*base, "--runs", "distilled:4", "--student", str(teacher)])
+    with pytest.raises(SystemExit, match=f"{re.escape(str(tmp_path / 'none.safetensors'))}: .*does not exist"):
+        main([*base, "--runs", "distilled", "--student", str(tmp_path / "none.safetensors")])
+    assert not (tmp_path / "w").exists()  # refused before any work

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from synth.config import CONDITION_CHANNELS, MedDDPMConfig, get_config
+from synth.config import CONDITION_CHANNELS, CONDITION_LABELS, MedDDPMConfig, get_config
 from synth.network import build_unet, condition_from_label, count_parameters
 from synth.schedulers import make_sampler, make_training_scheduler, run_sampler, sample, sampling_timesteps
 
@@ -58,6 +58,18 @@ def test_condition_encoding_is_one_hot_in_the_papers_channel_order():
     head = condition_from_label(lab, "wholehead")
     np.testing.assert_array_equal(head[:, 0, 0].numpy(), [[0, 0, 0, 0, 1, 1], [0, 1, 1, 1, 0, 0]])
     assert head.sum(0).max() == 1  # exclusive channels
+
+
+def test_condition_encoding_is_the_same_for_every_label_dtype_and_for_labels_outside_the_scheme():
+    """The lookup-table encoding equals the per-channel membership test for integer, float and torch label maps,
+    including a label no channel names (7: all zero)."""
+    lab = np.random.default_rng(0).choice([0, 1, 2, 3, 4, 7], size=(5, 6, 7))
+    for scheme, groups in CONDITION_LABELS.items():
+        want = np.stack([np.isin(lab, vals) for vals in groups]).astype(np.float32)
+        for variant in (lab.astype(np.uint8), lab.astype(np.int16), lab.astype(np.float32), torch.as_tensor(lab)):
+            got = condition_from_label(variant, scheme)
+            assert got.dtype == torch.float32
+            np.testing.assert_array_equal(got.numpy(), want)
 
 
 def test_config_hash_ignores_run_length_but_not_the_recipe():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from core.errors import InputError, ConfigError
+from core.fsutil import sha256_file
 from flows.plan import StudyParams
 from flows.study import generator_init
 from synth import shipped
@@ -40,16 +41,19 @@ def test_the_shipped_generators_config_reproduces_its_cards_config_hash():
 
 
 def test_only_the_shipped_generators_and_their_cards_are_package_data():
-    """pyproject.toml installs exactly the files SHIPPED names (with their cards), so a new version ships by
-    changing both together."""
+    """pyproject.toml installs exactly the files SHIPPED and SHIPPED_STUDENTS name (with their cards) and their gate's
+    ranges, so a new version ships by changing both together."""
     import tomllib
     from pathlib import Path
+
+    from synth.checkpoint import RANGES_FILE
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     data = pyproject["tool"]["setuptools"]["package-data"]
     folder = shipped.SHIPPED_DIR.name
-    want = {f"{folder}/{name}" for gen in shipped.SHIPPED.values()
+    want = {f"{folder}/{name}" for gen in (*shipped.SHIPPED.values(), *shipped.SHIPPED_STUDENTS.values())
             for name in (gen, Path(gen).with_suffix(".json").name)}
+    want.add(f"{folder}/{RANGES_FILE}")  # the quality gate's ranges of the shipped files (a student is used as is)
     assert set(data) == {"synth"} and set(data["synth"]) == want
     assert all((shipped.SHIPPED_DIR.parent / f).is_file() for f in want)
 
@@ -92,3 +96,64 @@ def test_the_study_fine_tunes_the_shipped_generator_where_one_ships():
     assert generator_init(StudyParams(profile="tiny")) == {}  # none ships: from scratch
     with pytest.raises(ConfigError, match="fine-tuning recipe"):
         shipped.fine_tune_config("paper-brats", "x.safetensors")
+
+
+def test_the_shipped_demo_student_matches_its_card_and_names_the_shipped_generator_as_teacher():
+    from synth.distill import read_student_card
+
+    path = shipped.checked_shipped_file(shipped.shipped_student_path("demo"))
+    card = json.loads(path.with_suffix(".json").read_text())
+    teacher_card = json.loads(shipped.shipped_generator("demo").with_suffix(".json").read_text())
+    meta_card = read_student_card(path)  # the card in the file's metadata, which synthesis reads
+    assert meta_card["teacher_sha256"] == card["teacher_sha256"] == teacher_card["sha256"]
+    assert meta_card["student_steps"] == card["student_steps"] == 2 and card["sampler"] == "distilled-2"
+    assert sha256_file(shipped.SHIPPED_DIR / card["gate_ranges"]) == card["gate_ranges_sha256"]
+    assert shipped.shipped_student_path("tiny") is None
+
+
+def test_a_study_with_sampler_distilled_and_no_checkpoint_uses_the_shipped_student(tmp_path, monkeypatch):
+    from flows.plan import check_generator_choice
+
+    params = StudyParams(profile="demo", sampler="distilled")
+    assert params.medddpm_checkpoint == str(shipped.shipped_student_path("demo"))
+    check_generator_choice(params)  # the shipped bytes match their card, and it is a student
+    with pytest.raises(ConfigError, match="ships none"):
+        StudyParams(profile="tiny", sampler="distilled")
+    # a changed shipped student is refused before any work, naming the file
+    src = shipped.shipped_student_path("demo")
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path)
+    shutil.copyfile(src.with_suffix(".json"), tmp_path / src.with_suffix(".json").name)
+    (tmp_path / src.name).write_bytes(src.read_bytes()[:-1] + b" ")
+    changed = StudyParams(profile="demo", sampler="distilled")
+    assert changed.medddpm_checkpoint == str(tmp_path / src.name)
+    with pytest.raises(InputError, match="sha256"):
+        check_generator_choice(changed)
+
+
+def test_the_shipped_student_reproduces_its_teachers_chain_better_than_the_teachers_own_few_steps(tmp_path):
+    """The distillation taught it something: from the same noise on two phantom masks of another seed than its
+    training cases, the student's 2 steps lie closer to the teacher's DDIM-8 (eta 0) chain, which it was distilled
+    to reproduce, than the teacher's own DDIM-2 does."""
+    from cohort.manifest import case_files, load_manifest
+    from cohort.nifti import read_label
+    from cohort.phantom import build_phantom_cohort
+    from synth.checkpoint import load_generator
+    from synth.distill import read_student_card
+    from synth.network import condition_from_label
+    from synth.schedulers import NoiseSchedule, distilled_sampler, make_sampler, sample
+
+    path = shipped.shipped_student_path("demo")
+    card = read_student_card(path)
+    student, cfg, _ = load_generator(path)
+    teacher, _, _ = load_generator(shipped.shipped_generator("demo"))
+    manifest = build_phantom_cohort(tmp_path / "c", n_cases=2, seed=7, profile="demo")
+    labels = [read_label(case_files(manifest, row).label)[0] for _, row in load_manifest(manifest).iterrows()]
+    cond = torch.stack([condition_from_label(lab, cfg.condition) for lab in labels])
+    run = lambda model, sampler, steps: sample(model, sampler, cond, cfg.out_channels, steps, [0, 1],  # noqa: E731
+                                               prediction=cfg.prediction)
+    ddim0 = make_sampler("ddim", cfg.timesteps, cfg.schedule, eta=0.0)
+    chain = run(teacher, ddim0, card["teacher_steps"])
+    own = run(student, distilled_sampler(2, NoiseSchedule.build(cfg.timesteps, cfg.schedule)), 2)
+    plain = run(teacher, ddim0, 2)
+    student_gap, plain_gap = float((own - chain).abs().mean()), float((plain - chain).abs().mean())
+    assert student_gap < 0.9 * plain_gap, (student_gap, plain_gap)  # 2026-12-06: 0.0258 vs 0.0303 (0.85)
