@@ -32,7 +32,8 @@ stages that used the GPU report it beside their RSS. The plan predicts Med-DDPM 
 docs/decisions/0018) and an nnU-Net training iteration (flows.costs.segmenter_step_cost: tensors of an
 nnU-Net-like network at 128^3, batch 2, not calibrated); every other stage says "no prediction".
 
---stages fit: the reduced grids of FIT_GRIDS per profile and checkpointing choice (measured vs predicted).
+--stages fit: the reduced grids of FIT_GRIDS per profile and checkpointing choice (measured vs predicted); with
+--precision bf16 (torch.autocast on the device, as `medddpm train --precision bf16`) paper-brats runs BF16_FIT_GRIDS.
 
     nice -n 5 .venv/bin/python -m bench.bench_fullsize --device cpu --cap-gib 14 --sample-batch 1 --grad-checkpoint
     .venv/bin/python -m bench.bench_fullsize --device cpu --stages fit
@@ -54,6 +55,10 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the
 FIT_GRIDS = {"demo": ("32x32x32", "48x48x48", "64x64x64"),
              "paper-brats": ("32x32x32", "48x48x32", "64x48x48"),
              "authors-brats": ("32x32x32", "48x48x32", "64x48x48")}
+# --stages fit --precision bf16: paper-brats at grids where the activations, not Adam's state, hold the peak
+# (CPU_BF16_CHECKPOINT_VOXEL_FACTOR was fitted on the last two with checkpointing; without it 128x128x96 needs ~11 GiB)
+BF16_FIT_GRIDS = {("paper-brats", True): ("64x64x48", "96x96x64", "128x128x96"),
+                  ("paper-brats", False): ("64x64x48", "96x96x64")}
 
 
 def _grid(text: str) -> tuple[int, ...]:
@@ -107,19 +112,15 @@ def measure(what: str, profile: str, grid: tuple[int, ...], batch: int, precisio
 
 def predicted_gib(what: str, profile: str, grid: tuple[int, ...], batch: int, precision: str, checkpointing: bool,
                   device_type: str) -> float:
-    """The plan's model of the step's rise above what is held before it (the weights): synth.costs' tracked peak
-    less the weights, bf16-scaled as the plan does, calibrated (CPU_RSS_FACTOR, CPU_STEP_OFFSET_BYTES) on a CPU."""
+    """The plan's model of the step's rise above what is held before it (the weights):
+    synth.costs.predicted_step_rise_bytes (the tracked peak less the weights, at the step's precision, calibrated
+    on a CPU)."""
     from synth import costs
     from synth.config import get_config
 
-    cfg = get_config(profile)
-    train = what == "train"
-    tp = costs.tracked_peak(cfg, grid, batch, train=train, grad_checkpoint=checkpointing)
-    ratio = costs.autocast_activation_ratio(cfg, device_type) if precision == "bf16" and train else 1.0
-    rise = tp.fixed - costs._n_params(cfg) * 4 + tp.voxel * ratio
-    if device_type == "cpu":
-        rise = costs.CPU_RSS_FACTOR * rise + costs.CPU_STEP_OFFSET_BYTES
-    return rise / GIB
+    return costs.predicted_step_rise_bytes(get_config(profile), train=what == "train",
+                                           half_precision=precision == "bf16", grad_checkpoint=checkpointing,
+                                           device_type=device_type, batch=batch, grid=grid) / GIB
 
 
 def run_child(args: list[str], cap_gib: float, poll: float = 0.2) -> dict:
@@ -456,7 +457,10 @@ def main(argv=None) -> int:
             for profile in a.fit_profiles:
                 batch = get_config(profile).batch_size
                 for ckpt in (False, True):
-                    for grid in FIT_GRIDS[profile]:
+                    grids = FIT_GRIDS[profile]
+                    if a.precision == "bf16":
+                        grids = BF16_FIT_GRIDS.get((profile, ckpt), grids)
+                    for grid in grids:
                         step_rows.append(row("train", profile, _grid(grid), batch, a.precision, ckpt, a.device,
                                              a.cap_gib))
         elif stage == "train":

@@ -5,12 +5,13 @@ FLOPs: the network is built on PyTorch's meta device (shapes only, seconds even 
 
 Peak memory (docs/decisions/0018-measured-memory-model.md): one step runs on fake tensors under PyTorch's
 ``MemTracker``, which follows every storage from creation until it is freed, so the peak holds what checkpointed
-blocks recompute in backward, gradients in flight, temporaries, weights, gradients and Adam's state; bf16 autocast
-scales the voxel-dependent part by the saved-bytes ratio counted under the device's autocast policy (CUDA keeps
-group_norm and softmax in fp32); on the CPU the tracked bytes are calibrated to measured RSS (CPU_RSS_FACTOR,
-CPU_STEP_OFFSET_BYTES, fitted by ``python -m bench.bench_fullsize --stages fit``), plus the process's base
-memory. ``memory_refusal`` turns the prediction into the one-line refusal of ``train``, ``synthesize`` and
-``study``; ``medddpm plan`` prints it per stage and per GPU size (flows/costs.py).
+blocks recompute in backward, gradients in flight, temporaries, weights, gradients and Adam's state; bf16 on a GPU
+scales the voxel-dependent part by the saved-bytes ratio counted under CUDA's autocast policy (group_norm and
+softmax in fp32; not checked on a GPU), bf16 on a CPU is counted under torch.autocast("cpu") itself; on the CPU
+the tracked bytes are calibrated to measured RSS (CPU_RSS_FACTOR, CPU_STEP_OFFSET_BYTES, and for bf16 with
+checkpointing CPU_BF16_CHECKPOINT_VOXEL_FACTOR, fitted on reduced-grid steps of ``python -m bench.bench_fullsize``),
+plus the process's base memory. ``memory_refusal`` turns the prediction into the one-line refusal of ``train``,
+``synthesize`` and ``study``; ``medddpm plan`` prints it per stage and per GPU size (flows/costs.py).
 """
 from __future__ import annotations
 
@@ -81,11 +82,13 @@ class TrackedPeak:
     voxel: int        # activations, their gradients and temporaries: what grows with the grid and the batch
 
 
-def _tracked_peak(cfg: MedDDPMConfig, grid: tuple[int, ...], batch: int, train: bool, grad_checkpoint: bool
-                  ) -> TrackedPeak:
+def _tracked_peak(cfg: MedDDPMConfig, grid: tuple[int, ...], batch: int, train: bool, grad_checkpoint: bool,
+                  cpu_autocast: bool = False) -> TrackedPeak:
     """Run one training step (forward, loss, backward, Adam) or one inference forward on fake tensors under
     ``torch.distributed._tools.mem_tracker.MemTracker`` (PyTorch's own memory estimator: every tensor's storage
-    from creation until it is freed, so recomputation in checkpoints, gradients in flight and temporaries count)."""
+    from creation until it is freed, so recomputation in checkpoints, gradients in flight and temporaries count).
+    ``cpu_autocast``: the training step's forward under torch.autocast("cpu", bfloat16), as `medddpm train
+    --precision bf16` runs it on a CPU (torch's own CPU policy runs on fake tensors; CUDA's does not)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -100,7 +103,8 @@ def _tracked_peak(cfg: MedDDPMConfig, grid: tuple[int, ...], batch: int, train: 
             opt = torch.optim.Adam(net.parameters())
             tracker.track_external(net, opt)
             with tracker:
-                out = net(x, t)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_autocast):
+                    out = net(x, t)
                 (out.float() - x[:, :cfg.out_channels]).abs().mean().backward()
                 opt.step()
         else:
@@ -117,12 +121,13 @@ _TRACKED: dict = {}
 
 
 def tracked_peak(cfg: MedDDPMConfig, grid: tuple[int, ...] | None = None, batch: int | None = None, *,
-                 train: bool = True, grad_checkpoint: bool = False) -> TrackedPeak:
+                 train: bool = True, grad_checkpoint: bool = False, cpu_autocast: bool = False) -> TrackedPeak:
     """_tracked_peak, remembered per process (it runs every layer on fake tensors: ~30 s at paper size)."""
     grid = tuple(grid or get_profile(cfg.profile).shape)
     batch = batch or cfg.batch_size
     # what the count depends on: the network, the grid and the batch (not the recipe's grad_accum, steps, ...)
-    key = (cfg.replace(grad_checkpoint=False, grad_accum=1, steps=1), grid, batch, train, grad_checkpoint and train)
+    key = (cfg.replace(grad_checkpoint=False, grad_accum=1, steps=1), grid, batch, train, grad_checkpoint and train,
+           cpu_autocast and train)
     if key not in _TRACKED:
         _TRACKED[key] = _tracked_peak(*key)
     return _TRACKED[key]
@@ -201,6 +206,14 @@ def autocast_activation_ratio(cfg: MedDDPMConfig, device_type: str, grid: tuple[
 # checkpointing), every one within 5 % of the fit.
 CPU_RSS_FACTOR = 1.03
 CPU_STEP_OFFSET_BYTES = 0.031 * 2 ** 30
+# bf16 on this CPU (2026-12-06, decision 0018): the step is counted under torch.autocast("cpu") itself (so the peak's
+# moment is the bf16 step's: at small grids Adam's state, not the activations), and with checkpointing its voxel
+# part is scaled by CPU_BF16_CHECKPOINT_VOXEL_FACTOR. There the peak sits inside a full-resolution convolution's
+# backward with little else live, and oneDNN's bf16 convolutions (AMX brgconv) copy the NCDHW activations and
+# gradients to NDHWC and back inside the call: ~2x the bf16 gradient (fp32's kernels: 1-1.5x the fp32 one), a share
+# the tracked tensors do not hold. Fitted (least squares, voxel part only) on paper-brats 96x96x64 and 128x128x96
+# bf16 + checkpointing; without checkpointing the saved activations dominate and CPU_RSS_FACTOR alone fits.
+CPU_BF16_CHECKPOINT_VOXEL_FACTOR = 1.13
 # what a process holds before its first step on a CPU (Python, torch, MONAI imported: measured ~0.9 GiB RSS) or
 # on a GPU (the CUDA context and cuDNN/cuBLAS workspaces, outside max_memory_allocated: assumed 1 GiB)
 PROCESS_BASE_BYTES = {"cpu": 0.9 * 2 ** 30, "cuda": 1.0 * 2 ** 30}
@@ -212,15 +225,38 @@ def predicted_peak_bytes(cfg: MedDDPMConfig, *, train: bool = True, half_precisi
     """The plan's peak memory of one training step (EMA copy included) or one sampling network evaluation (fp32,
     no autocast, as synth.schedulers.sample runs): the tracked peak (tracked_peak) with its voxel part scaled by
     the autocast ratio under bf16 and by CPU_RSS_FACTOR on the CPU; ``process``: plus what the process holds
-    before (PROCESS_BASE_BYTES)."""
-    tp = tracked_peak(cfg, grid, batch, train=train, grad_checkpoint=grad_checkpoint)
-    voxel = tp.voxel * (autocast_activation_ratio(cfg, device_type) if half_precision and train else 1.0)
-    total = tp.fixed + voxel
+    before (PROCESS_BASE_BYTES). bf16 on a CPU: counted under torch.autocast("cpu"), CPU_BF16_CHECKPOINT_VOXEL_FACTOR
+    with checkpointing."""
+    fixed, voxel = _precision_peak(cfg, grid, batch, train, half_precision, grad_checkpoint, device_type)
+    total = fixed + voxel
     if train:  # the EMA copy of the weights (synth.train), outside the tracked step
         total += _n_params(cfg) * 4
     if device_type == "cpu":
         total = CPU_RSS_FACTOR * total + CPU_STEP_OFFSET_BYTES
     return total + (PROCESS_BASE_BYTES[device_type] if process else 0.0)
+
+
+def predicted_step_rise_bytes(cfg: MedDDPMConfig, *, train: bool = True, half_precision: bool = False,
+                              grad_checkpoint: bool = False, device_type: str = "cuda", batch: int | None = None,
+                              grid: tuple[int, ...] | None = None) -> float:
+    """The model's rise of memory over one step above what is held before it (the weights; no EMA, no process
+    base): what bench/bench_fullsize.py measures (RSS rise on a CPU, max_memory_allocated on a GPU)."""
+    fixed, voxel = _precision_peak(cfg, grid, batch, train, half_precision, grad_checkpoint, device_type)
+    rise = fixed - _n_params(cfg) * 4 + voxel
+    return CPU_RSS_FACTOR * rise + CPU_STEP_OFFSET_BYTES if device_type == "cpu" else rise
+
+
+def _precision_peak(cfg: MedDDPMConfig, grid, batch, train: bool, half_precision: bool, grad_checkpoint: bool,
+                    device_type: str) -> tuple[float, float]:
+    """(fixed, voxel) bytes of the tracked peak at the step's precision: fp32 as counted; bf16 on a CPU counted
+    under torch.autocast("cpu") (voxel part x CPU_BF16_CHECKPOINT_VOXEL_FACTOR with checkpointing); bf16 on a GPU
+    the fp32 count with its voxel part scaled by CUDA's autocast ratio (autocast_activation_ratio)."""
+    half = half_precision and train
+    if half and device_type == "cpu":
+        tp = tracked_peak(cfg, grid, batch, train=True, grad_checkpoint=grad_checkpoint, cpu_autocast=True)
+        return tp.fixed, tp.voxel * (CPU_BF16_CHECKPOINT_VOXEL_FACTOR if grad_checkpoint else 1.0)
+    tp = tracked_peak(cfg, grid, batch, train=train, grad_checkpoint=grad_checkpoint)
+    return tp.fixed, tp.voxel * (autocast_activation_ratio(cfg, device_type) if half else 1.0)
 
 
 def _n_params(cfg: MedDDPMConfig) -> int:
