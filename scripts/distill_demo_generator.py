@@ -15,12 +15,10 @@ It builds the demo generator's own pre-training cohort (synth.shipped.PRETRAIN_C
 copies the student to synth/pretrained/demo-phantom-v4-distilled-N.safetensors, and its quality gate's ranges to
 synth/pretrained/intensity_ranges.json (synthesis reads them beside a generator), with a JSON card: the teacher's
 sha256, the method and its settings, the commands, the training cases' hash and the measured time. The study
-uses it once synth.shipped.SHIPPED_STUDENTS lists it (not done by this script).
+uses it because synth.shipped.SHIPPED_STUDENTS lists it (a new student needs that entry too).
 
-Time (measured 2026-12-05 on the shared 2-core machine under a load of ~8, docs/decisions/0019-distillation.md):
-one demo distillation step (batch 2: two teacher network calls without gradient, one student step) took 5.8-15 s
-there; on a quiet machine a demo training step takes ~0.5 s and a distillation step ~1.7 training steps, so the
-default 3 x 1000 steps is projected at ~45 min on 2 quiet cores (not yet measured).
+Time (measured 2026-12-06, shared 2-core Intel Xeon VM, load 2-5; docs/benchmarks.md#distill): the defaults
+(DDIM-8 teacher, 2 rounds x 1000 steps, N = 2) took 20 min 2 s wall, rounds 674.6 s and 490.2 s, peak RSS 1.84 GB.
 """
 from __future__ import annotations
 
