@@ -103,15 +103,13 @@ def resolve_run(spec: str, generator: str, student: str | None) -> Run:
 
 
 def student_card_of(student: str) -> dict:
-    """The distillation card of --student (synth.distill.student_card); synth's one-line error naming the file as
-    the exit message when it is no student, unreadable or missing."""
+    """The distillation card of --student (synth.distill.read_student_card: its metadata, not its weights); synth's
+    one-line error naming the file as the exit message when it is no student, unreadable or missing."""
     from core.errors import MedDDPMError
-    from synth.checkpoint import load_generator, resolve_generator
-    from synth.distill import student_card
+    from synth.distill import read_student_card
 
     try:
-        path = resolve_generator(student)
-        return student_card(load_generator(path)[2], path)
+        return read_student_card(student)
     except MedDDPMError as e:
         raise SystemExit(str(e)) from None
 

@@ -77,6 +77,14 @@ def plot_boxplots(per_case: pd.DataFrame, path: Path, title: str) -> Path:
     return _savefig(fig, path)
 
 
+def _show_windowed(ax, image: np.ndarray, label: np.ndarray, z: int) -> None:
+    """Axial slice z of one image, windowed to its own 1-99 % inside the brain (label > 0): a cohort's real images
+    need not share the generator's [-1, 1] scale (the phantom's are raw, white matter = 1), so one shared window
+    can show a good sample as black speckle; contrast between tissues is what rows should compare."""
+    lo, hi = np.percentile(image[label > 0], [1, 99])
+    ax.imshow(np.rot90(image[:, :, z]), cmap="gray", vmin=lo, vmax=hi)
+
+
 def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_samples: int = 2) -> Path | None:
     """Real image vs synthetic samples conditioned on the same mask: 4 modalities + mask, axial slice through
     the tumour centre. None if no synthetic case's parent is a real case of the cohort."""
@@ -103,11 +111,7 @@ def plot_montage(real_manifest: Path, synthetic_manifest: Path, path: Path, n_sa
         for j, m in enumerate(mods):
             ax = axes[i, j]
             if m in vol.channels:
-                # each image windowed to its own 1-99 % inside the brain: a cohort's real images need not share the
-                # generator's [-1, 1] scale (the phantom's are raw, white matter = 1), so one shared window can
-                # show a good sample as black speckle; contrast between tissues is what rows should compare
-                lo, hi = np.percentile(vol.channel(m)[lab > 0], [1, 99])
-                ax.imshow(np.rot90(vol.channel(m)[:, :, z]), cmap="gray", vmin=lo, vmax=hi)
+                _show_windowed(ax, vol.channel(m), lab, z)
             ax.set_title(f"{m}" if i == 0 else "", fontsize=9)
             ax.set_ylabel(name, fontsize=8) if j == 0 else None
             ax.set_xticks([]), ax.set_yticks([])
@@ -151,8 +155,7 @@ def plot_sampler_montage(real_manifest: Path, pools: dict[str, Path], owners: li
             if (name, owner) in cells:
                 vol, lab = cells[(name, owner)]
                 z = tumour_slice(cells[("real", owner)][1])  # the mask's own slice, the same in every row
-                lo, hi = np.percentile(vol.channel(shown)[lab > 0], [1, 99])
-                ax.imshow(np.rot90(vol.channel(shown)[:, :, z]), cmap="gray", vmin=lo, vmax=hi)
+                _show_windowed(ax, vol.channel(shown), lab, z)
             ax.set_title(f"mask of {owner}" if i == 0 else "", fontsize=9)
             ax.set_ylabel(name, fontsize=9) if j == 0 else None
             ax.set_xticks([]), ax.set_yticks([])

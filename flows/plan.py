@@ -91,10 +91,11 @@ class StudyParams:
             raise ConfigError(f"holdout_masks must be 0 (none) or more, got {self.holdout_masks}")
         if not self.backends or not self.seeds:
             raise ConfigError("backends and seeds must each name at least one value")
-        if self.sampler == DISTILLED and not self.medddpm_checkpoint and shipped_student_path(self.profile):
+        shipped_student = shipped_student_path(self.profile)
+        if self.sampler == DISTILLED and not self.medddpm_checkpoint and shipped_student:
             # the profile's shipped student (synth.shipped), used as is: named here so that the study's key, record
             # and report name the file; check_generator_choice checks it against its card before any work
-            set_("medddpm_checkpoint", str(shipped_student_path(self.profile)))
+            set_("medddpm_checkpoint", str(shipped_student))
         if self.sampler == DISTILLED and not self.medddpm_checkpoint:
             # a study's own generator is trained or fine-tuned with the denoising loss: never a student
             raise ConfigError(f"sampler {DISTILLED!r} samples a student made by `medddpm distill` (profile "

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from eval.stats import paired_vs_first
+from tests.distill_helpers import tiny_teacher_and_student
 
 
 def _scores(offsets: dict[str, float], seeds, n_cases=12, noise=0.01, seed=0):
@@ -49,19 +50,9 @@ def tiny_generators(toy_cohort, tmp_path_factory):
     """(teacher, student): an untrained tiny generator and its 1-step student after one 2 -> 1 round of 2 steps
     (as tests/test_distill_flows.py makes them: speed and plumbing, not quality); the teacher gets the student's
     gate ranges (distill writes them from the cohort; a generator saved untrained has none)."""
-    import torch
+    from synth.checkpoint import RANGES_FILE
 
-    from synth.checkpoint import RANGES_FILE, save_generator
-    from synth.config import get_config
-    from synth.distill import DistillConfig, distill_generator
-    from synth.network import build_unet
-
-    root = tmp_path_factory.mktemp("generators")
-    cfg = get_config("tiny")
-    torch.manual_seed(0)
-    teacher = save_generator(root / "teacher" / "generator.safetensors", build_unet(cfg), cfg, 0)
-    student = distill_generator(teacher, toy_cohort, root / "student", DistillConfig(
-        steps=1, teacher_steps=2, round_steps=2, checkpoint_every=2, num_threads=1, progress=False))
+    teacher, student = tiny_teacher_and_student(tmp_path_factory.mktemp("generators"), toy_cohort)
     shutil.copy(student.parent / RANGES_FILE, teacher.parent / RANGES_FILE)
     return teacher, student
 

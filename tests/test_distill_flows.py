@@ -11,6 +11,7 @@ import re
 import pytest
 
 from core.errors import ConfigError, InputError
+from tests.distill_helpers import tiny_teacher_and_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: the machine is shared
 
@@ -20,21 +21,8 @@ SEG = {"epochs": 1, "iters_per_epoch": 1, "num_threads": 1}
 @pytest.fixture(scope="module")
 def generators(toy_cohort, tmp_path_factory):
     """(teacher, student): an untrained tiny generator (the tests check bookkeeping, not quality) and its 1-step
-    student after one 2 -> 1 round of 2 steps, made by synth.distill like `medddpm distill`."""
-    import torch
-
-    from synth.checkpoint import save_generator
-    from synth.config import get_config
-    from synth.distill import DistillConfig, distill_generator
-    from synth.network import build_unet
-
-    root = tmp_path_factory.mktemp("generators")
-    cfg = get_config("tiny")
-    torch.manual_seed(0)
-    teacher = save_generator(root / "teacher" / "generator.safetensors", build_unet(cfg), cfg, 0)
-    student = distill_generator(teacher, toy_cohort, root / "student", DistillConfig(
-        steps=1, teacher_steps=2, round_steps=2, checkpoint_every=2, num_threads=1, progress=False))
-    return teacher, student
+    student (tests/distill_helpers.py)."""
+    return tiny_teacher_and_student(tmp_path_factory.mktemp("generators"), toy_cohort)
 
 
 @pytest.fixture(scope="module")
