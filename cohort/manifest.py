@@ -230,24 +230,30 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
         df.to_csv(tmp, index=False)
 
 
-def append_rows(path: str | Path, rows: Iterable[dict] | pd.DataFrame) -> pd.DataFrame:
+def append_rows(path: str | Path, rows: Iterable[dict] | pd.DataFrame, *,
+                current: pd.DataFrame | None = None) -> pd.DataFrame:
     """Append rows to a manifest atomically; refuse duplicate case ids (nothing is written then).
 
-    Creates the manifest if it does not exist. Returns the new manifest.
+    Creates the manifest if it does not exist. Returns the new manifest. ``current``: the manifest as it is on disk
+    (what load_manifest or the previous append_rows returned), from a caller that is the file's only writer and
+    appends many times (synth.synthesize, once per batch): it is not read and parsed again.
     """
     path = Path(path)
     new = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     new = _normalise(new)
-    old = load_manifest(path) if path.exists() else _normalise(empty_manifest())
+    if current is not None:
+        old = current
+    else:
+        old = load_manifest(path) if path.exists() else None  # None: a new manifest, the rows are all of it
     check_rows(new, path)
     for c in FILE_COLUMNS:  # a row may only name files inside the data root
         for v in new[c].dropna():
             resolve(path, v)
-    clash = sorted(set(old["case_id"]) & set(new["case_id"]))
+    clash = sorted(set(old["case_id"]) & set(new["case_id"])) if old is not None else []
     if clash:
         raise InputError(path, f"duplicate case ids {clash} already in the manifest; nothing appended",
                           kind="duplicate-case")
-    merged = pd.concat([old, new], ignore_index=True) if len(old) else new
+    merged = pd.concat([old, new], ignore_index=True) if old is not None and len(old) else new
     write_manifest(merged, path)
     return merged
 

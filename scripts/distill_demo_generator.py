@@ -17,8 +17,9 @@ synth/pretrained/intensity_ranges.json (synthesis reads them beside a generator)
 sha256, the method and its settings, the commands, the training cases' hash and the measured time. The study
 uses it because synth.shipped.SHIPPED_STUDENTS lists it (a new student needs that entry too).
 
-Time (measured 2026-12-06, shared 2-core Intel Xeon VM, load 2-5; docs/benchmarks.md#distill): the defaults
-(DDIM-8 teacher, 2 rounds x 1000 steps, N = 2) took 20 min 2 s wall, rounds 674.6 s and 490.2 s, peak RSS 1.84 GB.
+Time (measured 2026-12-06, shared 2-core Intel Xeon VM; docs/benchmarks.md#distill): the defaults (DDIM-8 teacher,
+2 rounds x 1500 steps, N = 2) took 32 min 22 s wall on 1 thread beside another distillation on the other core,
+rounds 1064.9 s and 864.0 s, peak RSS 1.38 GB.
 """
 from __future__ import annotations
 
@@ -34,8 +35,11 @@ from synth.shipped import PRETRAIN_COHORT, SHIPPED, SHIPPED_DIR
 
 # the demo student's recipe: DDIM-8 (eta 0) teacher halved to N steps (two rounds for N = 2: the v4 generator's
 # DDIM-8 lies as close to its DDIM-16 as DDIM-16's own spread, decision 0019, and each round costs ~16 min on 2
-# cores, so 32 -> 2 would pass the 60-min target); lr and EMA as synth.distill.DistillConfig
-DEMO = {"teacher_steps": 8, "round_steps": 1000, "lr": 1e-4, "lr_min": 1e-5, "seed": 0, "checkpoint_every": 100}
+# cores, so 32 -> 2 would pass the 60-min target); 1500 steps per round at lr 3e-4 (warm-up 100) and tumour voxels
+# weighted 20x: against 1000 steps at 1e-4 unweighted, TC/ET Dice moved from -0.061/-0.074 to -0.043/-0.053 of
+# DDPM-250's (decision 0019); EMA as synth.distill.DistillConfig
+DEMO = {"teacher_steps": 8, "round_steps": 1500, "lr": 3e-4, "lr_min": 1e-5, "warmup_steps": 100, "tumour_weight": 20.0,
+        "seed": 0, "checkpoint_every": 100}
 
 
 def student_name(steps: int) -> str:
@@ -58,6 +62,7 @@ def main(argv=None) -> int:
                 [medddpm, "distill", "--checkpoint", str(teacher), "--manifest", manifest, "--out", str(out),
                  "--steps", str(args.steps), "--teacher-steps", str(args.teacher_steps),
                  "--round-steps", str(args.round_steps), "--lr", str(DEMO["lr"]), "--lr-min", str(DEMO["lr_min"]),
+                 "--warmup-steps", str(DEMO["warmup_steps"]), "--tumour-weight", str(DEMO["tumour_weight"]),
                  "--seed", str(DEMO["seed"]), "--checkpoint-every", str(DEMO["checkpoint_every"]),
                  "--threads", str(args.threads), "--no-progress"]]
     t0 = time.perf_counter()

@@ -388,6 +388,12 @@ def _add_distill(subparsers) -> None:
                    help=f"optimizer steps per halving round (default {DistillConfig.round_steps})")
     d.add_argument("--lr", type=float, default=DistillConfig.lr, help="Adam learning rate (cosine decay per round)")
     d.add_argument("--lr-min", type=float, default=DistillConfig.lr_min, help="learning rate each round ends at")
+    d.add_argument("--warmup-steps", type=int, default=DistillConfig.warmup_steps,
+                   help="linear learning-rate warm-up steps at the start of each round (default "
+                        f"{DistillConfig.warmup_steps})")
+    d.add_argument("--tumour-weight", type=float, default=DistillConfig.tumour_weight,
+                   help="weight of a tumour voxel's squared error against the rest's, each sample's weights scaled "
+                        f"to mean 1 (default {DistillConfig.tumour_weight}: the plain mean)")
     d.add_argument("--batch-size", type=int, help="volumes per micro-batch (default: the teacher's)")
     d.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the teacher's)")
     d.add_argument("--ema-decay", type=float, default=DistillConfig.ema_decay, help="EMA decay of each student")
@@ -405,7 +411,8 @@ def _distill(args) -> int:
     from .distill import DistillConfig, distill_generator
 
     config = DistillConfig(steps=args.steps, teacher_steps=args.teacher_steps, round_steps=args.round_steps,
-                           lr=args.lr, lr_min=args.lr_min, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                           lr=args.lr, lr_min=args.lr_min, warmup_steps=args.warmup_steps,
+                           tumour_weight=args.tumour_weight, batch_size=args.batch_size, grad_accum=args.grad_accum,
                            ema_decay=args.ema_decay, seed=args.seed, checkpoint_every=args.checkpoint_every,
                            num_threads=args.threads, progress=not args.no_progress, device=args.device,
                            deterministic=args.deterministic)

@@ -70,20 +70,49 @@ def mask_problems(path: str | Path, data: np.ndarray, affine: np.ndarray, cfg: M
     return out
 
 
-def check_masks(masks_manifest: str | Path, rows: pd.DataFrame, cfg: MedDDPMConfig) -> None:
+def check_masks(masks_manifest: str | Path, rows: pd.DataFrame, cfg: MedDDPMConfig, *,
+                keep_bytes: int = 0) -> dict[Path, tuple[np.ndarray, np.ndarray]]:
     """Check the label file of every row of ``rows`` (rows of ``masks_manifest``) against the generator config;
-    raise one InputError(masks_manifest, ...) listing every problem of every mask."""
+    raise one InputError(masks_manifest, ...) listing every problem of every mask.
+
+    Returns {label file: (label map, affine)} of the masks it read, as cohort.nifti.read_label gives them, while
+    their label maps together stay within ``keep_bytes`` (0: none), so a caller that samples on them need not read
+    them again; a mask read_label would refuse is one more problem in the error."""
     grid = get_profile(cfg.profile)
     problems: list[str] = []
+    kept: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+    kept_bytes = 0
     for path in dict.fromkeys(case_files(masks_manifest, row).label for _, row in rows.iterrows()):
         try:
             data, affine = read_channels(path)
         except InputError as e:  # unreadable, missing, not 3-D/4-D: one line among the others
             problems.append(str(e))
             continue
-        problems += mask_problems(path, data, affine, cfg, grid)
+        found = mask_problems(path, data, affine, cfg, grid)
+        problems += found
+        if found or kept_bytes + data[0].size > keep_bytes:  # uint8 labels: one byte a voxel
+            continue
+        try:
+            kept[path] = (_label_map(path, data[0]), affine)
+            kept_bytes += data[0].size
+        except InputError as e:
+            problems.append(str(e))
     if problems:
         n_bad = len({p.split(": ", 1)[0] for p in problems})
         raise InputError(masks_manifest, f"{n_bad} of {len(rows)} conditioning mask(s) do not fit the generator "
                                          f"(profile {cfg.profile}, condition {cfg.condition}); nothing was "
                                          "sampled:\n  " + "\n  ".join(problems), kind="bad-mask")
+    return kept
+
+
+def _label_map(path: Path, arr: np.ndarray) -> np.ndarray:
+    """read_label's checks and result (uint8) for a one-channel mask read_channels has read: the same statement as
+    cohort.nifti.read_label, which reads the file itself."""
+    if not np.allclose(arr, np.round(arr)):
+        raise InputError(path, "label map has non-integer values", kind="bad-labels")
+    lab = np.round(arr).astype(np.int16)
+    bad = sorted(set(np.unique(lab).tolist()) - set(ALLOWED_LABELS))
+    if bad:
+        raise InputError(path, f"label values {bad} outside the convention {sorted(ALLOWED_LABELS)}",
+                         kind="bad-labels")
+    return lab.astype(np.uint8)

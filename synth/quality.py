@@ -63,19 +63,30 @@ def _residual_spread(x: np.ndarray, inner: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(r - np.median(r))))
 
 
-def texture(channel: np.ndarray, label: np.ndarray) -> float:
-    """High-frequency residual relative to the tissue contrast: 1.4826 x MAD of channel - (3x3x3 box mean) inside
-    the brain eroded by one voxel, over the interquartile range of the brain's (label 4) intensities. NaN if either
-    region has fewer than MIN_VOXELS voxels."""
+def _texture_regions(label: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """texture's regions of a mask: (the brain eroded by one voxel, the brain label 4); None if either has fewer
+    than MIN_VOXELS voxels. The same for every modality of a sample: case_statistics computes them once."""
     from scipy.ndimage import binary_erosion
 
     inner = binary_erosion(label > 0)
     normal = label == BRAIN
     if inner.sum() < MIN_VOXELS or normal.sum() < MIN_VOXELS:
-        return float("nan")
+        return None
+    return inner, normal
+
+
+def _texture_in(channel: np.ndarray, inner: np.ndarray, normal: np.ndarray) -> float:
     x = np.asarray(channel, dtype=np.float64)
     q25, q75 = np.percentile(x[normal], [25, 75])
     return _residual_spread(x, inner) / max(float(q75 - q25), 1e-6)  # a flat brain has no contrast: a huge ratio
+
+
+def texture(channel: np.ndarray, label: np.ndarray) -> float:
+    """High-frequency residual relative to the tissue contrast: 1.4826 x MAD of channel - (3x3x3 box mean) inside
+    the brain eroded by one voxel, over the interquartile range of the brain's (label 4) intensities. NaN if either
+    region has fewer than MIN_VOXELS voxels."""
+    regions = _texture_regions(label)
+    return float("nan") if regions is None else _texture_in(channel, *regions)
 
 
 def case_statistics(image: np.ndarray, label: np.ndarray, modalities) -> dict:
@@ -85,11 +96,12 @@ def case_statistics(image: np.ndarray, label: np.ndarray, modalities) -> dict:
     image = np.asarray(image)
     out: dict = {check: {} for check in CHECKS}
     medians: dict[int, np.ndarray] = {}
-    for v in np.unique(label).tolist():
-        sel = label == v
-        if sel.sum() < MIN_VOXELS:
+    values, counts = np.unique(label, return_counts=True)
+    for v, n in zip(values.tolist(), counts.tolist()):
+        if n < MIN_VOXELS:
             continue
-        med = np.array([float(np.median(image[ci][sel])) for ci in range(len(modalities))])
+        # every modality in one call, the values of one call per modality; in float64 as the contrasts want them
+        med = np.median(image[:, label == v], axis=1).astype(np.float64)
         if v == BACKGROUND:
             out["background"] = {m: float(x) for m, x in zip(modalities, med)}
         elif v in GATED_LABELS:
@@ -102,12 +114,15 @@ def case_statistics(image: np.ndarray, label: np.ndarray, modalities) -> dict:
                 con = medians[v] - medians[BRAIN]
                 out["contrast"][str(v)] = {f"{modalities[a]}-{modalities[b]}": float(con[a] - con[b])
                                            for a, b in pairs}
+    regions = _texture_regions(label)  # the masks are the same for every modality: computed once
     normal = label == BRAIN
+    has_normal = normal.sum() >= MIN_VOXELS
     for ci, m in enumerate(modalities):
-        t = texture(image[ci], label)
-        if np.isfinite(t):
-            out["texture"][m] = t
-        if normal.sum() >= MIN_VOXELS:
+        if regions is not None:
+            t = _texture_in(image[ci], *regions)
+            if np.isfinite(t):
+                out["texture"][m] = t
+        if has_normal:
             out["q95"][m] = float(np.percentile(image[ci][normal], 95))
     brain = label > 0
     if brain.sum() >= MIN_VOXELS and len(modalities) > 1:

@@ -6,6 +6,8 @@ temporary files a killed run left behind.
 """
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -18,7 +20,7 @@ from core.determinism import deterministic_algorithms
 from core.device import resolve_device
 from core.errors import InputError, ConfigError
 from core.fsutil import atomic_write_text, sha256_file
-from cohort.manifest import (append_rows, case_files, check_rows, damaged_files, load_manifest, make_row, select,
+from cohort.manifest import (append_rows, check_rows, damaged_files, load_manifest, make_row, resolve, select,
                              write_manifest)
 from cohort.nifti import read_label, write_array
 from cohort.profiles import get_profile
@@ -36,6 +38,7 @@ from .schedulers import DISTILLED, NoiseSchedule, Sampler, distilled_sampler, ma
 REPORT_FILE = "quality_report.csv"
 REPORT_HEADER = "case_id,attempt,seed,passed,failures\n"
 MANIFEST = "data_manifest.csv"
+MASKS_KEPT_BYTES = 256 * 2**20  # conditioning label maps held from the mask check to sampling (uint8); more: read again
 
 
 def case_seed(seed: int, index: int, attempt: int) -> int:
@@ -68,7 +71,7 @@ class SynthesisConfig:
     case_prefix: str = "syn"
     # where and how it runs (not what it makes)
     batch_size: int = defaults.BATCH_SIZE
-    num_threads: int | None = None
+    num_threads: int | None = None                # torch's intra-op threads; the gate and the writes run on as many
     progress: bool = True
     device: str = "auto"
     shard: tuple[int, int] | str | None = None     # (k, n) | "auto" (torchrun) | None: synthesize_cohort
@@ -106,6 +109,7 @@ class _Generator:
     sampler: Sampler
     sha256: str
     ranges: dict | None  # the gate's intensity ranges; None: an imported generator without them (not gated)
+    envelopes: dict | None  # quality.envelopes of the ranges at the run's margin: once a run, not once a batch
 
 
 def _clean_partial(out: Path) -> None:
@@ -156,22 +160,26 @@ def synthesize_cohort(checkpoint: str | Path, masks_manifest: str | Path, out_di
     _refuse_other_generator(manifest, gen, config)
     rows = _mask_rows(masks_manifest, config.sources, config.splits, config.case_ids)
     indices = range(config.count) if shard is None else range(shard[0], config.count, shard[1])  # this process's cases
-    check_masks(masks_manifest, rows.iloc[sorted({i % len(rows) for i in indices})], gen.cfg)  # all problems, 1 error
+    checked = check_masks(masks_manifest, rows.iloc[sorted({i % len(rows) for i in indices})], gen.cfg,
+                          keep_bytes=MASKS_KEPT_BYTES)  # all problems in 1 error; the label maps it read, to reuse
     repaired = _remove_damaged(manifest, report_file)
-    jobs, report_rows = _pending_jobs(manifest, report_file, rows, indices, config.case_prefix)
+    written = load_manifest(manifest) if manifest.exists() else None  # this run is its only writer: held from here
+    jobs, report_rows = _pending_jobs(written, report_file, rows, indices, config.case_prefix)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(indices), initial=len(indices) - len(jobs),
                desc=f"synthesize ({config.sampler}, {config.steps} steps)", disable=not config.progress,
                dynamic_ncols=True)
-    with deterministic_algorithms(config.deterministic), torch_threads(config.num_threads):
+    with deterministic_algorithms(config.deterministic), torch_threads(config.num_threads), \
+            _case_map() as map_cases:
         for batch, keep in _batches(jobs, set(repaired), rows, indices, config):
-            masks = _read_masks(masks_manifest, batch, gen.cfg)
-            draws, report = _draw_until_pass(gen, config, batch, masks)
+            masks = _read_masks(masks_manifest, batch, gen.cfg, checked)
+            draws, report = _draw_until_pass(gen, config, batch, masks, map_cases)
             report_rows += [r for r in report if r["case_id"] in keep]
-            append_rows(manifest, [_write_case(manifest, job, mask, draw, gen, config)
-                                   for job, mask, draw in zip(batch, masks, draws) if job.case_id in keep])
+            kept = [(job, mask, draw) for job, mask, draw in zip(batch, masks, draws) if job.case_id in keep]
+            new_rows = list(map_cases(lambda case: _write_case(manifest, *case, gen, config), kept))
+            written = append_rows(manifest, new_rows, current=written)  # on disk before the next batch is drawn
             atomic_write_text(report_file, pd.DataFrame(report_rows).to_csv(index=False))
             bar.update(len(keep))
     bar.close()
@@ -245,11 +253,11 @@ def _refuse_other_generator(manifest: Path, gen: "_Generator", config: Synthesis
                          kind="config-mismatch")
 
 
-def _pending_jobs(manifest: Path, report_file: Path, rows: pd.DataFrame, indices: range,
+def _pending_jobs(written: pd.DataFrame | None, report_file: Path, rows: pd.DataFrame, indices: range,
                   case_prefix: str) -> tuple[list[_Job], list[dict]]:
-    """The cases of ``indices`` not yet in the manifest (a restarted run redoes the rest), and the quality report's
-    rows of the finished ones."""
-    done = set(load_manifest(manifest)["case_id"]) if manifest.exists() else set()
+    """The cases of ``indices`` not yet in the manifest ``written`` (None: none yet; a restarted run redoes the
+    rest), and the quality report's rows of the finished ones."""
+    done = set(written["case_id"]) if written is not None else set()
     report_rows = []
     if report_file.exists():  # keep only records of finished cases (the rest are redone)
         old = pd.read_csv(report_file)
@@ -259,7 +267,10 @@ def _pending_jobs(manifest: Path, report_file: Path, rows: pd.DataFrame, indices
 
 
 def _load_generator(gen_path: Path, config: SynthesisConfig, device: str) -> _Generator:
-    model, cfg, meta = load_generator(gen_path)
+    # one thread: building the network and copying its weights gain nothing from more, and on a 2-core machine with
+    # one core busy two threads took 75-180 ms against 18-21 ms (measured, the demo student)
+    with torch_threads(1):
+        model, cfg, meta = load_generator(gen_path)
     model.to(resolve_device(device))  # samples come back to the CPU (synth.schedulers.sample) before writing
     if config.sampler == DISTILLED:  # a distilled student samples as its card says, at its own step count
         from .distill import student_card
@@ -273,8 +284,9 @@ def _load_generator(gen_path: Path, config: SynthesisConfig, device: str) -> _Ge
         sampler = make_sampler(config.sampler, cfg.timesteps, cfg.schedule, eta=config.eta, spacing=config.spacing,
                                analytic=config.analytic)
     sampler.timesteps(config.steps)  # refuses a step count outside 1..T before any work
-    return _Generator(model, cfg, sampler, sha256_file(gen_path),
-                      load_gate_ranges(gen_path.parent / RANGES_FILE, imported=SOURCE_META in meta))
+    ranges = load_gate_ranges(gen_path.parent / RANGES_FILE, imported=SOURCE_META in meta)
+    return _Generator(model, cfg, sampler, sha256_file(gen_path), ranges,
+                      envelopes(ranges, config.gate_margin) if ranges is not None else None)
 
 
 def _mask_rows(masks_manifest: Path, sources, splits, case_ids) -> pd.DataFrame:
@@ -288,13 +300,15 @@ def _mask_rows(masks_manifest: Path, sources, splits, case_ids) -> pd.DataFrame:
     return rows.sort_values("case_id")
 
 
-def _read_masks(masks_manifest: Path, jobs: list[_Job], cfg: MedDDPMConfig) -> list[_Mask]:
-    """The conditioning masks of a batch, each checked to lie on the generator's grid."""
+def _read_masks(masks_manifest: Path, jobs: list[_Job], cfg: MedDDPMConfig,
+                checked: dict[Path, tuple[np.ndarray, np.ndarray]]) -> list[_Mask]:
+    """The conditioning masks of a batch, each checked to lie on the generator's grid: those check_masks kept
+    (``checked``) as it read them, the others read again."""
     grid = get_profile(cfg.profile)
     masks = []
     for job in jobs:
-        lab_path = case_files(masks_manifest, job.mask_row).label
-        lab, aff = read_label(lab_path)
+        lab_path = resolve(masks_manifest, job.mask_row["label"])  # case_files(...).label; check_masks checked the rest
+        lab, aff = checked[lab_path] if lab_path in checked else read_label(lab_path)
         if lab.shape != grid.shape:
             raise InputError(lab_path, f"mask shape {lab.shape} is not the generator's grid {grid.shape} "
                                         f"(profile {cfg.profile})", kind="shape-mismatch")
@@ -302,14 +316,26 @@ def _read_masks(masks_manifest: Path, jobs: list[_Job], cfg: MedDDPMConfig) -> l
     return masks
 
 
-def _draw_until_pass(gen: _Generator, config: SynthesisConfig, jobs: list[_Job],
-                     masks: list[_Mask]) -> tuple[list[_Draw], list[dict]]:
+@contextlib.contextmanager
+def _case_map():
+    """A map over a batch's cases (results in order) for the work between network calls, the quality gate and
+    writing the files: on as many threads as torch's intra-op ones, which are idle meanwhile. zlib and numpy's
+    partitions (the gate's medians) release the GIL, so the cases run side by side; every byte written is the same."""
+    n = torch.get_num_threads()
+    if n <= 1:
+        yield map
+        return
+    with ThreadPoolExecutor(n, thread_name_prefix="synthesize") as pool:
+        yield pool.map
+
+
+def _draw_until_pass(gen: _Generator, config: SynthesisConfig, jobs: list[_Job], masks: list[_Mask],
+                     map_cases=map) -> tuple[list[_Draw], list[dict]]:
     """Sample each job's case on its mask, redrawing a sample the gate fails with the next attempt's seed up to
     ``max_retries`` times (first a draw for all, then only the failures, batched). Returns the draw each case keeps
-    and the quality report's row of every attempt."""
+    and the quality report's row of every attempt. map_cases: how the samples' gate checks are mapped (_case_map)."""
     cfg = gen.cfg
     cond = torch.stack([condition_from_label(mask.label, cfg.condition) for mask in masks])
-    envs = envelopes(gen.ranges, config.gate_margin) if gen.ranges is not None else None  # once, not per sample
     attempts = [0] * len(jobs)
     draws: list[_Draw | None] = [None] * len(jobs)
     report = []
@@ -318,9 +344,12 @@ def _draw_until_pass(gen: _Generator, config: SynthesisConfig, jobs: list[_Job],
         seeds = [case_seed(config.seed, jobs[k].index, attempts[k]) for k in todo]
         x = sample(gen.model, gen.sampler, cond[todo], cfg.out_channels, config.steps, seeds,
                    channels_last=cfg.channels_last, prediction=cfg.prediction).numpy()
+        gate = list(map_cases(lambda image, label: check_sample(image, label, gen.ranges, cfg.modalities,
+                                                                config.gate_margin, envs=gen.envelopes),
+                              x, [masks[k].label for k in todo]))
         still = []
         for j, k in enumerate(todo):
-            failures = check_sample(x[j], masks[k].label, gen.ranges, cfg.modalities, config.gate_margin, envs=envs)
+            failures = gate[j]
             draws[k] = _Draw(x[j], failures, attempts[k], seeds[j])
             report.append({"case_id": jobs[k].case_id, "attempt": attempts[k], "seed": seeds[j],
                            "passed": not failures, "failures": "; ".join(failures)})

@@ -12,7 +12,7 @@ from core.errors import ConfigError, InputError
 from cohort.manifest import load_manifest
 from synth.checkpoint import STATE_FILE, load_generator
 from synth.distill import (CARD_FILE, DistillConfig, RoundPlan, distill_generator, distillation_loss,
-                           student_steps_of)
+                           student_steps_of, tumour_voxel_weights)
 from synth.schedulers import NoiseSchedule, distilled_sampler, make_sampler, sample
 from synth.synthesize import SynthesisConfig, synthesize_cohort
 from synth.train import train_medddpm
@@ -88,6 +88,47 @@ def test_round_plan_and_settings_are_checked():
     for n in (1, 2, 4, 8, 16):  # every other 2n-step timestep is an n-step timestep; the last step ends clean
         plan = RoundPlan.build(250, n)
         assert [plan.triple(k)[0] for k in range(n)] == list(plan.student_ts) and plan.triple(n - 1)[2] == -1
+
+
+def test_tumour_weights_count_a_tumour_error_more_and_keep_the_loss_scale():
+    """--tumour-weight w: a tumour voxel's squared error counts w background voxels' (each sample's weights mean 1,
+    so the loss keeps its scale); the same error outside the tumour costs less with it than without."""
+    cond = torch.zeros((2, 4, 8, 8, 8))  # brats channels NCR, ED, ET, brain
+    cond[:, 3, 2:6, 2:6, 2:6] = 1
+    cond[0, 3, 3, 3, 3], cond[0, 2, 3, 3, 3] = 0, 1  # one ET voxel in sample 0; sample 1 has no tumour
+    w = tumour_voxel_weights(cond, "brats", 20.0)
+    assert w.shape == (2, 1, 8, 8, 8) and torch.allclose(w.flatten(1).mean(1), torch.ones(2))
+    assert torch.isclose(w[0, 0, 3, 3, 3] / w[0, 0, 0, 0, 0], torch.tensor(20.0)) and torch.all(w[1] == 1)
+    assert tumour_voxel_weights(cond, "brats", 1.0) is None
+    head = torch.stack([cond[:, 3], cond[:, 2]], 1)  # wholehead channels: head, tumour
+    assert torch.equal(tumour_voxel_weights(head, "wholehead", 20.0)[0], w[0])
+
+    schedule = NoiseSchedule.build(250)
+    plan, teacher = RoundPlan.build(250, 1), LinearV(exact_v_coefficients(schedule), trainable=False)
+    zeros = torch.zeros((1, 1, 8, 8, 8))  # x0 = noise = 0: x_t, the teacher's chain and the target are all 0
+
+    def loss(err_at, weights):  # a student whose output is wrong by 1 at one voxel
+        def student(inp, t):
+            return err_at
+        return float(distillation_loss(student, teacher, zeros, cond[:1], torch.zeros(1, dtype=torch.long), zeros,
+                                       plan, schedule, "v", None, voxel_weights=weights))
+    at_tumour, at_background = torch.zeros((1, 1, 8, 8, 8)), torch.zeros((1, 1, 8, 8, 8))
+    at_tumour[0, 0, 3, 3, 3], at_background[0, 0, 0, 0, 0] = 1.0, 1.0
+    plain = loss(at_tumour, None)
+    assert loss(at_tumour, w[:1]) > 10 * plain and loss(at_background, w[:1]) < plain == loss(at_background, None)
+
+
+def test_warmup_and_tumour_weight_reach_the_rounds_and_the_settings(tmp_path):
+    """--warmup-steps is each round's lr warm-up; both settings are part of what a resume must match."""
+    from synth.config import get_config
+    from synth.distill import round_config
+
+    teacher = tmp_path / "t.safetensors"
+    teacher.write_bytes(b"x")
+    dc = DistillConfig(steps=2, teacher_steps=8, warmup_steps=50, tumour_weight=20.0)
+    assert round_config(get_config("demo"), teacher, dc).warmup_steps == 50
+    assert round_config(get_config("demo"), teacher, DistillConfig(steps=2, teacher_steps=8)).warmup_steps == 0
+    assert dc.identity()["warmup_steps"] == 50 and dc.identity()["tumour_weight"] == 20.0
 
 
 @pytest.fixture(scope="module")

@@ -140,13 +140,13 @@ def test_synthetic_cohort_pairs_images_with_the_conditioning_masks_bit_for_bit(t
 
     real_append, calls = S.append_rows, []
 
-    def flaky_append(path, rows):
+    def flaky_append(path, rows, **kw):
         calls.append(1)
         if len(calls) == 2:
             (out / "syn00002_toy_000").mkdir(parents=True, exist_ok=True)
             (out / "syn00002_toy_000" / ".syn00002_toy_000_t1.abc.tmp.nii.gz").write_bytes(b"partial")
             raise KeyboardInterrupt
-        return real_append(path, rows)
+        return real_append(path, rows, **kw)
 
     monkeypatch.setattr(S, "append_rows", flaky_append)
     config = SynthesisConfig(count=3, sampler="ddim", steps=5, seed=3, batch_size=2, progress=False, num_threads=1)

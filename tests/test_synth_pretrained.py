@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,10 @@ from core.fsutil import sha256_file
 from flows.plan import StudyParams
 from flows.study import generator_init
 from synth import shipped
+
+# the shipped student's MAE to its teacher's chain inside the tumour, at most this share of the teacher's own DDIM-2's
+# (2026-12-06, tumour weight 20: 0.47; the unweighted student shipped before it: 0.66)
+TUMOUR_GAP_RATIO = 0.6
 
 
 def test_the_shipped_demo_generator_matches_its_card():
@@ -131,9 +136,12 @@ def test_a_study_with_sampler_distilled_and_no_checkpoint_uses_the_shipped_stude
 
 
 def test_the_shipped_student_reproduces_its_teachers_chain_better_than_the_teachers_own_few_steps(tmp_path):
-    """The distillation taught it something: from the same noise on two phantom masks of another seed than its
-    training cases, the student's 2 steps lie closer to the teacher's DDIM-8 (eta 0) chain, which it was distilled
-    to reproduce, than the teacher's own DDIM-2 does."""
+    """The distillation taught it something where the segmenters learn from it: from the same noise on two phantom
+    masks of another seed than its training cases, the student's 2 steps lie closer to the teacher's DDIM-8 (eta 0)
+    chain, which it was distilled to reproduce, than the teacher's own DDIM-2 does, inside the tumour (NCR, ED, ET:
+    ~1 % of the voxels, weighted by --tumour-weight) and in the rest of the brain. (In the background, 65 % of the
+    voxels, the plain DDIM-2 lies closer: benchmarks.md#distill.)"""
+    from cohort.labels import BRAIN, TUMOUR_LABELS
     from cohort.manifest import case_files, load_manifest
     from cohort.nifti import read_label
     from cohort.phantom import build_phantom_cohort
@@ -155,5 +163,8 @@ def test_the_shipped_student_reproduces_its_teachers_chain_better_than_the_teach
     chain = run(teacher, ddim0, card["teacher_steps"])
     own = run(student, distilled_sampler(2, NoiseSchedule.build(cfg.timesteps, cfg.schedule)), 2)
     plain = run(teacher, ddim0, 2)
-    student_gap, plain_gap = float((own - chain).abs().mean()), float((plain - chain).abs().mean())
-    assert student_gap < 0.9 * plain_gap, (student_gap, plain_gap)  # 2026-12-06: 0.0258 vs 0.0303 (0.85)
+    lab = torch.as_tensor(np.stack(labels)).unsqueeze(1).expand_as(chain)
+    tumour, brain = torch.isin(lab, torch.tensor(TUMOUR_LABELS, dtype=lab.dtype)), lab == BRAIN
+    gap = lambda x, where: float((x - chain).abs()[where].mean())  # noqa: E731
+    assert gap(own, tumour) < TUMOUR_GAP_RATIO * gap(plain, tumour), (gap(own, tumour), gap(plain, tumour))
+    assert gap(own, brain) < gap(plain, brain), (gap(own, brain), gap(plain, brain))
