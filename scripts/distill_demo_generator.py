@@ -19,7 +19,7 @@ uses it because synth.shipped.SHIPPED_STUDENTS lists it (a new student needs tha
 
 Time (measured 2026-12-06, shared 2-core Intel Xeon VM; docs/benchmarks.md#distill): the defaults (DDIM-8 teacher,
 2 rounds x 1500 steps, N = 2) took 32 min 22 s wall on 1 thread beside another distillation on the other core,
-rounds 1064.9 s and 864.0 s, peak RSS 1.38 GB.
+rounds 1064.9 s and 864.0 s, peak RSS 1.32 GiB.
 """
 from __future__ import annotations
 
