@@ -148,6 +148,12 @@ def read_label(path: str | Path, *, allowed=ALLOWED_LABELS, require_tumour: bool
                ) -> tuple[np.ndarray, np.ndarray]:
     """Read a label map, checking its values against the convention (0..4)."""
     arr, affine = read_array(path, dtype=np.float32)
+    return checked_labels(path, arr, allowed=allowed, require_tumour=require_tumour), affine
+
+
+def checked_labels(path: str | Path, arr: np.ndarray, *, allowed=ALLOWED_LABELS, require_tumour: bool = False
+                   ) -> np.ndarray:
+    """read_label's checks and result (uint8) for a label map already read from ``path`` (named in the errors)."""
     if not np.allclose(arr, np.round(arr)):
         raise InputError(path, "label map has non-integer values", kind="bad-labels")
     lab = np.round(arr).astype(np.int16)
@@ -156,7 +162,7 @@ def read_label(path: str | Path, *, allowed=ALLOWED_LABELS, require_tumour: bool
         raise InputError(path, f"label values {bad} outside the convention {sorted(allowed)}", kind="bad-labels")
     if require_tumour and not np.isin(lab, (1, 2, 3)).any():
         raise InputError(path, "no tumour voxels (labels 1-3) where a tumour is required", kind="empty-tumour")
-    return lab.astype(np.uint8), affine
+    return lab.astype(np.uint8)
 
 
 def read_volume(paths: dict[str, str | Path | tuple[str | Path, int]]) -> Volume:

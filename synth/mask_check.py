@@ -16,7 +16,7 @@ import pandas as pd
 from core.errors import InputError
 from cohort.labels import ALLOWED_LABELS, BRAIN
 from cohort.manifest import case_files
-from cohort.nifti import read_channels
+from cohort.nifti import checked_labels, read_channels
 from cohort.profiles import Profile, get_profile
 from cohort.volume import spacing_of
 
@@ -93,7 +93,7 @@ def check_masks(masks_manifest: str | Path, rows: pd.DataFrame, cfg: MedDDPMConf
         if found or kept_bytes + data[0].size > keep_bytes:  # uint8 labels: one byte a voxel
             continue
         try:
-            kept[path] = (_label_map(path, data[0]), affine)
+            kept[path] = (checked_labels(path, data[0]), affine)
             kept_bytes += data[0].size
         except InputError as e:
             problems.append(str(e))
@@ -104,15 +104,3 @@ def check_masks(masks_manifest: str | Path, rows: pd.DataFrame, cfg: MedDDPMConf
                                          "sampled:\n  " + "\n  ".join(problems), kind="bad-mask")
     return kept
 
-
-def _label_map(path: Path, arr: np.ndarray) -> np.ndarray:
-    """read_label's checks and result (uint8) for a one-channel mask read_channels has read: the same statement as
-    cohort.nifti.read_label, which reads the file itself."""
-    if not np.allclose(arr, np.round(arr)):
-        raise InputError(path, "label map has non-integer values", kind="bad-labels")
-    lab = np.round(arr).astype(np.int16)
-    bad = sorted(set(np.unique(lab).tolist()) - set(ALLOWED_LABELS))
-    if bad:
-        raise InputError(path, f"label values {bad} outside the convention {sorted(ALLOWED_LABELS)}",
-                         kind="bad-labels")
-    return lab.astype(np.uint8)
