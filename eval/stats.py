@@ -439,19 +439,20 @@ def variance_components(per_case: pd.DataFrame, *, metric: str = "dice") -> pd.D
             if ref is None or (ref[list(RUN_KEYS)] == run[list(RUN_KEYS)]).all():
                 continue
             mine, theirs = _rows_of(g, run), _rows_of(g, ref)
+            if seeds_paired(mine, theirs):  # the difference table's own residual (shared noise cancels)
+                vc = paired_design_components(mine, theirs, metric)
+                if vc is not None:
+                    seed_diffs.append(vc.seed_diff)
+                    resid_diffs.append(vc.residual_diff)
+                    case_vars.append(vc.case)
+                continue
+            all_paired = False
             a, b = paired_tables(mine, theirs, metric)
             full = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
             a, b = a[full], b[full]
             if len(a) >= 2 and a.shape[1] >= 2 and b.shape[1] >= 2:
                 d_var = (a.mean(axis=1) - b.mean(axis=1)).var(ddof=1)
-                if seeds_paired(mine, theirs):  # the difference table's own residual (shared noise cancels)
-                    _, resid_d, seed_d = _seed_component(a - b)
-                    seed_diffs.append(float(seed_d))
-                    resid_diffs.append(float(resid_d))
-                    resid_part = resid_d / a.shape[1]
-                else:
-                    all_paired = False
-                    resid_part = _seed_component(a)[1] / a.shape[1] + _seed_component(b)[1] / b.shape[1]
+                resid_part = _seed_component(a)[1] / a.shape[1] + _seed_component(b)[1] / b.shape[1]
                 case_vars.append(max(float(d_var - resid_part), 0.0))
         if not seed_vars or not case_vars:
             continue
@@ -491,7 +492,12 @@ def paired_vs_first(runs: list[str], scores: dict, seeds: list[int], margin: flo
     seeds, since a seed gives the same initial weights and data order on any samples: decisions/0016).
     scores[(run, seed)]: a per-case table with case_id, region and dice.
     'non-inferior' = the 95 % interval's lower end is above -margin; 'equivalent' = the whole interval lies within
-    +-margin (both at least as strict as the one-sided 2.5 % tests)."""
+    +-margin (both at least as strict as the one-sided 2.5 % tests).
+    Two more columns say what the design could decide: 'shown at margin', the smallest margin this interval is
+    non-inferior at (-ci_low, 0 when the interval lies above 0); 'detectable margin', the smallest margin at which a
+    run no worse than the reference (true Δ 0) comes out non-inferior with 80 % power in this design (its cases and
+    seeds, the variance components measured in its own table of differences: ``paired_design_components``, then
+    ``min_detectable_delta``); NaN without paired seeds."""
 
     def long(run: str, region: str) -> pd.DataFrame:
         table = pd.concat(scores[(run, s)].assign(seed=s) for s in seeds)
@@ -500,10 +506,35 @@ def paired_vs_first(runs: list[str], scores: dict, seeds: list[int], margin: flo
     out = []
     for run in runs[1:]:
         for region in regions:
-            d, ci = paired_case_difference(long(run, region), long(runs[0], region))
+            mine, ref = long(run, region), long(runs[0], region)
+            d, ci = paired_case_difference(mine, ref)
+            vc = paired_design_components(mine, ref)
+            detectable = (min_detectable_delta(vc, len(d), len(seeds), paired=True) if vc is not None
+                          else float("nan"))
             out.append({"run": run, "vs": runs[0], "region": region, "n_cases": len(d),
                         "n_seeds": len(seeds), "delta": round(float(d.mean()), 3),
                         "ci_low": round(ci.low, 3), "ci_high": round(ci.high, 3),
                         f"non-inferior (margin {margin})": bool(ci.low > -margin),
-                        f"equivalent (+-{margin})": bool(ci.low > -margin and ci.high < margin)})
+                        f"equivalent (+-{margin})": bool(ci.low > -margin and ci.high < margin),
+                        "shown at margin": round(max(-ci.low, 0.0), 3),
+                        "detectable margin": round(detectable, 3)})
     return pd.DataFrame(out)
+
+
+def paired_design_components(mine: pd.DataFrame, theirs: pd.DataFrame, metric: str = "dice"
+                             ) -> VarianceComponents | None:
+    """The variance components of one seed-paired comparison's cases × seeds table of differences (mine − theirs,
+    complete cases only), as ``variance_components`` measures them for a study: the case component (the per-case
+    mean difference's variance less the residual's share, floored at 0), seed_diff and residual_diff; None unless
+    the seeds pair up and the table has at least 2 cases and 2 seeds."""
+    if not seeds_paired(mine, theirs):
+        return None
+    a, b = paired_tables(mine, theirs, metric)
+    full = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+    diff = (a - b)[full]
+    if diff.shape[0] < 2 or diff.shape[1] < 2:
+        return None
+    _, resid, seed = _seed_component(diff)
+    case = max(float(diff.mean(axis=1).var(ddof=1) - resid / diff.shape[1]), 0.0)
+    nan = float("nan")
+    return VarianceComponents(case=case, seed=nan, residual=nan, seed_diff=float(seed), residual_diff=float(resid))

@@ -230,7 +230,9 @@ def _register_plan(subparsers) -> None:
     p.add_argument("--teacher-steps", type=int, help="with --distill: the teacher's DDIM steps the rounds halve "
                                                      "(default: medddpm distill's)")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast (memory estimate)")
-    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing (memory estimate)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing (memory estimate): of "
+                                                                  "the Med-DDPM training and, with --distill, of the "
+                                                                  "student (medddpm distill --grad-checkpoint)")
     p.add_argument("--on", choices=("gpu", "cpu"), default="gpu", help="throughput default: gpu or cpu")
     p.add_argument("--tflops", type=float, help=f"sustained TFLOP/s (default {GPU_TFLOPS:g} on gpu, an assumption; "
                                                 f"{CPU_TFLOPS:g} on cpu, measured)")
@@ -292,29 +294,46 @@ def _plan(args) -> int:
 
 
 def _distill_plan(args) -> dict | None:
-    """estimate_study_cost's ``distill`` from `plan --distill N [--round-steps R] [--teacher-steps T]`."""
+    """estimate_study_cost's ``distill`` from `plan --distill N [--round-steps R] [--teacher-steps T]`; with
+    --grad-checkpoint the student's training is counted checkpointed too (`medddpm distill --grad-checkpoint`)."""
     if not args.distill:
         if args.round_steps or args.teacher_steps:
             from core.errors import ConfigError
 
             raise ConfigError("--round-steps and --teacher-steps set a distillation: add --distill N")
         return None
-    return {"steps": args.distill, "round_steps": args.round_steps, "teacher_steps": args.teacher_steps}
+    return {"steps": args.distill, "round_steps": args.round_steps, "teacher_steps": args.teacher_steps,
+            "grad_checkpoint": args.grad_checkpoint}
 
 
 def print_distillation_plan(args, tflops: float, unit: str) -> None:
     """`medddpm plan --distill N`: the hours of distilling the profile's generator into each student N (synth.distill's
-    rounds and settings; flows.costs.distillation_table) and its network evaluations per volume vs DDPM-250."""
+    rounds and settings; flows.costs.distillation_table) and its network evaluations per volume vs DDPM-250; the
+    peak memory of distilling in fp32 with and without activation checkpointing (flows.costs.distillation_cost),
+    the plan's choice (--grad-checkpoint) first."""
     from synth import defaults
+    from synth.costs import GPU_SIZES_GB
 
-    from .costs import distillation_table
+    from .costs import GIB, distillation_cost, distillation_table
 
+    device_type = "cuda" if args.on == "gpu" else "cpu"
     rows = distillation_table(args.profile, tflops, teacher_steps=args.teacher_steps, round_steps=args.round_steps,
-                              device_type="cuda" if args.on == "gpu" else "cpu")
+                              device_type=device_type)
     vs_default = f"vs {defaults.SAMPLER}-{defaults.STEPS}"
+    peaks = []
+    for ckpt in (args.grad_checkpoint, not args.grad_checkpoint):
+        peak = distillation_cost(args.profile, args.distill, teacher_steps=args.teacher_steps,
+                                 round_steps=args.round_steps, device_type=device_type,
+                                 grad_checkpoint=ckpt).peak_bytes
+        fits = ", ".join(f"{gb} GB" for gb in GPU_SIZES_GB if peak <= gb * 1e9) or "no card above"
+        peaks.append(f"{peak / GIB:.1f} GiB {'with' if ckpt else 'without'} activation checkpointing "
+                     f"({'`medddpm distill --grad-checkpoint`' if ckpt else 'the default'}"
+                     f"{f'; fits {fits}' if args.on == 'gpu' else ''})")
     print(f"\nDistilling the {args.profile} generator (progressive distillation, medddpm distill): per round, round "
           "steps x (2 teacher evaluations without gradient + 1 student training step); the student trains in fp32 "
           "without TF32, so a GPU sustains less than a bf16 --tflops")
+    print(f"peak memory of distilling (fp32): {peaks[0]}; {peaks[1]}; checkpointing recomputes the student's "
+          "activations in its backward pass, time the hours below do not count")
     print(f"{'student steps':>13} {'rounds':>6} {unit + '-hours':>10} {'evaluations/volume':>18} {'vs DDPM-250':>11} "
           f"{vs_default:>11}")
     for r in rows:

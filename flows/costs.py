@@ -80,8 +80,8 @@ def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends,
                         seg_profile: str | None = None, device_type: str = "cuda",
                         distill: dict | None = None) -> list[StageCost]:
     """The stages of an augment study with their FLOPs and peak memory (see the module docstring). ``distill``:
-    {"steps": N[, "round_steps", "teacher_steps"]} adds distilling the trained generator into an N-step student
-    (distillation_cost) and synthesises with it (N steps, sampler distilled-N)."""
+    {"steps": N[, "round_steps", "teacher_steps", "grad_checkpoint"]} adds distilling the trained generator into an
+    N-step student (distillation_cost) and synthesises with it (N steps, sampler distilled-N)."""
     from cohort.profiles import get_profile
     from synth import defaults
     from synth.config import get_config
@@ -101,7 +101,8 @@ def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends,
                                              f"({train.parameters / 1e6:.1f} M parameters, {cfg.profile} grid)",
                         train.flops * steps, train.peak_bytes),
               *([distillation_cost(profile, k, teacher_steps=distill.get("teacher_steps"),
-                                   round_steps=distill.get("round_steps"), device_type=device_type)]
+                                   round_steps=distill.get("round_steps"), device_type=device_type,
+                                   grad_checkpoint=bool(distill.get("grad_checkpoint")))]
                 if distill else []),
               StageCost("synthesis", f"{volumes} volumes x {k} denoising steps ({sampler}, batch "
                                      f"{defaults.BATCH_SIZE}; quality-gate redraws not counted)",
@@ -121,36 +122,45 @@ def estimate_study_cost(profile: str, n_real: int, n_test: int, mixes, backends,
 
 
 def distillation_cost(profile: str, student_steps: int, *, teacher_steps: int | None = None,
-                      round_steps: int | None = None, device_type: str = "cuda") -> StageCost:
+                      round_steps: int | None = None, device_type: str = "cuda",
+                      grad_checkpoint: bool = False) -> StageCost:
     """Distilling the profile's generator into a ``student_steps``-step student (synth.distill, DistillConfig's
     defaults unless given): per round, round_steps optimizer steps, each = per micro-batch two teacher network
     evaluations without gradient (synth.costs.sample_step_cost at the training batch) + one student training step
     (synth.costs.train_step_cost); the rounds halve teacher_steps down to student_steps (DistillConfig.rounds).
-    The student trains in fp32 without TF32 (synth.distill.round_config, no_tf32), so its peak is fp32 training's
-    plus the teacher's fp32 weights."""
+    The student trains in fp32 without TF32 (synth.distill.round_config, no_tf32), with activation checkpointing
+    where ``grad_checkpoint`` (`medddpm distill --grad-checkpoint`); peak: _distillation_step. FLOPs count no
+    recomputation (as the training stage's)."""
     from synth.distill import DistillConfig
 
     dc = DistillConfig(steps=student_steps, **{k: v for k, v in (("teacher_steps", teacher_steps),
                                                                   ("round_steps", round_steps)) if v is not None})
     rounds = dc.rounds()  # ConfigError for an N outside 1, 2, 4, 8 or teacher steps not N times a power of two
-    per_step, peak, volumes = _distillation_step(profile, device_type)
+    per_step, peak, volumes = _distillation_step(profile, device_type, grad_checkpoint)
+    how = "fp32 + activation checkpointing (medddpm distill --grad-checkpoint)" if grad_checkpoint else "fp32"
     return StageCost(f"distillation ({student_steps} steps)",
                      f"{rounds} rounds (DDIM-{dc.teacher_steps} eta 0 -> {student_steps}) x {dc.round_steps} steps x "
-                     f"(2 teacher evaluations without gradient + 1 student training step) of {volumes} volumes, fp32",
+                     f"(2 teacher evaluations without gradient + 1 student training step) of {volumes} volumes, {how}",
                      per_step * dc.round_steps * rounds, peak)
 
 
 @functools.lru_cache(maxsize=8)
-def _distillation_step(profile: str, device_type: str) -> tuple[float, float, int]:
-    """(FLOPs, peak bytes, volumes) of one distillation step of the profile's generator (distillation_cost)."""
+def _distillation_step(profile: str, device_type: str, grad_checkpoint: bool = False) -> tuple[float, float, int]:
+    """(FLOPs, peak bytes, volumes) of one distillation step of the profile's generator (distillation_cost). Peak:
+    the larger of the student's fp32 training step (synth.costs.train_step_cost's count, checkpointed where
+    ``grad_checkpoint``, as the plan's "training, fp32 + checkpointing" row) with the teacher's fp32 weights beside
+    it, and the teacher's evaluation without gradient (sample_step_cost's count at the training batch) with the
+    student's weights, gradients, Adam state and EMA beside it. Not counted: the loss's float64 copies of the
+    micro-batch (x0, noise, x_t, the teacher's x_next: 0.63 GiB at paper-brats)."""
     from synth.config import get_config
-    from synth.costs import sample_step_cost, train_step_cost
+    from synth.costs import TRAIN_BYTES_PER_PARAM, sample_step_cost, train_step_cost
 
     cfg = get_config(profile)
-    train = train_step_cost(cfg, half_precision=False, grad_checkpoint=False, device_type=device_type)
+    train = train_step_cost(cfg, half_precision=False, grad_checkpoint=grad_checkpoint, device_type=device_type)
     teacher_eval = sample_step_cost(cfg, batch=cfg.batch_size, device_type=device_type)
-    return (train.flops + 2 * teacher_eval.flops * cfg.grad_accum, train.peak_bytes + 4 * train.parameters,
-            cfg.batch_size * cfg.grad_accum)
+    peak = max(train.peak_bytes + 4 * train.parameters,
+               teacher_eval.peak_bytes + TRAIN_BYTES_PER_PARAM * train.parameters)
+    return train.flops + 2 * teacher_eval.flops * cfg.grad_accum, peak, cfg.batch_size * cfg.grad_accum
 
 
 def distillation_table(profile: str, tflops: float, *, teacher_steps: int | None = None,

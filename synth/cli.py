@@ -367,7 +367,7 @@ def _merge(args) -> int:
 def _add_distill(subparsers) -> None:
     from core.device import DEVICE_HELP
 
-    from .distill import STUDENT_STEPS, DistillConfig
+    from .distill import DISTILL_LOSSES, STUDENT_STEPS, DistillConfig
 
     d = subparsers.add_parser(
         "distill", help="distil a trained generator into a 1-8-step student (progressive distillation)",
@@ -394,6 +394,9 @@ def _add_distill(subparsers) -> None:
     d.add_argument("--tumour-weight", type=float, default=DistillConfig.tumour_weight,
                    help="weight of a tumour voxel's squared error against the rest's, each sample's weights scaled "
                         f"to mean 1 (default {DistillConfig.tumour_weight}: the plain mean)")
+    d.add_argument("--loss", default=DistillConfig.loss, choices=DISTILL_LOSSES,
+                   help=f"l2: squared error (Salimans & Ho); l1: absolute error, whose students keep the background "
+                        f"at -1 where l2's lift it (decisions/0019) (default {DistillConfig.loss})")
     d.add_argument("--batch-size", type=int, help="volumes per micro-batch (default: the teacher's)")
     d.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the teacher's)")
     d.add_argument("--ema-decay", type=float, default=DistillConfig.ema_decay, help="EMA decay of each student")
@@ -403,6 +406,10 @@ def _add_distill(subparsers) -> None:
     d.add_argument("--threads", type=int, help="torch threads")
     d.add_argument("--device", default="auto", help=f"where to train: {DEVICE_HELP} (default auto)")
     d.add_argument("--deterministic", action="store_true", help="deterministic GPU kernels (slower)")
+    d.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing of the student: much less memory at large grids for up to ~30 "
+                        "%% more time per step, the same computation (the same student's bytes on the CPU); a run "
+                        "may resume with or without it. Peaks: `medddpm plan --distill N [--grad-checkpoint]`")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_distill)
 
@@ -412,9 +419,10 @@ def _distill(args) -> int:
 
     config = DistillConfig(steps=args.steps, teacher_steps=args.teacher_steps, round_steps=args.round_steps,
                            lr=args.lr, lr_min=args.lr_min, warmup_steps=args.warmup_steps,
-                           tumour_weight=args.tumour_weight, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                           ema_decay=args.ema_decay, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                           tumour_weight=args.tumour_weight, loss=args.loss, batch_size=args.batch_size,
+                           grad_accum=args.grad_accum, ema_decay=args.ema_decay, seed=args.seed,
+                           checkpoint_every=args.checkpoint_every,
                            num_threads=args.threads, progress=not args.no_progress, device=args.device,
-                           deterministic=args.deterministic)
+                           deterministic=args.deterministic, grad_checkpoint=args.grad_checkpoint)
     print(f"student: {distill_generator(args.checkpoint, args.manifest, args.out, config)}")
     return 0

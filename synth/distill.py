@@ -58,6 +58,7 @@ from .train import (_Run, _batches, _finish, _resume_state, _setup, _train_steps
                     min_snr_weights, training_cases_hash)
 
 METHOD = "progressive-distillation"
+DISTILL_LOSSES = ("l2", "l1")
 REFERENCE = "Salimans & Ho 2022, Progressive Distillation for Fast Sampling of Diffusion Models"
 CARD_FILE = "distill_card.json"
 SETTINGS_FILE = "distill_settings.json"
@@ -77,6 +78,7 @@ class DistillConfig:
     lr_min: float = 1e-5
     warmup_steps: int = 0                        # linear lr warm-up at the start of each round (fresh Adam state)
     tumour_weight: float = 1.0                   # a tumour voxel's squared error counts this many background's
+    loss: str = "l2"                             # "l2" (Salimans & Ho) or "l1": DISTILL_LOSSES
     batch_size: int | None = None                # None: the teacher's
     grad_accum: int | None = None
     ema_decay: float = 0.99                      # EMA from each round's first step
@@ -90,8 +92,10 @@ class DistillConfig:
     progress: bool = True
     device: str = "auto"
     deterministic: bool = False
+    grad_checkpoint: bool = False                # the student's activation checkpointing: less memory, same math
 
-    RUNTIME = ("checkpoint_every", "num_threads", "progress", "device", "deterministic")
+    # grad_checkpoint is runtime as in synth.config.RUNTIME_FIELDS (a round's training run resumes with or without it)
+    RUNTIME = ("checkpoint_every", "num_threads", "progress", "device", "deterministic", "grad_checkpoint")
 
     def rounds(self) -> int:
         if self.steps not in STUDENT_STEPS:
@@ -103,6 +107,8 @@ class DistillConfig:
                               "two (at least 2): each round halves the steps")
         if self.round_steps < 1:
             raise ConfigError(f"--round-steps must be >= 1, not {self.round_steps}")
+        if self.loss not in DISTILL_LOSSES:
+            raise ConfigError(f"--loss {self.loss!r}: one of {', '.join(DISTILL_LOSSES)}")
         return k
 
     def identity(self) -> dict:
@@ -186,10 +192,15 @@ def tumour_voxel_weights(cond: torch.Tensor, condition: str, tumour_weight: floa
 
 def distillation_loss(student, teacher, x0: torch.Tensor, cond: torch.Tensor, k: torch.Tensor, noise: torch.Tensor,
                       plan: RoundPlan, schedule: NoiseSchedule, prediction: str, snr_weight_floor: float | None,
-                      channels_last: bool = False, voxel_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The mean weighted squared error of the student's output at x_t (sample b at its step k[b]) against the
-    output whose DDIM step lands on the teacher's two-step x_next. x0, noise: (B, C, ...); the chain in float64.
-    voxel_weights: (B, 1, ...) per-voxel weights of the squared error (tumour_voxel_weights), None: all 1."""
+                      channels_last: bool = False, voxel_weights: torch.Tensor | None = None,
+                      loss: str = "l2") -> torch.Tensor:
+    """The mean weighted squared (loss "l2") or absolute ("l1") error of the student's output at x_t (sample b at
+    its step k[b]) against the output whose DDIM step lands on the teacher's two-step x_next. x0, noise: (B, C, ...);
+    the chain in float64. voxel_weights: (B, 1, ...) per-voxel weights of the error (tumour_voxel_weights), None:
+    all 1. The per-sample SNR weight is min_snr_weights' for that loss (l1: the square root of l2's).
+    Why l1 exists: the teacher's steps clamp x̂0 to [-1, 1], so where the truth sits on the bound (air, -1) its
+    targets are the truth plus the positive part of its errors; a student regressing to their mean (l2) lifts the
+    background, one regressing to their median (l1) does not (docs/decisions/0019)."""
     triples = [plan.triple(int(kb)) for kb in k]
     a = [schedule.alpha_bar(t) for t, _, _ in triples]
     x0, noise = x0.double(), noise.to(x0.device).double()
@@ -200,11 +211,11 @@ def distillation_loss(student, teacher, x0: torch.Tensor, cond: torch.Tensor, k:
                         for b in range(len(a))]).float()
     tt = torch.tensor([t for t, _, _ in triples], dtype=torch.long, device=x0.device)
     out = student(model_input(x_t.float(), cond, channels_last), tt).float()
-    err = (out - target).pow(2)
+    err = (out - target).abs() if loss == "l1" else (out - target).pow(2)
     per_sample = (err if voxel_weights is None else err * voxel_weights).flatten(1).mean(1)
     if snr_weight_floor is None:  # the plain squared error of the output (ε or v)
         return per_sample.mean()
-    w = min_snr_weights(schedule.alphas_cumprod, tt.cpu(), None, prediction, "l2", snr_weight_floor).to(out.device)
+    w = min_snr_weights(schedule.alphas_cumprod, tt.cpu(), None, prediction, loss, snr_weight_floor).to(out.device)
     return (per_sample * w).mean()
 
 
@@ -216,13 +227,15 @@ def weight_floor(setting, prediction: str) -> float | None:
 
 def round_config(teacher_cfg: MedDDPMConfig, teacher_path: Path, dc: DistillConfig) -> MedDDPMConfig:
     """A round's student as a training config: the teacher's network, init_from the round's teacher (by sha256),
-    and the distillation recipe in the training fields (Min-SNR off, the floor as the loss weight, l2, fp32)."""
+    and the distillation recipe in the training fields (Min-SNR off, the floor as the loss weight, dc.loss, fp32);
+    ``dc.grad_checkpoint`` checkpoints the student's blocks as `medddpm train --grad-checkpoint` does (the teacher
+    runs without gradients, where checkpointing is inactive)."""
     floor = weight_floor(dc.snr_weight_floor, teacher_cfg.prediction)
-    changes = dict(init_from=str(teacher_path), init_from_sha256=sha256_file(teacher_path), loss="l2",
+    changes = dict(init_from=str(teacher_path), init_from_sha256=sha256_file(teacher_path), loss=dc.loss,
                    min_snr_gamma=None, snr_weight_floor=floor, lr=dc.lr, lr_schedule="cosine", lr_min=dc.lr_min,
                    warmup_steps=dc.warmup_steps, ema_decay=dc.ema_decay, ema_every=1, ema_start=0, seed=dc.seed,
                    steps=dc.round_steps, checkpoint_every=dc.checkpoint_every, num_threads=dc.num_threads,
-                   progress=dc.progress, device=dc.device, precision="fp32", grad_checkpoint=False,
+                   progress=dc.progress, device=dc.device, precision="fp32", grad_checkpoint=dc.grad_checkpoint,
                    deterministic=dc.deterministic)
     for name in ("batch_size", "grad_accum", "sources", "splits"):
         if getattr(dc, name) is not None:
@@ -278,8 +291,9 @@ def distill_generator(checkpoint: str | Path, manifest: str | Path, out_dir: str
                                     cases_hash, device, ranks, config.tumour_weight)
         student, cfg, meta = load_generator(current)
         # the student's config names the teacher it was distilled from (by sha256), not the last round's folder, so
-        # its bytes do not depend on where --out lies
-        cfg = cfg.replace(init_from=str(teacher_path), init_from_sha256=teacher_sha)
+        # its bytes do not depend on where --out lies; nor on --grad-checkpoint (memory only, the same weights: the
+        # config says False, as every student's did before the flag)
+        cfg = cfg.replace(init_from=str(teacher_path), init_from_sha256=teacher_sha, grad_checkpoint=False)
         _write_run_files(out, manifest, cfg, rows, cases_hash, dataset, device)
     card = {"method": METHOD, "reference": REFERENCE, "teacher": str(teacher_path), "teacher_sha256": teacher_sha,
             "teacher_prediction": teacher_cfg.prediction, "teacher_architecture": teacher_cfg.architecture,
@@ -343,7 +357,7 @@ def _distillation_backward(run: _Run, batches, teacher, plan: RoundPlan, schedul
         cond = cond.to(run.device)
         loss = distillation_loss(run.model, teacher, x0.to(run.device), cond, k, noise, plan, schedule,
                                  cfg.prediction, cfg.snr_weight_floor, cfg.channels_last,
-                                 tumour_voxel_weights(cond, cfg.condition, tumour_weight))
+                                 tumour_voxel_weights(cond, cfg.condition, tumour_weight), cfg.loss)
         (loss / cfg.grad_accum).backward()
         total += float(loss.detach()) / cfg.grad_accum
     return total

@@ -85,6 +85,13 @@ def test_bench_times_the_student_beside_the_samplers_with_fidelity_intervals_and
     assert list(table.index) == ["ddim:4:0", "distilled-1"]  # the student's row is named by its card's steps
     assert (table["s/volume min"] > 0).all() and (table["s/volume min"] <= table["s/volume median"]).all()
     assert table.loc["ddim:4:0", "x first (min)"] == 1.0 and "s/volume" not in table.columns
+    # per volume that passes the gate: the median ratio scaled by the runs' pass rates (NaN where none passed)
+    ref, row = table.loc["ddim:4:0"], table.loc["distilled-1"]
+    if ref["gate pass"] > 0 and row["gate pass"] > 0:
+        assert row["x first per passing volume (median)"] == pytest.approx(
+            ref["s/volume median"] / ref["gate pass"] / (row["s/volume median"] / row["gate pass"]), rel=0.05, abs=0.1)
+    else:
+        assert np.isnan(row["x first per passing volume (median)"])
     timings = pd.read_csv(work / "sampler_timings.csv")
     assert timings["run"].tolist() == ["ddim:4:0", "ddim:4:0", "distilled-1", "distilled-1"]
     assert not (work / "timing" / "distilled-1").exists()  # the throwaway folders are gone
@@ -118,8 +125,10 @@ def test_bench_times_the_student_beside_the_samplers_with_fidelity_intervals_and
 def test_distilled_run_needs_a_student_and_a_student_file(toy_cohort, tiny_generators, tmp_path):
     from bench.bench_sampler_table import main
 
-    teacher, _ = tiny_generators
+    teacher, student = tiny_generators
     base = ["--generator", str(teacher), "--cohort", str(toy_cohort), "--work", str(tmp_path / "w"), "--seeds"]
+    with pytest.raises(SystemExit, match=re.escape("each run once, not ['distilled-1', 'distilled-1']")):
+        main([*base, "--runs", "distilled", "--student", str(student), str(student)])  # two rows of one name
     with pytest.raises(SystemExit, match="run 'distilled' needs --student PATH"):
         main([*base, "--runs", "ddpm:4", "distilled"])
     # synth's messages, naming the file
@@ -130,3 +139,44 @@ def test_distilled_run_needs_a_student_and_a_student_file(toy_cohort, tiny_gener
     with pytest.raises(SystemExit, match=f"{re.escape(str(tmp_path / 'none.safetensors'))}: .*does not exist"):
         main([*base, "--runs", "distilled", "--student", str(tmp_path / "none.safetensors")])
     assert not (tmp_path / "w").exists()  # refused before any work
+
+
+def _noisy_scores(offsets: dict[str, float], seeds, *, case_sd: float, seed_sd: float, resid_sd: float,
+                  n_cases: int = 12, rng_seed: int = 0):
+    """Dice tables whose run differences have known components: per run a case effect, a seed effect and a
+    case × seed residual, each drawn independently (so the difference's components are twice each)."""
+    rng = np.random.default_rng(rng_seed)
+    base = rng.uniform(0.5, 0.9, size=n_cases)
+    out = {}
+    for run, off in offsets.items():
+        case = rng.normal(0, case_sd, n_cases)
+        for s in seeds:
+            level = base + off + case + rng.normal(0, seed_sd) + rng.normal(0, resid_sd, n_cases)
+            out[(run, s)] = pd.DataFrame([{"case_id": f"c{i}", "region": r, "dice": level[i]}
+                                          for i in range(n_cases) for r in ("WT", "TC", "ET")])
+    return out
+
+
+def test_the_comparison_states_the_margin_it_shows_and_the_margin_the_design_could_detect():
+    from eval.stats import VarianceComponents, min_detectable_delta
+
+    sd = {"case_sd": 0.01, "seed_sd": 0.02, "resid_sd": 0.02}
+    truth = VarianceComponents(case=2 * 0.01 ** 2, seed=float("nan"), residual=float("nan"),
+                               seed_diff=2 * 0.02 ** 2, residual_diff=2 * 0.02 ** 2)
+    few, many = [], []
+    for rep in range(30):  # null studies: the student is no worse than the reference
+        for seeds, sink in ((list(range(3)), few), (list(range(9)), many)):
+            out = paired_vs_first(["ref", "student"], _noisy_scores({"ref": 0.0, "student": 0.0}, seeds, **sd,
+                                                                    rng_seed=rep), seeds, 0.02)
+            row = out[out["region"] == "ET"].iloc[0]
+            assert row["shown at margin"] == pytest.approx(max(-row["ci_low"], 0.0), abs=1e-3)
+            assert row["non-inferior (margin 0.02)"] == (row["shown at margin"] < 0.02)
+            sink.append(row["detectable margin"])
+    # the plug-in margin tracks the design's true one, and more seeds detect a smaller margin
+    for seeds, values in ((3, few), (9, many)):
+        true_mde = min_detectable_delta(truth, 12, seeds, paired=True)
+        assert 0.6 * true_mde < np.median(values) < 1.5 * true_mde, (seeds, np.median(values), true_mde)
+    assert np.median(many) < 0.7 * np.median(few)
+    # one seed: no seed component to measure, so no detectable margin is claimed
+    one = paired_vs_first(["ref", "student"], _noisy_scores({"ref": 0.0, "student": 0.0}, [0], **sd), [0], 0.02)
+    assert one["detectable margin"].isna().all()

@@ -222,3 +222,110 @@ def test_generators_of_either_architecture_and_prediction_distil_and_sample(toy_
     out = synthesize_cohort(student, toy_cohort, tmp_path / "syn", SynthesisConfig(
         count=1, sampler="distilled", steps=1, max_retries=0, **FAST))
     assert load_manifest(out).iloc[0]["sampler"] == "distilled-1"
+
+
+def test_grad_checkpoint_is_the_same_distillation_step_in_less_memory(tmp_path, monkeypatch):
+    """`medddpm distill --grad-checkpoint` reaches DistillConfig and each round's training config (a runtime
+    setting, not part of what a resume must match), whose student then keeps fewer activations for its backward
+    pass while its loss and gradients are those of the plain student, bit for bit on the CPU."""
+    from medddpm.cli import build_parser
+    from synth.config import get_config
+    from synth.distill import round_config
+    from synth.network import build_unet
+
+    configs = []
+
+    def distill_generator(checkpoint, manifest, out, config):
+        configs.append(config)
+        return out
+
+    monkeypatch.setattr("synth.distill.distill_generator", distill_generator)
+    argv = ["distill", "--checkpoint", "t", "--manifest", "m", "--out", "o", "--steps", "1"]
+    for flag in ([], ["--grad-checkpoint"]):
+        args = build_parser().parse_args(argv + flag)
+        assert args.func(args) == 0
+    assert [c.grad_checkpoint for c in configs] == [False, True] and configs[0].identity() == configs[1].identity()
+
+    cfg = get_config("tiny")
+    teacher_file = tmp_path / "t.safetensors"
+    teacher_file.write_bytes(b"x")
+    rounds = {ckpt: round_config(cfg, teacher_file, DistillConfig(steps=2, teacher_steps=4, grad_checkpoint=ckpt))
+              for ckpt in (False, True)}
+    assert rounds[True].grad_checkpoint and not rounds[False].grad_checkpoint and rounds[True].precision == "fp32"
+    assert rounds[True].hash() == rounds[False].hash()  # what synth.train's resume compares
+    torch.manual_seed(0)
+    teacher = build_unet(cfg).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn((2, cfg.out_channels, 16, 20, 16), generator=g)
+    cond = (torch.rand((2, cfg.in_channels - cfg.out_channels, 16, 20, 16), generator=g) > 0.5).float()
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    schedule = NoiseSchedule.build(cfg.timesteps, cfg.schedule)
+    step = {}
+    for ckpt, rcfg in rounds.items():
+        student = build_unet(rcfg).train()  # as synth.train._setup builds the round's network
+        student.load_state_dict(teacher.state_dict())
+        saved = [0]
+
+        def pack(tn, saved=saved):
+            saved[0] += tn.numel() * tn.element_size()
+            return tn
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tn: tn):
+            loss = distillation_loss(student, teacher, x0, cond, torch.tensor([0, 1]), noise,
+                                     RoundPlan.build(schedule.T, 2), schedule, cfg.prediction, None)
+        loss.backward()
+        step[ckpt] = loss.detach(), [p.grad for p in student.parameters()], saved[0]
+    assert torch.equal(step[True][0], step[False][0])
+    assert all(torch.equal(a, b) for a, b in zip(step[True][1], step[False][1]))
+    assert step[True][2] < 0.5 * step[False][2], (step[True][2], step[False][2])  # the flag took effect
+
+
+def test_distill_resumes_across_grad_checkpoint_to_the_same_student(toy_cohort, teacher, student, tmp_path):
+    """A plain distillation killed mid-way through its last round and resumed with grad_checkpoint (a runtime
+    setting: the round's run continues, checkpointed, as its state's config says) ends on the uninterrupted plain
+    run's bytes: the same weights, and a student config that does not record the flag."""
+    from synth.checkpoint import load_state
+
+    out = tmp_path / "killed"
+    cmd = medddpm_command("distill", "--checkpoint", str(teacher), "--manifest", str(toy_cohort), "--out", str(out),
+                          "--steps", "1", "--teacher-steps", "4", "--round-steps", "6", "--checkpoint-every", "2",
+                          "--threads", "1", "--no-progress")
+    state = out / "rounds" / "round-2-2to1" / STATE_FILE
+    kill_once_written(cmd, state)
+    assert not (out / "generator.safetensors").exists() and int(load_state(state)["step"]) < 6  # killed mid-round
+    resumed = distill_generator(teacher, toy_cohort, out, DistillConfig(**DISTILL, grad_checkpoint=True))
+    assert json.loads(load_state(state)["config"])["grad_checkpoint"] is True  # round 2 went on checkpointed
+    assert resumed.read_bytes() == student.read_bytes()
+    assert load_generator(resumed)[1].grad_checkpoint is False
+
+
+def test_l1_loss_counts_the_absolute_error_with_the_square_root_of_l2s_snr_weight(tmp_path):
+    """--loss l1: the student's error counts |d| (l2: d²), each sample weighted by the square root of l2's SNR
+    weight (min_snr_weights for l1), so a doubled error doubles the loss; the setting reaches the rounds' training
+    config and the settings a resume must match, and an unknown loss is refused before any work."""
+    from core.errors import ConfigError
+    from synth.config import get_config
+    from synth.distill import round_config
+
+    schedule = NoiseSchedule.build(250)
+    plan, teacher = RoundPlan.build(250, 4), LinearV(exact_v_coefficients(schedule), trainable=False)
+    zeros = torch.zeros((1, 1, 8, 8, 8))  # x0 = noise = 0: x_t, the teacher's chain and the target are all 0
+
+    def loss(d, kind, floor):  # a student whose v is wrong by d at one voxel, at its last step (SNR > 1 there)
+        out = torch.zeros((1, 1, 8, 8, 8))
+        out[0, 0, 3, 3, 3] = d
+        return float(distillation_loss(lambda inp, t: out, teacher, zeros, torch.zeros((1, 0, 8, 8, 8)),
+                                       torch.tensor([3]), zeros, plan, schedule, "v", floor, loss=kind))
+    assert loss(2.0, "l1", None) == pytest.approx(2 * loss(1.0, "l1", None))
+    assert loss(2.0, "l2", None) == pytest.approx(4 * loss(1.0, "l2", None))
+    assert loss(-1.0, "l1", None) == pytest.approx(loss(1.0, "l1", None)) == pytest.approx(1 / 512)
+    w_l2, w_l1 = loss(1.0, "l2", 1.0) / loss(1.0, "l2", None), loss(1.0, "l1", 1.0) / loss(1.0, "l1", None)
+    assert w_l2 != pytest.approx(1.0) and w_l1 == pytest.approx(w_l2 ** 0.5)
+
+    teacher_file = tmp_path / "t.safetensors"
+    teacher_file.write_bytes(b"x")
+    dc = DistillConfig(steps=2, teacher_steps=8, loss="l1")
+    assert round_config(get_config("demo"), teacher_file, dc).loss == "l1" and dc.identity()["loss"] == "l1"
+    assert DistillConfig(steps=2, teacher_steps=8).identity()["loss"] == "l2"  # Salimans & Ho's, the default
+    with pytest.raises(ConfigError, match="--loss 'huber'"):
+        DistillConfig(steps=2, teacher_steps=8, loss="huber").rounds()

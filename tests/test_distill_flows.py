@@ -174,3 +174,47 @@ def test_plan_counts_distillation_hours_that_scale_with_rounds_and_round_steps(c
     assert distillation_cost("tiny", 2, round_steps=10, device_type="cpu").flops == pytest.approx(4 * 10 * step)
     with pytest.raises(ConfigError, match="one of"):
         distillation_cost("tiny", 3)
+
+
+def test_plan_counts_the_distillation_peak_with_grad_checkpoint_and_says_which(capsys):
+    """`medddpm plan --distill N --grad-checkpoint` counts the student's training step checkpointed (the training
+    rows' count, synth.costs) and its stage and header say so; without the flag, plain fp32."""
+    from flows.costs import distillation_cost
+    from synth.config import get_config
+    from synth.costs import predicted_peak_bytes
+    from synth.network import build_unet
+
+    _distillation_hours(capsys, "--grad-checkpoint")  # the table is unchanged: checkpointing adds no counted FLOPs
+    from medddpm.cli import main
+
+    argv = ["plan", "--profile", "demo", "--on", "cpu", "--n-real", "4", "--n-test", "2", "--backends", "monai",
+            "--seeds", "1", "--mixes", "1:0", "--distill", "2"]
+    outs = {}
+    for ckpt in (False, True):
+        assert main(argv + ["--grad-checkpoint"] * ckpt) == 0
+        outs[ckpt] = capsys.readouterr().out
+    peak = {ckpt: distillation_cost("demo", 2, device_type="cpu", grad_checkpoint=ckpt).peak_bytes
+            for ckpt in (False, True)}
+    assert peak[True] < peak[False]
+    cfg = get_config("demo")
+    params = sum(p.numel() for p in build_unet(cfg).parameters())
+    assert peak[True] == pytest.approx(predicted_peak_bytes(cfg, grad_checkpoint=True, device_type="cpu")
+                                       + 4 * params)  # the student's checkpointed step + the teacher's weights
+    stage = {c: re.search(r"^distillation \(2 steps\)\s+[\d.]+\s+([\d.]+)\s+(.*)$", o, re.MULTILINE)
+             for c, o in outs.items()}
+    assert stage[True].group(2).endswith("fp32 + activation checkpointing (medddpm distill --grad-checkpoint)")
+    assert stage[False].group(2).endswith("volumes, fp32")
+    assert [float(stage[c].group(1)) for c in (False, True)] == [round(peak[c] / 2 ** 30, 1) for c in (False, True)]
+    for c, o in outs.items():  # the header gives both peaks, the plan's choice first
+        line = next(x for x in o.splitlines() if x.startswith("peak memory of distilling (fp32): "))
+        first = f"{peak[c] / 2 ** 30:.1f} GiB {'with' if c else 'without'} activation checkpointing"
+        assert line.startswith(f"peak memory of distilling (fp32): {first}")
+        assert "medddpm distill --grad-checkpoint" in line
+
+
+@pytest.mark.slow  # two paper-size counts (~40 s): CI runs it with -m slow
+def test_paper_brats_distillation_fits_a_40_gb_card_only_with_grad_checkpoint():
+    from flows.costs import distillation_cost
+
+    plain, ckpt = (distillation_cost("paper-brats", 2, grad_checkpoint=c).peak_bytes for c in (False, True))
+    assert plain > 40e9 > ckpt and ckpt < plain / 2  # 70.2 vs 23.8 GiB counted (2026-12-06)
