@@ -18,8 +18,8 @@ sha256, the method and its settings, the commands, the training cases' hash and 
 uses it because synth.shipped.SHIPPED_STUDENTS lists it (a new student needs that entry too).
 
 Time (measured 2026-12-06, shared 2-core Intel Xeon VM; docs/benchmarks.md#distill): the defaults (DDIM-8 teacher,
-2 rounds x 1500 steps, N = 2) took 32 min 22 s wall on 1 thread beside another distillation on the other core,
-rounds 1064.9 s and 864.0 s, peak RSS 1.32 GiB.
+2 rounds x 1500 steps, l1, N = 2) took 28 min 27 s wall on 1 thread beside benchmarks on the other core, rounds
+862.5 s and 835.1 s, peak RSS 1.33 GiB; --steps 4 is its first round alone.
 """
 from __future__ import annotations
 
