@@ -410,6 +410,8 @@ def _add_distill(subparsers) -> None:
                    help="activation checkpointing of the student: much less memory at large grids for up to ~30 "
                         "%% more time per step, the same computation (the same student's bytes on the CPU); a run "
                         "may resume with or without it. Peaks: `medddpm plan --distill N [--grad-checkpoint]`")
+    d.add_argument("--force", action="store_true", help="run even if the plan's memory model predicts that the "
+                                                        "student's training step does not fit the device")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=_distill)
 
@@ -424,5 +426,26 @@ def _distill(args) -> int:
                            checkpoint_every=args.checkpoint_every,
                            num_threads=args.threads, progress=not args.no_progress, device=args.device,
                            deterministic=args.deterministic, grad_checkpoint=args.grad_checkpoint)
+    if not args.force:
+        _refuse_distillation_if_it_cannot_fit(args.checkpoint, config)
     print(f"student: {distill_generator(args.checkpoint, args.manifest, args.out, config)}")
     return 0
+
+
+def _refuse_distillation_if_it_cannot_fit(checkpoint: str, config) -> None:
+    """As _refuse_if_it_cannot_fit, for a round's student training step (fp32, checkpointed where
+    --grad-checkpoint); the teacher's fp32 weights beside it are not counted (0.22 GiB at paper-brats)."""
+    from core.device import resolve_device
+    from core.errors import ConfigError
+
+    from .checkpoint import load_generator, resolve_generator
+    from .costs import memory_refusal
+    from .distill import round_config
+
+    teacher = resolve_generator(checkpoint)
+    _, teacher_cfg, _ = load_generator(teacher)
+    cfg = round_config(teacher_cfg, teacher, config)
+    why = memory_refusal(cfg, resolve_device(config.device), train=True, grad_checkpoint=config.grad_checkpoint,
+                         fp32_only=True, step_name="a distillation step of the student")
+    if why:
+        raise ConfigError(why, kind="out-of-memory")

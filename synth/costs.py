@@ -322,10 +322,13 @@ def _quick_upper_bound(cfg: MedDDPMConfig, train: bool, batch: int) -> float:
 
 
 def memory_refusal(cfg: MedDDPMConfig, device, *, train: bool, half_precision: bool = False,
-                   grad_checkpoint: bool = False, batch: int | None = None) -> str | None:
+                   grad_checkpoint: bool = False, batch: int | None = None, fp32_only: bool = False,
+                   step_name: str = "a training step") -> str | None:
     """None when the plan predicts that the run fits ``device``'s memory (device_memory); else one line with the
     prediction, the device's memory and the choices that would fit (precision, checkpointing, batch). ``train``:
-    a training step at cfg.batch_size (batch: micro-batch), else one sampling network evaluation of ``batch``."""
+    a training step at cfg.batch_size (batch: micro-batch), else one sampling network evaluation of ``batch``.
+    fp32_only: a run with no precision choice (`medddpm distill`), so no bf16 is proposed; ``step_name`` names
+    its step."""
     batch = batch or (cfg.batch_size if train else 1)
     limit, what = device_memory(device)
     if _quick_upper_bound(cfg, train, batch) <= limit:
@@ -342,7 +345,7 @@ def memory_refusal(cfg: MedDDPMConfig, device, *, train: bool, half_precision: b
     options = []
     batches = sorted({b for b in (batch, 2, 1) if b <= batch}, reverse=True)
     if train:
-        for half in ((False, True) if dev == "cuda" else (False,)):
+        for half in ((False, True) if dev == "cuda" and not fp32_only else (False,)):
             for ckpt in (False, True):
                 for b in batches:
                     if (half, ckpt, b) != (half_precision, grad_checkpoint, batch) and peak(half, ckpt, b) <= limit:
@@ -357,7 +360,7 @@ def memory_refusal(cfg: MedDDPMConfig, device, *, train: bool, half_precision: b
             if peak(False, False, b) <= limit:
                 options.append(f"--batch-size {b} ({peak(False, False, b) / 2 ** 30:.2f} GiB)")
                 break
-    run = (f"a training step ({'bf16' if half_precision else 'fp32'}"
+    run = (f"{step_name} ({'bf16' if half_precision else 'fp32'}"
            f"{', checkpointing' if grad_checkpoint else ''}, batch {batch})" if train
            else f"a sampling network evaluation (batch {batch})")
     fits = "; ".join(options) if options else "none of precision, checkpointing or batch (a larger device)"

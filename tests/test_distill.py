@@ -240,7 +240,7 @@ def test_grad_checkpoint_is_the_same_distillation_step_in_less_memory(tmp_path, 
         return out
 
     monkeypatch.setattr("synth.distill.distill_generator", distill_generator)
-    argv = ["distill", "--checkpoint", "t", "--manifest", "m", "--out", "o", "--steps", "1"]
+    argv = ["distill", "--checkpoint", "t", "--manifest", "m", "--out", "o", "--steps", "1", "--force"]  # no memory check
     for flag in ([], ["--grad-checkpoint"]):
         args = build_parser().parse_args(argv + flag)
         assert args.func(args) == 0
@@ -329,3 +329,36 @@ def test_l1_loss_counts_the_absolute_error_with_the_square_root_of_l2s_snr_weigh
     assert DistillConfig(steps=2, teacher_steps=8).identity()["loss"] == "l2"  # Salimans & Ho's, the default
     with pytest.raises(ConfigError, match="--loss 'huber'"):
         DistillConfig(steps=2, teacher_steps=8, loss="huber").rounds()
+
+
+def test_distill_stops_before_starting_when_the_students_step_cannot_fit_and_force_runs_it(teacher, monkeypatch,
+                                                                                          capsys, tmp_path):
+    """As `medddpm train`: the plan's memory model checks a round's student training step (fp32, checkpointed
+    with --grad-checkpoint) before any work; the one-line refusal names the device's memory and proposes only what
+    distill can change (checkpointing, batch: never bf16), and --force runs it anyway."""
+    import synth.costs as costs
+    import synth.distill
+    from medddpm.cli import main
+
+    started = []
+    monkeypatch.setattr(synth.distill, "distill_generator", lambda *a, **k: started.append(a) or tmp_path / "s")
+    argv = ["distill", "--checkpoint", str(teacher), "--manifest", str(tmp_path / "m.csv"), "--out",
+            str(tmp_path / "out"), "--steps", "1", "--teacher-steps", "4", "--device", "cpu"]
+    assert main(argv) == 0 and len(started) == 1  # this machine's memory fits the tiny student by far
+    # between the fp32 step's prediction and the checkpointed one's: --grad-checkpoint is the way out
+    cfg = synth.distill.round_config(load_generator(teacher)[1], teacher, DistillConfig(steps=1, teacher_steps=4))
+    plain = costs.predicted_peak_bytes(cfg, device_type="cpu")
+    ckpt = costs.predicted_peak_bytes(cfg, grad_checkpoint=True, device_type="cpu")
+    monkeypatch.setattr(costs, "device_memory", lambda device: ((plain + ckpt) / 2, "available RAM"))
+    monkeypatch.setattr(costs, "_quick_upper_bound", lambda *a: float("inf"))
+    assert main(argv) == 2 and len(started) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a distillation step of the student (fp32" in err and "--force" in err
+    assert "--grad-checkpoint (" in err and "bf16" not in err, err
+    assert main([*argv, "--grad-checkpoint"]) == 0 and len(started) == 2
+    assert main([*argv, "--force"]) == 0 and len(started) == 3
+    half = costs.predicted_peak_bytes(cfg, half_precision=True, device_type="cuda")
+    full = costs.predicted_peak_bytes(cfg, device_type="cuda")
+    monkeypatch.setattr(costs, "device_memory", lambda device: ((half + full) / 2, "the GPU's memory"))
+    on_gpu = [costs.memory_refusal(cfg, torch.device("cuda"), train=True, fp32_only=only) for only in (True, False)]
+    assert "bf16" not in on_gpu[0] and "--precision bf16" in on_gpu[1], on_gpu  # train may propose it, distill not
