@@ -251,6 +251,9 @@ def _check_settings(out: Path, identity: dict) -> None:
     path = out / SETTINGS_FILE
     if path.exists():
         old = json.loads(path.read_text())
+        # a setting added after the folder was made (e.g. loss) reads as its default there, so older runs resume
+        fields = DistillConfig.__dataclass_fields__
+        old = {**{k: v for k, v in identity.items() if k in fields and v == fields[k].default}, **old}
         if old != identity:
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             raise InputError(path, f"this folder holds a distillation with other settings ({', '.join(diff)}); "

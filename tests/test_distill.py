@@ -362,3 +362,19 @@ def test_distill_stops_before_starting_when_the_students_step_cannot_fit_and_for
     monkeypatch.setattr(costs, "device_memory", lambda device: ((half + full) / 2, "the GPU's memory"))
     on_gpu = [costs.memory_refusal(cfg, torch.device("cuda"), train=True, fp32_only=only) for only in (True, False)]
     assert "bf16" not in on_gpu[0] and "--precision bf16" in on_gpu[1], on_gpu  # train may propose it, distill not
+
+
+def test_a_folder_made_before_a_setting_existed_resumes_at_its_default_only(tmp_path):
+    """distill_settings.json written before --loss existed (no "loss" key) still resumes with the default l2, and a
+    run asking for l1 there is refused, naming the setting."""
+    from synth.distill import SETTINGS_FILE, _check_settings
+
+    identity = {"method": "progressive-distillation", **DistillConfig(steps=2, teacher_steps=8).identity()}
+    older = {k: v for k, v in identity.items() if k != "loss"}
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(older))
+    _check_settings(tmp_path, identity)
+    l1 = {"method": "progressive-distillation", **DistillConfig(steps=2, teacher_steps=8, loss="l1").identity()}
+    with pytest.raises(InputError, match=r"other settings \(loss\)"):
+        _check_settings(tmp_path, l1)
+    with pytest.raises(InputError, match=r"other settings \(lr\)"):
+        _check_settings(tmp_path, {**identity, "lr": 1.0})
