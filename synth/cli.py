@@ -309,23 +309,32 @@ def _refuse_if_it_cannot_fit(config, profile: str, overrides: dict) -> None:
         raise ConfigError(why, kind="out-of-memory")
 
 
-def _refuse_sampling_if_it_cannot_fit(checkpoint: str, device_name: str, batch: int) -> None:
-    """As _refuse_if_it_cannot_fit, for one sampling network evaluation of ``batch`` volumes (fp32)."""
+def _generator_config(checkpoint: str):
+    """The MedDDPMConfig in a generator's metadata, without loading its weights; None for an unreadable generator
+    (the run itself then names the file and the problem)."""
     import json
 
     from safetensors import safe_open
 
-    from core.device import resolve_device
-    from core.errors import ConfigError
-
     from .checkpoint import resolve_generator
     from .config import MedDDPMConfig
-    from .costs import memory_refusal
 
     try:
         with safe_open(str(resolve_generator(checkpoint)), framework="pt") as f:
-            cfg = MedDDPMConfig.from_dict(json.loads((f.metadata() or {})["config"]))
-    except Exception:  # an unreadable generator: synthesize_cohort names the file and the problem
+            return MedDDPMConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+    except Exception:
+        return None
+
+
+def _refuse_sampling_if_it_cannot_fit(checkpoint: str, device_name: str, batch: int) -> None:
+    """As _refuse_if_it_cannot_fit, for one sampling network evaluation of ``batch`` volumes (fp32)."""
+    from core.device import resolve_device
+    from core.errors import ConfigError
+
+    from .costs import memory_refusal
+
+    cfg = _generator_config(checkpoint)
+    if cfg is None:
         return
     why = memory_refusal(cfg, resolve_device(device_name), train=False, batch=batch)
     if why:
@@ -438,13 +447,14 @@ def _refuse_distillation_if_it_cannot_fit(checkpoint: str, config) -> None:
     from core.device import resolve_device
     from core.errors import ConfigError
 
-    from .checkpoint import load_generator, resolve_generator
+    from .checkpoint import resolve_generator
     from .costs import memory_refusal
     from .distill import round_config
 
-    teacher = resolve_generator(checkpoint)
-    _, teacher_cfg, _ = load_generator(teacher)
-    cfg = round_config(teacher_cfg, teacher, config)
+    teacher_cfg = _generator_config(checkpoint)  # its metadata only: distill_generator loads the weights
+    if teacher_cfg is None:
+        return
+    cfg = round_config(teacher_cfg, resolve_generator(checkpoint), config)
     why = memory_refusal(cfg, resolve_device(config.device), train=True, grad_checkpoint=config.grad_checkpoint,
                          fp32_only=True, step_name="a distillation step of the student")
     if why:
