@@ -24,11 +24,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The default cohort is built first and checked against data_manifest.csv (every file's sha256), so a machine that
 # makes other data stops within a minute, not after the training; the study then reuses the built cohort.
 # build-phantom's defaults are the study's (tests/test_phantom.py checks that).
-# SAMPLER=distilled: the study samples with the shipped distilled student (synth/shipped.py) instead of training one.
+# SAMPLER=distilled: the study samples with a shipped distilled student (synth/shipped.py) instead of training one:
+# the 2-step one, or with STEPS=4 the 4-step one. STEPS is the study's --steps (any sampler).
 study: $(VENV)/.installed
 	$(VENV)/bin/medddpm build-phantom --out $(STUDY_DIR)/cohort
 	$(VENV)/bin/medddpm validate $(STUDY_DIR)/cohort/data_manifest.csv --against data_manifest.csv
-	$(VENV)/bin/medddpm study --out $(STUDY_DIR) $(if $(SAMPLER),--sampler $(SAMPLER))
+	$(VENV)/bin/medddpm study --out $(STUDY_DIR) $(if $(SAMPLER),--sampler $(SAMPLER)) $(if $(STEPS),--steps $(STEPS))
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -110,7 +110,9 @@ def register(subparsers) -> None:
     p.add_argument("--sampler", help=f"synthesis sampler (default {defaults.SAMPLER}); distilled: --checkpoint is a "
                                      "student of `medddpm distill`, used as is (not fine-tuned) at its own steps")
     p.add_argument("--steps", dest="sampling_steps", type=int, help=f"sampling steps (default {defaults.STEPS}; "
-                                                                     "with --sampler distilled the student's own)")
+                                                                     "with --sampler distilled the student's own, "
+                                                                     "and with no --checkpoint which shipped student: "
+                                                                     "demo ships 2 (default) and 4)")
     p.add_argument("--parallel", type=int, help="segmenter trainings at once in threads (default: at tiny/demo on "
                                                        "the CPU enough to keep every core busy, e.g. 3 for 9 "
                                                        "trainings on 2 cores; otherwise 2)")

@@ -22,7 +22,7 @@ from core.errors import InputError, ConfigError
 from core.identity import content_hash
 from synth.defaults import SAMPLER, STEPS
 from synth.schedulers import DISTILLED
-from synth.shipped import checked_shipped_file, is_shipped_file, shipped_student_path
+from synth.shipped import DEFAULT_STUDENT_STEPS, checked_shipped_file, is_shipped_file, shipped_student_path
 
 from .mixes import DEFAULT_MIXES, Mix, SynthesisPlan, parse_mixes
 
@@ -91,11 +91,14 @@ class StudyParams:
             raise ConfigError(f"holdout_masks must be 0 (none) or more, got {self.holdout_masks}")
         if not self.backends or not self.seeds:
             raise ConfigError("backends and seeds must each name at least one value")
-        shipped_student = shipped_student_path(self.profile)
-        if self.sampler == DISTILLED and not self.medddpm_checkpoint and shipped_student:
-            # the profile's shipped student (synth.shipped), used as is: named here so that the study's key, record
-            # and report name the file; check_generator_choice checks it against its card before any work
-            set_("medddpm_checkpoint", str(shipped_student))
+        if self.sampler == DISTILLED and not self.medddpm_checkpoint:
+            # the profile's shipped student of sampling_steps steps (the default 25 reads as "the default student"),
+            # used as is: named here so that the study's key, record and report name the file;
+            # check_generator_choice checks it against its card before any work
+            steps = DEFAULT_STUDENT_STEPS if self.sampling_steps == STEPS else int(self.sampling_steps)
+            shipped_student = shipped_student_path(self.profile, steps)
+            if shipped_student:
+                set_("medddpm_checkpoint", str(shipped_student))
         if self.sampler == DISTILLED and not self.medddpm_checkpoint:
             # a study's own generator is trained or fine-tuned with the denoising loss: never a student
             raise ConfigError(f"sampler {DISTILLED!r} samples a student made by `medddpm distill` (profile "

@@ -19,7 +19,9 @@ uses it because synth.shipped.SHIPPED_STUDENTS lists it (a new student needs tha
 
 Time (measured 2026-12-06, shared 2-core Intel Xeon VM; docs/benchmarks.md#distill): the defaults (DDIM-8 teacher,
 2 rounds x 1500 steps, l1, N = 2) took 28 min 27 s wall on 1 thread beside benchmarks on the other core, rounds
-862.5 s and 835.1 s, peak RSS 1.33 GiB; --steps 4 is its first round alone.
+862.5 s and 835.1 s, peak RSS 1.33 GiB. --steps 4 is its first round alone, the same weights (the shipped
+4-step student: 15 min 20 s wall, round 907.1 s, peak RSS 1.33 GiB, on 1 thread beside a distillation on the other
+core, 2026-12-06).
 """
 from __future__ import annotations
 

@@ -22,10 +22,14 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
 # outside the installed package: scripts/demo_generator_chain/; docs/decisions/0008-shipped-demo-generator.md).
 # Only these files are package data (pyproject.toml).
 SHIPPED = {"demo": "demo-phantom-v4.safetensors"}
-# cohort profile -> the distilled student of its shipped generator (scripts/distill_demo_generator.py: progressive
-# distillation, sampled with --sampler distilled at its own steps; docs/decisions/0019-distillation.md). A study with
-# sampler "distilled" and no checkpoint uses it as is (flows.plan.StudyParams).
-SHIPPED_STUDENTS = {"demo": "demo-phantom-v4-distilled-2.safetensors"}
+# cohort profile -> {steps: the distilled student of its shipped generator} (scripts/distill_demo_generator.py:
+# progressive distillation, sampled with --sampler distilled at its own steps; docs/decisions/0019-distillation.md).
+# A study with sampler "distilled" and no checkpoint uses one as is (flows.plan.StudyParams): the one its sampling
+# steps name, else DEFAULT_STUDENT_STEPS's. Two ship because neither meets every target: the 2-step one is the faster,
+# the 4-step one (the 2-step one's first round) the one whose gate and fidelity match DDIM-10's (benchmarks.md#distill).
+SHIPPED_STUDENTS = {"demo": {2: "demo-phantom-v4-distilled-2.safetensors",
+                             4: "demo-phantom-v4-distilled-4.safetensors"}}
+DEFAULT_STUDENT_STEPS = 2
 # the phantom cohort the demo generator was pre-trained on: not the study's (cohort seed 0)
 PRETRAIN_COHORT = dict(n_cases=160, seed=1000, profile="demo")
 # fine-tuning on a study's cases: short, low learning rate, EMA from the start (the pre-trained weights are
@@ -40,11 +44,23 @@ def shipped_generator(profile: str) -> Path | None:
     return None if name is None else checked_shipped_file(SHIPPED_DIR / name)
 
 
-def shipped_student_path(profile: str) -> Path | None:
-    """Where the shipped distilled student of a profile lies (None if none ships); plain data, no disk read: the
-    study's parameters name it, ``checked_shipped_file`` checks it before use."""
-    name = SHIPPED_STUDENTS.get(profile)
-    return None if name is None else SHIPPED_DIR / name
+def shipped_student_path(profile: str, steps: int = DEFAULT_STUDENT_STEPS) -> Path | None:
+    """Where the shipped ``steps``-step distilled student of a profile lies (None if the profile ships no student);
+    plain data, no disk read: the study's parameters name it, ``checked_shipped_file`` checks it before use. A step
+    count the profile ships no student of is a ConfigError listing those it ships."""
+    students = SHIPPED_STUDENTS.get(profile)
+    if students is None:
+        return None
+    if steps not in students:
+        raise ConfigError(f"profile {profile!r} ships distilled students of {', '.join(map(str, sorted(students)))} "
+                          f"steps, not {steps} (make another with `medddpm distill --steps {steps}`, then pass it "
+                          "as the checkpoint)")
+    return SHIPPED_DIR / students[steps]
+
+
+def shipped_files() -> list[str]:
+    """The file names of every shipped generator and student (the package data, with their cards)."""
+    return [*SHIPPED.values(), *(name for students in SHIPPED_STUDENTS.values() for name in students.values())]
 
 
 def is_shipped_file(path: str | Path) -> bool:

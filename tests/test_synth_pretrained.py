@@ -57,8 +57,9 @@ def test_only_the_shipped_generators_and_their_cards_are_package_data():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     data = pyproject["tool"]["setuptools"]["package-data"]
     folder = shipped.SHIPPED_DIR.name
-    want = {f"{folder}/{name}" for gen in (*shipped.SHIPPED.values(), *shipped.SHIPPED_STUDENTS.values())
+    want = {f"{folder}/{name}" for gen in shipped.shipped_files()
             for name in (gen, Path(gen).with_suffix(".json").name)}
+    assert len(shipped.shipped_files()) == 3  # the demo generator and its 2- and 4-step students
     want.add(f"{folder}/{RANGES_FILE}")  # the quality gate's ranges of the shipped files (a student is used as is)
     assert set(data) == {"synth"} and set(data["synth"]) == want
     assert all((shipped.SHIPPED_DIR.parent / f).is_file() for f in want)
@@ -104,17 +105,29 @@ def test_the_study_fine_tunes_the_shipped_generator_where_one_ships():
         shipped.fine_tune_config("paper-brats", "x.safetensors")
 
 
-def test_the_shipped_demo_student_matches_its_card_and_names_the_shipped_generator_as_teacher():
+@pytest.mark.parametrize("steps", [2, 4])
+def test_each_shipped_demo_student_matches_its_card_and_names_the_shipped_generator_as_teacher(steps):
     from synth.distill import read_student_card
 
-    path = shipped.checked_shipped_file(shipped.shipped_student_path("demo"))
+    path = shipped.checked_shipped_file(shipped.shipped_student_path("demo", steps))
     card = json.loads(path.with_suffix(".json").read_text())
     teacher_card = json.loads(shipped.shipped_generator("demo").with_suffix(".json").read_text())
     meta_card = read_student_card(path)  # the card in the file's metadata, which synthesis reads
     assert meta_card["teacher_sha256"] == card["teacher_sha256"] == teacher_card["sha256"]
-    assert meta_card["student_steps"] == card["student_steps"] == 2 and card["sampler"] == "distilled-2"
+    assert meta_card["student_steps"] == card["student_steps"] == steps and card["sampler"] == f"distilled-{steps}"
     assert sha256_file(shipped.SHIPPED_DIR / card["gate_ranges"]) == card["gate_ranges_sha256"]
     assert shipped.shipped_student_path("tiny") is None
+
+
+def test_the_shipped_4_step_student_is_the_2_step_students_first_round():
+    """The same recipe and seed (scripts/distill_demo_generator.py): the 4-step student's weights are those the
+    2-step student's second round started from, so the two are one distillation stopped at two points. Checked
+    through the cards: the same teacher, settings but the steps, and training cases."""
+    cards = {n: json.loads(shipped.shipped_student_path("demo", n).with_suffix(".json").read_text()) for n in (2, 4)}
+    for key in ("teacher_sha256", "training_cases_hash", "method", "teacher_steps"):
+        assert cards[2][key] == cards[4][key], key
+    settings = {n: {k: v for k, v in cards[n]["settings"].items() if k != "steps"} for n in (2, 4)}
+    assert settings[2] == settings[4]
 
 
 def test_a_study_with_sampler_distilled_and_no_checkpoint_uses_the_shipped_student(tmp_path, monkeypatch):
@@ -125,6 +138,16 @@ def test_a_study_with_sampler_distilled_and_no_checkpoint_uses_the_shipped_stude
     check_generator_choice(params)  # the shipped bytes match their card, and it is a student
     with pytest.raises(ConfigError, match="ships none"):
         StudyParams(profile="tiny", sampler="distilled")
+    # --steps picks among the shipped students; the default 25 reads as the default student, a count none has is
+    # refused with those that ship
+    four = StudyParams(profile="demo", sampler="distilled", sampling_steps=4)
+    assert four.medddpm_checkpoint == str(shipped.shipped_student_path("demo", 4)) != params.medddpm_checkpoint
+    check_generator_choice(four)
+    assert four.study_key != params.study_key
+    assert StudyParams(profile="demo", sampler="distilled", sampling_steps=2).medddpm_checkpoint == \
+        params.medddpm_checkpoint
+    with pytest.raises(ConfigError, match="ships distilled students of 2, 4 steps, not 8"):
+        StudyParams(profile="demo", sampler="distilled", sampling_steps=8)
     # a changed shipped student is refused before any work, naming the file
     src = shipped.shipped_student_path("demo")
     monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path)
