@@ -406,6 +406,9 @@ def _add_distill(subparsers) -> None:
     d.add_argument("--loss", default=DistillConfig.loss, choices=DISTILL_LOSSES,
                    help=f"l2: squared error (Salimans & Ho); l1: absolute error, whose students keep the background "
                         f"at -1 where l2's lift it (decisions/0019) (default {DistillConfig.loss})")
+    d.add_argument("--clamp-aware", action="store_true",
+                   help="where the teacher's target x0 lies on the clamp bound (air at -1), count only the student's "
+                        "error inside the bound: the sampler clamps x0, so an error beyond it is none (decisions/0019)")
     d.add_argument("--batch-size", type=int, help="volumes per micro-batch (default: the teacher's)")
     d.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the teacher's)")
     d.add_argument("--ema-decay", type=float, default=DistillConfig.ema_decay, help="EMA decay of each student")
@@ -430,7 +433,8 @@ def _distill(args) -> int:
 
     config = DistillConfig(steps=args.steps, teacher_steps=args.teacher_steps, round_steps=args.round_steps,
                            lr=args.lr, lr_min=args.lr_min, warmup_steps=args.warmup_steps,
-                           tumour_weight=args.tumour_weight, loss=args.loss, batch_size=args.batch_size,
+                           tumour_weight=args.tumour_weight, loss=args.loss, clamp_aware=args.clamp_aware,
+                           batch_size=args.batch_size,
                            grad_accum=args.grad_accum, ema_decay=args.ema_decay, seed=args.seed,
                            checkpoint_every=args.checkpoint_every,
                            num_threads=args.threads, progress=not args.no_progress, device=args.device,

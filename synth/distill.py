@@ -79,6 +79,7 @@ class DistillConfig:
     warmup_steps: int = 0                        # linear lr warm-up at the start of each round (fresh Adam state)
     tumour_weight: float = 1.0                   # a tumour voxel's squared error counts this many background's
     loss: str = "l2"                             # "l2" (Salimans & Ho) or "l1": DISTILL_LOSSES
+    clamp_aware: bool = False                    # only the error inside ±1 where x̃0 is on the bound: clamp_aware_x0
     batch_size: int | None = None                # None: the teacher's
     grad_accum: int | None = None
     ema_decay: float = 0.99                      # EMA from each round's first step
@@ -190,27 +191,45 @@ def tumour_voxel_weights(cond: torch.Tensor, condition: str, tumour_weight: floa
     return w / w.flatten(1).mean(1).view(-1, *([1] * (w.ndim - 1)))
 
 
+def clamp_aware_x0(x0_student: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:
+    """The student's x̂0 as its error should count where the target x̃0 lies on or beyond a bound of [-1, 1]: the
+    sampler clamps x̂0 there (ddim_update), so a prediction beyond that bound lands on it and is no error; one on the
+    inside counts in full. Elsewhere x̂0 itself. Why: where the truth is the bound (air, -1), the symmetric errors of
+    a plain l1/l2 student are cut on one side by the sampler's clamp and kept on the other, which lifts a region's
+    median off the bound; compared with the clamped target (x̃0 clamped), this error is zero only for a prediction
+    at or beyond it, so the student learns to err outside, where the clamp removes the error (decisions/0019)."""
+    low, high = x0_target <= -1.0, x0_target >= 1.0
+    return torch.where(low, x0_student.clamp(min=-1.0), torch.where(high, x0_student.clamp(max=1.0), x0_student))
+
+
 def distillation_loss(student, teacher, x0: torch.Tensor, cond: torch.Tensor, k: torch.Tensor, noise: torch.Tensor,
                       plan: RoundPlan, schedule: NoiseSchedule, prediction: str, snr_weight_floor: float | None,
                       channels_last: bool = False, voxel_weights: torch.Tensor | None = None,
-                      loss: str = "l2") -> torch.Tensor:
+                      loss: str = "l2", clamp_aware: bool = False) -> torch.Tensor:
     """The mean weighted squared (loss "l2") or absolute ("l1") error of the student's output at x_t (sample b at
     its step k[b]) against the output whose DDIM step lands on the teacher's two-step x_next. x0, noise: (B, C, ...);
     the chain in float64. voxel_weights: (B, 1, ...) per-voxel weights of the error (tumour_voxel_weights), None:
     all 1. The per-sample SNR weight is min_snr_weights' for that loss (l1: the square root of l2's).
     Why l1 exists: the teacher's steps clamp x̂0 to [-1, 1], so where the truth sits on the bound (air, -1) its
     targets are the truth plus the positive part of its errors; a student regressing to their mean (l2) lifts the
-    background, one regressing to their median (l1) does not (docs/decisions/0019)."""
+    background, one regressing to their median (l1) does not (docs/decisions/0019).
+    clamp_aware: the error is that of the student's x̂0 after clamp_aware_x0 (the student's output is turned to x̂0,
+    passed through it and turned back, so the error keeps its scale and SNR weight)."""
     triples = [plan.triple(int(kb)) for kb in k]
     a = [schedule.alpha_bar(t) for t, _, _ in triples]
     x0, noise = x0.double(), noise.to(x0.device).double()
     x_t = torch.cat([math.sqrt(a[b]) * x0[b:b + 1] + math.sqrt(1 - a[b]) * noise[b:b + 1] for b in range(len(a))])
     x_next = teacher_two_steps(teacher, x_t, cond, triples, schedule, prediction, channels_last)
-    target = torch.cat([output_target(x0_target(x_t[b:b + 1], x_next[b:b + 1], a[b],
-                                                schedule.alpha_bar(triples[b][2])), x_t[b:b + 1], a[b], prediction)
-                        for b in range(len(a))]).float()
+    x0_tilde = [x0_target(x_t[b:b + 1], x_next[b:b + 1], a[b], schedule.alpha_bar(triples[b][2]))
+                for b in range(len(a))]
     tt = torch.tensor([t for t, _, _ in triples], dtype=torch.long, device=x0.device)
     out = student(model_input(x_t.float(), cond, channels_last), tt).float()
+    if clamp_aware:  # the error in x0 through clamp_aware_x0, back in output units (the same scale as without)
+        out = torch.cat([output_target(clamp_aware_x0(convert_model_output(out[b:b + 1].double(), x_t[b:b + 1], a[b],
+                                                                           prediction)[1], x0_tilde[b]),
+                                       x_t[b:b + 1], a[b], prediction) for b in range(len(a))]).float()
+        x0_tilde = [x.clamp(-1.0, 1.0) for x in x0_tilde]
+    target = torch.cat([output_target(x0_tilde[b], x_t[b:b + 1], a[b], prediction) for b in range(len(a))]).float()
     err = (out - target).abs() if loss == "l1" else (out - target).pow(2)
     per_sample = (err if voxel_weights is None else err * voxel_weights).flatten(1).mean(1)
     if snr_weight_floor is None:  # the plain squared error of the output (ε or v)
@@ -291,7 +310,7 @@ def distill_generator(checkpoint: str | Path, manifest: str | Path, out_dir: str
             n //= 2
             cfg = round_config(teacher_cfg, current, config)
             current = _distil_round(cfg, _round_dir(out, r, n), RoundPlan.build(schedule.T, n), schedule, dataset,
-                                    cases_hash, device, ranks, config.tumour_weight)
+                                    cases_hash, device, ranks, config.tumour_weight, config.clamp_aware)
         student, cfg, meta = load_generator(current)
         # the student's config names the teacher it was distilled from (by sha256), not the last round's folder, so
         # its bytes do not depend on where --out lies; nor on --grad-checkpoint (memory only, the same weights: the
@@ -329,7 +348,7 @@ def _round_seconds(out: Path, rounds: int, config: DistillConfig) -> list[float]
 
 
 def _distil_round(cfg: MedDDPMConfig, out: Path, plan: RoundPlan, schedule: NoiseSchedule, dataset, cases_hash: str,
-                  device, ranks, tumour_weight: float = 1.0) -> Path:
+                  device, ranks, tumour_weight: float = 1.0, clamp_aware: bool = False) -> Path:
     """One halving round as a resumable training run of the student (synth.train's run and checkpoints)."""
     out.mkdir(parents=True, exist_ok=True)
     state = _resume_state(out, cfg, cases_hash)
@@ -339,14 +358,15 @@ def _distil_round(cfg: MedDDPMConfig, out: Path, plan: RoundPlan, schedule: Nois
     teacher = teacher.to(device).eval().requires_grad_(False)
     run = _setup(cfg, out, device, ranks, len(dataset), cases_hash, state)
     _train_steps(run, _batches(dataset, run),
-                 lambda run_, batches: _distillation_backward(run_, batches, teacher, plan, schedule, tumour_weight),
+                 lambda run_, batches: _distillation_backward(run_, batches, teacher, plan, schedule, tumour_weight,
+                                                              clamp_aware),
                  desc=f"distil {2 * plan.n}->{plan.n} steps", what="distillation")
     _finish(run)
     return out / GENERATOR_FILE
 
 
 def _distillation_backward(run: _Run, batches, teacher, plan: RoundPlan, schedule: NoiseSchedule,
-                           tumour_weight: float = 1.0) -> float:
+                           tumour_weight: float = 1.0, clamp_aware: bool = False) -> float:
     """The forward and backward passes of one distillation step (synth.train._train_steps runs the rest of the
     step): each micro-batch draws its student steps k, then its noise, from the run's generator (checkpointed: a
     resume continues them); returns the step's mean loss."""
@@ -360,7 +380,7 @@ def _distillation_backward(run: _Run, batches, teacher, plan: RoundPlan, schedul
         cond = cond.to(run.device)
         loss = distillation_loss(run.model, teacher, x0.to(run.device), cond, k, noise, plan, schedule,
                                  cfg.prediction, cfg.snr_weight_floor, cfg.channels_last,
-                                 tumour_voxel_weights(cond, cfg.condition, tumour_weight), cfg.loss)
+                                 tumour_voxel_weights(cond, cfg.condition, tumour_weight), cfg.loss, clamp_aware)
         (loss / cfg.grad_accum).backward()
         total += float(loss.detach()) / cfg.grad_accum
     return total

@@ -378,3 +378,46 @@ def test_a_folder_made_before_a_setting_existed_resumes_at_its_default_only(tmp_
         _check_settings(tmp_path, l1)
     with pytest.raises(InputError, match=r"other settings \(lr\)"):
         _check_settings(tmp_path, {**identity, "lr": 1.0})
+
+
+def test_clamp_aware_loss_counts_no_error_beyond_a_bound_the_target_sits_on():
+    """--clamp-aware: where the teacher's x̃0 lies on a bound of [-1, 1] (air at -1), a student x̂0 beyond that
+    bound is no error (the sampler clamps it onto the bound) and one inside it counts in full, with or without the
+    flag; where x̃0 lies inside, nothing changes. The teacher here predicts x̂0 = -1.5 everywhere, so its clamped
+    two-step chain ends at exactly -1 on the student's last step."""
+    from synth.distill import clamp_aware_x0
+
+    target = torch.tensor([-1.0, -1.0, 0.2, 0.2, 1.0, 1.0])
+    pred = torch.tensor([-1.3, -0.8, -1.3, 0.5, 1.2, 0.9])
+    assert torch.equal(clamp_aware_x0(pred, target), torch.tensor([-1.0, -0.8, -1.3, 0.5, 1.0, 0.9]))
+
+    schedule = NoiseSchedule.build(250)
+    plan = RoundPlan.build(250, 2)
+    a = schedule.alphas_cumprod.double()
+
+    def predicts_x0(c):  # a v-"network" whose x̂0 is c at every voxel and timestep
+        def net(inp, t):
+            at = a[t].view(-1, 1, 1, 1, 1)
+            return ((at.sqrt() * inp[:, :1].double() - c) / (1 - at).sqrt()).float()
+        return net
+
+    shape = (1, 1, 4, 4, 4)
+    x0, noise = torch.full(shape, -1.0), torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    cond, last = torch.zeros((1, 0, 4, 4, 4)), torch.tensor([plan.n - 1])
+
+    def loss(c, clamp_aware, kind="l1"):
+        return float(distillation_loss(predicts_x0(c), predicts_x0(-1.5), x0, cond, last, noise, plan, schedule, "v",
+                                       None, loss=kind, clamp_aware=clamp_aware))
+    t = plan.student_ts[-1]
+    unit = 1 / float((1 - a[t]).sqrt())  # |x̂0 error| in v units at the student's last step
+    assert loss(-1.3, False) == pytest.approx(0.3 * unit, rel=1e-4)
+    assert loss(-1.3, True) == pytest.approx(0.0, abs=1e-6)
+    assert loss(-0.8, True) == pytest.approx(loss(-0.8, False), rel=1e-6) == pytest.approx(0.2 * unit, rel=1e-4)
+    assert loss(-1.3, True, "l2") == pytest.approx(0.0, abs=1e-6) and loss(-1.3, False, "l2") > 0.05 * unit ** 2
+    # inside the bound (the first step's x̃0 is not at -1 here) the flag changes nothing
+    first = torch.tensor([0])
+    inside = [float(distillation_loss(predicts_x0(-0.5), predicts_x0(-0.9), x0, cond, first, noise, plan, schedule,
+                                      "v", None, loss="l1", clamp_aware=f)) for f in (False, True)]
+    assert inside[0] == pytest.approx(inside[1], rel=1e-6) and inside[0] > 0
+    assert DistillConfig(steps=2, teacher_steps=8, clamp_aware=True).identity()["clamp_aware"] is True
+    assert DistillConfig(steps=2, teacher_steps=8).identity()["clamp_aware"] is False
