@@ -97,17 +97,16 @@ class StudyParams:
             # check_generator_choice checks it against its card before any work
             steps = DEFAULT_STUDENT_STEPS if self.sampling_steps == STEPS else int(self.sampling_steps)
             shipped_student = shipped_student_path(self.profile, steps)
-            if shipped_student:
-                set_("medddpm_checkpoint", str(shipped_student))
-        if self.sampler == DISTILLED and not self.medddpm_checkpoint:
-            # a study's own generator is trained or fine-tuned with the denoising loss: never a student
-            raise ConfigError(f"sampler {DISTILLED!r} samples a student made by `medddpm distill` (profile "
-                              f"{self.profile!r} ships none): pass it as "
-                              "medddpm_checkpoint (--checkpoint STUDENT/generator.safetensors; used as is, not "
-                              "fine-tuned). To distil this study's generator, run the study with another sampler, "
-                              "then `medddpm distill --checkpoint STUDY/medddpm --manifest STUDY/cohort/"
-                              f"train_n{self.n_real}_seed{self.cohort_seed}.csv --steps N --out STUDENT` (the "
-                              "selected cases: the student then saw no other real case)")
+            if shipped_student is None:
+                # a study's own generator is trained or fine-tuned with the denoising loss: never a student
+                raise ConfigError(f"sampler {DISTILLED!r} samples a student made by `medddpm distill` (profile "
+                                  f"{self.profile!r} ships none): pass it as "
+                                  "medddpm_checkpoint (--checkpoint STUDENT/generator.safetensors; used as is, not "
+                                  "fine-tuned). To distil this study's generator, run the study with another "
+                                  "sampler, then `medddpm distill --checkpoint STUDY/medddpm --manifest STUDY/cohort/"
+                                  f"train_n{self.n_real}_seed{self.cohort_seed}.csv --steps N --out STUDENT` (the "
+                                  "selected cases: the student then saw no other real case)")
+            set_("medddpm_checkpoint", str(shipped_student))
 
     @classmethod
     def pick(cls, values: dict) -> "StudyParams":

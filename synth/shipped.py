@@ -58,11 +58,6 @@ def shipped_student_path(profile: str, steps: int = DEFAULT_STUDENT_STEPS) -> Pa
     return SHIPPED_DIR / students[steps]
 
 
-def shipped_files() -> list[str]:
-    """The file names of every shipped generator and student (the package data, with their cards)."""
-    return [*SHIPPED.values(), *(name for students in SHIPPED_STUDENTS.values() for name in students.values())]
-
-
 def is_shipped_file(path: str | Path) -> bool:
     return Path(path).resolve().parent == SHIPPED_DIR.resolve()
 

@@ -60,9 +60,10 @@ def test_only_the_shipped_generators_and_their_cards_are_package_data():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     data = pyproject["tool"]["setuptools"]["package-data"]
     folder = shipped.SHIPPED_DIR.name
-    want = {f"{folder}/{name}" for gen in shipped.shipped_files()
-            for name in (gen, Path(gen).with_suffix(".json").name)}
-    assert len(shipped.shipped_files()) == 3  # the demo generator and its 2- and 4-step students
+    files = [*shipped.SHIPPED.values(), *(name for students in shipped.SHIPPED_STUDENTS.values()
+                                          for name in students.values())]
+    assert len(files) == 3  # the demo generator and its 2- and 4-step students
+    want = {f"{folder}/{name}" for gen in files for name in (gen, Path(gen).with_suffix(".json").name)}
     want.add(f"{folder}/{RANGES_FILE}")  # the quality gate's ranges of the shipped files (a student is used as is)
     assert set(data) == {"synth"} and set(data["synth"]) == want
     assert all((shipped.SHIPPED_DIR.parent / f).is_file() for f in want)
