@@ -163,7 +163,7 @@ def sdedit(args) -> int:
     from eval.memorisation import brain_correlation
     from synth.checkpoint import load_generator
     from synth.data import load_items
-    from synth.schedulers import convert_model_output, make_sampler, run_sampler
+    from synth.schedulers import eps_from_output, make_sampler, run_sampler
 
     torch.set_num_threads(args.threads)
     selected = study_selection(default_study_cohort(args.work))
@@ -178,7 +178,7 @@ def sdedit(args) -> int:
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def eps_hat(x, t):  # ε̂ per case, from either parameterisation
-        return convert_model_output(_network_output(model, x, cond, t), x, alpha_bar(t), cfg.prediction)[0]
+        return eps_from_output(_network_output(model, x, cond, t), x, alpha_bar(t), cfg.prediction)
 
     results = {}
     print(f"{'t0':>4}  {'SNR':>8}  correlation with the real image inside the brain (8 cases): median  mean")

@@ -53,7 +53,7 @@ from .config import CONDITION_LABELS, MedDDPMConfig
 from .data import training_dataset, training_rows
 from .distributed import ranks_from_env
 from .schedulers import (DISTILLED, NoiseSchedule, convert_model_output, ddim_update, distilled_sampler,
-                         model_input, sampling_timesteps)
+                         eps_from_output, model_input, sampling_timesteps)
 from .train import (_Run, _batches, _finish, _resume_state, _setup, _train_steps, _write_run_files,
                     min_snr_weights, training_cases_hash)
 
@@ -148,7 +148,7 @@ def _eps(model, x: torch.Tensor, cond: torch.Tensor, ts: list[int], schedule: No
     """ε̂ of each sample b at its own timestep ts[b] (one batched network call, x's dtype), as sample() computes it."""
     tt = torch.tensor(ts, dtype=torch.long, device=x.device)
     out = model(model_input(x.float(), cond, channels_last), tt).to(x.dtype)
-    return torch.cat([convert_model_output(out[b:b + 1], x[b:b + 1], schedule.alpha_bar(t), prediction)[0]
+    return torch.cat([eps_from_output(out[b:b + 1], x[b:b + 1], schedule.alpha_bar(t), prediction)
                       for b, t in enumerate(ts)])
 
 

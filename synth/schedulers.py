@@ -111,11 +111,19 @@ def convert_model_output(output: torch.Tensor, x_t: torch.Tensor, a_t: float,
 
     a_t: ᾱ_t. prediction "epsilon": ε̂ = output, x̂0 = (x_t − √(1−ᾱ)·ε̂)/√ᾱ; "v" (v = √ᾱ·ε − √(1−ᾱ)·x0):
     ε̂ = √ᾱ·v̂ + √(1−ᾱ)·x_t, x̂0 = √ᾱ·x_t − √(1−ᾱ)·v̂. The one place the samplers and probes convert."""
+    eps = eps_from_output(output, x_t, a_t, prediction)
     if prediction == "epsilon":
-        return output, (x_t - math.sqrt(1 - a_t) * output) / math.sqrt(a_t)
+        return eps, (x_t - math.sqrt(1 - a_t) * output) / math.sqrt(a_t)
+    return eps, math.sqrt(a_t) * x_t - math.sqrt(1 - a_t) * output
+
+
+def eps_from_output(output: torch.Tensor, x_t: torch.Tensor, a_t: float, prediction: str = "epsilon") -> torch.Tensor:
+    """convert_model_output's ε̂ alone, for a sampler that makes its own (clamped) x̂0 from it: for "epsilon" the
+    output itself, with no x̂0 computed and thrown away (three passes over the batch at every step)."""
+    if prediction == "epsilon":
+        return output
     if prediction == "v":
-        return (math.sqrt(a_t) * output + math.sqrt(1 - a_t) * x_t,
-                math.sqrt(a_t) * x_t - math.sqrt(1 - a_t) * output)
+        return math.sqrt(a_t) * output + math.sqrt(1 - a_t) * x_t
     raise ConfigError(f"unknown prediction {prediction!r}; known {PREDICTIONS}")
 
 
@@ -322,7 +330,7 @@ def sample(model: torch.nn.Module, sampler: Sampler, condition: torch.Tensor, ou
         bar.update(1)
         tt = torch.full((x_t.shape[0],), int(t), dtype=torch.long, device=device)
         out = model(model_input(x_t.float(), cond, channels_last), tt).contiguous().to(x_t.dtype)
-        return convert_model_output(out, x_t, sampler.schedule.alpha_bar(t), prediction)[0]
+        return eps_from_output(out, x_t, sampler.schedule.alpha_bar(t), prediction)
 
     with no_tf32():
         x = run_sampler(denoise, x, sampler, steps, lambda: draw().to(x.dtype))

@@ -62,7 +62,7 @@ def test_held_out_denoising_loss_falls_with_training(trained, val_items):
 @pytest.mark.parametrize("a_t", [1e-4, 0.3, 0.999])
 def test_convert_model_output_recovers_eps_and_x0_from_either_prediction(a_t):
     from core.errors import ConfigError
-    from synth.schedulers import convert_model_output
+    from synth.schedulers import convert_model_output, eps_from_output
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(2, 3, 4, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
@@ -73,8 +73,11 @@ def test_convert_model_output_recovers_eps_and_x0_from_either_prediction(a_t):
         eps_hat, x0_hat = convert_model_output(output, x_t, a_t, prediction)
         torch.testing.assert_close(eps_hat, eps)
         torch.testing.assert_close(x0_hat, x0, atol=1e-8 / a_t ** 0.5, rtol=1e-7)  # ε's x̂0 divides by √ᾱ
-    with pytest.raises(ConfigError, match="unknown prediction"):
-        convert_model_output(eps, x_t, a_t, "x0")
+        assert torch.equal(eps_from_output(output, x_t, a_t, prediction), eps_hat)  # the samplers' ε̂, bit for bit
+    assert eps_from_output(eps, x_t, a_t, "epsilon") is eps  # nothing computed for an ε-network
+    for convert in (convert_model_output, eps_from_output):
+        with pytest.raises(ConfigError, match="unknown prediction"):
+            convert(eps, x_t, a_t, "x0")
 
 
 def _medians(x: np.ndarray, lab: np.ndarray, ch: int, v: int) -> float:
