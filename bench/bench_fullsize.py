@@ -14,6 +14,9 @@ Pipeline stages (--stages; the default runs them all, in this order, in --work):
   train            one Med-DDPM optimizer step (forward, loss, backward, Adam) at --grid, --precision,
                    --grad-checkpoint
   sample           one sampling network evaluation (fp32) at --grid, --sample-batch (a 2-step sampler is two)
+  distill          one distillation step (synth.distill.distillation_loss with DistillConfig's loss settings: the
+                   teacher's two DDIM steps without gradient, the student's forward and backward; Adam; EMA) at
+                   --grid, fp32, --grad-checkpoint; not in the default pipeline
   nnunet-plan      our nnU-Net back end (segment.nnunet_backend): export of two imported cases (one to train, one
                    to validate and predict) + nnU-Net's fingerprint, plan and 3d_fullres preprocessing
   nnunet-train     nnU-Net's own trainer with a budget of --nnunet-iters training iterations and one validation
@@ -24,8 +27,8 @@ Pipeline stages (--stages; the default runs them all, in this order, in --work):
   dice             Dice/HD95 (eval.segmentation) of nnU-Net's prediction against the label; of the label itself
                    when there is no prediction (a check of the evaluation's cost: Dice 1)
 
-Memory: on the CPU the peak RSS of the stage's process tree (sampled every 0.2 s); for train and sample the RSS
-rise over the step in the child (VmHWM after it minus the RSS before it, network and optimizer built; glibc's mmap
+Memory: on the CPU the peak RSS of the stage's process tree (sampled every 0.2 s); for train, sample and distill the RSS
+rise over the step in the child (VmHWM after it minus the RSS before it, networks and optimizer built; glibc's mmap
 threshold fixed so freed tensors leave the resident set), beside the plan's model of that rise
 (synth.costs.predicted_peak_bytes). On a GPU train/sample report torch.cuda.max_memory_allocated, and the nnU-Net
 stages that used the GPU report it beside their RSS. The plan predicts Med-DDPM training and sampling (calibrated,
@@ -67,7 +70,8 @@ def _grid(text: str) -> tuple[int, ...]:
 
 def measure(what: str, profile: str, grid: tuple[int, ...], batch: int, precision: str, checkpointing: bool,
             device_name: str) -> dict:
-    """One step in this process: what = "train" (optimizer step) or "sample" (one network evaluation)."""
+    """One step in this process: what = "train" (optimizer step), "sample" (one network evaluation) or "distill"
+    (one distillation step, _distill_step)."""
     import psutil
     import torch
 
@@ -76,6 +80,8 @@ def measure(what: str, profile: str, grid: tuple[int, ...], batch: int, precisio
     from synth.network import build_unet
 
     device = torch.device(device_name)
+    if what == "distill":
+        return _distill_step(get_config(profile).replace(grad_checkpoint=checkpointing), grid, batch, device)
     cfg = get_config(profile).replace(grad_checkpoint=checkpointing and what == "train")
     torch.manual_seed(0)
     net = build_unet(cfg).to(device).train(what == "train")
@@ -110,6 +116,56 @@ def measure(what: str, profile: str, grid: tuple[int, ...], batch: int, precisio
             "before_gib": before / GIB}
 
 
+def _distill_step(cfg, grid: tuple[int, ...], batch: int, device) -> dict:
+    """One step of `medddpm distill`'s round (first round, fp32) in this process: the teacher and the student (the
+    teacher's weights) and the student's EMA built, then the step's rise measured as measure()'s: the teacher's two
+    DDIM steps, the student's loss (DistillConfig's loss, clamp_aware and SNR floor), backward, Adam, the EMA update.
+    Random inputs: memory does not depend on the data."""
+    import psutil
+    import torch
+
+    from bench.harness import own_peak_rss_bytes
+    from synth.distill import DistillConfig, RoundPlan, distillation_loss, weight_floor
+    from synth.network import build_unet
+    from synth.schedulers import NoiseSchedule
+
+    dc = DistillConfig(steps=2)
+    torch.manual_seed(0)
+    teacher = build_unet(cfg.replace(grad_checkpoint=False)).to(device).eval().requires_grad_(False)
+    student = build_unet(cfg).to(device).train()
+    student.load_state_dict(teacher.state_dict())
+    ema = [q.detach().clone() for q in student.parameters()]
+    opt = torch.optim.Adam(student.parameters(), lr=1e-5)
+    schedule = NoiseSchedule.build(cfg.timesteps, cfg.schedule)
+    plan = RoundPlan.build(cfg.timesteps, dc.teacher_steps // 2)
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(batch, cfg.out_channels, *grid, generator=gen) * 2 - 1).to(device)
+    cond = (torch.rand(batch, cfg.in_channels - cfg.out_channels, *grid, generator=gen) > 0.5).float().to(device)
+    noise = torch.randn(batch, cfg.out_channels, *grid, generator=gen, dtype=torch.float64)
+    k = torch.zeros(batch, dtype=torch.long)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    loss = distillation_loss(student, teacher, x0, cond, k, noise, plan, schedule, cfg.prediction,
+                             weight_floor(dc.snr_weight_floor, cfg.prediction), cfg.channels_last, None, dc.loss,
+                             dc.clamp_aware)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [q.detach() for q in student.parameters()], 1 - dc.ema_decay)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = own_peak_rss_bytes()
+    return {"loss": float(loss), "seconds": time.perf_counter() - t0, "rise_gib": (peak - before) / GIB,
+            "before_gib": before / GIB}
+
+
 def predicted_gib(what: str, profile: str, grid: tuple[int, ...], batch: int, precision: str, checkpointing: bool,
                   device_type: str) -> float:
     """The plan's model of the step's rise above what is held before it (the weights):
@@ -118,6 +174,13 @@ def predicted_gib(what: str, profile: str, grid: tuple[int, ...], batch: int, pr
     from synth import costs
     from synth.config import get_config
 
+    if what == "distill":  # flows.costs._distillation_step less what is held before it (the weights and the EMA):
+        # the larger of the student's training step and the teacher's evaluation (Adam's state is made in the step)
+        cfg = get_config(profile)
+        return max(costs.predicted_step_rise_bytes(cfg, train=True, grad_checkpoint=checkpointing,
+                                                   device_type=device_type, batch=batch, grid=grid),
+                   costs.predicted_step_rise_bytes(cfg, train=False, device_type=device_type, batch=batch,
+                                                   grid=grid)) / GIB
     return costs.predicted_step_rise_bytes(get_config(profile), train=what == "train",
                                            half_precision=precision == "bf16", grad_checkpoint=checkpointing,
                                            device_type=device_type, batch=batch, grid=grid) / GIB
@@ -181,7 +244,7 @@ def run_watched(args: list[str], cap_gib: float, poll: float = 0.2, env: dict | 
 
 
 def row(what, profile, grid, batch, precision, ckpt, device, cap_gib) -> dict:
-    """One Med-DDPM step (train or sample) in a watched child, with the plan's prediction of its rise."""
+    """One Med-DDPM step (train, sample or distill) in a watched child, with the plan's prediction of its rise."""
     gtext = "x".join(map(str, grid))
     r = run_child([what, profile, gtext, str(batch), precision, str(int(ckpt)), device], cap_gib)
     pred = predicted_gib(what, profile, grid, batch, precision, ckpt, device.split(":")[0])
@@ -416,7 +479,7 @@ def _fmt_row(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--stages", nargs="+", default=list(PIPELINE), choices=(*PIPELINE, "fit"))
+    ap.add_argument("--stages", nargs="+", default=list(PIPELINE), choices=(*PIPELINE, "fit", "distill"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/medddpm-bench-fullsize"),
                     help="folder for the stages' files (each stage replaces its own outputs)")
     ap.add_argument("--source", type=Path, help="import these cases (any import-cohort layout) instead of the phantom")
@@ -465,6 +528,9 @@ def main(argv=None) -> int:
                                              a.cap_gib))
         elif stage == "train":
             step_rows.append(row("train", a.profile, _grid(a.grid), get_config(a.profile).batch_size, a.precision,
+                                 a.grad_checkpoint, a.device, a.cap_gib))
+        elif stage == "distill":
+            step_rows.append(row("distill", a.profile, _grid(a.grid), get_config(a.profile).batch_size, "fp32",
                                  a.grad_checkpoint, a.device, a.cap_gib))
         elif stage == "sample":
             step_rows.append(row("sample", a.profile, _grid(a.grid), a.sample_batch or defaults.BATCH_SIZE, "fp32",

@@ -39,11 +39,11 @@ def test_full_size_import_authors_weights_and_dice_rows(atlas_wheels, tmp_path, 
     from bench.bench_fullsize import main
 
     rows_file, work = tmp_path / "rows.jsonl", tmp_path / "work"
-    assert main(["--stages", "phantom", "import", "authors", "dice", "train", "--profile", "demo", "--grid",
+    assert main(["--stages", "phantom", "import", "authors", "dice", "train", "distill", "--profile", "demo", "--grid",
                  "32x32x32", "--phantom-cases", "2", "--work", str(work), "--json", str(rows_file),
                  "--cap-gib", "6"]) == 0
     rows = {r["stage"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
-    assert list(rows) == ["phantom", "import", "authors", "dice", "train"]
+    assert list(rows) == ["phantom", "import", "authors", "dice", "train", "distill"]
     for stage in ("phantom", "import", "authors", "dice"):
         r = rows[stage]
         assert "error" not in r, r
@@ -59,6 +59,10 @@ def test_full_size_import_authors_weights_and_dice_rows(atlas_wheels, tmp_path, 
     train = rows["train"]
     assert train["grid"] == "32x32x32" and train["rise_gib"] > 0
     assert 0.75 <= train["predicted_gib"] / train["rise_gib"] <= 1.25
+    # a distillation step (two teacher evaluations, the student's step, Adam, EMA): the plan's count of its rise
+    distill = rows["distill"]
+    assert "error" not in distill, distill
+    assert distill["rise_gib"] > 0 and 0.75 <= distill["predicted_gib"] / distill["rise_gib"] <= 1.25
     table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
     assert table[0].startswith("| stage | seconds | peak GiB (RSS) | plan GiB | plan / measured")
     assert sum("no prediction" in ln for ln in table) == 4
