@@ -5,8 +5,8 @@ code set) and non-zero voxel spacing, and the image it implies must fit under MA
 file (a lying header would otherwise make nibabel allocate whatever it claims). A .nii.gz file is read whole
 and decompressed in one call (faster than nibabel's streamed gzip read: docs/decisions/0011-nifti-read-whole-file.md),
 which also tells exactly how many bytes it holds. A .nii.gz file is written by ISA-L's gzip (``isal``) at level 1
-from the image's bytes in memory: about 10x faster than zlib on float volumes, the same size, and the same bytes on
-every x86-64 CPU we could test (docs/decisions/0021-nifti-write-isal-gzip.md).
+around the .nii bytes nibabel makes: 3-5x faster per file than nibabel's zlib save, about the same size, and the
+same bytes on each x86-64 CPU level we could test (docs/decisions/0021-nifti-write-isal-gzip.md).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from isal import igzip
 
 from core.errors import InputError
