@@ -72,10 +72,8 @@ def measure(what: str, profile: str, grid: tuple[int, ...], batch: int, precisio
             device_name: str) -> dict:
     """One step in this process: what = "train" (optimizer step), "sample" (one network evaluation) or "distill"
     (one distillation step, _distill_step)."""
-    import psutil
     import torch
 
-    from bench.harness import own_peak_rss_bytes
     from synth.config import get_config
     from synth.network import build_unet
 
@@ -89,6 +87,30 @@ def measure(what: str, profile: str, grid: tuple[int, ...], batch: int, precisio
     t = torch.arange(batch, device=device) * 37 + 5
     amp = precision == "bf16"
     opt = torch.optim.Adam(net.parameters(), lr=1e-5) if what == "train" else None
+
+    def step() -> dict:
+        if what == "train":
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = net(x, t)
+            loss = (out.float() - x[:, :cfg.out_channels]).abs().mean()
+            loss.backward()
+            opt.step()
+            return {"loss": float(loss)}
+        with torch.no_grad():
+            net(x, t)
+        return {}
+
+    return _measured_step(device, step)
+
+
+def _measured_step(device, step) -> dict:
+    """step()'s result with its seconds and the memory it raised above what was held before it: on a GPU
+    torch.cuda.max_memory_allocated over memory_allocated, on a CPU the RSS rise (VmHWM after minus RSS before)."""
+    import psutil
+    import torch
+
+    from bench.harness import own_peak_rss_bytes
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -96,17 +118,7 @@ def measure(what: str, profile: str, grid: tuple[int, ...], batch: int, precisio
     else:
         before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    if what == "train":
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = net(x, t)
-        loss = (out.float() - x[:, :cfg.out_channels]).abs().mean()
-        loss.backward()
-        opt.step()
-        result = {"loss": float(loss)}
-    else:
-        with torch.no_grad():
-            net(x, t)
-        result = {}
+    result = step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
@@ -118,13 +130,11 @@ def measure(what: str, profile: str, grid: tuple[int, ...], batch: int, precisio
 
 def _distill_step(cfg, grid: tuple[int, ...], batch: int, device) -> dict:
     """One step of `medddpm distill`'s round (first round, fp32) in this process: the teacher and the student (the
-    teacher's weights) and the student's EMA built, then the step's rise measured as measure()'s: the teacher's two
+    teacher's weights) and the student's EMA built, then the step's rise measured by _measured_step: the teacher's two
     DDIM steps, the student's loss (DistillConfig's loss, clamp_aware and SNR floor), backward, Adam, the EMA update.
     Random inputs: memory does not depend on the data."""
-    import psutil
     import torch
 
-    from bench.harness import own_peak_rss_bytes
     from synth.distill import DistillConfig, RoundPlan, distillation_loss, weight_floor
     from synth.network import build_unet
     from synth.schedulers import NoiseSchedule
@@ -143,27 +153,18 @@ def _distill_step(cfg, grid: tuple[int, ...], batch: int, device) -> dict:
     cond = (torch.rand(batch, cfg.in_channels - cfg.out_channels, *grid, generator=gen) > 0.5).float().to(device)
     noise = torch.randn(batch, cfg.out_channels, *grid, generator=gen, dtype=torch.float64)
     k = torch.zeros(batch, dtype=torch.long)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        before = psutil.Process().memory_info().rss
-    t0 = time.perf_counter()
-    loss = distillation_loss(student, teacher, x0, cond, k, noise, plan, schedule, cfg.prediction,
-                             weight_floor(dc.snr_weight_floor, cfg.prediction), cfg.channels_last, None, dc.loss,
-                             dc.clamp_aware)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        torch._foreach_lerp_(ema, [q.detach() for q in student.parameters()], 1 - dc.ema_decay)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = own_peak_rss_bytes()
-    return {"loss": float(loss), "seconds": time.perf_counter() - t0, "rise_gib": (peak - before) / GIB,
-            "before_gib": before / GIB}
+
+    def step() -> dict:
+        loss = distillation_loss(student, teacher, x0, cond, k, noise, plan, schedule, cfg.prediction,
+                                 weight_floor(dc.snr_weight_floor, cfg.prediction), cfg.channels_last, None, dc.loss,
+                                 dc.clamp_aware)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [q.detach() for q in student.parameters()], 1 - dc.ema_decay)
+        return {"loss": float(loss)}
+
+    return _measured_step(device, step)
 
 
 def predicted_gib(what: str, profile: str, grid: tuple[int, ...], batch: int, precision: str, checkpointing: bool,

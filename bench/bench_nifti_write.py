@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import time_calls
+from cohort.nifti import read_array, write_array
 
 
 def nibabel_save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
@@ -32,7 +33,7 @@ def nibabel_save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     return path
 
 
-def _time_writer(write, paths: list[Path], images: list[np.ndarray], affine, repeats: int, read_array):
+def _time_writer(write, paths: list[Path], images: list[np.ndarray], affine, repeats: int):
     """(min, median seconds per file, bytes of all files) of writing ``images`` to ``paths`` ``repeats`` times;
     checks that each file reads back as its array."""
     timing = time_calls(lambda: [write(p, a, affine) for p, a in zip(paths, images)], repeats)
@@ -47,7 +48,6 @@ def main(argv=None) -> int:
     ap.add_argument("--atlas", default="sri24")
     args = ap.parse_args(argv)
 
-    from cohort.nifti import read_array, write_array
     from cohort.phantom import profile_affine, simulate_case
     from cohort.profiles import get_profile
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             affine = profile_affine(profile)
             images = [np.asarray(case.images[m], dtype=np.float32) for m in profile.modalities]
             row = {name: _time_writer(write, [Path(tmp) / f"{profile_name}-{k}-{name.split()[0]}.nii.gz"
-                                              for k in range(len(images))], images, affine, args.repeats, read_array)
+                                              for k in range(len(images))], images, affine, args.repeats)
                    for name, write in writers.items()}
             (old_min, old_med, old_bytes), (new_min, new_med, new_bytes) = row.values()
             print(f"  {profile_name} {'x'.join(map(str, profile.shape))}:")
