@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             seconds["sampling alone"].append(time.perf_counter() - t0)
     timing = {k: Timing(tuple(v)) for k, v in seconds.items()}
     print(f"{args.count} volumes, {args.sampler} {args.steps} steps, {args.threads} threads, {args.repeats} repeats "
-          f"(network calls: {len(calls)}):")
+          f"(batches sampled: {len(calls)}):")
     for name, t in timing.items():
         print(f"  {name:18s} min {t.min:.3f} s  median {t.median:.3f} s  per volume min "
               f"{t.min / args.count * 1e3:.1f} ms  median {t.median / args.count * 1e3:.1f} ms")

@@ -4,9 +4,10 @@ Reading checks the header before any voxel is read: a header must give a usable 
 code set) and non-zero voxel spacing, and the image it implies must fit under MAX_IMAGE_BYTES and inside the
 file (a lying header would otherwise make nibabel allocate whatever it claims). A .nii.gz file is read whole
 and decompressed in one call (faster than nibabel's streamed gzip read: docs/decisions/0011-nifti-read-whole-file.md),
-which also tells exactly how many bytes it holds. A .nii.gz file is written by ISA-L's gzip (``isal``) at level 1
-around the .nii bytes nibabel makes: 3-5x faster per file than nibabel's zlib save, about the same size, and the
-same bytes on each x86-64 CPU level we could test (docs/decisions/0021-nifti-write-isal-gzip.md).
+which also tells exactly how many bytes it holds. Writing is nibabel's own (zlib level 1, no time stamp or file
+name in the gzip header), so a file's bytes, and a manifest's sha256 of it, follow from the array and the zlib
+Python is built with, not from the CPU: ISA-L's faster gzip was tried and withdrawn because CI's machine wrote other
+bytes than ours (docs/decisions/0021-nifti-write-isal-gzip.md).
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from isal import igzip
 
 from core.errors import InputError
-from core.fsutil import atomic_write_bytes
+from core.fsutil import atomic_path
 from .labels import ALLOWED_LABELS
 from .volume import Volume, spacing_of
 
@@ -27,8 +27,6 @@ from .volume import Volume, spacing_of
 MAX_IMAGE_BYTES = 2 * 1024 ** 3
 # deflate cannot expand data more than 1032:1, so a header claiming more than that is lying
 _MAX_DEFLATE_RATIO = 1032
-# what nibabel writes by default (zlib level 1); ISA-L's level 1 gives about the same size (decision 0021)
-GZIP_LEVEL = 1
 
 
 def _fmt_bytes(n: int) -> str:
@@ -147,9 +145,8 @@ def write_array(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    data = img.to_bytes()  # the single-file .nii nibabel's save would write
-    atomic_write_bytes(path, igzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
-                       if path.name.endswith(".gz") else data)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
     return path
 
 

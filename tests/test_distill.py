@@ -240,7 +240,7 @@ def test_grad_checkpoint_is_the_same_distillation_step_in_less_memory(tmp_path, 
         return out
 
     monkeypatch.setattr("synth.distill.distill_generator", distill_generator)
-    argv = ["distill", "--checkpoint", "t", "--manifest", "m", "--out", "o", "--steps", "1", "--force"]
+    argv = ["distill", "--checkpoint", "t", "--manifest", "m", "--out", str(tmp_path / "o"), "--steps", "1", "--force"]
     for flag in ([], ["--grad-checkpoint"]):
         args = build_parser().parse_args(argv + flag)
         assert args.func(args) == 0

@@ -481,7 +481,7 @@ def test_activation_checkpointing_gives_the_same_gradients_with_less_saved_memor
 @pytest.mark.parametrize("flag,want", [([], (5.0, 1.0)), (["--snr-weight-floor", "0.5"], (5.0, 0.5)),
                                        (["--snr-weight-floor", "none"], (5.0, None)),
                                        (["--min-snr-gamma", "none", "--snr-weight-floor", "none"], (None, None))])
-def test_cli_train_snr_weighting_can_be_set_or_removed(monkeypatch, flag, want):
+def test_cli_train_snr_weighting_can_be_set_or_removed(monkeypatch, tmp_path, flag, want):
     """`medddpm train --snr-weight-floor none` trains without the demo profile's floor (how v2's runs are
     reproduced, scripts/pretrain_demo_generator.py), `--min-snr-gamma none` without the weighting (v1's run); a
     number replaces the profile's value; no flag keeps it."""
@@ -491,12 +491,12 @@ def test_cli_train_snr_weighting_can_be_set_or_removed(monkeypatch, flag, want):
     seen = []
     monkeypatch.setattr(synth.train, "train_medddpm",
                         lambda manifest, profile, out, config: seen.append(config) or "generator.safetensors")
-    assert main(["train", "--manifest", "m.csv", "--out", "o", "--profile", "demo", *flag]) == 0
+    assert main(["train", "--manifest", "m.csv", "--out", str(tmp_path / "o"), "--profile", "demo", *flag]) == 0
     cfg = seen[0] if isinstance(seen[0], MedDDPMConfig) else get_config("demo", **seen[0])
     assert (cfg.min_snr_gamma, cfg.snr_weight_floor) == want and cfg.loss == "l2"
 
 
-def test_cli_train_sets_the_cosine_schedules_end(monkeypatch):
+def test_cli_train_sets_the_cosine_schedules_end(monkeypatch, tmp_path):
     """`--lr-min` reaches the config (v4's pre-training stage decays to 1e-5, scripts/pretrain_demo_generator.py);
     without it the profile's value stays."""
     import synth.train
@@ -505,7 +505,7 @@ def test_cli_train_sets_the_cosine_schedules_end(monkeypatch):
     seen = []
     monkeypatch.setattr(synth.train, "train_medddpm",
                         lambda manifest, profile, out, config: seen.append(config) or "generator.safetensors")
-    common = ["train", "--manifest", "m.csv", "--out", "o", "--profile", "demo", "--lr-schedule", "cosine"]
+    common = ["train", "--manifest", "m.csv", "--out", str(tmp_path / "o"), "--profile", "demo", "--lr-schedule", "cosine"]
     assert main([*common, "--lr-min", "1e-5"]) == 0 and main(common) == 0
     got = [get_config("demo", **c) for c in seen]
     assert got[0].lr_min == 1e-5 and got[1].lr_min == get_config("demo").lr_min != 1e-5

@@ -97,13 +97,13 @@ def test_the_bar_names_the_paper_profiles_budget_and_the_projection_scales_the_s
                                                                                                         budget)
 
 
-def test_cli_train_passes_the_preview_settings(monkeypatch):
+def test_cli_train_passes_the_preview_settings(monkeypatch, tmp_path):
     import synth.train
     from medddpm.cli import main
 
     seen = []
     monkeypatch.setattr(synth.train, "train_medddpm", lambda *a, **k: seen.append(k) or "generator.safetensors")
-    common = ["train", "--manifest", "m.csv", "--out", "o", "--profile", "tiny"]
+    common = ["train", "--manifest", "m.csv", "--out", str(tmp_path / "o"), "--profile", "tiny"]
     assert main([*common, "--preview-every", "50", "--preview-masks", "a,b", "--preview-steps", "4"]) == 0
     assert main(common) == 0
     assert seen[0]["preview"] == PreviewConfig(every=50, case_ids=("a", "b"), sampling_steps=4)
