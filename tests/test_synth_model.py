@@ -505,7 +505,8 @@ def test_cli_train_sets_the_cosine_schedules_end(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(synth.train, "train_medddpm",
                         lambda manifest, profile, out, config: seen.append(config) or "generator.safetensors")
-    common = ["train", "--manifest", "m.csv", "--out", str(tmp_path / "o"), "--profile", "demo", "--lr-schedule", "cosine"]
+    common = ["train", "--manifest", "m.csv", "--out", str(tmp_path / "o"), "--profile", "demo",
+              "--lr-schedule", "cosine"]
     assert main([*common, "--lr-min", "1e-5"]) == 0 and main(common) == 0
     got = [get_config("demo", **c) for c in seen]
     assert got[0].lr_min == 1e-5 and got[1].lr_min == get_config("demo").lr_min != 1e-5
