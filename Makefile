@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -c "import argparse; assert hasattr(argparse, 'BooleanOptionalAction'), 'stray argparse still installed'"
 	touch $@
 
-# The default cohort is built first and checked against data_manifest.csv (every file's sha256), so a machine that
+# The default cohort is built first and checked against data_manifest.csv (every file's sha256, or its NIfTI content
+# where this Python's zlib gzips to other bytes), so a machine that
 # makes other data stops within a minute, not after the training; the study then reuses the built cohort.
 # build-phantom's defaults are the study's (tests/test_phantom.py checks that).
 # SAMPLER=distilled: the study samples with a shipped distilled student (synth/shipped.py) instead of training one:

@@ -14,14 +14,18 @@ import pandas as pd
 
 from .case import Case
 from core.errors import InputError
-from core.fsutil import atomic_path, sha256_file
+from core.fsutil import atomic_path, sha256_bytes, sha256_file
 from .labels import MODALITIES
+from .nifti import nifti_bytes
 
 FILE_COLUMNS = (*MODALITIES, "label")
 HASH_COLUMNS = tuple(f"sha256_{c}" for c in FILE_COLUMNS)
 SYNTHETIC_COLUMNS = ("parent_case_id", "mask_edit", "generator_checkpoint", "sampler", "steps", "seed")
 COLUMNS = ("case_id", "cohort", "source", "split", *FILE_COLUMNS, "shape", "spacing", *HASH_COLUMNS,
            *SYNTHETIC_COLUMNS)
+# a reference manifest (the repository's data_manifest.csv) may also record each file's sha256 of its NIfTI content
+# (nifti_sha256_<file>: decompressed), so that the same data gzipped by another zlib is still recognised as the same
+NIFTI_HASH_COLUMNS = tuple(f"nifti_sha256_{c}" for c in FILE_COLUMNS)
 SOURCES = ("real", "synthetic", "mask")  # "mask": a conditioning mask without image (e.g. an edited mask)
 SPLITS = ("train", "val", "test")
 
@@ -183,14 +187,34 @@ def damaged_files(manifest_path: str | Path, df: pd.DataFrame | None = None,
     return out
 
 
-def check_same_cohort(manifest: str | Path, reference: str | Path) -> pd.DataFrame:
+def nifti_sha256(path: str | Path) -> str:
+    """sha256 of a NIfTI file's content (cohort.nifti.nifti_bytes): the same for the same header and voxels, whatever
+    gzip wrote them."""
+    return sha256_bytes(nifti_bytes(path))
+
+
+def with_nifti_hashes(manifest: str | Path) -> pd.DataFrame:
+    """The manifest with nifti_sha256_<file> beside each sha256_<file>: what a reference manifest records so that
+    check_same_cohort recognises the same data compressed by another zlib (scripts/write_reference_manifest.py)."""
+    df = load_manifest(manifest)
+    for c in FILE_COLUMNS:
+        df[f"nifti_sha256_{c}"] = [nifti_sha256(resolve(manifest, row[c])) if c in row_files(row) else pd.NA
+                                   for _, row in df.iterrows()]
+    return df.astype("string")
+
+
+def check_same_cohort(manifest: str | Path, reference: str | Path) -> list[Path]:
     """Refuse a manifest that does not describe the same data as ``reference`` (e.g. the repository's
     data_manifest.csv of the embedded default cohort): the same case ids and, per case, the same value in every
     column (files, their sha256, split, shape, ...). Row order does not matter. Only the recorded rows are
     compared; that the files still match their recorded sha256 is ``validate_manifest``'s check.
 
+    Where the reference also records a file's NIfTI content hash (NIFTI_HASH_COLUMNS) and the file's sha256 differs,
+    the file is decompressed and its content compared instead: gzip's bytes depend on the zlib Python is built with
+    (zlib-ng, as some Linux distributions ship, compresses to other bytes than zlib), the header and voxels do not.
+
     Raises InputError(manifest, ..., kind="cohort-mismatch") naming the first differing case (and file), with
-    what to do. Returns the manifest.
+    what to do. Returns the files that hold the reference's content in other gzip bytes (none with the same zlib).
     """
     manifest, reference = Path(manifest), Path(reference)
     df, ref = load_manifest(manifest), load_manifest(reference)
@@ -209,18 +233,27 @@ def check_same_cohort(manifest: str | Path, reference: str | Path) -> pd.DataFra
     if extra:
         raise mismatch(f"case {extra[0]} is not in the reference ({len(extra)} extra cases)")
     mine = df.set_index("case_id", drop=False).fillna("")
-    columns = list(ref.columns) + [c for c in df.columns if c not in ref.columns]
+    columns = [c for c in list(ref.columns) + [c for c in df.columns if c not in ref.columns]
+               if c not in NIFTI_HASH_COLUMNS]  # recorded by a reference only: compared below, by content
+    recompressed = []
     for _, want in ref.fillna("").iterrows():
         cid, got = want["case_id"], mine.loc[want["case_id"]]
         for c in columns:
             w, g = want.get(c, ""), got.get(c, "")
             if w == g:
                 continue
-            if c.startswith("sha256_"):
-                raise mismatch(f"case {cid}: file {got.get(c[len('sha256_'):], '')} has sha256 {g[:12]}…, "
-                               f"the reference {w[:12]}…")
-            raise mismatch(f"case {cid}: {c} is {g!r}, the reference {w!r}")
-    return df
+            if not c.startswith("sha256_"):
+                raise mismatch(f"case {cid}: {c} is {g!r}, the reference {w!r}")
+            key = c[len("sha256_"):]
+            problem = f"case {cid}: file {got.get(key, '')} has sha256 {g[:12]}…, the reference {w[:12]}…"
+            content = want.get(f"nifti_sha256_{key}", "")
+            if not content or not got.get(key, ""):
+                raise mismatch(problem)
+            path = resolve(manifest, got[key])
+            if nifti_sha256(path) != content:
+                raise mismatch(f"{problem}, and its NIfTI content (header or voxels) differs too")
+            recompressed.append(path)
+    return recompressed
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> None:

@@ -94,6 +94,20 @@ def _load(path: str | Path):
     return data, affine
 
 
+def nifti_bytes(path: str | Path) -> bytes:
+    """A NIfTI file's content, header and voxels: the file itself for a .nii, decompressed for a .nii.gz. Two files
+    with the same content can differ in their gzip bytes (another zlib, or another level); their content cannot."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file does not exist", kind="missing-file")
+    if not path.name.endswith(".gz"):
+        return path.read_bytes()
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (gzip.BadGzipFile, zlib.error, EOFError) as e:
+        raise InputError(path, f"unreadable or truncated file ({type(e).__name__}: {e})", kind="unreadable") from e
+
+
 def _check_finite(path, arr: np.ndarray, what: str = "") -> None:
     if not np.isfinite(arr).all():
         n_bad = int((~np.isfinite(arr)).sum())

@@ -157,7 +157,7 @@ def test_same_cohort_passes_and_names_the_first_difference(toy_cohort, tmp_path)
 
     reference = tmp_path / "reference.csv"  # like the repository's copy: no data beside it
     write_manifest(load_manifest(toy_cohort).sample(frac=1.0, random_state=1), reference)
-    assert check_same_cohort(toy_cohort, reference)["case_id"].tolist() == [f"toy_{i:03d}" for i in range(10)]
+    assert check_same_cohort(toy_cohort, reference) == []  # rows in another order: the same cohort, every byte
 
     changed = tmp_path / "changed.csv"
     df = load_manifest(reference)
@@ -175,6 +175,63 @@ def test_same_cohort_passes_and_names_the_first_difference(toy_cohort, tmp_path)
     df.loc[df["case_id"] == "toy_002", "split"] = "test"
     write_manifest(df, changed)
     assert "case toy_002: split is 'train', the reference 'test'" in _refused(toy_cohort, changed)
+
+
+def _recompressed_copy(cohort, dest, level=6):
+    """A copy of a cohort as a build with another zlib would leave it: every file the same NIfTI content in other
+    gzip bytes, and a manifest recording their own sha256."""
+    import gzip
+
+    from cohort.manifest import row_files, write_manifest
+
+    shutil.copytree(cohort.parent, dest.parent)
+    df = load_manifest(dest)
+    for i, row in df.iterrows():
+        for key, rel in row_files(row).items():
+            path = dest.parent / rel
+            path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=level, mtime=0))
+            df.loc[i, f"sha256_{key}"] = sha256_file(path)
+    write_manifest(df, dest)
+    return dest
+
+
+def test_the_same_content_in_other_gzip_bytes_is_the_same_cohort_where_the_reference_records_it(toy_cohort, tmp_path,
+                                                                                              capsys):
+    """Another zlib (zlib-ng, as some Linux distributions ship) gzips the same voxels to other bytes: a reference
+    with NIfTI content hashes recognises them, names the files that differ only so, and still refuses other
+    voxels; a reference without them refuses as before."""
+    from cohort.manifest import NIFTI_HASH_COLUMNS, check_same_cohort, with_nifti_hashes, write_manifest
+    from cohort.nifti import read_array
+    from medddpm.cli import main
+
+    reference = tmp_path / "reference.csv"
+    write_manifest(with_nifti_hashes(toy_cohort), reference)
+    assert all(load_manifest(reference)[c].notna().all() for c in NIFTI_HASH_COLUMNS)
+    assert check_same_cohort(toy_cohort, reference) == []  # the same bytes: nothing decompressed, nothing named
+
+    other = _recompressed_copy(toy_cohort, tmp_path / "other" / "data_manifest.csv")
+    first = other.parent / load_manifest(other).iloc[0]["t1"]
+    assert first.read_bytes() != (toy_cohort.parent / first.relative_to(other.parent)).read_bytes()
+    named = check_same_cohort(other, reference)
+    assert len(named) == 10 * 5 and named[0] == first.resolve()
+    assert main(["validate", str(other), "--against", str(reference)]) == 0
+    out = capsys.readouterr().out
+    assert "the same data as" in out and "50 files (first" in out and "other gzip bytes" in out
+
+    # without the content hashes (an older reference) the same files are refused, naming the first
+    plain = tmp_path / "plain.csv"
+    write_manifest(load_manifest(toy_cohort), plain)
+    assert "case toy_000: file toy_000/toy_000_t1.nii.gz has sha256" in _refused(other, plain)
+
+    # other voxels in other bytes: refused, and the message says the content differs
+    victim = other.parent / load_manifest(other).iloc[5]["flair"]
+    arr, aff = read_array(victim)
+    write_array(victim, arr + np.float32(0.25), aff)
+    df = load_manifest(other)
+    df.loc[5, "sha256_flair"] = sha256_file(victim)
+    write_manifest(df, other)
+    msg = _refused(other, reference)
+    assert f"case toy_005: file {df.loc[5, 'flair']} has sha256" in msg and "NIfTI content" in msg
 
 
 def test_cli_validate_against_a_reference(toy_cohort, tmp_path, capsys):

@@ -60,3 +60,23 @@ def test_a_name_that_is_not_nifti_is_refused_and_nothing_written(tmp_path):
     with pytest.raises(ValueError, match=r"x\.mgz: a NIfTI file name ends in \.nii\.gz or \.nii"):
         write_array(tmp_path / "x.mgz", np.zeros((2, 3, 4), np.float32), AFFINE)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nifti_bytes_is_the_content_whatever_gzip_wrote_it(tmp_path):
+    import gzip
+
+    from core.errors import InputError
+    from cohort.nifti import nifti_bytes
+
+    array = _arrays()["float32 sample"]
+    raw = write_array(tmp_path / "x.nii", array, AFFINE).read_bytes()
+    gz = write_array(tmp_path / "x.nii.gz", array, AFFINE)
+    assert nifti_bytes(tmp_path / "x.nii") == raw == nifti_bytes(gz)
+    (tmp_path / "y.nii.gz").write_bytes(gzip.compress(raw, compresslevel=9))  # other bytes, the same content
+    assert (tmp_path / "y.nii.gz").read_bytes() != gz.read_bytes() and nifti_bytes(tmp_path / "y.nii.gz") == raw
+    (tmp_path / "cut.nii.gz").write_bytes(gz.read_bytes()[:-20])
+    with pytest.raises(InputError) as e:
+        nifti_bytes(tmp_path / "cut.nii.gz")
+    assert e.value.kind == "unreadable" and "cut.nii.gz" in str(e.value)
+    with pytest.raises(InputError, match="does not exist"):
+        nifti_bytes(tmp_path / "gone.nii.gz")
