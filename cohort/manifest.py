@@ -16,7 +16,6 @@ from .case import Case
 from core.errors import InputError
 from core.fsutil import atomic_path, sha256_bytes, sha256_file
 from .labels import MODALITIES
-from .nifti import nifti_bytes
 
 FILE_COLUMNS = (*MODALITIES, "label")
 HASH_COLUMNS = tuple(f"sha256_{c}" for c in FILE_COLUMNS)
@@ -190,6 +189,8 @@ def damaged_files(manifest_path: str | Path, df: pd.DataFrame | None = None,
 def nifti_sha256(path: str | Path) -> str:
     """sha256 of a NIfTI file's content (cohort.nifti.nifti_bytes): the same for the same header and voxels, whatever
     gzip wrote them."""
+    from .nifti import nifti_bytes  # here, not at the top: nibabel stays out of what imports the manifest alone
+
     return sha256_bytes(nifti_bytes(path))
 
 
