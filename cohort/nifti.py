@@ -76,7 +76,7 @@ def _load(path: str | Path):
         img = nib.load(str(path))  # header only: nibabel reads voxels lazily
         implied = _check_header(path, img)
         if path.name.endswith(".gz") and isinstance(img, nib.Nifti1Image):
-            raw = gzip.decompress(path.read_bytes())
+            raw = nifti_bytes(path)
             if len(raw) < implied:
                 raise InputError(path, f"truncated: the header implies {implied} bytes but the file holds "
                                         f"{len(raw)}", kind="unreadable")
